@@ -1,0 +1,185 @@
+"""The model interface the rest of llm-flow is written against.
+
+A :class:`TransparentLlm` runs one prompt and returns a frozen :class:`ModelRun`: every tensor the
+contribution engine, the logit lens and the app need, per layer, already expressed in the terms of
+Ferrando & Voita (2024): the residual stream before and after each block, what each block wrote
+into it, and the per-head factors of the attention write (pattern, values, W_O).
+
+Architecture differences are resolved here so the numeric core never branches on them:
+- grouped-query attention: ``values`` has one slice per *query* head (K/V heads expanded);
+- missing biases: zero vectors, never ``None``;
+- post-norm blocks (Gemma 2/3): ``W_O``/``W_out``/biases carry the norm's gain and
+  ``attn_scale``/``mlp_scale`` its per-token ``1/rms``, so parts still sum to the update;
+- parallel attention + MLP (GPT-NeoX, Phi, GPT-J): ``resid_mid`` is ``None`` and both updates
+  are added to ``resid_pre``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Static facts about a loaded model, as ``llm-flow info`` prints them."""
+
+    name: str
+    architecture: str
+    n_params: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    post_norm: bool
+    parallel_blocks: bool
+    normalization: str
+    device: str
+    dtype: str
+    prepends_bos: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerRun:
+    """Everything one layer computed for one prompt (T tokens), batch dimension removed.
+
+    Activations keep the model's dtype; weights are views of the model's parameters (with the
+    post-norm gain folded in where the block has one), never copies of the whole model.
+    """
+
+    index: int
+    resid_pre: Tensor  # [T, D]
+    resid_mid: Tensor | None  # [T, D]; None for parallel attention + MLP blocks
+    resid_post: Tensor  # [T, D]
+    attn_update: Tensor  # [T, D] what attention added to the residual stream
+    mlp_update: Tensor  # [T, D] what the FFN added to the residual stream
+    pattern: Tensor | None  # [H, T_query, T_source]; None once dropped to save memory
+    values: Tensor  # [T, H, d_head] per query head (GQA already expanded)
+    neuron_acts: Tensor  # [T, d_mlp] post-activation (gated MLPs: act(gate) * up)
+    attn_scale: Tensor  # [T] post-norm 1/rms per token; ones for pre-norm blocks
+    mlp_scale: Tensor  # [T]
+    W_O: Tensor  # [H, d_head, D] post-norm gain folded in
+    b_O: Tensor  # [D] zeros when the model has no output bias
+    W_out: Tensor  # [d_mlp, D] post-norm gain folded in
+    b_out: Tensor  # [D]
+
+    @property
+    def attn_base(self) -> Tensor:
+        """The residual that attention writes into (its 'residual' part)."""
+        return self.resid_pre
+
+    @property
+    def mlp_base(self) -> Tensor:
+        """The residual that the FFN writes into: resid_mid, or resid_pre for parallel blocks."""
+        return self.resid_pre if self.resid_mid is None else self.resid_mid
+
+    def head_outputs(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Per-source, per-head output vectors ``v[s, h] @ W_O[h]`` → [T, H, D].
+
+        The attention part of source s at query t is ``Σ_h pattern[h, t, s] · attn_scale[t] ·
+        head_outputs[s, h]``.
+        """
+        return torch.einsum("shk,hkd->shd", self.values.to(dtype), self.W_O.to(dtype))
+
+    def without_pattern(self) -> LayerRun:
+        """A copy that no longer holds the [H, T, T] attention pattern."""
+        return replace(self, pattern=None)
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One forward pass on one prompt. Immutable: a new run never changes an old one."""
+
+    model_name: str
+    token_ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    logits: Tensor  # [T, V] float32
+    layers: tuple[LayerRun, ...]
+    final_scale: Tensor  # [T] scale the final norm divided each last residual by
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def parallel_blocks(self) -> bool:
+        return self.layers[0].resid_mid is None
+
+    def position(self, position: int) -> int:
+        """Normalize a possibly negative position; raises IndexError when out of range."""
+        n = self.n_tokens
+        if not -n <= position < n:
+            raise IndexError(f"position {position} is outside the prompt's {n} tokens")
+        return position % n
+
+
+LayerCallback = Callable[[LayerRun], None]
+
+
+class TransparentLlm(ABC):
+    """A language model whose forward pass is fully exposed."""
+
+    @property
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @abstractmethod
+    def tokenize(self, prompt: str) -> list[int]:
+        """Token ids exactly as the model will consume them (BOS per the model's tokenizer)."""
+
+    @abstractmethod
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Readable string of each token id."""
+
+    @abstractmethod
+    def run(
+        self,
+        prompt: str,
+        *,
+        on_layer: LayerCallback | None = None,
+        keep_patterns: bool = True,
+    ) -> ModelRun:
+        """Run one forward pass.
+
+        ``on_layer`` is called with each :class:`LayerRun` as soon as that layer has run, so a
+        consumer can reduce it (e.g. to contributions) before the next layer starts; with
+        ``keep_patterns=False`` the returned run holds no attention patterns.
+        """
+
+    @property
+    @abstractmethod
+    def W_U(self) -> Tensor:
+        """Unembedding matrix [D, V]."""
+
+    @property
+    @abstractmethod
+    def b_U(self) -> Tensor:
+        """Unembedding bias [V] (zeros when absent)."""
+
+    @abstractmethod
+    def final_norm(self, resid: Tensor) -> Tensor:
+        """Apply the model's final norm to residual states [..., D]."""
+
+    @abstractmethod
+    def final_norm_linear(self, update: Tensor, scale: Tensor) -> Tensor:
+        """The final norm as a linear map with a frozen per-token ``scale`` [...]: centring (for
+        LayerNorm) and gain, without the bias. Used to read an update's direct effect on logits."""
+
+    def unembed(self, resid: Tensor, *, normalize: bool = True) -> Tensor:
+        """Logits [..., V] of residual states [..., D], through the final norm or not."""
+        x = self.final_norm(resid) if normalize else resid
+        return x.to(self.W_U.dtype) @ self.W_U + self.b_U

@@ -1,0 +1,115 @@
+"""Tiny random-weight models of each architecture family, built offline from transformers configs.
+
+Norm weights and biases are randomized too, so a decomposition that ignored a gain or a bias
+would fail the tests instead of passing by accident (fresh HF norms are all ones, biases zeros).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from llm_flow.models.bridge import BridgeLlm
+
+VOCAB = 64
+WORDS = [f"w{i}" for i in range(VOCAB - 3)]
+
+CONFIGS = {
+    "llama-gqa": lambda: tf.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+    ),
+    "gpt2-bias": lambda: tf.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=1,
+    ),
+    "gemma3-postnorm": lambda: tf.Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=128,
+        sliding_window=4,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    ),
+    "neox-parallel": lambda: tf.GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        use_parallel_residual=True,
+        bos_token_id=0,
+        eos_token_id=1,
+    ),
+}
+ARCHS = tuple(CONFIGS)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``w0 … w60`` that prepends ``<bos>``.
+
+    Saved and reloaded from disk because TransformerLens re-opens tokenizers by their path.
+    """
+    vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import processors
+
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 0)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<eos>",
+    )
+    folder = tempfile.mkdtemp(prefix="llm-flow-tok-")
+    fast.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def tiny_hf_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or "ln" in name or "bias" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+def tiny_llm(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> BridgeLlm:
+    return BridgeLlm(arch, tiny_hf_model(arch, seed), tiny_tokenizer(), dtype=dtype)
+
+
+def prompt(n_tokens: int, seed: int = 0) -> str:
+    """A prompt of exactly ``n_tokens`` words (``n_tokens + 1`` tokens with BOS)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(WORDS), (n_tokens,), generator=gen).tolist()
+    return " ".join(WORDS[i] for i in idx)
