@@ -1,0 +1,147 @@
+"""``llm-flow bench``: time the engine's stages and measure memory at several prompt lengths.
+
+Per token count: ``forward_s`` (one forward pass capturing what the engine needs), ``graph_s``
+(all contributions + the dense graph), ``routes_s`` (one threshold change: re-prune and walk the
+route), ``peak_rss_mb`` (the process's peak resident memory so far) and ``graph_extra_mb`` (peak
+resident memory while building the graph, above what the process held just before it: the
+engine's own working memory beyond the model and the run).
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from llm_flow.errors import LlmFlowError
+from llm_flow.graph import FlowGraph, contributions_of
+from llm_flow.models.bridge import BridgeLlm
+from llm_flow.routes import find_route
+
+BENCH_TEXT = Path(__file__).resolve().parent.parent / "sample_inputs" / "bench_text.txt"
+ROUTE_THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.1)
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    tokens: int
+    forward_s: float
+    graph_s: float
+    routes_s: float
+    graph_over_forward: float
+    peak_rss_mb: float
+    graph_extra_mb: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+@contextmanager
+def _peak_rss(result: list[float], interval_s: float = 0.002) -> Iterator[None]:
+    """Sample resident memory in a thread; appends the peak (MB) to ``result`` on exit."""
+    peak = [_rss_mb()]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            stop.wait(interval_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        result.append(max(peak[0], _rss_mb()))
+
+
+def prompt_of_length(llm: BridgeLlm, n_tokens: int, text_path: Path = BENCH_TEXT) -> str:
+    """A prompt that tokenizes to about ``n_tokens`` tokens, cut from the bench text."""
+    if not text_path.exists():
+        raise LlmFlowError(f"bench text {text_path} is missing; run from a source checkout")
+    text = text_path.read_text(encoding="utf-8")
+    ids = llm.tokenize_unchecked(text)
+    while len(ids) < n_tokens:  # repeat the passage for very long prompts
+        text = text + "\n\n" + text
+        ids = llm.tokenize_unchecked(text)
+    start = 1 if llm.info.prepends_bos else 0
+    body = ids[start : start + n_tokens - start]
+    prompt: str = llm.tokenizer.decode(body)
+    return prompt
+
+
+def bench(
+    llm: BridgeLlm,
+    token_counts: Sequence[int],
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    rows = []
+    llm.run("Warm up the kernels.")
+    for n in token_counts:
+        if progress is not None:
+            progress(f"bench: {n} tokens")
+        prompt = prompt_of_length(llm, n)
+        start = time.perf_counter()
+        run = llm.run(prompt)
+        forward_s = time.perf_counter() - start
+        before = _rss_mb()
+        peak: list[float] = []
+        with _peak_rss(peak):
+            start = time.perf_counter()
+            graph = FlowGraph.from_layers(run, [contributions_of(layer) for layer in run.layers])
+            graph_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for threshold in ROUTE_THRESHOLDS:
+            find_route(graph, [-1], threshold=threshold, renormalize=True)
+        routes_s = (time.perf_counter() - start) / len(ROUTE_THRESHOLDS)
+        rows.append(
+            BenchRow(
+                tokens=run.n_tokens,
+                forward_s=round(forward_s, 4),
+                graph_s=round(graph_s, 4),
+                routes_s=round(routes_s, 5),
+                graph_over_forward=round(graph_s / forward_s, 2),
+                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                graph_extra_mb=round(peak[0] - before, 1),
+            )
+        )
+        del run, graph
+    return rows
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    header = (
+        "tokens",
+        "forward_s",
+        "graph_s",
+        "graph/fwd",
+        "routes_ms",
+        "peak_rss_mb",
+        "graph_extra_mb",
+    )
+    lines = ["  ".join(f"{h:>12}" for h in header)]
+    for r in rows:
+        cells = (
+            r.tokens,
+            f"{r.forward_s:.3f}",
+            f"{r.graph_s:.3f}",
+            f"{r.graph_over_forward:.2f}",
+            f"{r.routes_s * 1000:.2f}",
+            f"{r.peak_rss_mb:.0f}",
+            f"{r.graph_extra_mb:.0f}",
+        )
+        lines.append("  ".join(f"{c:>12}" for c in cells))
+    return "\n".join(lines)

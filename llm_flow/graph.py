@@ -1,0 +1,145 @@
+"""The layer × token contribution graph of one prompt (Ferrando & Voita 2024, §3-4).
+
+A :class:`FlowGraph` stores every edge weight of the information-flow graph as dense per-layer
+arrays — attention edges [L, T, T], residual and FFN edges [L, T] — so thresholds and routes are
+boolean masks over them, never Python loops over edges.
+
+Node names: ``X0_t`` embedding of token t, ``A{l}_t`` residual after attention of layer l,
+``M{l}_t`` the FFN block, ``I{l}_t`` residual after layer l (the output node is ``I{L-1}_t``).
+Edge kinds: ``attention`` (``X0_s``/``I{l-1}_s`` → ``A{l}_t``, s ≤ t), ``residual``
+(``I{l-1}_t`` → ``A{l}_t`` and ``A{l}_t`` → ``I{l}_t``) and ``ffn`` (``A{l}_t`` → ``M{l}_t``
+and ``M{l}_t`` → ``I{l}_t``, the same weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llm_flow.contributions import (
+    DEFAULT_MEMORY_BUDGET,
+    LayerContributions,
+    head_contributions,
+    layer_contributions,
+)
+from llm_flow.models.base import LayerRun, ModelRun, TransparentLlm
+
+NODE_KINDS = {"X": "embedding", "A": "after_attention", "M": "ffn", "I": "after_layer"}
+
+
+def node_id(kind: str, layer: int, token: int) -> str:
+    """``kind`` is one of X, A, M, I; embeddings have no layer index (always ``X0``)."""
+    return f"X0_{token}" if kind == "X" else f"{kind}{layer}_{token}"
+
+
+def source_id(layer: int, token: int) -> str:
+    """The residual node an attention or residual edge into layer ``layer`` starts from."""
+    return node_id("X", 0, token) if layer == 0 else node_id("I", layer - 1, token)
+
+
+@dataclass(frozen=True)
+class FlowGraph:
+    """Dense edge weights of the full contribution graph (float32, CPU)."""
+
+    model_name: str
+    tokens: tuple[str, ...]
+    token_ids: tuple[int, ...]
+    attention: Tensor  # [L, T, T] c[l, t, s]; zero for s > t
+    attn_residual: Tensor  # [L, T] I{l-1}_t → A{l}_t
+    attn_bias: Tensor  # [L, T] share of the output bias (not an edge: no node writes it)
+    ffn: Tensor  # [L, T] A{l}_t → M{l}_t → I{l}_t
+    ffn_residual: Tensor  # [L, T] A{l}_t → I{l}_t
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.attention.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention.shape[1])
+
+    @classmethod
+    def from_layers(cls, run: ModelRun, layers: list[LayerContributions]) -> FlowGraph:
+        return cls(
+            model_name=run.model_name,
+            tokens=run.tokens,
+            token_ids=run.token_ids,
+            attention=torch.stack([c.attention for c in layers]).cpu(),
+            attn_residual=torch.stack([c.attn_residual for c in layers]).cpu(),
+            attn_bias=torch.stack([c.attn_bias for c in layers]).cpu(),
+            ffn=torch.stack([c.ffn for c in layers]).cpu(),
+            ffn_residual=torch.stack([c.ffn_residual for c in layers]).cpu(),
+        )
+
+
+def contributions_of(
+    layer: LayerRun, *, memory_budget: int = DEFAULT_MEMORY_BUDGET
+) -> LayerContributions:
+    """Token-level contributions of one layer of a run (needs the layer's attention pattern)."""
+    if layer.pattern is None:
+        raise ValueError(f"layer {layer.index} holds no attention pattern; run with patterns")
+    return layer_contributions(
+        resid_pre=layer.resid_pre,
+        resid_mid=layer.resid_mid,
+        resid_post=layer.resid_post,
+        mlp_update=layer.mlp_update,
+        pattern=layer.pattern,
+        head_outputs=layer.head_outputs(),
+        attn_scale=layer.attn_scale,
+        attn_bias=layer.b_O,
+        memory_budget=memory_budget,
+    )
+
+
+def layer_head_contributions(
+    layer: LayerRun, rows: Tensor, *, memory_budget: int = DEFAULT_MEMORY_BUDGET
+) -> tuple[Tensor, Tensor]:
+    """Per-head contributions of ``layer`` for query ``rows`` → (heads [R, S, H], residual [R]).
+
+    Normalized over every (source, head) part + residual + bias, as LLM-TT does; note that
+    Σ_h differs from the token-level edge weight of :class:`FlowGraph`.
+    """
+    if layer.pattern is None:
+        raise ValueError(f"layer {layer.index} holds no attention pattern; run with patterns")
+    return head_contributions(
+        resid_pre=layer.resid_pre,
+        resid_mid=layer.resid_mid,
+        resid_post=layer.resid_post,
+        mlp_update=layer.mlp_update,
+        pattern=layer.pattern,
+        head_outputs=layer.head_outputs(),
+        attn_scale=layer.attn_scale,
+        attn_bias=layer.b_O,
+        rows=rows,
+        memory_budget=memory_budget,
+    )
+
+
+def trace(
+    llm: TransparentLlm,
+    prompt: str,
+    *,
+    keep_patterns: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> tuple[ModelRun, FlowGraph]:
+    """One forward pass and the full contribution graph.
+
+    Each layer's contributions are computed as soon as the layer has run, so with
+    ``keep_patterns=False`` only one layer's attention pattern is alive at a time (holding every
+    layer's patterns is what runs out of memory first on long prompts). ``on_layer(done, total)``
+    reports progress.
+    """
+    done: list[LayerContributions] = []
+    n_layers = llm.info.n_layers
+
+    def reduce(layer: LayerRun) -> None:
+        done.append(contributions_of(layer, memory_budget=memory_budget))
+        if on_layer is not None:
+            on_layer(len(done), n_layers)
+
+    run = llm.run(prompt, on_layer=reduce, keep_patterns=keep_patterns)
+    return run, FlowGraph.from_layers(run, done)

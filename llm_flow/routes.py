@@ -1,0 +1,142 @@
+"""Information-flow routes: threshold the graph and walk it top-down (Ferrando & Voita 2024, §3,
+Algorithm 1).
+
+Starting from the output node(s) ``I{L-1}_p``, each layer keeps the edges into active nodes
+whose weight is at least τ, and the sources of kept edges become active — layer by layer, as
+boolean masks over the dense arrays of a :class:`~llm_flow.graph.FlowGraph`. A threshold change
+only re-runs this (milliseconds); contributions are never recomputed.
+
+With ``renormalize``, the parts of each whole that survive τ are rescaled to sum to 1 (the
+output-bias share, which no node writes, is dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llm_flow.graph import FlowGraph
+
+DEFAULT_THRESHOLD = 0.04
+
+
+@dataclass(frozen=True)
+class EdgeWeights:
+    """Edge weights after thresholding (pruned edges are 0) and optional renormalization."""
+
+    attention: Tensor  # [L, T, T]
+    attn_residual: Tensor  # [L, T]
+    ffn: Tensor  # [L, T]
+    ffn_residual: Tensor  # [L, T]
+
+
+@dataclass(frozen=True)
+class Route:
+    """The sub-graph that reaches ``positions`` through edges of weight ≥ ``threshold``.
+
+    Edge masks say which edges are on the route; node masks which nodes are.
+    """
+
+    threshold: float
+    renormalize: bool
+    positions: tuple[int, ...]
+    weights: EdgeWeights
+    attention: Tensor  # [L, T, T] bool, edge I{l-1}_s → A{l}_t
+    attn_residual: Tensor  # [L, T] bool, I{l-1}_t → A{l}_t
+    ffn: Tensor  # [L, T] bool, A{l}_t → M{l}_t → I{l}_t
+    ffn_residual: Tensor  # [L, T] bool, A{l}_t → I{l}_t
+    embeddings: Tensor  # [T] bool, X0_t
+    after_attention: Tensor  # [L, T] bool, A{l}_t
+    after_layer: Tensor  # [L, T] bool, I{l}_t
+
+    @property
+    def n_edges(self) -> int:
+        counts = [self.attention, self.attn_residual, self.ffn, self.ffn, self.ffn_residual]
+        return int(sum(int(m.sum()) for m in counts))
+
+
+def _causal(n_tokens: int) -> Tensor:
+    return torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril()
+
+
+def edge_weights(graph: FlowGraph, threshold: float, renormalize: bool) -> EdgeWeights:
+    """Zero the edges below ``threshold`` and, if asked, rescale each whole's survivors to 1."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    causal = _causal(graph.n_tokens)
+    attn = torch.where((graph.attention >= threshold) & causal, graph.attention, 0.0)
+    attn_res = torch.where(graph.attn_residual >= threshold, graph.attn_residual, 0.0)
+    ffn = torch.where(graph.ffn >= threshold, graph.ffn, 0.0)
+    ffn_res = torch.where(graph.ffn_residual >= threshold, graph.ffn_residual, 0.0)
+    if renormalize:
+        attn_total = attn.sum(-1) + attn_res  # [L, T]
+        attn_scale = torch.where(attn_total > 0, 1 / attn_total.clamp_min(1e-30), 0.0)
+        attn, attn_res = attn * attn_scale[..., None], attn_res * attn_scale
+        ffn_total = ffn + ffn_res
+        ffn_scale = torch.where(ffn_total > 0, 1 / ffn_total.clamp_min(1e-30), 0.0)
+        ffn, ffn_res = ffn * ffn_scale, ffn_res * ffn_scale
+    return EdgeWeights(attention=attn, attn_residual=attn_res, ffn=ffn, ffn_residual=ffn_res)
+
+
+def find_route(
+    graph: FlowGraph,
+    positions: Sequence[int],
+    threshold: float = DEFAULT_THRESHOLD,
+    renormalize: bool = True,
+) -> Route:
+    """The route to the output nodes at ``positions`` (negative indices count from the end)."""
+    n_layers, n_tokens = graph.n_layers, graph.n_tokens
+    if not positions:
+        raise ValueError("at least one position is needed to extract a route")
+    bad = [p for p in positions if not -n_tokens <= p < n_tokens]
+    if bad:
+        raise ValueError(
+            f"position(s) {bad} outside the prompt; valid: -{n_tokens} … {n_tokens - 1}"
+        )
+    weights = edge_weights(graph, threshold, renormalize)
+    causal = _causal(n_tokens)
+    # Kept = at or above τ on the original scale (renormalizing must not revive pruned edges).
+    keep_attn = (graph.attention >= threshold) & causal
+    keep_attn_res = graph.attn_residual >= threshold
+    keep_ffn = graph.ffn >= threshold
+    keep_ffn_res = graph.ffn_residual >= threshold
+
+    attention = torch.zeros(n_layers, n_tokens, n_tokens, dtype=torch.bool)
+    attn_residual = torch.zeros(n_layers, n_tokens, dtype=torch.bool)
+    ffn = torch.zeros_like(attn_residual)
+    ffn_residual = torch.zeros_like(attn_residual)
+    after_attention = torch.zeros_like(attn_residual)
+    after_layer = torch.zeros_like(attn_residual)
+
+    active = torch.zeros(n_tokens, dtype=torch.bool)  # I{l}_t on the route
+    active[[p % n_tokens for p in positions]] = True
+    for layer in range(n_layers - 1, -1, -1):
+        after_layer[layer] = active
+        ffn[layer] = active & keep_ffn[layer]
+        ffn_residual[layer] = active & keep_ffn_res[layer]
+        attn_node = ffn[layer] | ffn_residual[layer]
+        after_attention[layer] = attn_node
+        attention[layer] = attn_node[:, None] & keep_attn[layer]
+        attn_residual[layer] = attn_node & keep_attn_res[layer]
+        active = attention[layer].any(0) | attn_residual[layer]
+    return Route(
+        threshold=threshold,
+        renormalize=renormalize,
+        positions=tuple(p % n_tokens for p in positions),
+        weights=weights,
+        attention=attention,
+        attn_residual=attn_residual,
+        ffn=ffn,
+        ffn_residual=ffn_residual,
+        embeddings=active,
+        after_attention=after_attention,
+        after_layer=after_layer,
+    )
+
+
+def full_graph(graph: FlowGraph) -> Route:
+    """Every causal edge, unpruned and unnormalized: the route to all positions at τ = 0."""
+    return find_route(graph, list(range(graph.n_tokens)), threshold=0.0, renormalize=False)
