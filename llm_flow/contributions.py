@@ -6,9 +6,15 @@ the parts). The importance of part k is its proximity to the whole,
 
     prox_k = max(‖y‖₁ − ‖y − z_k‖₁, 0),      c_k = prox_k / Σ_j prox_j.
 
-``prox`` is always computed in the elementwise form ``Σ_d (|y_d| − |y_d − z_{k,d}|)`` with at
-least float32 accumulation: residual L1 norms reach ~67,000 in SmolLM2 and subtracting two such
-sums loses ~1e-3. A part that is exactly zero (a missing bias, a future token) has prox 0.
+``prox`` is always computed elementwise, ``Σ_d (|y_d| − |y_d − z_{k,d}|)``, with at least float32
+accumulation: residual L1 norms reach ~67,000 in SmolLM2 and subtracting two such sums loses
+~1e-3. Each term is evaluated without cancellation: with ``a_d = sign(y_d) · z_d``,
+
+    |y_d| − |y_d − z_d| = min(a_d, 2|y_d| − a_d) = a_d − 2 · max(a_d − |y_d|, 0)
+
+(``sign(0) = +1``), so a part that is small next to a massive residual dimension is not lost to
+the rounding of ``y_d − z_d``. A part that is exactly zero (a missing bias, a future token) has
+prox 0.
 
 Attention parts of query t are ``z[t, s] = scale[t] · Σ_h A[h, t, s] · u[s, h]`` with
 ``u[s, h] = v[s, h] @ W_O[h]`` (the per-source head outputs). They are never materialized as
@@ -34,6 +40,22 @@ def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _signs(y: Tensor) -> Tensor:
+    """sign(y) with sign(0) = +1, as the elementwise identity above needs."""
+    return torch.where(y >= 0, 1.0, -1.0).to(y.dtype)
+
+
+def _prox_(z: Tensor, sign_y: Tensor, abs_y: Tensor) -> Tensor:
+    """Σ_d (|y_d| − |y_d − z_d|) over the last dim; overwrites ``z`` (no extra full-size buffer).
+
+    ``sign_y``/``abs_y`` broadcast against ``z``.
+    """
+    a = z.mul_(sign_y)
+    linear = a.sum(-1)
+    overshoot = a.sub_(abs_y).clamp_min_(0).sum(-1)
+    return (linear - 2 * overshoot).clamp_min_(0)
+
+
 def proximity(whole: Tensor, parts: Tensor) -> Tensor:
     """Proximity of each part to the whole: ``whole`` [..., D], ``parts`` [..., K, D] → [..., K].
 
@@ -41,8 +63,7 @@ def proximity(whole: Tensor, parts: Tensor) -> Tensor:
     """
     acc = accumulation_dtype(whole, parts)
     y = whole.to(acc).unsqueeze(-2)  # [..., 1, D]
-    z = parts.to(acc)
-    return (y.abs() - (y - z).abs()).sum(-1).clamp_min(0)
+    return _prox_(parts.to(acc).clone(), _signs(y), y.abs())
 
 
 def normalize(prox: Tensor, dim: int = -1) -> Tensor:
@@ -77,7 +98,7 @@ def attention_proximity(
     n_q, d_model = whole.shape
     n_s = pattern.shape[-1]
     y = whole.to(acc)
-    y_abs = y.abs()
+    y_sign, y_abs = _signs(y), y.abs()
     u = head_outputs.to(acc)  # [S, H, D]
     a = pattern.to(acc) * scale.to(acc)[None, :, None]  # [H, T, S]
     out = torch.zeros(n_q, n_s, dtype=acc, device=whole.device)
@@ -89,9 +110,7 @@ def attention_proximity(
         n_src = min(n_s, stop)  # causal: sources after the last query row contribute nothing
         a_chunk = a[:, start:stop, :n_src].permute(2, 1, 0)  # (S, q, H)
         z = torch.bmm(a_chunk, u[:n_src])  # (S, q, D): part of source s at query t
-        # |y| − |y − z| elementwise, in place: z ← |y| − |z − y|
-        z.sub_(y[start:stop]).abs_().neg_().add_(y_abs[start:stop])
-        out[start:stop, :n_src] = z.sum(-1).T.clamp_min_(0)
+        out[start:stop, :n_src] = _prox_(z, y_sign[start:stop], y_abs[start:stop]).T
         start = stop
     return out
 
@@ -122,8 +141,7 @@ def head_proximity(
         y = whole[idx].to(acc)[:, None, None, :]  # (R, 1, 1, D)
         a = pattern[:, idx, :].to(acc) * scale[idx].to(acc)[None, :, None]  # (H, R, S)
         z = a.permute(1, 2, 0)[..., None] * u[None]  # (R, S, H, D)
-        z.sub_(y).abs_().neg_().add_(y.abs())
-        out[i : i + step] = z.sum(-1).clamp_min_(0)
+        out[i : i + step] = _prox_(z, _signs(y), y.abs())
     return out
 
 

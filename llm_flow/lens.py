@@ -1,0 +1,301 @@
+"""Logit lens and the tokens each part of the model promotes or suppresses.
+
+Two readings of a vector in the residual stream through the unembedding:
+
+- **Logit lens** (nostalgebraist, "interpreting GPT: the logit lens", LessWrong 2020): decode an
+  intermediate residual state ``r`` as if it were the last one, ``logits = norm(r) @ W_U + b_U``,
+  and watch how the top tokens change from layer to layer (``rank_change``).
+- **Direct logit attribution** of an *update* ``u`` that a block, head or neuron writes into the
+  residual stream: its direct effect on the output logits is ``norm_lin(u; s) @ W_U``, where
+  ``norm_lin`` is the final norm as a linear map with the per-token scale ``s`` frozen to the one
+  the final norm actually used at that position (``run.final_scale[t]``), without the norm's
+  bias and without ``b_U``. With the scale frozen the map is linear, so the logits of a sum of
+  parts are the sum of the parts' logits (Σ heads + bias = the attention update's logits).
+
+Residual nodes follow the graph's names: ``X0_t`` (embedding), ``A{l}_t`` (after attention of
+layer l; ``resid_pre + attn_update`` for parallel blocks, which never materialize it) and
+``I{l}_t`` (after layer l). ``M{l}_t`` is the FFN block, not a residual state: read it with
+:func:`block_update`.
+
+Everything is vectorized over the vocabulary and crosses to Python once per call (``.tolist()``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from llm_flow.errors import LlmFlowError
+from llm_flow.models.base import LayerRun, ModelRun, TransparentLlm
+
+Block = Literal["attention", "ffn"]
+BLOCKS: tuple[Block, ...] = ("attention", "ffn")
+NodeKind = Literal["X", "A", "I"]
+
+_NODE_RE = re.compile(r"([XAI])(\d+)_(\d+)")
+
+
+class LensError(LlmFlowError, ValueError):
+    """A lens query names a node, layer, head, neuron or position the run does not have."""
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """One row of a token table.
+
+    ``prob`` is the softmax probability over the full vocabulary (logit lens only);
+    ``rank_change`` is the token's rank at the previous residual node minus its rank here, so
+    positive means it moved up (None where there is no previous node or no ranking).
+    """
+
+    token: str
+    token_id: int
+    logit: float
+    prob: float | None = None
+    rank_change: int | None = None
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """A parsed residual node id: ``kind`` X (embedding), A (after attention), I (after layer)."""
+
+    kind: NodeKind
+    layer: int
+    position: int
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.kind}{self.layer}_{self.position}"
+
+
+# -- node ids ---------------------------------------------------------------------------------
+
+
+def _valid_forms(n_layers: int | None, n_tokens: int | None) -> str:
+    layers = "" if n_layers is None else f" with layer l in 0..{n_layers - 1}"
+    tokens = "" if n_tokens is None else f" and position t in 0..{n_tokens - 1}"
+    return f"valid residual node ids are X0_t, A{{l}}_t and I{{l}}_t{layers}{tokens}"
+
+
+def parse_node(node_id: str, n_layers: int, n_tokens: int | None = None) -> NodeRef:
+    """Parse and range-check a residual node id; raises :class:`LensError` listing valid forms."""
+    match = _NODE_RE.fullmatch(node_id)
+    if match is None:
+        hint = ""
+        if re.fullmatch(r"M\d+_\d+", node_id):
+            hint = " (M{l}_t is the FFN block, not a residual state: use block_update)"
+        raise LensError(f"unknown node id {node_id!r}{hint}; {_valid_forms(n_layers, n_tokens)}")
+    kind, layer, position = match.group(1), int(match.group(2)), int(match.group(3))
+    bad_layer = layer != 0 if kind == "X" else layer >= n_layers
+    bad_position = n_tokens is not None and position >= n_tokens
+    if bad_layer or bad_position:
+        raise LensError(
+            f"node id {node_id!r} is outside this run; {_valid_forms(n_layers, n_tokens)}"
+        )
+    node_kind: NodeKind = "X" if kind == "X" else "A" if kind == "A" else "I"
+    return NodeRef(node_kind, layer, position)
+
+
+def previous_node(node_id: str, n_layers: int) -> str | None:
+    """The residual node just below ``node_id`` at the same position.
+
+    ``A{l}_t`` → ``I{l-1}_t`` (``X0_t`` for l = 0), ``I{l}_t`` → ``A{l}_t``, ``X0_t`` → None.
+    """
+    node = parse_node(node_id, n_layers)
+    t = node.position
+    if node.kind == "X":
+        return None
+    if node.kind == "I":
+        return f"A{node.layer}_{t}"
+    return f"X0_{t}" if node.layer == 0 else f"I{node.layer - 1}_{t}"
+
+
+def residual_vector(run: ModelRun, node_id: str) -> Tensor:
+    """The residual state at ``node_id`` → [D] float32."""
+    node = parse_node(node_id, run.n_layers, run.n_tokens)
+    layer, t = run.layers[node.layer], node.position
+    if node.kind == "X":
+        return layer.resid_pre[t].float()
+    if node.kind == "I":
+        return layer.resid_post[t].float()
+    if layer.resid_mid is None:  # parallel blocks: define A{l} as what attention alone wrote
+        return layer.resid_pre[t].float() + layer.attn_update[t].float()
+    return layer.resid_mid[t].float()
+
+
+def update_between(run: ModelRun, node_id: str) -> Tensor | None:
+    """The update written by the block just below ``node_id`` → [D] float32, or None for X0.
+
+    ``A{l}_t`` → attention's update of layer l, ``I{l}_t`` → the FFN's update of layer l; so
+    ``residual_vector(node) = residual_vector(previous_node(node)) + update_between(node)``.
+    """
+    node = parse_node(node_id, run.n_layers, run.n_tokens)
+    if node.kind == "X":
+        return None
+    block: Block = "attention" if node.kind == "A" else "ffn"
+    return block_update(run, node.layer, block, node.position)
+
+
+# -- updates: blocks, heads, neurons ----------------------------------------------------------
+
+
+def _index(what: str, value: int, size: int) -> int:
+    """Normalize a possibly negative index into ``range(size)`` or raise :class:`LensError`."""
+    if not -size <= value < size:
+        raise LensError(f"{what} {value} is out of range; valid {what}s are 0..{size - 1}")
+    return value % size
+
+
+def _layer(run: ModelRun, layer: int) -> LayerRun:
+    return run.layers[_index("layer", layer, run.n_layers)]
+
+
+def block_update(run: ModelRun, layer: int, block: Block, position: int) -> Tensor:
+    """What the attention or FFN block of ``layer`` added to the residual at ``position`` →
+    [D] float32."""
+    layer_run = _layer(run, layer)
+    t = _index("position", position, run.n_tokens)
+    if block == "attention":
+        return layer_run.attn_update[t].float()
+    if block == "ffn":
+        return layer_run.mlp_update[t].float()
+    raise LensError(f"unknown block {block!r}; valid blocks are {', '.join(BLOCKS)}")
+
+
+def head_update(run: ModelRun, layer: int, head: int, position: int) -> Tensor:
+    """What one attention head wrote at ``position`` → [D] float32.
+
+    ``attn_scale[t] · Σ_s pattern[h, t, s] · (values[s, h] @ W_O[h])``; the heads plus
+    ``b_O · attn_scale[t]`` sum to the block's update.
+    """
+    layer_run = _layer(run, layer)
+    if layer_run.pattern is None:
+        raise LensError(
+            f"layer {layer_run.index} of this run holds no attention pattern, so per-head updates "
+            "cannot be computed; run the model with keep_patterns=True"
+        )
+    h = _index("head", head, layer_run.pattern.shape[0])
+    t = _index("position", position, run.n_tokens)
+    f32 = torch.float32
+    # Mix the values first so nothing is [T, D]: [S] @ [S, d_head] → [d_head].
+    mixed = layer_run.pattern[h, t].to(f32) @ layer_run.values[:, h].to(f32)
+    return layer_run.attn_scale[t].to(f32) * (mixed @ layer_run.W_O[h].to(f32))  # [D]
+
+
+def neuron_update(run: ModelRun, layer: int, neuron: int, position: int) -> Tensor:
+    """What one FFN neuron wrote at ``position`` → [D] float32.
+
+    ``neuron_acts[t, n] · W_out[n] · mlp_scale[t]``, the activation's sign kept; the neurons plus
+    ``b_out · mlp_scale[t]`` sum to the block's update.
+    """
+    layer_run = _layer(run, layer)
+    n = _index("neuron", neuron, layer_run.neuron_acts.shape[1])
+    t = _index("position", position, run.n_tokens)
+    f32 = torch.float32
+    act = layer_run.neuron_acts[t, n].to(f32) * layer_run.mlp_scale[t].to(f32)
+    return act * layer_run.W_out[n].to(f32)  # [D]
+
+
+# -- token tables -----------------------------------------------------------------------------
+
+
+def _ranks(logits: Tensor, ids: Tensor) -> Tensor:
+    """Rank of each token in ``ids`` [k] within ``logits`` [V] (0 = highest; ties share the
+    better rank) → [k]: the number of tokens with a strictly higher logit.
+
+    Via one sort and a binary search, O(V log V), so any k works (the [k, V] comparison
+    ``(logits > logits[ids, None]).sum(-1)`` would not scale to k ≈ V on a 256k vocabulary).
+    """
+    ascending = logits.sort().values  # [V]
+    at_or_below = torch.searchsorted(ascending, logits[ids].contiguous(), right=True)
+    return logits.numel() - at_or_below
+
+
+def _check_k(k: int, vocab: int) -> int:
+    if k < 1:
+        raise LensError(f"k must be at least 1, got {k}")
+    return min(k, vocab)
+
+
+def logit_lens(
+    llm: TransparentLlm,
+    run: ModelRun,
+    node_id: str,
+    *,
+    normalize: bool = True,
+    k: int = 10,
+) -> list[TokenScore]:
+    """Top-``k`` tokens of the residual at ``node_id`` decoded with the unembedding.
+
+    Through the final norm if ``normalize`` (so ``I{L-1}_t`` reproduces the model's own
+    prediction), else ``resid @ W_U + b_U``. Probabilities are a softmax over the full
+    vocabulary; ``rank_change`` compares each token's rank with the node just below.
+    """
+    previous = previous_node(node_id, run.n_layers)
+    resid = residual_vector(run, node_id)  # validates the position too
+    rows = [resid] if previous is None else [resid, residual_vector(run, previous)]
+    logits = llm.unembed(torch.stack(rows), normalize=normalize).float()  # [1 or 2, V]
+    current = logits[0]
+    k = _check_k(k, current.numel())
+    top = current.topk(k)
+    probs = current.softmax(-1)[top.indices]  # [k]
+    columns = [top.indices, top.values, probs]
+    if previous is not None:
+        change = _ranks(logits[1], top.indices) - _ranks(current, top.indices)  # [k]
+        columns.append(change)
+    # float64 holds token ids and ranks exactly: one crossing to Python for the whole table.
+    table = torch.stack([c.to(torch.float64) for c in columns], dim=1).tolist()  # [k, 3 or 4]
+    ids = [int(row[0]) for row in table]
+    strings = llm.token_strings(ids)
+    return [
+        TokenScore(
+            token=token,
+            token_id=token_id,
+            logit=row[1],
+            prob=row[2],
+            rank_change=None if previous is None else int(row[3]),
+        )
+        for token, token_id, row in zip(strings, ids, table, strict=True)
+    ]
+
+
+def direct_logits(llm: TransparentLlm, run: ModelRun, update: Tensor, position: int) -> Tensor:
+    """Direct effect of ``update`` [..., D] at ``position`` on the output logits → [..., V]
+    float32: the final norm as a linear map with the run's frozen scale, then ``W_U`` (no bias).
+    """
+    t = _index("position", position, run.n_tokens)
+    normed = llm.final_norm_linear(update, run.final_scale[t])  # [..., D] float32
+    W_U = llm.W_U  # [D, V]
+    # Cast the small vector to W_U's dtype rather than copying [D, V] (~0.5 GB for a 7B model
+    # in float32); half-precision models then get half-precision logits, enough for ranking.
+    return (normed.to(W_U.dtype) @ W_U).float()
+
+
+def promoted_suppressed(
+    llm: TransparentLlm,
+    run: ModelRun,
+    update: Tensor,
+    position: int,
+    *,
+    k: int = 10,
+) -> tuple[list[TokenScore], list[TokenScore]]:
+    """The ``k`` tokens an update [D] promotes most (highest direct logits, descending) and
+    suppresses most (lowest, ascending: most negative first). ``prob`` is None."""
+    logits = direct_logits(llm, run, update, position)  # [V]
+    k = _check_k(k, logits.numel())
+    high = logits.topk(k)
+    low = logits.topk(k, largest=False)
+    ids = torch.cat([high.indices, low.indices])  # [2k]
+    values = torch.cat([high.values, low.values])  # [2k]
+    table = torch.stack([ids.to(torch.float64), values.to(torch.float64)], dim=1).tolist()
+    token_ids = [int(row[0]) for row in table]
+    strings = llm.token_strings(token_ids)
+    scores = [
+        TokenScore(token=token, token_id=token_id, logit=row[1])
+        for token, token_id, row in zip(strings, token_ids, table, strict=True)
+    ]
+    return scores[:k], scores[k:]
