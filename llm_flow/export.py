@@ -122,9 +122,13 @@ def graph_json(
     }
 
 
-def to_networkx(data: dict[str, Any]) -> nx.DiGraph:
-    """A networkx graph of a :func:`graph_json` object (graph attributes keep the metadata)."""
-    g = nx.DiGraph(
+def to_networkx(data: dict[str, Any]) -> nx.MultiDiGraph:
+    """A networkx graph of a :func:`graph_json` object (graph attributes keep the metadata).
+
+    A multigraph keyed by edge kind: the s = t attention edge and the residual edge join the
+    same two nodes and must stay separate.
+    """
+    g = nx.MultiDiGraph(
         model=data["model"],
         threshold=data["threshold"],
         renormalize=data["renormalize"],
@@ -143,7 +147,7 @@ def to_networkx(data: dict[str, Any]) -> nx.DiGraph:
         attrs = {"weight": edge["weight"], "kind": edge["kind"]}
         for h, value in edge.get("heads", {}).items():
             attrs[f"head_{h}"] = value
-        g.add_edge(edge["source"], edge["target"], **attrs)
+        g.add_edge(edge["source"], edge["target"], key=edge["kind"], **attrs)
     return g
 
 

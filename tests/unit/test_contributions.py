@@ -212,7 +212,9 @@ def test_head_contributions_match_a_loop_and_normalize_with_residual(tiny_run) -
         torch.testing.assert_close(
             heads[i].double().flatten(), expected[: u.shape[0] * n_h], atol=1e-6, rtol=0
         )
-        torch.testing.assert_close(residual[i].double(), expected[u.shape[0] * n_h], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            residual[i].double(), expected[u.shape[0] * n_h], atol=1e-6, rtol=0
+        )
         assert (heads[i, t + 1 :] == 0).all()
 
 

@@ -1,0 +1,85 @@
+"""Building the graph from a run, streaming per layer, and exporting it."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import networkx as nx
+import pytest
+import torch
+
+from llm_flow.export import Prediction, graph_json, to_graphml, to_networkx
+from llm_flow.graph import contributions_of, trace
+from llm_flow.routes import find_route, full_graph
+from tests.tiny import ARCHS, prompt, tiny_llm
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def llm(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    return tiny_llm(request.param)
+
+
+def test_trace_streams_layers_and_matches_a_run_with_patterns(llm) -> None:  # type: ignore[no-untyped-def]
+    text = prompt(9, seed=1)
+    seen: list[tuple[int, int]] = []
+    run, graph = trace(llm, text, keep_patterns=False, on_layer=lambda d, n: seen.append((d, n)))
+    n_layers = llm.info.n_layers
+    assert seen == [(i + 1, n_layers) for i in range(n_layers)]
+    assert all(layer.pattern is None for layer in run.layers)
+    full_run = llm.run(text)
+    for layer, streamed in zip(full_run.layers, graph.attention, strict=True):
+        torch.testing.assert_close(contributions_of(layer).attention, streamed)
+    assert graph.attention.shape == (n_layers, run.n_tokens, run.n_tokens)
+    assert graph.tokens == run.tokens and graph.token_ids == run.token_ids
+
+
+def test_contributions_need_a_pattern(llm) -> None:  # type: ignore[no-untyped-def]
+    run = llm.run(prompt(4), keep_patterns=False)
+    with pytest.raises(ValueError, match="no attention pattern"):
+        contributions_of(run.layers[0])
+
+
+def test_json_and_graphml_round_trip(llm) -> None:  # type: ignore[no-untyped-def]
+    run, graph = trace(llm, prompt(8, seed=2))
+    route = find_route(graph, [-1], threshold=0.05)
+    data = graph_json(
+        graph, route, Prediction.of(llm, run, run.n_tokens - 1), position=run.n_tokens - 1, run=run
+    )
+    assert json.loads(json.dumps(data)) == data
+    g = to_networkx(data)
+    assert g.number_of_nodes() == len(data["nodes"])
+    assert g.number_of_edges() == len(data["edges"])
+    back = nx.read_graphml(io.StringIO(to_graphml(data)), force_multigraph=True)
+    assert set(back.nodes) == {n["id"] for n in data["nodes"]}
+    assert back.number_of_edges() == len(data["edges"])
+    for edge in data["edges"]:
+        attrs = back.edges[edge["source"], edge["target"], edge["kind"]]
+        assert attrs["weight"] == pytest.approx(edge["weight"])
+        assert attrs["kind"] == edge["kind"]
+    assert back.graph["model"] == data["model"]
+
+
+def test_edge_heads_are_the_layer_head_contributions(llm) -> None:  # type: ignore[no-untyped-def]
+    from llm_flow.graph import layer_head_contributions
+
+    run, graph = trace(llm, prompt(7, seed=5))
+    data = graph_json(graph, full_graph(graph), Prediction.of(llm, run, -1), position=-1, run=run)
+    attention = [e for e in data["edges"] if e["kind"] == "attention"]
+    assert all("heads" not in e for e in data["edges"] if e["kind"] != "attention")
+    edge = attention[len(attention) // 2]
+    layer, t = (int(x) for x in edge["target"][1:].split("_"))
+    s = int(edge["source"].split("_")[1])
+    heads, _ = layer_head_contributions(run.layers[layer], torch.tensor([t]))
+    assert len(edge["heads"]) == llm.info.n_heads
+    assert [edge["heads"][str(h)] for h in range(llm.info.n_heads)] == pytest.approx(
+        heads[0, s].tolist()
+    )
+
+
+def test_prediction_is_the_greedy_token(llm) -> None:  # type: ignore[no-untyped-def]
+    run = llm.run(prompt(5))
+    p = Prediction.of(llm, run, -1)
+    assert p.id == int(run.logits[-1].argmax())
+    assert p.prob == pytest.approx(float(run.logits[-1].softmax(-1).max()))
+    assert p.token == llm.token_strings([p.id])[0]
