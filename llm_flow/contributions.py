@@ -26,12 +26,13 @@ Everything here is pure tensor math: no model, no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of temporaries per chunk
+QUERY_TILE = 64  # query rows per tile: enough rows for the batched products to run well
 
 
 def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
@@ -72,13 +73,24 @@ def normalize(prox: Tensor, dim: int = -1) -> Tensor:
     return torch.where(total > 0, prox / total.clamp_min(torch.finfo(prox.dtype).tiny), 0.0)
 
 
-def _rows_per_chunk(start: int, n_rows: int, bytes_per_row_per_source: int, budget: int) -> int:
-    """Largest chunk of query rows from ``start`` whose temporaries fit in ``budget``."""
-    rows = max(1, budget // max(1, (start + 1) * bytes_per_row_per_source))
-    # A chunk ending later touches more sources; shrink until the chunk fits.
-    while rows > 1 and (start + rows) * rows * bytes_per_row_per_source > budget:
-        rows //= 2
-    return min(rows, n_rows - start)
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes of part vectors alive at once. On CPUs small tiles stay in cache (16 MB measured
+    ~3.5× faster than 256 MB at 256 tokens); GPUs want large tiles to fill the device."""
+    return 512 * 2**20 if device.type == "cuda" else 16 * 2**20
+
+
+def causal_tiles(
+    n_q: int, n_s: int, bytes_per_part: int, budget: int
+) -> Iterator[tuple[int, int, int, int]]:
+    """(q0, q1, s0, s1) tiles covering every causal (query t, source s ≤ t) pair exactly once,
+    each holding at most ``budget`` bytes of part vectors (a single part may exceed it)."""
+    q_tile = max(1, min(QUERY_TILE, n_q, budget // max(1, bytes_per_part)))
+    s_tile = max(1, budget // max(1, q_tile * bytes_per_part))
+    for q0 in range(0, n_q, q_tile):
+        q1 = min(n_q, q0 + q_tile)
+        n_src = min(n_s, q1)  # causal: sources after the tile's last query contribute nothing
+        for s0 in range(0, n_src, s_tile):
+            yield q0, q1, s0, min(n_src, s0 + s_tile)
 
 
 def attention_proximity(
@@ -87,7 +99,7 @@ def attention_proximity(
     head_outputs: Tensor,
     scale: Tensor,
     *,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
 ) -> Tensor:
     """Proximity of every token-level attention part (heads summed) to the whole.
 
@@ -102,16 +114,12 @@ def attention_proximity(
     u = head_outputs.to(acc)  # [S, H, D]
     a = pattern.to(acc) * scale.to(acc)[None, :, None]  # [H, T, S]
     out = torch.zeros(n_q, n_s, dtype=acc, device=whole.device)
-    bytes_per = d_model * torch.finfo(acc).bits // 8
-    start = 0
-    while start < n_q:
-        rows = _rows_per_chunk(start, n_q, bytes_per, memory_budget)
-        stop = start + rows
-        n_src = min(n_s, stop)  # causal: sources after the last query row contribute nothing
-        a_chunk = a[:, start:stop, :n_src].permute(2, 1, 0)  # (S, q, H)
-        z = torch.bmm(a_chunk, u[:n_src])  # (S, q, D): part of source s at query t
-        out[start:stop, :n_src] = _prox_(z, y_sign[start:stop], y_abs[start:stop]).T
-        start = stop
+    budget = memory_budget or default_memory_budget(whole.device)
+    bytes_per_part = d_model * torch.finfo(acc).bits // 8
+    for q0, q1, s0, s1 in causal_tiles(n_q, n_s, bytes_per_part, budget):
+        a_tile = a[:, q0:q1, s0:s1].permute(2, 1, 0)  # (S, q, H)
+        z = torch.bmm(a_tile, u[s0:s1])  # (S, q, D): part of source s at query t
+        out[q0:q1, s0:s1] = _prox_(z, y_sign[q0:q1], y_abs[q0:q1]).T
     return out
 
 
@@ -122,7 +130,7 @@ def head_proximity(
     scale: Tensor,
     rows: Tensor,
     *,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
 ) -> Tensor:
     """Proximity of every per-head part ``z[t, s, h]`` for the query ``rows`` [R] → [R, S, H].
 
@@ -135,7 +143,8 @@ def head_proximity(
     u = head_outputs.to(acc)  # [S, H, D]
     out = torch.zeros(len(rows), n_s, n_heads, dtype=acc, device=whole.device)
     bytes_per_row = n_s * n_heads * d_model * torch.finfo(acc).bits // 8
-    step = max(1, memory_budget // max(1, bytes_per_row))
+    budget = memory_budget or default_memory_budget(whole.device)
+    step = max(1, budget // max(1, bytes_per_row))
     for i in range(0, len(rows), step):
         idx = rows[i : i + step]
         y = whole[idx].to(acc)[:, None, None, :]  # (R, 1, 1, D)
@@ -172,7 +181,7 @@ def layer_contributions(
     head_outputs: Tensor,
     attn_scale: Tensor,
     attn_bias: Tensor,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
 ) -> LayerContributions:
     """Contributions of one layer; ``resid_mid=None`` means parallel attention + MLP.
 
@@ -228,7 +237,7 @@ def head_contributions(
     attn_scale: Tensor,
     attn_bias: Tensor,
     rows: Tensor,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-head contributions for the query ``rows`` [R], LLM-TT's way: every (source, head)
     part normalized together with the residual (and bias) parts.

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from llm_flow.contributions import (
-    DEFAULT_MEMORY_BUDGET,
     LayerContributions,
     head_contributions,
     layer_contributions,
@@ -75,9 +74,7 @@ class FlowGraph:
         )
 
 
-def contributions_of(
-    layer: LayerRun, *, memory_budget: int = DEFAULT_MEMORY_BUDGET
-) -> LayerContributions:
+def contributions_of(layer: LayerRun, *, memory_budget: int | None = None) -> LayerContributions:
     """Token-level contributions of one layer of a run (needs the layer's attention pattern)."""
     if layer.pattern is None:
         raise ValueError(f"layer {layer.index} holds no attention pattern; run with patterns")
@@ -95,7 +92,7 @@ def contributions_of(
 
 
 def layer_head_contributions(
-    layer: LayerRun, rows: Tensor, *, memory_budget: int = DEFAULT_MEMORY_BUDGET
+    layer: LayerRun, rows: Tensor, *, memory_budget: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Per-head contributions of ``layer`` for query ``rows`` → (heads [R, S, H], residual [R]).
 
@@ -123,7 +120,7 @@ def trace(
     prompt: str,
     *,
     keep_patterns: bool = True,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> tuple[ModelRun, FlowGraph]:
     """One forward pass and the full contribution graph.

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llm_flow.contributions import (
-    _rows_per_chunk,
     attention_proximity,
+    causal_tiles,
     head_contributions,
     layer_contributions,
     neuron_contributions,
@@ -230,12 +230,15 @@ def test_post_norm_scale_changes_the_parts() -> None:
     assert not torch.allclose(wrong.attention, right.attention, atol=1e-3)
 
 
-def test_rows_per_chunk_respects_the_budget() -> None:
-    for start in (0, 10, 500, 1000):
-        rows = _rows_per_chunk(start, 1024, 576 * 4, 64 * 2**20)
-        assert rows >= 1
-        assert rows == 1 or (start + rows) * rows * 576 * 4 <= 64 * 2**20
-        assert start + rows <= 1024
+@pytest.mark.parametrize(("n", "budget"), [(1, 10), (7, 1), (100, 3 * 576 * 4), (300, 2**20)])
+def test_causal_tiles_cover_each_causal_pair_once_within_budget(n: int, budget: int) -> None:
+    seen = torch.zeros(n, n, dtype=torch.int64)
+    for q0, q1, s0, s1 in causal_tiles(n, n, 576 * 4, budget):
+        assert (q1 - q0) * (s1 - s0) * 576 * 4 <= budget or (q1 - q0) * (s1 - s0) == 1
+        seen[q0:q1, s0:s1] += 1
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    assert (seen[causal] == 1).all()
+    assert (seen.triu(1) <= 1).all()  # a tile may overlap the diagonal, never repeat a pair
 
 
 def test_attention_proximity_memory_is_bounded() -> None:
