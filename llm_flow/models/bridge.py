@@ -74,6 +74,8 @@ class BridgeLlm(TransparentLlm):
         self._prepend_bos = prepend_bos
         self._max_tokens = max_tokens
         hf_model = hf_model.to(device=device, dtype=dtype)
+        # Counted before booting: the bridge registers split q/k/v copies of fused projections.
+        n_params = sum(p.numel() for p in hf_model.parameters())
         self._bridge = TransformerBridge.boot_transformers(
             name, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
         )
@@ -94,7 +96,7 @@ class BridgeLlm(TransparentLlm):
         self._info = ModelInfo(
             name=name,
             architecture=str(cfg.architecture),
-            n_params=sum(p.numel() for p in hf_model.parameters()),
+            n_params=n_params,
             n_layers=self._n_layers,
             n_heads=int(cfg.n_heads),
             n_kv_heads=int(cfg.n_key_value_heads or cfg.n_heads),

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from platformdirs import user_cache_dir
 
-from llm_flow.config import PACKAGED_MODELS, ModelSpec
+from llm_flow.config import PACKAGED_MODEL_NAMES, PACKAGED_MODELS, ModelSpec
 from llm_flow.errors import DeviceError, ModelLoadError, OfflineError
 
 Progress = Callable[[str], None]
@@ -97,7 +97,7 @@ def _from_pretrained(
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra, **kw)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra, **kw)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # transformers raises ValueError for a bad folder too
         raise ModelLoadError(f"could not load model '{what}' from {folder}: {exc}") from exc
     if not getattr(model.config, "architectures", None):
         # GGUF-loaded configs can lack it, and the bridge picks its adapter from it.
@@ -167,7 +167,10 @@ def _load_hub(name: str, say: Progress) -> tuple[Any, Any]:
         raise OfflineError(
             f"model '{name}' is not in the local Hugging Face cache and the hub cannot be "
             "reached (offline?); connect to the internet once, or use a packaged model: "
-            f"{', '.join(PACKAGED_MODELS.values())}"
+            + ", ".join(
+                f"'{label}' ({package})"
+                for label, package in zip(PACKAGED_MODEL_NAMES, PACKAGED_MODELS, strict=True)
+            )
         )
     say(f"Downloading {name} from the Hugging Face hub")
     return _from_pretrained(name, say=say, what=name)
