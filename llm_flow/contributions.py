@@ -28,10 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+Backend = Literal["auto", "torch", "kernel"]
 QUERY_TILE = 64  # query rows per tile: enough rows for the batched products to run well
 
 
@@ -100,13 +102,25 @@ def attention_proximity(
     scale: Tensor,
     *,
     memory_budget: int | None = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     """Proximity of every token-level attention part (heads summed) to the whole.
 
     whole [T, D] (the residual after the block), pattern [H, T, S], head_outputs [S, H, D],
     scale [T] (post-norm 1/rms, ones otherwise) → prox [T, S]. Row t is zero for s > t.
+    ``backend``: "auto" uses the fused CPU kernel (:mod:`llm_flow.kernels`) for float32 work on
+    a CPU and the tiled torch version otherwise (GPUs, float64).
     """
     acc = accumulation_dtype(whole, head_outputs)
+    if backend == "kernel" or (
+        backend == "auto" and whole.device.type == "cpu" and acc == torch.float32
+    ):
+        from llm_flow.kernels import attention_proximity_cpu
+
+        f32 = torch.float32
+        return attention_proximity_cpu(
+            whole.to(f32), pattern.to(f32), head_outputs.to(f32), scale.to(f32)
+        )
     n_q, d_model = whole.shape
     n_s = pattern.shape[-1]
     y = whole.to(acc)
@@ -182,6 +196,7 @@ def layer_contributions(
     attn_scale: Tensor,
     attn_bias: Tensor,
     memory_budget: int | None = None,
+    backend: Backend = "auto",
 ) -> LayerContributions:
     """Contributions of one layer; ``resid_mid=None`` means parallel attention + MLP.
 
@@ -191,7 +206,7 @@ def layer_contributions(
     attn_whole = resid_post if resid_mid is None else resid_mid
     fixed = _fixed_attention_parts(resid_pre, resid_mid, mlp_update, attn_scale, attn_bias)
     attn_prox = attention_proximity(
-        attn_whole, pattern, head_outputs, attn_scale, memory_budget=memory_budget
+        attn_whole, pattern, head_outputs, attn_scale, memory_budget=memory_budget, backend=backend
     )
     c = normalize(torch.cat([attn_prox, proximity(attn_whole, fixed)], dim=1))
     n_src = attn_prox.shape[1]

@@ -171,12 +171,38 @@ def test_contributions_are_nonnegative_causal_and_sum_to_one(tiny_run) -> None: 
 def test_chunked_equals_unchunked(tiny_run) -> None:  # type: ignore[no-untyped-def]
     for layer in tiny_run.layers:
         kwargs = _layer_kwargs(layer)
-        one_row = layer_contributions(**kwargs, memory_budget=1)  # type: ignore[arg-type]
-        everything = layer_contributions(**kwargs, memory_budget=2**34)  # type: ignore[arg-type]
+        one_row = layer_contributions(**kwargs, memory_budget=1, backend="torch")  # type: ignore[arg-type]
+        everything = layer_contributions(**kwargs, memory_budget=2**34, backend="torch")  # type: ignore[arg-type]
         torch.testing.assert_close(one_row.attention, everything.attention, atol=1e-7, rtol=0)
         heads_small, _ = layer_head_contributions(layer, torch.arange(4), memory_budget=1)
         heads_big, _ = layer_head_contributions(layer, torch.arange(4), memory_budget=2**34)
         torch.testing.assert_close(heads_small, heads_big, atol=1e-7, rtol=0)
+
+
+def test_fused_cpu_kernel_equals_the_torch_version(tiny_run) -> None:  # type: ignore[no-untyped-def]
+    for layer in tiny_run.layers:
+        kwargs = _layer_kwargs(layer)
+        kernel = layer_contributions(**kwargs, backend="kernel")  # type: ignore[arg-type]
+        reference = layer_contributions(**kwargs, backend="torch")  # type: ignore[arg-type]
+        torch.testing.assert_close(kernel.attention, reference.attention, atol=1e-6, rtol=0)
+        torch.testing.assert_close(kernel.attn_residual, reference.attn_residual, atol=1e-6, rtol=0)
+
+
+def test_fused_kernel_handles_massive_dimensions_and_long_prompts() -> None:
+    gen = torch.Generator().manual_seed(2)
+    n, h, d = 300, 3, 40
+    causal = torch.full((n, n), float("-inf")).triu(1)
+    pattern = torch.softmax(torch.randn(h, n, n, generator=gen) + causal, -1)
+    whole = torch.randn(n, d, generator=gen)
+    whole[:, 5] = 3_000.0
+    u = torch.randn(n, h, d, generator=gen)
+    scale = torch.rand(n, generator=gen) + 0.5
+    kernel = attention_proximity(whole, pattern, u, scale, backend="kernel")
+    exact = attention_proximity(
+        whole.double(), pattern.double(), u.double(), scale.double(), backend="torch"
+    )
+    torch.testing.assert_close(kernel.double(), exact, atol=2e-5, rtol=1e-5)
+    assert (kernel.triu(1) == 0).all()
 
 
 def test_float32_agrees_with_float64(tiny_run) -> None:  # type: ignore[no-untyped-def]
@@ -249,6 +275,7 @@ def test_attention_proximity_memory_is_bounded() -> None:
     pattern = pattern / pattern.sum(-1, keepdim=True)
     whole = torch.randn(n, d, generator=gen)
     u = torch.randn(n, h, d, generator=gen)
-    full = attention_proximity(whole, pattern, u, torch.ones(n), memory_budget=2**30)
-    small = attention_proximity(whole, pattern, u, torch.ones(n), memory_budget=n * d * 4 * 2)
+    ones = torch.ones(n)
+    full = attention_proximity(whole, pattern, u, ones, memory_budget=2**30, backend="torch")
+    small = attention_proximity(whole, pattern, u, ones, memory_budget=n * d * 8, backend="torch")
     torch.testing.assert_close(full, small)
