@@ -7,6 +7,13 @@ The JSON object (ARCHITECTURE.md, "CLI contract")::
      "nodes": [{"id", "layer", "token", "kind"}],
      "edges": [{"source", "target", "weight", "kind", "heads"?: {"<h>": float}}]}
 
+With a target/distractor pair (``llm-flow graph --target … --distractor …``) the object also has
+``"contrast": {"target", "distractor", "logit_diff", …}``, and attention and FFN edges carry
+``"direct_effect"`` (their direct effect on the logit difference; 0 unless the edge ends at the
+output position, see :mod:`llm_flow.contrast`); attention edges also carry
+``"head_direct_effects": {"<h>": float}``. Residual edges carry no direct effect (a residual
+connection is not a component).
+
 Masks cross to Python once per array (``nonzero().tolist()``); building the output dicts is the
 only per-edge Python.
 """
@@ -20,6 +27,7 @@ from typing import Any
 import networkx as nx
 import torch
 
+from llm_flow.contrast import Contrast, DirectEffects
 from llm_flow.graph import NODE_KINDS, FlowGraph, layer_head_contributions, node_id, source_id
 from llm_flow.models.base import ModelRun, TransparentLlm
 from llm_flow.routes import Route
@@ -56,9 +64,9 @@ def route_edges(route: Route, run: ModelRun | None = None) -> list[dict[str, Any
 
     With ``run`` (holding attention patterns), attention edges get per-head contributions.
     """
-    w = route.weights
-    idx = route.attention.nonzero()  # [E, 3] (layer, target t, source s)
-    weights = w.attention[idx[:, 0], idx[:, 1], idx[:, 2]].tolist()
+    idx, attention_weights = route.attention_edges()  # idx rows: (layer, target t, source s)
+    weights = attention_weights.tolist()
+
     heads = _edge_heads(route, idx, run) if run is not None else None
     edges: list[dict[str, Any]] = []
     for i, ((layer, t, s), weight) in enumerate(zip(idx.tolist(), weights, strict=True)):
@@ -72,18 +80,26 @@ def route_edges(route: Route, run: ModelRun | None = None) -> list[dict[str, Any
             edge["heads"] = {str(h): v for h, v in enumerate(heads[i])}
         edges.append(edge)
     # (mask, weight, source kind, target kind, edge kind); "I-" is the residual below layer l
+    attn_res, ffn, ffn_res = (
+        route.attn_residual_weights,
+        route.ffn_weights,
+        route.ffn_residual_weights,
+    )
     for mask, weight, src_kind, dst_kind, kind in (
-        (route.attn_residual, w.attn_residual, "I-", "A", "residual"),
-        (route.ffn_residual, w.ffn_residual, "A", "I", "residual"),
-        (route.ffn, w.ffn, "A", "M", "ffn"),
-        (route.ffn, w.ffn, "M", "I", "ffn"),
+        (route.attn_residual, attn_res, "I-", "A", "residual"),
+        (route.ffn_residual, ffn_res, "A", "I", "residual"),
+        (route.ffn, ffn, "A", "M", "ffn"),
+        (route.ffn, ffn, "M", "I", "ffn"),
     ):
         pos = mask.nonzero()
         values = weight[pos[:, 0], pos[:, 1]].tolist()
         for (layer, t), value in zip(pos.tolist(), values, strict=True):
             src = source_id(layer, t) if src_kind == "I-" else node_id(src_kind, layer, t)
             dst = node_id(dst_kind, layer, t)
-            edges.append({"source": src, "target": dst, "weight": value, "kind": kind})
+            edge: dict[str, Any] = {"source": src, "target": dst, "weight": value, "kind": kind}
+            if kind == "ffn" and ffn_effects is not None and direct is not None:
+                edge["direct_effect"] = ffn_effects[layer] if t == direct.position else 0.0
+            edges.append(edge)
     return edges
 
 
@@ -106,9 +122,12 @@ def graph_json(
     *,
     position: int,
     run: ModelRun | None = None,
+    contrast: Contrast | None = None,
+    direct: DirectEffects | None = None,
 ) -> dict[str, Any]:
-    """The CLI's JSON object; pass ``run`` to include per-head weights on attention edges."""
-    return {
+    """The CLI's JSON object; pass ``run`` to include per-head weights on attention edges, and
+    ``contrast`` with ``direct`` for the target/distractor fields."""
+    data = {
         "model": graph.model_name,
         "tokens": list(graph.tokens),
         "token_ids": list(graph.token_ids),
@@ -118,8 +137,11 @@ def graph_json(
         "position": position,
         "prediction": {"token": prediction.token, "id": prediction.id, "prob": prediction.prob},
         "nodes": route_nodes(route),
-        "edges": route_edges(route, run),
+        "edges": route_edges(route, run, direct),
     }
+    if contrast is not None:
+        data["contrast"] = contrast.to_dict()
+    return data
 
 
 def to_networkx(data: dict[str, Any]) -> nx.MultiDiGraph:
@@ -134,6 +156,8 @@ def to_networkx(data: dict[str, Any]) -> nx.MultiDiGraph:
         renormalize=data["renormalize"],
         position=data["position"],
     )
+    for key, value in data.get("contrast", {}).items():
+        g.graph[f"contrast_{key}"] = value
     tokens = data["tokens"]
     for node in data["nodes"]:
         g.add_node(
@@ -147,6 +171,10 @@ def to_networkx(data: dict[str, Any]) -> nx.MultiDiGraph:
         attrs = {"weight": edge["weight"], "kind": edge["kind"]}
         for h, value in edge.get("heads", {}).items():
             attrs[f"head_{h}"] = value
+        if "direct_effect" in edge:
+            attrs["direct_effect"] = edge["direct_effect"]
+        for h, value in edge.get("head_direct_effects", {}).items():
+            attrs[f"head_{h}_direct_effect"] = value
         g.add_edge(edge["source"], edge["target"], key=edge["kind"], **attrs)
     return g
 

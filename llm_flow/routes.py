@@ -37,13 +37,15 @@ class EdgeWeights:
 class Route:
     """The sub-graph that reaches ``positions`` through edges of weight ≥ ``threshold``.
 
-    Edge masks say which edges are on the route; node masks which nodes are.
+    Edge masks say which edges are on the route, node masks which nodes are. Weights of route
+    edges are the graph's weights times a per-whole factor (1, or 1/Σ survivors when
+    renormalizing); :meth:`attention_edges` reads them for the route's edges only.
     """
 
+    graph: FlowGraph
     threshold: float
     renormalize: bool
     positions: tuple[int, ...]
-    weights: EdgeWeights
     attention: Tensor  # [L, T, T] bool, edge I{l-1}_s → A{l}_t
     attn_residual: Tensor  # [L, T] bool, I{l-1}_t → A{l}_t
     ffn: Tensor  # [L, T] bool, A{l}_t → M{l}_t → I{l}_t
@@ -51,34 +53,83 @@ class Route:
     embeddings: Tensor  # [T] bool, X0_t
     after_attention: Tensor  # [L, T] bool, A{l}_t
     after_layer: Tensor  # [L, T] bool, I{l}_t
+    attn_factor: Tensor  # [L, T] multiplier of the attention whole's parts (on route rows)
+    ffn_factor: Tensor  # [L, T] multiplier of the FFN whole's parts (on route nodes)
 
     @property
     def n_edges(self) -> int:
         counts = [self.attention, self.attn_residual, self.ffn, self.ffn, self.ffn_residual]
         return int(sum(int(m.sum()) for m in counts))
 
+    def attention_edges(self) -> tuple[Tensor, Tensor]:
+        """Attention edges on the route: (idx [E, 3] rows of (layer, target t, source s),
+        weights [E]), in row-major order of the mask."""
+        idx = self.attention.nonzero()
+        layer, t, s = idx[:, 0], idx[:, 1], idx[:, 2]
+        return idx, self.graph.attention[layer, t, s] * self.attn_factor[layer, t]
 
-def _causal(n_tokens: int) -> Tensor:
-    return torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril()
+    @property
+    def attn_residual_weights(self) -> Tensor:
+        """[L, T] weights of the I{l-1}_t → A{l}_t edges (0 off the route)."""
+        g = self.graph
+        return torch.where(self.attn_residual, g.attn_residual * self.attn_factor, 0.0)
+
+    @property
+    def ffn_weights(self) -> Tensor:
+        """[L, T] weights of the FFN edges (0 off the route)."""
+        return torch.where(self.ffn, self.graph.ffn * self.ffn_factor, 0.0)
+
+    @property
+    def ffn_residual_weights(self) -> Tensor:
+        """[L, T] weights of the A{l}_t → I{l}_t edges (0 off the route)."""
+        return torch.where(self.ffn_residual, self.graph.ffn_residual * self.ffn_factor, 0.0)
+
+    @property
+    def weights(self) -> EdgeWeights:
+        """Dense weights of the route's edges (0 off the route). O(L·T²): prefer
+        :meth:`attention_edges` and the [L, T] properties for long prompts."""
+        attention = torch.zeros_like(self.graph.attention)
+        idx, w = self.attention_edges()
+        attention[idx[:, 0], idx[:, 1], idx[:, 2]] = w
+        return EdgeWeights(
+            attention=attention,
+            attn_residual=self.attn_residual_weights,
+            ffn=self.ffn_weights,
+            ffn_residual=self.ffn_residual_weights,
+        )
 
 
 def edge_weights(graph: FlowGraph, threshold: float, renormalize: bool) -> EdgeWeights:
-    """Zero the edges below ``threshold`` and, if asked, rescale each whole's survivors to 1."""
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    """Zero the edges below ``threshold`` and, if asked, rescale each whole's survivors to 1.
+
+    Dense over the whole graph (every whole, on a route or not); routes use the same rule.
+    """
+    _check_threshold(threshold)
     causal = _causal(graph.n_tokens)
     attn = torch.where((graph.attention >= threshold) & causal, graph.attention, 0.0)
     attn_res = torch.where(graph.attn_residual >= threshold, graph.attn_residual, 0.0)
     ffn = torch.where(graph.ffn >= threshold, graph.ffn, 0.0)
     ffn_res = torch.where(graph.ffn_residual >= threshold, graph.ffn_residual, 0.0)
     if renormalize:
-        attn_total = attn.sum(-1) + attn_res  # [L, T]
-        attn_scale = torch.where(attn_total > 0, 1 / attn_total.clamp_min(1e-30), 0.0)
+        attn_scale = _inverse(attn.sum(-1) + attn_res)
         attn, attn_res = attn * attn_scale[..., None], attn_res * attn_scale
-        ffn_total = ffn + ffn_res
-        ffn_scale = torch.where(ffn_total > 0, 1 / ffn_total.clamp_min(1e-30), 0.0)
+        ffn_scale = _inverse(ffn + ffn_res)
         ffn, ffn_res = ffn * ffn_scale, ffn_res * ffn_scale
     return EdgeWeights(attention=attn, attn_residual=attn_res, ffn=ffn, ffn_residual=ffn_res)
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+
+
+def _inverse(total: Tensor) -> Tensor:
+    """1/total where positive, 0 where nothing survived."""
+    return torch.where(total > 0, 1 / total.clamp_min(1e-30), 0.0)
+
+
+def _causal(n_tokens: int) -> Tensor:
+    return torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril()
 
 
 def find_route(
@@ -87,8 +138,13 @@ def find_route(
     threshold: float = DEFAULT_THRESHOLD,
     renormalize: bool = True,
 ) -> Route:
-    """The route to the output nodes at ``positions`` (negative indices count from the end)."""
+    """The route to the output nodes at ``positions`` (negative indices count from the end).
+
+    Work per layer is proportional to the route's attention nodes × T, not to T²: only rows of
+    nodes on the route are thresholded and renormalized.
+    """
     n_layers, n_tokens = graph.n_layers, graph.n_tokens
+    _check_threshold(threshold)
     if not positions:
         raise ValueError("at least one position is needed to extract a route")
     bad = [p for p in positions if not -n_tokens <= p < n_tokens]
@@ -96,13 +152,14 @@ def find_route(
         raise ValueError(
             f"position(s) {bad} outside the prompt; valid: -{n_tokens} … {n_tokens - 1}"
         )
-    weights = edge_weights(graph, threshold, renormalize)
-    causal = _causal(n_tokens)
     # Kept = at or above τ on the original scale (renormalizing must not revive pruned edges).
-    keep_attn = (graph.attention >= threshold) & causal
     keep_attn_res = graph.attn_residual >= threshold
     keep_ffn = graph.ffn >= threshold
     keep_ffn_res = graph.ffn_residual >= threshold
+    ffn_factor = _inverse(graph.ffn * keep_ffn + graph.ffn_residual * keep_ffn_res)
+    if not renormalize:
+        ffn_factor = torch.ones_like(ffn_factor)
+    attn_factor = torch.ones(n_layers, n_tokens)
 
     attention = torch.zeros(n_layers, n_tokens, n_tokens, dtype=torch.bool)
     attn_residual = torch.zeros(n_layers, n_tokens, dtype=torch.bool)
@@ -110,6 +167,7 @@ def find_route(
     ffn_residual = torch.zeros_like(attn_residual)
     after_attention = torch.zeros_like(attn_residual)
     after_layer = torch.zeros_like(attn_residual)
+    columns = torch.arange(n_tokens)
 
     active = torch.zeros(n_tokens, dtype=torch.bool)  # I{l}_t on the route
     active[[p % n_tokens for p in positions]] = True
@@ -119,14 +177,22 @@ def find_route(
         ffn_residual[layer] = active & keep_ffn_res[layer]
         attn_node = ffn[layer] | ffn_residual[layer]
         after_attention[layer] = attn_node
-        attention[layer] = attn_node[:, None] & keep_attn[layer]
+        rows = attn_node.nonzero().flatten()
+        values = graph.attention[layer, rows]  # (R, T)
+        kept = (values >= threshold) & (columns[None, :] <= rows[:, None])  # causal
+        attention[layer, rows] = kept
         attn_residual[layer] = attn_node & keep_attn_res[layer]
-        active = attention[layer].any(0) | attn_residual[layer]
+        if renormalize:
+            total = (values * kept).sum(-1) + graph.attn_residual[layer, rows] * keep_attn_res[
+                layer, rows
+            ]
+            attn_factor[layer, rows] = _inverse(total)
+        active = kept.any(0) | attn_residual[layer]
     return Route(
+        graph=graph,
         threshold=threshold,
         renormalize=renormalize,
         positions=tuple(p % n_tokens for p in positions),
-        weights=weights,
         attention=attention,
         attn_residual=attn_residual,
         ffn=ffn,
@@ -134,6 +200,8 @@ def find_route(
         embeddings=active,
         after_attention=after_attention,
         after_layer=after_layer,
+        attn_factor=attn_factor,
+        ffn_factor=ffn_factor,
     )
 
 

