@@ -89,7 +89,9 @@ def bench(
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
     rows = []
-    llm.run("Warm up the kernels.")
+    # Warm-up: kernels, the compiled contribution kernel's load from its cache, allocator pools.
+    warm = llm.run("Warm up the kernels.")
+    contributions_of(warm.layers[0])
     for n in token_counts:
         if progress is not None:
             progress(f"bench: {n} tokens")
