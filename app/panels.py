@@ -204,16 +204,9 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
         f"Layer {layer} at {_token(tokens, t)}. Share of {node_id('I', layer, t)}: FFN "
         f"**{float(graph.ffn[layer, t]):.3f}**, residual {float(graph.ffn_residual[layer, t]):.3f}."
     )
-    # The FFN writes into resid_mid; parallel blocks have none, so the rest of the sum (the
-    # residual plus attention's update) is the whole minus the FFN's update.
-    whole = layer_run.resid_post[t]
-    if layer_run.resid_mid is not None:
-        base = layer_run.resid_mid[t]
-    else:
-        base = whole - layer_run.mlp_update[t]
     neurons, bias, residual = neuron_contributions(
-        whole,
-        base,
+        layer_run.resid_post[t],
+        layer_run.mlp_base[t],
         layer_run.neuron_acts[t],
         layer_run.W_out,
         layer_run.b_out,

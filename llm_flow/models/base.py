@@ -74,14 +74,10 @@ class LayerRun:
     b_out: Tensor  # [D]
 
     @property
-    def attn_base(self) -> Tensor:
-        """The residual that attention writes into (its 'residual' part)."""
-        return self.resid_pre
-
-    @property
     def mlp_base(self) -> Tensor:
-        """The residual that the FFN writes into: resid_mid, or resid_pre for parallel blocks."""
-        return self.resid_pre if self.resid_mid is None else self.resid_mid
+        """What the FFN update is added to in its sum → [T, D]: resid_mid, or for parallel blocks
+        the rest of the one sum into resid_post (residual + attention update)."""
+        return self.resid_post - self.mlp_update if self.resid_mid is None else self.resid_mid
 
     def head_outputs(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Per-source, per-head output vectors ``v[s, h] @ W_O[h]`` → [T, H, D].

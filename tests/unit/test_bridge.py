@@ -255,7 +255,10 @@ def test_parallel_blocks_have_no_resid_mid(tiny: Tiny) -> None:
     assert tiny.run.parallel_blocks is parallel
     for layer in tiny.run.layers:
         assert (layer.resid_mid is None) is parallel
-        assert layer.mlp_base is (layer.resid_pre if parallel else layer.resid_mid)
+        if parallel:
+            torch.testing.assert_close(layer.mlp_base, layer.resid_pre + layer.attn_update)
+        else:
+            assert layer.mlp_base is layer.resid_mid
 
 
 def test_model_info(tiny: Tiny) -> None:
