@@ -19,9 +19,11 @@ from llm_flow.config import AppConfig, default_config, load_config
 from llm_flow.errors import LlmFlowError, PromptError
 
 if TYPE_CHECKING:
+    from llm_flow.interventions import MeanActivations
     from llm_flow.models import BridgeLlm
 
 EXIT_USAGE = 2
+DEFAULT_MEAN_PROMPTS = "factual.txt"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +75,20 @@ def _add_model_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
         )
 
 
+def _add_contrast_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", help="target token, e.g. ' Mary' (needs --distractor)")
+    p.add_argument("--distractor", help="distractor token, e.g. ' John' (needs --target)")
+
+
+def _add_ablation_args(p: argparse.ArgumentParser, *, default_mode: str) -> None:
+    p.add_argument("--mode", choices=("zero", "mean"), default=default_mode)
+    p.add_argument(
+        "--mean-prompts",
+        help="prompt file whose mean activations mean ablation uses "
+        f"(default: {DEFAULT_MEAN_PROMPTS} in the config's prompts_dir)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llm-flow", description="Information-flow routes of transformer LMs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -89,6 +105,38 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--heads", action="store_true", help="per-head weights on attention edges")
     graph.add_argument("--format", choices=("json", "graphml"), default="json")
     graph.add_argument("--out", help="write here instead of stdout")
+    _add_contrast_args(graph)
+
+    ablate = sub.add_parser("ablate", help="zero- or mean-ablate heads, neurons or edges")
+    ablate.add_argument("--prompt", required=True, help="the text to analyse")
+    _add_model_args(ablate)
+    ablate.add_argument("--heads", default="", help="LAYER.HEAD[,…], e.g. 9.3,10.7")
+    ablate.add_argument("--neurons", default="", help="LAYER.NEURON[,…], e.g. 5.120")
+    ablate.add_argument(
+        "--edges", default="", help="LAYER:SOURCE>TARGET or LAYER.HEAD:SOURCE>TARGET[,…]"
+    )
+    _add_ablation_args(ablate, default_mode="zero")
+    ablate.add_argument("--position", type=int, default=-1, help="output position (-1: last)")
+    ablate.add_argument("--top", type=int, default=5, help="tokens listed before/after (5)")
+    _add_contrast_args(ablate)
+
+    faith = sub.add_parser(
+        "faithfulness", help="keep only the route's components: how much survives"
+    )
+    faith.add_argument("--prompt", required=True, help="the text to analyse")
+    _add_model_args(faith)
+    faith.add_argument("--threshold", type=float, default=0.04, help="τ in [0, 1] (0.04)")
+    faith.add_argument("--position", type=int, default=-1, help="output position (-1: last)")
+    faith.add_argument("--seeds", type=int, default=5, help="random-ablation seeds (5)")
+    _add_ablation_args(faith, default_mode="mean")
+    faith.add_argument("--target", help="target token (default: the model's prediction)")
+    faith.add_argument("--distractor", help="distractor token (metric: logit difference)")
+
+    dataset = sub.add_parser("dataset", help="head / FFN frequencies in the routes of a file")
+    dataset.add_argument("--prompts", required=True, help="prompt file (.txt or .jsonl)")
+    _add_model_args(dataset)
+    dataset.add_argument("--threshold", type=float, default=0.04, help="τ in [0, 1] (0.04)")
+    dataset.add_argument("--out", help="RESULTS.csv or RESULTS.parquet (default: CSV to stdout)")
 
     bench = sub.add_parser("bench", help="time forward / graph / routes and measure memory")
     _add_model_args(bench)
@@ -129,6 +177,7 @@ def _graph(args: argparse.Namespace) -> None:
         raise LlmFlowError(f"--threshold must be in [0, 1], got {args.threshold}")
     if not args.prompt.strip():
         raise PromptError("the prompt is empty; pass some text with --prompt")
+    _contrast_pair(args)
     config, llm = _load(args)
     limit = config.max_user_string_length
     if limit is not None and len(args.prompt) > limit:
@@ -136,7 +185,8 @@ def _graph(args: argparse.Namespace) -> None:
             f"the prompt has {len(args.prompt)} characters, over the config's "
             f"max_user_string_length of {limit}; shorten it or raise the limit"
         )
-    run, graph = trace(llm, args.prompt, keep_patterns=args.heads)
+    want_contrast = args.target is not None
+    run, graph = trace(llm, args.prompt, keep_patterns=args.heads or want_contrast)
     if not -run.n_tokens <= args.position < run.n_tokens:
         raise LlmFlowError(
             f"--position {args.position} is outside the prompt's {run.n_tokens} tokens "
@@ -148,12 +198,20 @@ def _graph(args: argparse.Namespace) -> None:
     else:
         route = find_route(graph, [args.position], args.threshold, renormalize)
     position = run.position(args.position)
+    pair = direct = None
+    if want_contrast:
+        from llm_flow.contrast import contrast, direct_effects
+
+        pair = contrast(llm, run, args.target, args.distractor, position)
+        direct = direct_effects(llm, run, pair)
     data = graph_json(
         graph,
         route,
         Prediction.of(llm, run, position),
         position=position,
         run=run if args.heads else None,
+        contrast=pair,
+        direct=direct,
     )
     text = json.dumps(data) if args.format == "json" else to_graphml(data)
     _write(text, args.out)
@@ -180,7 +238,166 @@ def _bench(args: argparse.Namespace) -> None:
         )
 
 
-COMMANDS = {"info": _info, "graph": _graph, "bench": _bench}
+def _contrast_pair(args: argparse.Namespace) -> None:
+    if (args.target is None) != (args.distractor is None):
+        raise LlmFlowError("--target and --distractor go together; pass both or neither")
+
+
+def _checked_prompt(config: AppConfig, prompt: str) -> str:
+    if not prompt.strip():
+        raise PromptError("the prompt is empty; pass some text with --prompt")
+    limit = config.max_user_string_length
+    if limit is not None and len(prompt) > limit:
+        raise PromptError(
+            f"the prompt has {len(prompt)} characters, over the config's "
+            f"max_user_string_length of {limit}; shorten it or raise the limit"
+        )
+    return prompt
+
+
+def _threshold(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise LlmFlowError(f"--threshold must be in [0, 1], got {value}")
+    return value
+
+
+def _means(args: argparse.Namespace, config: AppConfig, llm: BridgeLlm) -> MeanActivations | None:
+    """Mean activations over --mean-prompts (or the default file) when --mode is mean."""
+    if args.mode != "mean":
+        return None
+    from llm_flow.dataset import read_prompt_file
+    from llm_flow.interventions import mean_activations
+
+    if args.mean_prompts is not None:
+        path = Path(args.mean_prompts)
+    elif config.prompts_dir is not None and (config.prompts_dir / DEFAULT_MEAN_PROMPTS).is_file():
+        path = config.prompts_dir / DEFAULT_MEAN_PROMPTS
+    else:
+        raise LlmFlowError(
+            f"mean ablation needs reference prompts: pass --mean-prompts FILE (there is no "
+            f"{DEFAULT_MEAN_PROMPTS} in the config's prompts_dir), or use --mode zero"
+        )
+    return mean_activations(llm, read_prompt_file(path), source=str(path))
+
+
+def _ablate(args: argparse.Namespace) -> None:
+    from llm_flow.contrast import contrast_ids
+    from llm_flow.interventions import (
+        Ablation,
+        ablate,
+        parse_edges,
+        parse_heads,
+        parse_neurons,
+        validate,
+    )
+
+    _contrast_pair(args)
+    ablation = Ablation(
+        heads=parse_heads(args.heads),
+        neurons=parse_neurons(args.neurons),
+        edges=parse_edges(args.edges),
+        mode=args.mode,
+    )
+    if ablation.is_empty:
+        raise LlmFlowError("nothing to ablate; pass --heads, --neurons and/or --edges")
+    if args.top < 1:
+        raise LlmFlowError(f"--top must be at least 1, got {args.top}")
+    config, llm = _load(args)
+    prompt = _checked_prompt(config, args.prompt)
+    ids = llm.tokenize(prompt)
+    validate(ablation, llm.info, len(ids))  # before the mean pass: report bad ids at once
+    a = b = None
+    if args.target is not None:
+        a, b = contrast_ids(llm, args.target, args.distractor)
+    result = ablate(
+        llm,
+        prompt,
+        ablation,
+        means=_means(args, config, llm),
+        target_id=a,
+        distractor_id=b,
+        position=args.position,
+        k=args.top,
+    )
+    data = {
+        "model": llm.info.name,
+        "tokens": llm.token_strings(ids),
+        "token_ids": ids,
+        "target": args.target,
+        "distractor": args.distractor,
+    } | result.to_dict()
+    _write(json.dumps(data), None)
+
+
+def _faithfulness(args: argparse.Namespace) -> None:
+    from llm_flow.faithfulness import faithfulness
+
+    threshold = _threshold(args.threshold)
+    if args.seeds < 1:
+        raise LlmFlowError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.distractor is not None and args.target is None:
+        raise LlmFlowError("--distractor needs --target too (or pass only --target)")
+    config, llm = _load(args)
+    prompt = _checked_prompt(config, args.prompt)
+    n_tokens = len(llm.tokenize(prompt))
+    if not -n_tokens <= args.position < n_tokens:
+        raise LlmFlowError(
+            f"--position {args.position} is outside the prompt's {n_tokens} tokens "
+            f"(valid: -{n_tokens} … {n_tokens - 1})"
+        )
+    means = _means(args, config, llm)
+    report = faithfulness(
+        llm,
+        prompt,
+        threshold=threshold,
+        target=args.target,
+        distractor=args.distractor,
+        position=args.position,
+        mode=args.mode,
+        means=means,
+        seeds=tuple(range(args.seeds)),
+    )
+    ids = llm.tokenize(prompt)
+    data = {
+        "model": llm.info.name,
+        "tokens": llm.token_strings(ids),
+        "token_ids": ids,
+        "mean_prompts": None if means is None else means.source,
+    } | report.to_dict()
+    _write(json.dumps(data), None)
+
+
+def _dataset(args: argparse.Namespace) -> None:
+    from llm_flow.dataset import dataset_frequencies, read_prompt_file, write_table
+
+    threshold = _threshold(args.threshold)
+    prompts = read_prompt_file(args.prompts)
+    if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".parquet"):
+        raise LlmFlowError(f"--out must end in .csv or .parquet, got {args.out!r}")
+    config, llm = _load(args)
+    for prompt in prompts:
+        _checked_prompt(config, prompt)
+    say = _progress()
+
+    def progress(done: int, total: int) -> None:
+        if say is not None:
+            say(f"prompt {done}/{total}")
+
+    frame = dataset_frequencies(llm, prompts, threshold=threshold, on_prompt=progress)
+    if args.out is None:
+        _write(frame.to_csv(index=False).rstrip("\n"), None)
+    else:
+        write_table(frame, args.out)
+
+
+COMMANDS = {
+    "info": _info,
+    "graph": _graph,
+    "bench": _bench,
+    "ablate": _ablate,
+    "faithfulness": _faithfulness,
+    "dataset": _dataset,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

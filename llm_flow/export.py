@@ -59,15 +59,22 @@ def route_nodes(route: Route) -> list[dict[str, Any]]:
     return nodes
 
 
-def route_edges(route: Route, run: ModelRun | None = None) -> list[dict[str, Any]]:
+def route_edges(
+    route: Route, run: ModelRun | None = None, direct: DirectEffects | None = None
+) -> list[dict[str, Any]]:
     """Every edge on the route with its (thresholded, maybe renormalized) weight.
 
-    With ``run`` (holding attention patterns), attention edges get per-head contributions.
+    With ``run`` (holding attention patterns), attention edges get per-head contributions; with
+    ``direct``, attention and FFN edges get their direct effect on the logit difference.
     """
     idx, attention_weights = route.attention_edges()  # idx rows: (layer, target t, source s)
     weights = attention_weights.tolist()
 
     heads = _edge_heads(route, idx, run) if run is not None else None
+    head_effects = None
+    if direct is not None:
+        at_output = (idx[:, 1] == direct.position)[:, None]
+        head_effects = torch.where(at_output, direct.heads[idx[:, 0], idx[:, 2]], 0.0).tolist()
     edges: list[dict[str, Any]] = []
     for i, ((layer, t, s), weight) in enumerate(zip(idx.tolist(), weights, strict=True)):
         edge: dict[str, Any] = {
@@ -78,7 +85,11 @@ def route_edges(route: Route, run: ModelRun | None = None) -> list[dict[str, Any
         }
         if heads is not None:
             edge["heads"] = {str(h): v for h, v in enumerate(heads[i])}
+        if head_effects is not None:
+            edge["direct_effect"] = sum(head_effects[i])
+            edge["head_direct_effects"] = {str(h): v for h, v in enumerate(head_effects[i])}
         edges.append(edge)
+    ffn_effects = None if direct is None else direct.ffn.tolist()
     # (mask, weight, source kind, target kind, edge kind); "I-" is the residual below layer l
     attn_res, ffn, ffn_res = (
         route.attn_residual_weights,
@@ -96,10 +107,10 @@ def route_edges(route: Route, run: ModelRun | None = None) -> list[dict[str, Any
         for (layer, t), value in zip(pos.tolist(), values, strict=True):
             src = source_id(layer, t) if src_kind == "I-" else node_id(src_kind, layer, t)
             dst = node_id(dst_kind, layer, t)
-            edge: dict[str, Any] = {"source": src, "target": dst, "weight": value, "kind": kind}
+            other: dict[str, Any] = {"source": src, "target": dst, "weight": value, "kind": kind}
             if kind == "ffn" and ffn_effects is not None and direct is not None:
-                edge["direct_effect"] = ffn_effects[layer] if t == direct.position else 0.0
-            edges.append(edge)
+                other["direct_effect"] = ffn_effects[layer] if t == direct.position else 0.0
+            edges.append(other)
     return edges
 
 
@@ -127,7 +138,7 @@ def graph_json(
 ) -> dict[str, Any]:
     """The CLI's JSON object; pass ``run`` to include per-head weights on attention edges, and
     ``contrast`` with ``direct`` for the target/distractor fields."""
-    data = {
+    data: dict[str, Any] = {
         "model": graph.model_name,
         "tokens": list(graph.tokens),
         "token_ids": list(graph.token_ids),

@@ -9,7 +9,7 @@ own hooks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -236,6 +236,36 @@ class BridgeLlm(TransparentLlm):
             layers=tuple(layers),
             final_scale=final["scale"].float(),
         )
+
+    def logits_with_hooks(
+        self,
+        token_ids: Sequence[int],
+        fwd_hooks: Sequence[tuple[str, Callable[..., Any]]],
+        *,
+        grad: bool = False,
+    ) -> Tensor:
+        """Logits [T, V] of one forward pass over ``token_ids`` with extra TransformerLens hooks.
+
+        ``fwd_hooks`` are ``(hook name, fn(tensor, hook))`` pairs; a hook that returns a tensor
+        replaces the activation downstream (checked for ``attn.hook_z``, ``attn.hook_pattern``
+        and ``mlp.hook_post``), one that returns None only reads it. Nothing is self-checked
+        (an intervention breaks the run's identities on purpose) and no :class:`ModelRun` is
+        built. With ``grad=True`` the pass runs with autograd on (not in inference mode) and the
+        logits keep their graph and dtype, for gradients with respect to hooked activations.
+        """
+        known = self._hook_names()
+        unknown = sorted({name for name, _ in fwd_hooks if name not in known})
+        if unknown:
+            raise ValueError(f"unknown hook name(s) {unknown}; e.g. 'blocks.0.attn.hook_z'")
+        tokens = torch.tensor([list(token_ids)], device=self._device)
+        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = list(fwd_hooks)
+        if grad:
+            with torch.inference_mode(False), torch.enable_grad():
+                logits: Tensor = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+            return logits[0]
+        with torch.inference_mode():
+            logits = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+        return logits[0].float()
 
     def _hook_names(self) -> set[str]:
         return set(self._bridge.hook_dict)

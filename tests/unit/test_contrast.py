@@ -1,0 +1,390 @@
+"""Tests for llm_flow/contrast.py: target vs distractor, direct effects, act × grad attributions,
+the route's effect table, and ``llm-flow graph --target/--distractor``.
+
+Invariants on tiny random models of every architecture family: the direct effects of all parts
+at the output position sum to the final residual's logit difference (and, with the constant, to
+the model's), per-head and per-neuron direct effects agree with the logit lens's independent
+head/neuron updates, and attributions agree with finite differences.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from llm_flow.cli import main
+from llm_flow.contrast import (
+    EFFECT_COLUMNS,
+    ContrastError,
+    analyse_contrast,
+    attribute,
+    contrast,
+    contrast_ids,
+    direct_effects,
+    single_token,
+)
+from llm_flow.graph import trace
+from llm_flow.lens import direct_logits, head_update, neuron_update
+from llm_flow.models.base import ModelRun
+from llm_flow.models.bridge import BridgeLlm
+from llm_flow.routes import find_route
+from tests.conftest import SavedTiny
+from tests.tiny import ARCHS, prompt, tiny_llm
+
+TARGET, DISTRACTOR = "w3", "w7"
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request: pytest.FixtureRequest) -> tuple[BridgeLlm, ModelRun]:
+    llm = tiny_llm(request.param)
+    return llm, llm.run(prompt(6))
+
+
+def lens_diff(llm: BridgeLlm, run: ModelRun, update: torch.Tensor, p: int, a: int, b: int) -> float:
+    logits = direct_logits(llm, run, update, p)
+    return float(logits[a] - logits[b])
+
+
+# -- tokens -----------------------------------------------------------------------------------
+
+
+def test_single_token_gives_the_vocabulary_id(model: tuple[BridgeLlm, ModelRun]) -> None:
+    llm, _ = model
+    assert single_token(llm, "w3") == llm.tokenize_unchecked("w3")[-1]
+
+
+def test_multi_token_target_says_how_it_tokenizes(model: tuple[BridgeLlm, ModelRun]) -> None:
+    llm, _ = model
+    with pytest.raises(ContrastError, match=r"'w3 w4' is 2 tokens .*\['w3', 'w4'\]"):
+        single_token(llm, "w3 w4", "target")
+
+
+def test_same_or_empty_tokens_are_refused(model: tuple[BridgeLlm, ModelRun]) -> None:
+    llm, _ = model
+    with pytest.raises(ContrastError, match="same token"):
+        contrast_ids(llm, "w3", "w3")
+    with pytest.raises(ContrastError, match="distractor is empty"):
+        contrast_ids(llm, "w3", "")
+
+
+@pytest.mark.parametrize("position", [-1, 2])
+def test_contrast_reads_the_run_logits(model: tuple[BridgeLlm, ModelRun], position: int) -> None:
+    llm, run = model
+    c = contrast(llm, run, TARGET, DISTRACTOR, position)
+    p = position % run.n_tokens
+    assert c.position == p
+    assert c.target_logit == pytest.approx(float(run.logits[p, c.target_id]))
+    assert c.logit_diff == pytest.approx(
+        float(run.logits[p, c.target_id] - run.logits[p, c.distractor_id])
+    )
+    assert set(c.to_dict()) >= {"target", "distractor", "logit_diff"}
+
+
+# -- direct effects ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", [-1, 3])
+def test_direct_effects_of_all_parts_sum_to_the_logit_difference(
+    model: tuple[BridgeLlm, ModelRun], position: int
+) -> None:
+    llm, run = model
+    c = contrast(llm, run, TARGET, DISTRACTOR, position)
+    d = direct_effects(llm, run, c)
+    last = run.layers[-1].resid_post[c.position]
+    # The final residual through the frozen-scale map, computed by the logit lens.
+    want_total = lens_diff(llm, run, last, c.position, c.target_id, c.distractor_id)
+    scale = max(1.0, abs(want_total))
+    assert d.total == pytest.approx(want_total, abs=1e-4 * scale)
+    # embedding + Σ heads per source + biases + Σ neurons = final residual (parallel blocks too).
+    assert d.parts_sum() == pytest.approx(d.total, abs=1e-4 * scale)
+    # Adding the final norm's bias and b_U gives the model's own logit difference.
+    assert d.total + d.constant == pytest.approx(c.logit_diff, abs=1e-4 * scale)
+    assert d.heads.shape == (run.n_layers, run.n_tokens, run.layers[0].values.shape[1])
+    # Sources after the output position have no part at all.
+    assert torch.all(d.heads[:, c.position + 1 :] == 0)
+
+
+def test_head_and_neuron_direct_effects_match_the_lens_updates(
+    model: tuple[BridgeLlm, ModelRun],
+) -> None:
+    llm, run = model
+    c = contrast(llm, run, TARGET, DISTRACTOR)
+    d = direct_effects(llm, run, c)
+    p, a, b = c.position, c.target_id, c.distractor_id
+    for layer in range(run.n_layers):
+        for head in (0, 3):
+            want = lens_diff(llm, run, head_update(run, layer, head, p), p, a, b)
+            assert float(d.heads[layer, :, head].sum()) == pytest.approx(want, abs=1e-5)
+        for neuron in (0, 17):
+            want = lens_diff(llm, run, neuron_update(run, layer, neuron, p), p, a, b)
+            assert float(d.neurons[layer, neuron]) == pytest.approx(want, abs=1e-5)
+        whole_ffn = lens_diff(llm, run, run.layers[layer].mlp_update[p].float(), p, a, b)
+        assert float(d.ffn[layer]) == pytest.approx(whole_ffn, abs=1e-4)
+
+
+def test_direct_effects_need_patterns() -> None:
+    llm = tiny_llm("llama-gqa")
+    run = llm.run(prompt(4), keep_patterns=False)
+    with pytest.raises(ContrastError, match="keep_patterns=True"):
+        direct_effects(llm, run, contrast(llm, run, TARGET, DISTRACTOR))
+
+
+# -- attributions -----------------------------------------------------------------------------
+
+
+def ld_with_scaled(
+    llm: BridgeLlm, run: ModelRun, name: str, index: tuple[int, ...], factor: float, a: int, b: int
+) -> float:
+    """LD at the last position with one activation entry multiplied by ``factor``."""
+
+    def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+        out = tensor.clone()
+        out[(0, *index)] *= factor
+        return out
+
+    logits = llm.logits_with_hooks(run.token_ids, [(name, hook)])
+    return float(logits[-1, a] - logits[-1, b])
+
+
+def test_attribution_is_activation_times_gradient(model: tuple[BridgeLlm, ModelRun]) -> None:
+    """act · ∂LD/∂act = d LD(act · (1 + ε)) / dε at 0: checked by central differences on the
+    head value and the neuron with the largest attribution."""
+    llm, run = model
+    c = contrast(llm, run, TARGET, DISTRACTOR)
+    attr = attribute(llm, run, c)
+    assert attr.logit_diff == pytest.approx(c.logit_diff, abs=1e-5)
+    eps = 1e-2
+    layer, t, h = torch.unravel_index(attr.head_values.abs().argmax(), attr.head_values.shape)
+    name, index = f"blocks.{int(layer)}.attn.hook_z", (int(t), int(h))
+    args = (c.target_id, c.distractor_id)
+    fd = (
+        ld_with_scaled(llm, run, name, index, 1 + eps, *args)
+        - ld_with_scaled(llm, run, name, index, 1 - eps, *args)
+    ) / (2 * eps)
+    want = float(attr.head_values[layer, t, h])
+    assert fd == pytest.approx(want, rel=0.03, abs=1e-6)
+    layer, t, n = torch.unravel_index(attr.neurons.abs().argmax(), attr.neurons.shape)
+    name, index = f"blocks.{int(layer)}.mlp.hook_post", (int(t), int(n))
+    fd = (
+        ld_with_scaled(llm, run, name, index, 1 + eps, *args)
+        - ld_with_scaled(llm, run, name, index, 1 - eps, *args)
+    ) / (2 * eps)
+    assert fd == pytest.approx(float(attr.neurons[layer, t, n]), rel=0.03, abs=1e-6)
+
+
+def test_head_attribution_splits_exactly_over_sources(model: tuple[BridgeLlm, ModelRun]) -> None:
+    llm, run = model
+    attr = attribute(llm, run, contrast(llm, run, TARGET, DISTRACTOR))
+    for layer in range(run.n_layers):
+        per_source = attr.heads(run, layer)  # [T, S, H]
+        assert torch.allclose(per_source.sum(1), attr.head_values[layer], atol=1e-6)
+        # Causal: a query never takes from a later source.
+        later = torch.ones(run.n_tokens, run.n_tokens, dtype=torch.bool).triu(1)
+        assert torch.all(per_source[later] == 0)
+
+
+def test_neither_attribute_nor_direct_effects_change_the_model() -> None:
+    llm = tiny_llm("llama-gqa")
+    before = {k: v.clone() for k, v in llm._bridge.state_dict().items()}
+    run = llm.run(prompt(5))
+    analyse_contrast(llm, run, find_route(trace(llm, prompt(5))[1], [-1], 0.0), TARGET, DISTRACTOR)
+    assert all(p.grad is None for p in llm._bridge.parameters())
+    after = llm._bridge.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(llm.run(prompt(5)).logits, run.logits)
+
+
+# -- the route's effect table -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def analysis() -> Any:
+    llm = tiny_llm("gemma3-postnorm")
+    run, graph = trace(llm, prompt(6))
+    route = find_route(graph, [-1], 0.0, renormalize=False)  # every edge: every head is on it
+    return run, route, analyse_contrast(llm, run, route, TARGET, DISTRACTOR, neurons_per_block=3)
+
+
+def test_effect_table_covers_every_head_on_every_route_edge(analysis: Any) -> None:
+    run, route, result = analysis
+    frame = result.frame()
+    assert tuple(frame.columns) == EFFECT_COLUMNS
+    heads = frame[frame["kind"] == "head"]
+    n_heads = run.layers[0].values.shape[1]
+    assert len(heads) == int(route.attention.sum()) * n_heads
+    assert set(frame["kind"]) == {"head", "ffn", "neuron"}
+    assert len(frame[frame["kind"] == "ffn"]) == int(route.ffn.sum())
+    assert len(frame[frame["kind"] == "neuron"]) == 3 * int(route.ffn.sum())
+    # Sortable by every numeric column, nullable ints where a row has no head/neuron.
+    assert str(frame["head"].dtype) == "Int64" and str(frame["neuron"].dtype) == "Int64"
+    assert frame.sort_values("attribution").iloc[0]["attribution"] == frame["attribution"].min()
+
+
+def test_only_parts_at_the_output_position_have_direct_effects(analysis: Any) -> None:
+    run, _, result = analysis
+    p = result.contrast.position
+    for row in result.rows:
+        if row.target != p:
+            assert row.direct_effect == 0.0
+    at_p = [r for r in result.rows if r.kind == "head" and r.target == p]
+    got = torch.tensor([r.direct_effect for r in at_p])
+    want = torch.stack([result.direct.heads[r.layer, r.source, r.head] for r in at_p])
+    assert torch.allclose(got, want)
+    ffn_rows = {r.layer: r.direct_effect for r in result.rows if r.kind == "ffn" and r.target == p}
+    assert ffn_rows and all(
+        v == pytest.approx(float(result.direct.ffn[layer])) for layer, v in ffn_rows.items()
+    )
+    # The head rows at p with the route's full graph are all of the direct effect of the heads.
+    assert float(got.sum()) == pytest.approx(float(result.direct.heads.sum()), abs=1e-5)
+
+
+def test_head_rows_carry_per_head_attribution_and_node_ids(analysis: Any) -> None:
+    run, _, result = analysis
+    row = next(r for r in result.rows if r.kind == "head" and r.target != r.source)
+    want = result.attributions.heads(run, row.layer)[row.target, row.source, row.head]
+    assert row.attribution == pytest.approx(float(want))
+    assert row.node == f"A{row.layer}_{row.target}"
+    neuron = next(r for r in result.rows if r.kind == "neuron")
+    assert neuron.node == f"M{neuron.layer}_{neuron.target}" and neuron.weight is None
+
+
+# -- CLI: graph --target / --distractor -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def config_file(saved_tiny: SavedTiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("contrast-cli")
+    path = folder / "config.json"
+    config = {"models": {"tiny": {"source": "local", "path": str(saved_tiny("llama-gqa"))}}}
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_graph_with_target_adds_contrast_and_direct_effects(
+    capsys: pytest.CaptureFixture[str], config_file: Path
+) -> None:
+    text = prompt(6)
+    code, out, err = cli(
+        capsys,
+        "graph",
+        "--config",
+        str(config_file),
+        "--prompt",
+        text,
+        "--threshold",
+        "0",
+        "--no-renormalize",
+        "--target",
+        TARGET,
+        "--distractor",
+        DISTRACTOR,
+    )
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    llm = tiny_llm("llama-gqa")  # the saved model is seed 0 of the same architecture
+    run = llm.run(text)
+    c = contrast(llm, run, TARGET, DISTRACTOR)
+    assert data["contrast"]["target"] == TARGET and data["contrast"]["distractor"] == DISTRACTOR
+    assert data["contrast"]["logit_diff"] == pytest.approx(c.logit_diff, abs=1e-5)
+    d = direct_effects(llm, run, c)
+    p = data["position"]
+    attn_total = 0.0
+    for edge in data["edges"]:
+        if edge["kind"] == "residual":
+            assert "direct_effect" not in edge
+            continue
+        assert isinstance(edge["direct_effect"], float)
+        at_output = edge["target"].endswith(f"_{p}")
+        if not at_output:
+            assert edge["direct_effect"] == 0.0
+        if edge["kind"] == "attention":
+            per_head = edge["head_direct_effects"]
+            assert len(per_head) == 4
+            assert sum(per_head.values()) == pytest.approx(edge["direct_effect"], abs=1e-6)
+            attn_total += edge["direct_effect"]
+    # The full graph has every attention edge into A{l}_p: together, every head's direct effect.
+    assert attn_total == pytest.approx(float(d.heads.sum()), abs=1e-4)
+    # Everything else of the contract is unchanged.
+    plain = cli(
+        capsys,
+        "graph",
+        "--config",
+        str(config_file),
+        "--prompt",
+        text,
+        "--threshold",
+        "0",
+        "--no-renormalize",
+    )
+    base = json.loads(plain[1])
+    assert set(data) - set(base) == {"contrast"}
+    assert [(e["source"], e["target"], e["weight"]) for e in base["edges"]] == [
+        (e["source"], e["target"], e["weight"]) for e in data["edges"]
+    ]
+
+
+def test_graphml_keeps_contrast_and_direct_effects(
+    capsys: pytest.CaptureFixture[str], config_file: Path
+) -> None:
+    import networkx as nx
+
+    code, out, err = cli(
+        capsys,
+        "graph",
+        "--config",
+        str(config_file),
+        "--prompt",
+        prompt(5),
+        "--threshold",
+        "0.01",
+        "--target",
+        TARGET,
+        "--distractor",
+        DISTRACTOR,
+        "--format",
+        "graphml",
+    )
+    assert (code, err) == (0, "")
+    g = nx.parse_graphml(out, force_multigraph=True)
+    assert isinstance(g.graph["contrast_logit_diff"], float)
+    kinds = {(d["kind"], "direct_effect" in d) for _, _, d in g.edges(data=True)}
+    assert kinds == {("attention", True), ("ffn", True), ("residual", False)}
+
+
+def test_analysis_defaults_to_the_route_position() -> None:
+    llm = tiny_llm("llama-gqa")
+    run, graph = trace(llm, prompt(6))
+    result = analyse_contrast(llm, run, find_route(graph, [3], 0.0), TARGET, DISTRACTOR)
+    assert result.contrast.position == result.direct.position == result.attributions.position == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (("--target", "w3"), "--target and --distractor go together"),
+        (("--target", "w3 w4", "--distractor", "w5"), "is 2 tokens"),
+        (("--target", "w3", "--distractor", "w3"), "same token"),
+    ],
+)
+def test_graph_contrast_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], config_file: Path, extra: tuple[str, ...], needle: str
+) -> None:
+    code, out, err = cli(
+        capsys, "graph", "--config", str(config_file), "--prompt", prompt(4), *extra
+    )
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("llm-flow: error: ")
+    assert needle in err

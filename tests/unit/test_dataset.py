@@ -1,0 +1,235 @@
+"""Tests for llm_flow/dataset.py and ``llm-flow dataset``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from llm_flow.cli import main
+from llm_flow.dataset import (
+    COLUMNS,
+    DatasetError,
+    compare_prompt_files,
+    compare_tables,
+    dataset_frequencies,
+    read_prompt_file,
+    route_appearances,
+    write_table,
+)
+from llm_flow.errors import PromptError
+from llm_flow.faithfulness import head_mask
+from llm_flow.graph import trace
+from llm_flow.models.bridge import BridgeLlm
+from llm_flow.routes import find_route
+from tests.conftest import SavedTiny
+from tests.tiny import prompt, tiny_llm
+
+TAU = 0.01
+PROMPTS = [prompt(n, seed=s) for s, n in enumerate((4, 6, 5, 7))]
+L, H = 3, 4
+
+
+@pytest.fixture(scope="module")
+def llm() -> BridgeLlm:
+    return tiny_llm("llama-gqa")
+
+
+@pytest.fixture(scope="module")
+def table(llm: BridgeLlm) -> pd.DataFrame:
+    seen: list[tuple[int, int]] = []
+    frame = dataset_frequencies(
+        llm, PROMPTS, threshold=TAU, on_prompt=lambda d, t: seen.append((d, t))
+    )
+    assert seen == [(i + 1, len(PROMPTS)) for i in range(len(PROMPTS))]
+    return frame
+
+
+def test_table_shape_and_columns(table: pd.DataFrame) -> None:
+    assert tuple(table.columns) == COLUMNS
+    heads = table[table["kind"] == "head"]
+    ffn = table[table["kind"] == "ffn"]
+    assert len(heads) == L * H * 2 and len(ffn) == L * 2
+    assert set(table["position_class"]) == {"last", "other"}
+    assert heads[["layer", "head", "position_class"]].drop_duplicates().shape[0] == len(heads)
+    assert ffn["head"].isna().all() and heads["head"].notna().all()
+
+
+def test_frequencies_and_counts_are_consistent(table: pd.DataFrame) -> None:
+    n = len(PROMPTS)
+    assert (table["n_prompts"] == n).all()
+    assert table["frequency"].between(0, 1).all()
+    assert (table["count"] == (table["frequency"] * n).round().astype(int)).all()
+    assert (table["count"] <= n).all() and (table["appearances"] >= table["count"]).all()
+    seen = table["appearances"] > 0
+    assert (table.loc[~seen, "mean_weight"] == 0).all()
+    heads = table["kind"] == "head"
+    # A head only counts when its per-head contribution reached τ.
+    assert (table.loc[seen & heads, "mean_weight"] >= TAU).all()
+    assert table["mean_weight"].between(0, 1).all()
+    assert table["count"].sum() > 0  # not vacuous
+
+
+def test_counts_match_the_routes_prompt_by_prompt(llm: BridgeLlm, table: pd.DataFrame) -> None:
+    """Recount with faithfulness's per-position head mask (an independent code path)."""
+    want_last = torch.zeros(L, H, dtype=torch.long)
+    want_other = torch.zeros(L, H, dtype=torch.long)
+    ffn_last = torch.zeros(L, dtype=torch.long)
+    for text in PROMPTS:
+        run, graph = trace(llm, text)
+        route = find_route(graph, [-1], TAU, renormalize=False)
+        mask = head_mask(run, route, TAU)  # [L, T, H]
+        want_last += mask[:, -1].long()
+        want_other += mask[:, :-1].any(1).long()
+        ffn_last += route.ffn[:, -1].long()
+    heads = table[table["kind"] == "head"].sort_values(["layer", "head"])
+    got_last = torch.tensor(heads[heads["position_class"] == "last"]["count"].tolist())
+    got_other = torch.tensor(heads[heads["position_class"] == "other"]["count"].tolist())
+    assert torch.equal(got_last.reshape(L, H), want_last)
+    assert torch.equal(got_other.reshape(L, H), want_other)
+    ffn = table[(table["kind"] == "ffn") & (table["position_class"] == "last")]
+    assert torch.equal(torch.tensor(ffn.sort_values("layer")["count"].tolist()), ffn_last)
+
+
+def test_threshold_zero_puts_every_ffn_at_the_last_token_on_every_route(llm: BridgeLlm) -> None:
+    frame = dataset_frequencies(llm, PROMPTS[:2], threshold=0.0)
+    last_ffn = frame[(frame["kind"] == "ffn") & (frame["position_class"] == "last")]
+    assert (last_ffn["frequency"] == 1.0).all()
+    last_heads = frame[(frame["kind"] == "head") & (frame["position_class"] == "last")]
+    assert (last_heads["frequency"] == 1.0).all()
+
+
+def test_appearances_of_one_route_split_by_position_class(llm: BridgeLlm) -> None:
+    run, graph = trace(llm, PROMPTS[1])
+    route = find_route(graph, [-1], 0.0, renormalize=False)
+    a = route_appearances(run, route, 0.0)
+    p = run.n_tokens - 1
+    # τ = 0: every head on every edge; edges into the last token = p + 1 sources per layer.
+    assert torch.all(a.head_hits[:, 0] == p + 1)
+    assert torch.all(a.ffn_hits[:, 0] == 1)
+    assert torch.all(a.ffn_hits[-1, 1] == 0)  # the last layer only matters at the output
+
+
+def test_compare_tables_gives_b_minus_a(table: pd.DataFrame, llm: BridgeLlm) -> None:
+    same = compare_tables(table, table)
+    assert (same.diff["frequency_diff"] == 0).all() and len(same.diff) == len(table)
+    other = dataset_frequencies(llm, PROMPTS[:1], threshold=TAU)
+    comparison = compare_tables(table, other)
+    merged = comparison.diff
+    assert (merged["frequency_diff"] == merged["frequency_b"] - merged["frequency_a"]).all()
+    assert comparison.a is table and comparison.b is other
+
+
+def test_compare_prompt_files(llm: BridgeLlm, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("\n".join(PROMPTS[:2]))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"sentence": p}) for p in PROMPTS[2:]))
+    seen: list[tuple[int, int]] = []
+    result = compare_prompt_files(
+        llm,
+        tmp_path / "a.txt",
+        tmp_path / "b.jsonl",
+        threshold=TAU,
+        on_prompt=lambda d, t: seen.append((d, t)),
+    )
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert (result.a["n_prompts"] == 2).all() and (result.b["n_prompts"] == 2).all()
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def test_read_prompt_file_formats(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("one\n\ntwo\none\n  \n")
+    assert read_prompt_file(tmp_path / "p.txt") == ["one", "two"]
+    (tmp_path / "p.jsonl").write_text('{"sentence": "a"}\n\n{"sentence": "b"}\n')
+    assert read_prompt_file(tmp_path / "p.jsonl") == ["a", "b"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(PromptError, match="line 1"):
+        read_prompt_file(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(PromptError, match="holds no prompts"):
+        read_prompt_file(tmp_path / "empty.txt")
+    with pytest.raises(PromptError, match="cannot read"):
+        read_prompt_file(tmp_path / "missing.txt")
+
+
+def test_write_table_csv_and_parquet(table: pd.DataFrame, tmp_path: Path) -> None:
+    write_table(table, tmp_path / "r.csv")
+    back = pd.read_csv(tmp_path / "r.csv")
+    assert list(back.columns) == list(COLUMNS) and len(back) == len(table)
+    write_table(table, tmp_path / "r.parquet")
+    assert pd.read_parquet(tmp_path / "r.parquet").equals(table)
+    with pytest.raises(DatasetError, match=".csv or .parquet"):
+        write_table(table, tmp_path / "r.xlsx")
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(
+    table: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a)
+    )
+    with pytest.raises(DatasetError, match="pip install pyarrow"):
+        write_table(table, tmp_path / "r.parquet")
+    assert not (tmp_path / "r.parquet").exists()
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(saved_tiny: SavedTiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("dataset-cli")
+    config = {"models": {"tiny": {"source": "local", "path": str(saved_tiny("llama-gqa"))}}}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "prompts.txt").write_text("\n".join(PROMPTS[:2]))
+    return folder
+
+
+def cli(capsys: pytest.CaptureFixture[str], folder: Path, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(["dataset", "--config", str(folder / "config.json"), *argv])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_writes_csv(capsys: pytest.CaptureFixture[str], files: Path) -> None:
+    out_file = files / "results.csv"
+    prompts = str(files / "prompts.txt")
+    code, out, err = cli(
+        capsys, files, "--prompts", prompts, "--threshold", "0.01", "--out", str(out_file)
+    )
+    assert (code, out, err) == (0, "", "")
+    frame = pd.read_csv(out_file)
+    assert {"layer", "head", "frequency", "mean_weight", "position_class", "kind"} <= set(
+        frame.columns
+    )
+    code, out, err = cli(capsys, files, "--prompts", prompts, "--threshold", "0.01")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == ",".join(COLUMNS) and len(out.splitlines()) == len(frame) + 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (("--prompts", "/nonexistent/p.txt"), "cannot read prompt file"),
+        (("--prompts", "{prompts}", "--out", "x.xlsx"), ".csv or .parquet"),
+        (("--prompts", "{prompts}", "--threshold", "-1"), "--threshold must be in [0, 1]"),
+    ],
+)
+def test_cli_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], files: Path, argv: tuple[str, ...], needle: str
+) -> None:
+    args = [a.replace("{prompts}", str(files / "prompts.txt")) for a in argv]
+    code, out, err = cli(capsys, files, *args)
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("llm-flow: error: ")
+    assert needle in err
