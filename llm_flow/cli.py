@@ -265,8 +265,8 @@ def _means(args: argparse.Namespace, config: AppConfig, llm: BridgeLlm) -> MeanA
     """Mean activations over --mean-prompts (or the default file) when --mode is mean."""
     if args.mode != "mean":
         return None
-    from llm_flow.dataset import read_prompt_file
     from llm_flow.interventions import mean_activations
+    from llm_flow.prompts import read_prompt_file
 
     if args.mean_prompts is not None:
         path = Path(args.mean_prompts)
@@ -368,7 +368,8 @@ def _faithfulness(args: argparse.Namespace) -> None:
 
 
 def _dataset(args: argparse.Namespace) -> None:
-    from llm_flow.dataset import dataset_frequencies, read_prompt_file, write_table
+    from llm_flow.dataset import dataset_frequencies, write_table
+    from llm_flow.prompts import read_prompt_file
 
     threshold = _threshold(args.threshold)
     prompts = read_prompt_file(args.prompts)

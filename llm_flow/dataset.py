@@ -19,7 +19,6 @@ Per (kind, layer, head, position_class): ``count`` = prompts in which it appears
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from llm_flow.errors import LlmFlowError, PromptError
+from llm_flow.errors import LlmFlowError
 from llm_flow.graph import layer_head_contributions, trace
 from llm_flow.models.base import ModelRun
+from llm_flow.prompts import read_prompt_file
 from llm_flow.routes import DEFAULT_THRESHOLD, Route, find_route
 
 if TYPE_CHECKING:
@@ -56,34 +56,6 @@ KEYS = ["kind", "layer", "head", "position_class"]
 
 class DatasetError(LlmFlowError, ValueError):
     """A prompt file or an output file cannot be used."""
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts of a file, in order, blank lines and duplicates dropped: LLM-TT's JSON lines
-    (``{"sentence": …}`` per line, ``*.jsonl``) or plain text with one prompt per line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PromptError(f"cannot read prompt file {str(path)!r}: {exc}") from None
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if path.suffix.lower() == ".jsonl" and line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PromptError(f"{path.name}, line {number}: invalid JSON ({exc.msg})") from None
-            sentence = record.get("sentence") if isinstance(record, dict) else None
-            if not isinstance(sentence, str):
-                raise PromptError(
-                    f'{path.name}, line {number}: expected an object with a "sentence" string'
-                )
-            line = sentence
-        prompts.append(line)
-    unique = list(dict.fromkeys(p for p in prompts if p.strip()))
-    if not unique:
-        raise PromptError(f"prompt file {str(path)!r} holds no prompts (one per line)")
-    return unique
 
 
 @dataclass(frozen=True)

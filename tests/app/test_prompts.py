@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from app.prompts import check_prompt, prompt_files, read_prompts
+from app.prompts import check_prompt, prompt_files
 from llm_flow.errors import PromptError
+from llm_flow.prompts import read_prompt_file as read_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 

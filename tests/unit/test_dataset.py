@@ -16,7 +16,6 @@ from llm_flow.dataset import (
     compare_prompt_files,
     compare_tables,
     dataset_frequencies,
-    read_prompt_file,
     route_appearances,
     write_table,
 )
@@ -24,6 +23,7 @@ from llm_flow.errors import PromptError
 from llm_flow.faithfulness import head_mask
 from llm_flow.graph import trace
 from llm_flow.models.bridge import BridgeLlm
+from llm_flow.prompts import read_prompt_file
 from llm_flow.routes import find_route
 from tests.conftest import SavedTiny
 from tests.tiny import prompt, tiny_llm
