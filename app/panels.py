@@ -76,10 +76,9 @@ def _token(tokens: tuple[str, ...], t: int) -> str:
 
 def _token_tables(ctx: PanelContext, update: torch.Tensor, position: int) -> None:
     """Promoted and suppressed tokens of an update, side by side."""
-    with ctx.model.lock:
-        promoted, suppressed = promoted_suppressed(
-            ctx.model.llm, ctx.trace.run, update, position, k=TOP_TOKENS
-        )
+    promoted, suppressed = promoted_suppressed(
+        ctx.model.llm, ctx.trace.run, update, position, k=TOP_TOKENS
+    )
     left, right = st.columns(2)
     left.markdown("**Promoted**")
     left.dataframe(figures.token_table(promoted), hide_index=True, width="stretch")
@@ -270,8 +269,7 @@ def residual_panel(selection: Selection, ctx: PanelContext) -> None:
     where = "" if selection.node == "X" else f" of layer {layer}"
     st.subheader(f"Residual {node}")
     st.markdown(f"The residual stream {_NODE_WORDS[selection.node]}{where} at {_token(tokens, t)}.")
-    with ctx.model.lock:
-        lens = logit_lens(ctx.model.llm, run, node, normalize=ctx.normalize_lens, k=TOP_TOKENS)
+    lens = logit_lens(ctx.model.llm, run, node, normalize=ctx.normalize_lens, k=TOP_TOKENS)
     previous = previous_node(node, run.n_layers)
     st.markdown("**Logit lens** · top tokens")
     st.dataframe(figures.token_table(lens, lens=True), hide_index=True, width="stretch")

@@ -9,10 +9,9 @@ caches, each keyed by every argument that changes its result:
 
 Moving the threshold slider or a toggle therefore re-runs only ``find_route`` and the drawing.
 Traces are immutable (frozen ``ModelRun``/``FlowGraph``), so browser sessions share them without
-mixing results; nothing holds a mutable "last run". A loaded model is *not* safe to share
-unguarded: TransformerLens adds hooks to the shared modules during a forward pass (and the final
-norm fires a hook that a concurrent run would record), so every call into a model holds that
-model's lock.
+mixing results; nothing holds a mutable "last run". A loaded model is shared too: TransformerLens
+adds hooks to the shared modules during a forward pass, so :class:`~llm_flow.models.BridgeLlm`
+lets one pass at a time run on a model (its own lock).
 
 The caches are our own rather than ``st.cache_resource(max_entries=...)`` per function because
 loading reports progress into the page (``st.status``), which Streamlit's caches would record and
@@ -36,13 +35,14 @@ from typing import Any, Generic, TypeVar
 import streamlit as st
 import torch
 
-from app.prompts import check_prompt, read_prompts
+from app.prompts import check_prompt
 from app.selection import clicked, parse_position
 from llm_flow.config import AppConfig, ModelSpec
 from llm_flow.errors import LlmFlowError
 from llm_flow.export import Prediction
 from llm_flow.graph import FlowGraph, layer_head_contributions, trace
 from llm_flow.models import BridgeLlm, ModelRun, load_model
+from llm_flow.prompts import read_prompt_file
 from llm_flow.routes import DEFAULT_THRESHOLD
 
 # Bounds of the process-wide caches. Two models: switching back and forth stays instant while
@@ -147,11 +147,10 @@ class TraceKey:
 
 
 class LoadedModel:
-    """A loaded model and the lock every call into it must hold (see the module docstring)."""
+    """A loaded model and how long it took to load."""
 
     def __init__(self, llm: BridgeLlm, load_seconds: float) -> None:
         self.llm = llm
-        self.lock = threading.Lock()
         self.load_seconds = load_seconds
 
 
@@ -211,11 +210,10 @@ def get_trace(
 
     def compute() -> Trace:
         start = time.perf_counter()
-        with model.lock:
-            run, graph = trace(model.llm, key.prompt, keep_patterns=True, on_layer=on_layer)
-            probs, ids = run.logits.softmax(-1).max(-1)  # [T], [T]
-            id_list = ids.tolist()
-            strings = model.llm.token_strings(id_list)
+        run, graph = trace(model.llm, key.prompt, keep_patterns=True, on_layer=on_layer)
+        probs, ids = run.logits.softmax(-1).max(-1)  # [T], [T]
+        id_list = ids.tolist()
+        strings = model.llm.token_strings(id_list)
         predictions = tuple(
             Prediction(token=s, id=i, prob=p)
             for s, i, p in zip(strings, id_list, probs.tolist(), strict=True)
@@ -244,7 +242,7 @@ def head_map(trace_: Trace, layer: int) -> torch.Tensor:
 def prompts_in(path: str, modified_ns: int) -> list[str]:
     """The prompts of a file; ``modified_ns`` is in the key so an edited file is re-read."""
     del modified_ns
-    return read_prompts(Path(path))
+    return read_prompt_file(Path(path))
 
 
 def prompts_of(path: Path) -> list[str]:

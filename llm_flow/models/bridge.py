@@ -9,6 +9,7 @@ own hooks.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -81,6 +82,9 @@ class BridgeLlm(TransparentLlm):
         )
         cfg = self._bridge.cfg
         self._device = torch.device(device)
+        # Hooks are attached to the shared modules for the length of a pass: two threads (app
+        # sessions) running at once would see each other's hooks. One pass at a time per model.
+        self._lock = threading.RLock()
         self._dtype = dtype
         self._n_layers = int(cfg.n_layers)
         self._post_norm = hasattr(self._bridge.blocks[0], "ln1_post")
@@ -175,7 +179,7 @@ class BridgeLlm(TransparentLlm):
         return self._b_U
 
     def final_norm(self, resid: Tensor) -> Tensor:
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             return self._bridge.ln_final(resid.to(device=self._device, dtype=self._dtype))
 
     def final_norm_linear(self, update: Tensor, scale: Tensor) -> Tensor:
@@ -226,7 +230,7 @@ class BridgeLlm(TransparentLlm):
                     fwd_hooks.append((name, hook_fn))
         fwd_hooks.append(("ln_final.hook_scale", final_scale))
         tokens = torch.tensor([token_ids], device=self._device)
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             logits = self._bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
         return ModelRun(
             model_name=self._name,
@@ -260,10 +264,10 @@ class BridgeLlm(TransparentLlm):
         tokens = torch.tensor([list(token_ids)], device=self._device)
         hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = list(fwd_hooks)
         if grad:
-            with torch.inference_mode(False), torch.enable_grad():
+            with self._lock, torch.inference_mode(False), torch.enable_grad():
                 logits: Tensor = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
             return logits[0]
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             logits = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
         return logits[0].float()
 

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from llm_flow.errors import PromptError
 from llm_flow.models.base import LayerRun, ModelRun
 from llm_flow.models.bridge import BridgeLlm
-from tests.tiny import ARCHS, WORDS, prompt, tiny_hf_model, tiny_tokenizer
+from tests.tiny import ARCHS, WORDS, prompt, tiny_hf_model, tiny_llm, tiny_tokenizer
 
 RTOL = 1e-4
 BOS = 0
@@ -404,3 +404,16 @@ def test_half_precision_run_passes_its_self_checks(arch: str, dtype: torch.dtype
     with torch.no_grad():
         expected = ref(torch.tensor([run.token_ids])).logits[0]
     assert rel_err(run.logits, expected) <= 5e-2
+
+
+def test_concurrent_runs_on_one_model_do_not_mix() -> None:
+    """App sessions share a model: runs from several threads equal the same runs done alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    llm = tiny_llm("llama-gqa")
+    prompts = [prompt(6 + i, seed=i) for i in range(8)]
+    alone = [llm.run(p).logits for p in prompts]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda p: llm.run(p).logits, prompts))
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(a, b)
