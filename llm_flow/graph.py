@@ -74,21 +74,25 @@ class FlowGraph:
         )
 
 
-def contributions_of(layer: LayerRun, *, memory_budget: int | None = None) -> LayerContributions:
-    """Token-level contributions of one layer of a run (needs the layer's attention pattern)."""
+def _attention_sum(layer: LayerRun) -> dict[str, Tensor | None]:
+    """The tensors of a layer's attention sum, as the contribution functions take them."""
     if layer.pattern is None:
         raise ValueError(f"layer {layer.index} holds no attention pattern; run with patterns")
-    return layer_contributions(
-        resid_pre=layer.resid_pre,
-        resid_mid=layer.resid_mid,
-        resid_post=layer.resid_post,
-        mlp_update=layer.mlp_update,
-        pattern=layer.pattern,
-        head_outputs=layer.head_outputs(),
-        attn_scale=layer.attn_scale,
-        attn_bias=layer.b_O,
-        memory_budget=memory_budget,
-    )
+    return {
+        "resid_pre": layer.resid_pre,
+        "resid_mid": layer.resid_mid,
+        "resid_post": layer.resid_post,
+        "mlp_update": layer.mlp_update,
+        "pattern": layer.pattern,
+        "head_outputs": layer.head_outputs(),
+        "attn_scale": layer.attn_scale,
+        "attn_bias": layer.b_O,
+    }
+
+
+def contributions_of(layer: LayerRun, *, memory_budget: int | None = None) -> LayerContributions:
+    """Token-level contributions of one layer of a run (needs the layer's attention pattern)."""
+    return layer_contributions(**_attention_sum(layer), memory_budget=memory_budget)  # type: ignore[arg-type]
 
 
 def layer_head_contributions(
@@ -99,20 +103,7 @@ def layer_head_contributions(
     Normalized over every (source, head) part + residual + bias, as LLM-TT does; note that
     Σ_h differs from the token-level edge weight of :class:`FlowGraph`.
     """
-    if layer.pattern is None:
-        raise ValueError(f"layer {layer.index} holds no attention pattern; run with patterns")
-    return head_contributions(
-        resid_pre=layer.resid_pre,
-        resid_mid=layer.resid_mid,
-        resid_post=layer.resid_post,
-        mlp_update=layer.mlp_update,
-        pattern=layer.pattern,
-        head_outputs=layer.head_outputs(),
-        attn_scale=layer.attn_scale,
-        attn_bias=layer.b_O,
-        rows=rows,
-        memory_budget=memory_budget,
-    )
+    return head_contributions(**_attention_sum(layer), rows=rows, memory_budget=memory_budget)  # type: ignore[arg-type]
 
 
 def trace(
