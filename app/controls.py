@@ -179,3 +179,23 @@ def position_control(trace: Trace) -> int:
         "You can also click a ▼ above the graph.",
     )
     return position
+
+
+def contrast_controls() -> tuple[str, str]:
+    """Target and distractor tokens, exactly as typed (a leading space is part of a token)."""
+    st.markdown("**Why A instead of B?**")
+    left, right = st.columns(2)
+    target: str = left.text_input(
+        "Target token",
+        key=state.TARGET,
+        placeholder="␣Mary",
+        help="One token of the model's vocabulary. Mid-sentence words usually start with a "
+        "space: type “ Mary”, not “Mary”.",
+    )
+    distractor: str = right.text_input(
+        "Distractor token",
+        key=state.DISTRACTOR,
+        placeholder="␣John",
+        help="The token the model could have predicted instead.",
+    )
+    return target, distractor

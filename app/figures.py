@@ -26,10 +26,14 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
-from app.selection import POSITION_PREFIX, Selection, attention_edge
+from app.selection import POSITION_PREFIX, Selection, attention_edge, effect_selection
+from llm_flow.dataset import POSITION_CLASSES
 from llm_flow.export import Prediction
+from llm_flow.faithfulness import FaithfulnessReport
 from llm_flow.graph import FlowGraph, node_id, source_id
+from llm_flow.interventions import Outcome
 from llm_flow.lens import TokenScore
 from llm_flow.routes import Route
 
@@ -740,3 +744,172 @@ def token_table(scores: Sequence[TokenScore], *, lens: bool = False) -> pd.DataF
         rows["prob"] = [None if s.prob is None else round(s.prob, 4) for s in scores]
         rows["rank"] = [rank_change_text(s.rank_change) for s in scores]
     return pd.DataFrame(rows)
+
+
+# -- beyond the graph: contrast, ablation, faithfulness ---------------------------------------
+
+
+def effect_table(frame: pd.DataFrame, tokens: Sequence[str]) -> pd.DataFrame:
+    """The contrast effect table as shown (``analyse_contrast(...).frame()`` plus a ``tokens``
+    column): strongest first by ``max(|direct_effect|, |attribution|)``."""
+    strength = np.maximum(frame["direct_effect"].abs(), frame["attribution"].abs())
+    table = frame.loc[strength.sort_values(ascending=False, kind="stable").index]
+    table = table.reset_index(drop=True)
+    words = [
+        table_token(tokens[t])
+        if k != "head"
+        else f"{table_token(tokens[s])} → {table_token(tokens[t])}"
+        for k, s, t in zip(table["kind"], table["source"], table["target"], strict=True)
+    ]
+    table.insert(table.columns.get_loc("node") + 1, "tokens", words)
+    return table
+
+
+def effect_ids(table: pd.DataFrame) -> tuple[str, ...]:
+    """Each row's selection string (what the graph highlights when the row is selected)."""
+    return tuple(
+        effect_selection(k, int(layer), int(s), int(t))
+        for k, layer, s, t in zip(
+            table["kind"], table["layer"], table["source"], table["target"], strict=True
+        )
+    )
+
+
+def effect_units(table: pd.DataFrame) -> tuple[int | None, ...]:
+    """Each row's head (head rows) or neuron (neuron rows); ``None`` for FFN blocks."""
+    return tuple(
+        int(h) if k == "head" else int(n) if k == "neuron" else None
+        for k, h, n in zip(table["kind"], table["head"], table["neuron"], strict=True)
+    )
+
+
+def top_tokens_table(result: Outcome) -> pd.DataFrame:
+    """The top tokens of an ablation's before or after prediction."""
+    return pd.DataFrame(
+        {
+            "token": [table_token(t.token, t.id) for t in result.top],
+            "prob": [round(t.prob, 4) for t in result.top],
+        }
+    )
+
+
+def faithfulness_table(report: FaithfulnessReport) -> pd.DataFrame:
+    """One row per ablation of the faithfulness check; ``share`` is the fraction of the full
+    model's metric that survives (random heads: the mean over seeds)."""
+    n_random = len(report.random)
+    random_value = float(np.mean([s.value for s in report.random])) if n_random else float("nan")
+    everything_share = (
+        report.all_ablated / report.full
+        if report.metric == "logit_diff" and report.full != 0
+        else 0.0
+    )
+    rows = [
+        ("nothing (full model)", 0, 0, report.full, 1.0),
+        (
+            "everything but the route",
+            report.route.ablated_heads,
+            report.route.ablated_ffn,
+            report.route.value,
+            report.route.share,
+        ),
+        (
+            "the route",
+            report.complement.ablated_heads,
+            report.complement.ablated_ffn,
+            report.complement.value,
+            report.complement.share,
+        ),
+        (
+            "the route's heads",
+            report.route_heads.ablated_heads,
+            0,
+            report.route_heads.value,
+            report.route_heads.share,
+        ),
+        (
+            f"as many random heads ({n_random} draws)",
+            report.route_heads.ablated_heads,
+            0,
+            random_value,
+            report.random_share_mean if n_random else float("nan"),
+        ),
+        ("everything", report.total_heads, report.total_ffn, report.all_ablated, everything_share),
+    ]
+    metric = "logit diff" if report.metric == "logit_diff" else "target log-prob"
+    return pd.DataFrame(
+        rows, columns=["ablated", "head positions", "FFN blocks", metric, "share of full"]
+    )
+
+
+# -- dataset mode -----------------------------------------------------------------------------
+
+_CLASS_TITLES = {"last": "last token", "other": "other tokens"}
+
+
+def frequency_matrix(
+    frame: pd.DataFrame, position_class: str, value: str = "frequency"
+) -> tuple[np.ndarray, list[str]]:
+    """``value`` per layer (rows) × head (columns) of a dataset table, the FFN block as the last
+    column → (matrix [L, H + 1], column labels)."""
+    rows = frame[frame["position_class"] == position_class]
+    heads = rows[rows["kind"] == "head"]
+    ffn = rows[rows["kind"] == "ffn"]
+    n_layers = int(frame["layer"].max()) + 1
+    n_heads = int(heads["head"].max()) + 1 if len(heads) else 0
+    matrix = np.full((n_layers, n_heads + 1), np.nan)
+    matrix[heads["layer"].to_numpy(int), heads["head"].to_numpy(int)] = heads[value].to_numpy(float)
+    matrix[ffn["layer"].to_numpy(int), n_heads] = ffn[value].to_numpy(float)
+    return matrix, [str(h) for h in range(n_heads)] + ["FFN"]
+
+
+def frequency_figure(frame: pd.DataFrame, *, value: str = "frequency") -> go.Figure:
+    """How often each head (and FFN block) is on the routes: layer × head heatmaps, the last
+    token beside the other tokens. ``value="frequency_diff"`` (a comparison's ``diff``) is drawn
+    on a diverging scale around 0."""
+    diverging = value.endswith("_diff")
+    fig = make_subplots(
+        rows=1,
+        cols=len(POSITION_CLASSES),
+        shared_yaxes=True,
+        horizontal_spacing=0.04,
+        subplot_titles=[_CLASS_TITLES[c] for c in POSITION_CLASSES],
+    )
+    for i, position_class in enumerate(POSITION_CLASSES):
+        matrix, labels = frequency_matrix(frame, position_class, value)
+        fig.add_trace(
+            go.Heatmap(
+                z=matrix,
+                x=labels,
+                y=list(range(matrix.shape[0])),
+                coloraxis="coloraxis",
+                hovertemplate=(
+                    f"{_CLASS_TITLES[position_class]}<br>layer %{{y}}, head %{{x}}<br>"
+                    f"{value.replace('_', ' ')} %{{z:.2f}}<extra></extra>"
+                ),
+                xgap=1,
+                ygap=1,
+            ),
+            row=1,
+            col=i + 1,
+        )
+    n_layers = int(frame["layer"].max()) + 1
+    colour = f"{ATTENTION_RGB[0]}, {ATTENTION_RGB[1]}, {ATTENTION_RGB[2]}"
+    scale = (
+        [[0.0, NEGATIVE], [0.5, "rgba(128, 128, 128, 0.08)"], [1.0, POSITIVE]]
+        if diverging
+        else [[0.0, f"rgba({colour}, 0.04)"], [1.0, f"rgba({colour}, 1)"]]
+    )
+    fig.update_layout(
+        height=int(min(900, max(300, 120 + 16 * n_layers))),
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        coloraxis={
+            "colorscale": scale,
+            "cmin": -1.0 if diverging else 0.0,
+            "cmax": 1.0,
+            "colorbar": {"thickness": 10, "title": {"text": "b − a" if diverging else "share"}},
+        },
+        plot_bgcolor="rgba(0, 0, 0, 0)",
+    )
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_xaxes(title_text="head", type="category")
+    return fig

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # `streamlit run app/main.py` puts app/ on sys.path, not the repository root that holds the
@@ -27,8 +28,9 @@ if str(_ROOT) not in sys.path:
 import plotly.graph_objects as go  # noqa: E402
 import streamlit as st  # noqa: E402
 import torch  # noqa: E402
+from streamlit.delta_generator import DeltaGenerator  # noqa: E402
 
-from app import controls, figures, panels, state  # noqa: E402
+from app import contrast, controls, dataset, figures, interventions, panels, state  # noqa: E402
 from app.figures import markdown_text  # noqa: E402
 from app.prompts import check_prompt  # noqa: E402
 from app.selection import parse_selection  # noqa: E402
@@ -183,7 +185,34 @@ def page() -> None:
         st.divider()
         settings = controls.graph_controls()
         position_slot = st.container()
+        st.divider()
+        target, distractor = controls.contrast_controls()
+    slots = (info_slot, position_slot)
 
+    route_tab, dataset_tab = st.tabs(["Route", "Dataset mode"])
+    # The dataset tab first: an error in the route tab stops the page (st.stop) after it.
+    with dataset_tab:
+        dataset.section(cfg, model_key, settings.threshold, lambda: _load(model_key))
+    with route_tab:  # its errors show inside it
+        guarded(
+            lambda: explore(
+                cfg, model_key, model_label, prompt, settings, (target, distractor), slots
+            )
+        )
+
+
+def explore(
+    cfg: AppConfig,
+    model_key: ModelKey,
+    model_label: str,
+    prompt: str | None,
+    settings: controls.GraphSettings,
+    contrast_tokens: tuple[str, str],
+    slots: tuple[DeltaGenerator, DeltaGenerator],
+) -> None:
+    """The route tab: graph, panel, contrast, ablation and faithfulness."""
+    info_slot, position_slot = slots
+    target, distractor = contrast_tokens
     if prompt is None:
         raise controls.NeedsInput("There are no prompts yet: add one in the sidebar.")
     check_prompt(prompt, cfg.max_user_string_length)
@@ -197,6 +226,8 @@ def page() -> None:
         position = controls.position_control(trace)
 
     route = find_route(graph, [position], settings.threshold, settings.renormalize)
+    # Before the selection is read: a newly selected table row selects its edge or block.
+    contrast_view = contrast.prepare(trace, model, route, target, distractor)
     chosen = state.selection()
     selection = parse_selection(chosen, graph.n_layers, graph.n_tokens)
     if chosen and selection is None:
@@ -214,6 +245,8 @@ def page() -> None:
             "selection": selection.id if selection else None,
             "renormalize": None if settings.renormalize else "0",
             "normalize": None if settings.normalize_lens else "0",
+            "target": target,
+            "distractor": distractor,
         }
     )
 
@@ -227,6 +260,7 @@ def page() -> None:
             f"“{markdown_text(figures.display_token(graph.tokens[position]))}” "
             f"(token {position} of {graph.n_tokens})"
         )
+        contrast.summary(contrast_view)
         st.caption(
             f"Route: {route.n_edges} edges at τ = {settings.threshold:.3f}"
             + (", renormalized" if settings.renormalize else "")
@@ -253,13 +287,24 @@ def page() -> None:
         panels.selection_panel(
             selection, panels.PanelContext(trace, model, route, settings.normalize_lens)
         )
+    contrast.contrast_section(contrast_view)
+    interventions.section(
+        cfg,
+        model_key,
+        model,
+        trace,
+        position,
+        settings.threshold,
+        selection,
+        contrast_view.pair,
+    )
 
 
-def main() -> None:
-    st.set_page_config(page_title="llm-flow", page_icon="🔀", layout="wide")
-    st.set_option("client.toolbarMode", "viewer")  # no "Deploy" button on a local tool
+def guarded(view: Callable[[], None]) -> None:
+    """Run ``view``; an error a user can fix becomes ``st.error`` where the view was, and the
+    page stops there (``st.stop``)."""
     try:
-        page()
+        view()
     except controls.NeedsInput as need:
         st.info(markdown_text(str(need)))
         st.stop()
@@ -279,6 +324,12 @@ def main() -> None:
             "details)."
         )
         st.stop()
+
+
+def main() -> None:
+    st.set_page_config(page_title="llm-flow", page_icon="🔀", layout="wide")
+    st.set_option("client.toolbarMode", "viewer")  # no "Deploy" button on a local tool
+    guarded(page)
 
 
 main()

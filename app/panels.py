@@ -109,10 +109,12 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
     heads, _ = layer_head_contributions(layer_run, rows)  # [1, S, H]
     per_head = heads[0, s].cpu()  # [H]
     by_size = per_head.argsort(descending=True).tolist()
+    preferred = state.preferred_unit(selection.id)  # a head chosen in the effect table
     choice = st.selectbox(
         "Head",
         [ALL, *by_size],
-        index=1,  # the head that contributes most
+        # the table's head, else the head that contributes most
+        index=1 + by_size.index(preferred) if preferred in by_size else 1,
         key=f"head|{selection.id}",
         format_func=lambda h: "all heads" if h == ALL else f"head {h} ({per_head[h]:.3f})",
     )
@@ -217,10 +219,12 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
     values = top.values.tolist()
     acts = layer_run.neuron_acts[t, top.indices].float().tolist()
     act_of = dict(zip(ids, acts, strict=True))
+    preferred = state.preferred_unit(selection.id)  # a neuron chosen in the effect table
     choice = st.selectbox(
         "Neuron",
         [ALL, *ids],
-        index=1,  # the neuron that contributes most
+        # the table's neuron if it is among the top ones, else the one that contributes most
+        index=1 + ids.index(preferred) if preferred in ids else 1,
         key=f"neuron|{selection.id}",
         format_func=lambda n: (
             "whole FFN block" if n == ALL else f"neuron {n} (act {act_of[n]:+.3f})"

@@ -111,3 +111,24 @@ def clicked(event: Any) -> str | None:
         if isinstance(data, str) and data:
             return data
     return None
+
+
+def effect_selection(kind: str, layer: int, source: int, target: int) -> str:
+    """The selection string of a row of the contrast effect table: a head's row selects its
+    attention edge ``{source}->A{l}_t``, an FFN block's or neuron's row the block ``M{l}_t``."""
+    if kind == "head":
+        return attention_edge(layer, target, source).id
+    return node_id("M", layer, target)
+
+
+def selected_row(event: Any) -> int | None:
+    """The first selected row of a ``st.dataframe`` selection event, like ``{"selection":
+    {"rows": [3], "columns": [], "cells": []}}``; ``None`` when no row is selected."""
+    if not isinstance(event, dict):
+        return None
+    selection = event.get("selection")
+    rows = selection.get("rows", []) if isinstance(selection, dict) else []
+    for row in rows:
+        if isinstance(row, int):
+            return row
+    return None

@@ -5,7 +5,12 @@ caches, each keyed by every argument that changes its result:
 
 - loaded models by ``(spec, device, dtype)``;
 - traces — the forward pass plus the full contribution graph — by ``(model key, prompt)``;
-- per-head contribution maps by ``(trace key, layer)``.
+- per-head contribution maps by ``(trace key, layer)``;
+- "why A instead of B?": the direct effects and attributions by ``(trace key, position, target,
+  distractor)`` (one backward pass), and the route's effect table by that plus ``(threshold,
+  renormalize)``;
+- mean activations for mean ablation by ``(model key, prompt file, its mtime)``; ablation
+  results, faithfulness reports and dataset tables by everything they were asked with.
 
 Moving the threshold slider or a toggle therefore re-runs only ``find_route`` and the drawing.
 Traces are immutable (frozen ``ModelRun``/``FlowGraph``), so browser sessions share them without
@@ -27,29 +32,52 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import pandas as pd
 import streamlit as st
 import torch
 
 from app.prompts import check_prompt
-from app.selection import clicked, parse_position
+from app.selection import clicked, parse_position, selected_row
 from llm_flow.config import AppConfig, ModelSpec
+from llm_flow.contrast import (
+    Attributions,
+    Contrast,
+    ContrastAnalysis,
+    DirectEffects,
+    attribute,
+    contrast,
+    contrast_ids,
+    direct_effects,
+    effect_rows,
+)
+from llm_flow.dataset import DatasetComparison, compare_prompt_files, dataset_frequencies
 from llm_flow.errors import LlmFlowError
 from llm_flow.export import Prediction
+from llm_flow.faithfulness import FaithfulnessReport, faithfulness
 from llm_flow.graph import FlowGraph, layer_head_contributions, trace
+from llm_flow.interventions import Ablation, AblationResult, MeanActivations, ablate
+from llm_flow.interventions import mean_activations as compute_means
 from llm_flow.models import BridgeLlm, ModelRun, load_model
 from llm_flow.prompts import read_prompt_file
-from llm_flow.routes import DEFAULT_THRESHOLD
+from llm_flow.routes import DEFAULT_THRESHOLD, Route
 
 # Bounds of the process-wide caches. Two models: switching back and forth stays instant while
 # a 7B model in bf16 (~14 GB) cannot pile up; traces are small next to a model.
 MAX_MODELS = 2
 MAX_TRACES = 16
 MAX_HEAD_MAPS = 32
+# Attributions keep ∂LD/∂z for every head and position ([L, T, H, d_head]): few of them.
+MAX_CONTRAST_EFFECTS = 4
+MAX_CONTRAST_TABLES = 16
+MAX_MEANS = 4
+MAX_ABLATIONS = 32
+MAX_FAITHFULNESS = 16
+MAX_DATASETS = 8
 
 THRESHOLD_MAX = 0.2
 
@@ -66,6 +94,16 @@ RENORMALIZE = "renormalize"
 NORMALIZE_LENS = "normalize_lens"
 POSITION = "position"
 GRAPH = "graph"
+TARGET = "target"
+DISTRACTOR = "distractor"
+EFFECTS_TABLE = "effects_table"
+ABLATE_HEADS = "ablate_heads"
+ABLATE_NEURONS = "ablate_neurons"
+ABLATE_EDGE = "ablate_edge"
+ABLATION_MODE = "ablation_mode"
+MEAN_FILE = "mean_file"
+DATASET_A = "dataset_a"
+DATASET_B = "dataset_b"
 # Session-state keys of values no widget owns.
 SELECTION = "selection"
 _EXTRA_PROMPTS = "extra_prompts"
@@ -74,6 +112,11 @@ _PROMPT_ERROR = "prompt_error"
 _NOTICES = "notices"
 _VIEW = "view"
 _INITIALIZED = "initialized"
+_SHOWN_ABLATION = "shown_ablation"
+_TABLE_ROW = "table_row"
+_SHOWN_DATASET = "shown_dataset"
+_PREFERRED_UNIT = "preferred_unit"
+_SHOWN_FAITHFULNESS = "shown_faithfulness"
 
 CUSTOM_CHOICE = "Custom model…"
 
@@ -146,6 +189,64 @@ class TraceKey:
     prompt: str
 
 
+@dataclass(frozen=True)
+class ContrastKey:
+    """Target vs distractor at one output position of one trace."""
+
+    trace: TraceKey
+    position: int
+    target: str
+    distractor: str
+
+
+@dataclass(frozen=True)
+class MeansKey:
+    """Mean activations of one model over one prompt file (as it was at ``modified_ns``)."""
+
+    model: ModelKey
+    path: str
+    modified_ns: int
+
+
+@dataclass(frozen=True)
+class AblationKey:
+    trace: TraceKey
+    position: int
+    ablation: Ablation
+    means: MeansKey | None
+    contrast: tuple[str, str] | None  # target, distractor (already checked)
+
+
+@dataclass(frozen=True)
+class FaithfulnessKey:
+    trace: TraceKey
+    position: int
+    threshold: float
+    mode: str
+    means: MeansKey | None
+    target: str | None
+    distractor: str | None
+
+
+@dataclass(frozen=True)
+class PromptFileKey:
+    """A prompt file inside ``prompts_dir`` as it was at ``modified_ns``."""
+
+    name: str
+    path: str
+    modified_ns: int
+
+
+@dataclass(frozen=True)
+class DatasetKey:
+    """Dataset mode over one file (``b`` None) or a comparison of two."""
+
+    model: ModelKey
+    a: PromptFileKey
+    b: PromptFileKey | None
+    threshold: float
+
+
 class LoadedModel:
     """A loaded model and how long it took to load."""
 
@@ -173,6 +274,20 @@ class Store:
         self.traces: BoundedCache[TraceKey, Trace] = BoundedCache(MAX_TRACES)
         self.head_maps: BoundedCache[tuple[TraceKey, int], torch.Tensor] = BoundedCache(
             MAX_HEAD_MAPS
+        )
+        self.contrast_effects: BoundedCache[
+            ContrastKey, tuple[Contrast, DirectEffects, Attributions]
+        ] = BoundedCache(MAX_CONTRAST_EFFECTS)
+        self.contrasts: BoundedCache[tuple[ContrastKey, float, bool], ContrastAnalysis] = (
+            BoundedCache(MAX_CONTRAST_TABLES)
+        )
+        self.means: BoundedCache[MeansKey, MeanActivations] = BoundedCache(MAX_MEANS)
+        self.ablations: BoundedCache[AblationKey, AblationResult] = BoundedCache(MAX_ABLATIONS)
+        self.faithfulness: BoundedCache[FaithfulnessKey, FaithfulnessReport] = BoundedCache(
+            MAX_FAITHFULNESS
+        )
+        self.datasets: BoundedCache[DatasetKey, DatasetComparison | pd.DataFrame] = BoundedCache(
+            MAX_DATASETS
         )
 
 
@@ -236,6 +351,132 @@ def head_map(trace_: Trace, layer: int) -> torch.Tensor:
         return heads.cpu()
 
     return store().head_maps.get((trace_.key, layer), compute)
+
+
+def contrast_analysis(
+    trace_: Trace, model: LoadedModel, route: Route, target: str, distractor: str
+) -> ContrastAnalysis:
+    """Contrast, direct effects, attributions and ``route``'s effect table.
+
+    The backward pass runs once per (trace, position, target, distractor); a threshold or
+    renormalize change only rebuilds the table. Raises ``ContrastError`` for bad tokens.
+    """
+    llm, run = model.llm, trace_.run
+    key = ContrastKey(trace_.key, route.positions[0], target, distractor)
+
+    def effects() -> tuple[Contrast, DirectEffects, Attributions]:
+        c = contrast(llm, run, target, distractor, key.position)
+        return c, direct_effects(llm, run, c), attribute(llm, run, c)
+
+    c, direct, attributions = store().contrast_effects.get(key, effects)
+
+    def table() -> ContrastAnalysis:
+        rows = effect_rows(run, route, direct, attributions)
+        return ContrastAnalysis(contrast=c, direct=direct, attributions=attributions, rows=rows)
+
+    return store().contrasts.get((key, route.threshold, route.renormalize), table)
+
+
+def contrast_token_ids(model: LoadedModel, target: str, distractor: str) -> tuple[int, int]:
+    return contrast_ids(model.llm, target, distractor)
+
+
+def means_key(cfg: AppConfig, model_key: ModelKey, name: str) -> MeansKey:
+    """The key of the mean activations over prompt file ``name`` (only inside ``prompts_dir``:
+    ``cfg.prompt_file`` raises ``PromptError`` otherwise)."""
+    path = cfg.prompt_file(name)
+    return MeansKey(model_key, str(path), path.stat().st_mtime_ns)
+
+
+def get_means(
+    key: MeansKey, model: LoadedModel, on_prompt: Callable[[int, int], None] | None = None
+) -> MeanActivations:
+    path = Path(key.path)
+
+    def compute() -> MeanActivations:
+        return compute_means(model.llm, prompts_of(path), source=path.name, on_prompt=on_prompt)
+
+    return store().means.get(key, compute)
+
+
+def get_ablation(
+    key: AblationKey, model: LoadedModel, means: MeanActivations | None
+) -> AblationResult:
+    """Before/after of ``key.ablation`` (validated by the core: ``InterventionError``)."""
+
+    def compute() -> AblationResult:
+        target_id = distractor_id = None
+        if key.contrast is not None:
+            target_id, distractor_id = contrast_token_ids(model, *key.contrast)
+        return ablate(
+            model.llm,
+            key.trace.prompt,
+            key.ablation,
+            means=means,
+            position=key.position,
+            target_id=target_id,
+            distractor_id=distractor_id,
+        )
+
+    return store().ablations.get(key, compute)
+
+
+def get_faithfulness(
+    key: FaithfulnessKey,
+    model: LoadedModel,
+    means: MeanActivations | None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> FaithfulnessReport:
+    def compute() -> FaithfulnessReport:
+        return faithfulness(
+            model.llm,
+            key.trace.prompt,
+            threshold=key.threshold,
+            target=key.target,
+            distractor=key.distractor,
+            position=key.position,
+            mode="mean" if key.mode == "mean" else "zero",
+            means=means,
+            on_step=on_step,
+        )
+
+    return store().faithfulness.get(key, compute)
+
+
+def cached_ablation(key: AblationKey) -> AblationResult | None:
+    return store().ablations.peek(key)
+
+
+def cached_faithfulness(key: FaithfulnessKey) -> FaithfulnessReport | None:
+    return store().faithfulness.peek(key)
+
+
+def prompt_file_key(cfg: AppConfig, name: str) -> PromptFileKey:
+    """A user-chosen prompt file, only from ``prompts_dir`` (``PromptError`` otherwise)."""
+    path = cfg.prompt_file(name)
+    return PromptFileKey(name, str(path), path.stat().st_mtime_ns)
+
+
+def get_dataset(
+    key: DatasetKey, model: LoadedModel, on_prompt: Callable[[int, int], None] | None = None
+) -> DatasetComparison | pd.DataFrame:
+    """The route-frequency table of ``key.a`` or, with ``key.b``, the comparison of both."""
+
+    def compute() -> DatasetComparison | pd.DataFrame:
+        if key.b is None:
+            prompts = prompts_of(Path(key.a.path))
+            return dataset_frequencies(
+                model.llm, prompts, threshold=key.threshold, on_prompt=on_prompt
+            )
+        return compare_prompt_files(
+            model.llm, key.a.path, key.b.path, threshold=key.threshold, on_prompt=on_prompt
+        )
+
+    return store().datasets.get(key, compute)
+
+
+def cached_dataset(key: DatasetKey) -> DatasetComparison | pd.DataFrame | None:
+    return store().datasets.peek(key)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -312,6 +553,13 @@ def init_session(cfg: AppConfig) -> None:
         else:
             notices.append(f"The link's position {raw_position!r} is not a token index.")
     ss[SELECTION] = params.get("selection") or None
+    # Kept exactly as typed: " Mary" (with its space) and "Mary" are different tokens.
+    ss[TARGET] = params.get("target", "")
+    ss[DISTRACTOR] = params.get("distractor", "")
+    ss[ABLATE_HEADS] = []
+    ss[ABLATE_NEURONS] = ""
+    ss[ABLATE_EDGE] = False
+    ss[ABLATION_MODE] = "zero"
     ss[_NOTICES] = notices
 
 
@@ -398,6 +646,61 @@ def on_graph_select() -> None:
         st.session_state[POSITION] = position
     else:
         st.session_state[SELECTION] = target
+
+
+def take_table_selection(ids: Sequence[str], units: Sequence[int | None] = ()) -> None:
+    """Select the graph element of the effect table's newly selected row (``ids[i]`` is row
+    i's selection string, ``units[i]`` its head or neuron, which the panel then preselects).
+
+    Read at the top of a run, before the graph is drawn, so the highlight follows at once. Only
+    a *change* of the table's row selects: the table keeps its row across reruns, and a later
+    click on the graph must win. Rows count in the table's original order, whatever sorting the
+    user applied in the browser.
+    """
+    ss = st.session_state
+    row = selected_row(ss.get(EFFECTS_TABLE))
+    if row == ss.get(_TABLE_ROW):
+        return
+    ss[_TABLE_ROW] = row
+    if row is not None and 0 <= row < len(ids):
+        ss[SELECTION] = ids[row]
+        ss[_PREFERRED_UNIT] = (ids[row], units[row] if row < len(units) else None)
+
+
+def preferred_unit(selection_id: str) -> int | None:
+    """The head or neuron of the table row that selected ``selection_id``, if one did."""
+    preferred = st.session_state.get(_PREFERRED_UNIT)
+    if isinstance(preferred, tuple) and preferred[0] == selection_id:
+        unit: int | None = preferred[1]
+        return unit
+    return None
+
+
+def show_ablation(key: AblationKey) -> None:
+    st.session_state[_SHOWN_ABLATION] = key
+
+
+def shown_ablation() -> AblationKey | None:
+    key: AblationKey | None = st.session_state.get(_SHOWN_ABLATION)
+    return key
+
+
+def show_dataset(key: DatasetKey) -> None:
+    st.session_state[_SHOWN_DATASET] = key
+
+
+def shown_dataset() -> DatasetKey | None:
+    key: DatasetKey | None = st.session_state.get(_SHOWN_DATASET)
+    return key
+
+
+def show_faithfulness(key: FaithfulnessKey) -> None:
+    st.session_state[_SHOWN_FAITHFULNESS] = key
+
+
+def shown_faithfulness() -> FaithfulnessKey | None:
+    key: FaithfulnessKey | None = st.session_state.get(_SHOWN_FAITHFULNESS)
+    return key
 
 
 def select(selection: str | None) -> None:

@@ -1,9 +1,9 @@
 """End-to-end test in a real browser: ``streamlit run`` on a free port, driven by Playwright in
 Debian's headless Chromium (``/usr/bin/chromium``; Playwright never downloads a browser here).
 
-It waits for the graph, clicks an attention edge, an FFN block, a residual node and an output
-marker the way a user does (mouse clicks on the plotly figure), checks that the panel and the URL
-follow, and saves screenshots to ``test-artifacts/``.
+It waits for the graph, clicks an attention edge, an FFN block, a residual node, a row of the
+contrast effect table and an output marker the way a user does (mouse clicks), checks that the
+panel and the URL follow, and saves screenshots to ``test-artifacts/``.
 
 The packaged SmolLM2 is used when its dequantized weights are already cached (the graph then shows
 a real route, "The capital of France is" → " Paris"); otherwise a tiny random model, so a fresh
@@ -92,9 +92,11 @@ def server(config_path: Path) -> Iterator[tuple[str, str]]:
         pytest.skip(f"{CHROMIUM} is missing (Debian: apt-get install chromium chromium-driver)")
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     if _smollm2_cached():
-        config, query = REPO / "config" / "local.json", {"prompt": "The capital of France is"}
+        config = REPO / "config" / "local.json"
+        query = {"prompt": "The capital of France is", "target": " Paris", "distractor": " Rome"}
     else:  # a random model's route at the default τ may lack some kinds of element
-        config, query = config_path, {"prompt": PROMPTS[1], "threshold": "0"}
+        query = {"prompt": PROMPTS[1], "threshold": "0", "target": "w3", "distractor": "w4"}
+        config = config_path
     port = _free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = (ARTIFACTS / "streamlit-server.log").open("w")
@@ -211,12 +213,30 @@ def test_click_through_the_graph_in_chromium(server: tuple[str, str]) -> None:
                 "heads" in e for e in exported["edges"] if e["kind"] == "attention"
             )
 
+            # A row of the contrast effect table selects its edge or block in the graph.
+            table = page.locator('[data-testid="stDataFrame"]').last
+            table.scroll_into_view_if_needed()
+            box = table.bounding_box()
+            before = page.url
+            page.mouse.click(box["x"] + 12, box["y"] + 35 + 17)  # the first row's checkbox
+            page.wait_for_function("(url) => location.href !== url", arg=before, timeout=PANEL_MS)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('h3')].some(h => "
+                "/^(Attention |FFN block )/.test(h.innerText.trim()))",
+                timeout=PANEL_MS,
+            )
+            assert re.search(r"selection=(M\d|[XI]\d+_\d+-%3EA)", page.url), page.url
+            _no_tracebacks(page)
+            page.screenshot(path=ARTIFACTS / "05-effect-table-row.png")
+            page.get_by_text("predicts").first.scroll_into_view_if_needed()  # back to the top
+            page.wait_for_timeout(300)
+
             _click(page, "^pos:1$")
             page.wait_for_function("() => location.search.includes('position=1')", timeout=PANEL_MS)
             page.wait_for_timeout(800)
             _no_tracebacks(page)
             assert re.search(r"after “.*” \(token 1 of", page.inner_text("body"))
-            page.screenshot(path=ARTIFACTS / "05-output-position.png")
+            page.screenshot(path=ARTIFACTS / "06-output-position.png")
         finally:
             browser.close()
     # Kept small so it can run in CI on every push.

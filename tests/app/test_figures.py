@@ -6,14 +6,18 @@ import json
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
 
 from app import figures
 from app.selection import attention_edge, parse_position, parse_selection
+from llm_flow.contrast import analyse_contrast
 from llm_flow.export import Prediction
+from llm_flow.faithfulness import FaithfulnessReport, Score
 from llm_flow.graph import FlowGraph, trace
+from llm_flow.interventions import Outcome, TokenProb
 from llm_flow.lens import TokenScore
 from llm_flow.models.base import ModelRun
 from llm_flow.routes import find_route, full_graph
@@ -204,3 +208,118 @@ def test_token_tables() -> None:
     assert list(lens["rank"]) == ["↑4", "↓2", "="]
     plain = figures.token_table(scores)
     assert list(plain.columns) == ["token", "logit"]
+
+
+# -- beyond the graph -------------------------------------------------------------------------
+
+
+def test_effect_table_is_sorted_labelled_and_maps_rows_to_the_graph() -> None:
+    llm = tiny_llm("llama-gqa")
+    run, graph = trace(llm, prompt(6), keep_patterns=True)
+    route = find_route(graph, [-1], threshold=0.0, renormalize=True)
+    frame = analyse_contrast(llm, run, route, "w3", "w4").frame()
+    table = figures.effect_table(frame, run.tokens)
+    assert len(table) == len(frame) and list(table.index) == list(range(len(table)))
+    strength = table[["direct_effect", "attribution"]].abs().max(axis=1)
+    assert strength.is_monotonic_decreasing
+    head = table[table["kind"] == "head"].iloc[0]
+    assert head["tokens"] == (
+        f"{figures.table_token(run.tokens[head['source']])} → "
+        f"{figures.table_token(run.tokens[head['target']])}"
+    )
+    ids = figures.effect_ids(table)
+    assert len(ids) == len(table)
+    units = figures.effect_units(table)
+    for kind, head, neuron, unit in zip(
+        table["kind"], table["head"], table["neuron"], units, strict=True
+    ):
+        assert unit == {"head": head, "neuron": neuron}.get(kind)
+    for (kind, layer, s, t), text in zip(
+        table[["kind", "layer", "source", "target"]].itertuples(index=False), ids, strict=True
+    ):
+        sel = parse_selection(text, graph.n_layers, graph.n_tokens)
+        assert sel is not None and (sel.layer, sel.token) == (layer, t)
+        if kind == "head":  # the head's edge is on the route, so the graph can highlight it
+            assert sel.source == s and bool(route.attention[layer, t, s])
+        else:
+            assert sel.kind == "ffn" and bool(route.ffn[layer, t])
+
+
+def _score(value: float, share: float, heads: int = 2, ffn: int = 1) -> Score:
+    return Score(ablated_heads=heads, ablated_ffn=ffn, value=value, share=share)
+
+
+def test_faithfulness_table_rows() -> None:
+    report = FaithfulnessReport(
+        position=5,
+        threshold=0.04,
+        mode="mean",
+        metric="logit_diff",
+        target=" Mary",
+        distractor=" John",
+        n_route_heads=2,
+        n_route_ffn=1,
+        total_heads=40,
+        total_ffn=10,
+        full=4.0,
+        all_ablated=0.4,
+        route=_score(1.0, 0.25, 38, 9),
+        complement=_score(0.8, 0.2),
+        route_heads=_score(1.2, 0.3, 2, 0),
+        random=(_score(3.6, 0.9, 2, 0), _score(4.4, 1.1, 2, 0)),
+        seeds=(0, 1),
+    )
+    table = figures.faithfulness_table(report)
+    assert list(table.columns) == [
+        "ablated",
+        "head positions",
+        "FFN blocks",
+        "logit diff",
+        "share of full",
+    ]
+    rows = table.set_index("ablated")
+    assert rows.loc["nothing (full model)", "share of full"] == 1.0
+    assert rows.loc["everything but the route", "head positions"] == 38
+    assert rows.loc["as many random heads (2 draws)", "logit diff"] == pytest.approx(4.0)
+    assert rows.loc["as many random heads (2 draws)", "share of full"] == pytest.approx(1.0)
+    assert rows.loc["everything", "share of full"] == pytest.approx(0.1)
+
+
+def test_top_tokens_table() -> None:
+    result = Outcome(top=(TokenProb(" Mary", 5, 0.9), TokenProb("\ufffd", 7, 0.05)))
+    table = figures.top_tokens_table(result)
+    assert list(table["token"]) == ["␣Mary", "\ufffd #7"]
+    assert list(table["prob"]) == [0.9, 0.05]
+
+
+def _dataset_frame(n_layers: int = 2, n_heads: int = 3) -> pd.DataFrame:
+    rows = []
+    for layer in range(n_layers):
+        for position_class in ("last", "other"):
+            for head in range(n_heads):
+                value = (layer * 10 + head) / 100 + (0.5 if position_class == "last" else 0)
+                rows.append(("head", layer, head, position_class, value))
+            rows.append(("ffn", layer, None, position_class, 0.9 - layer / 10))
+    frame = pd.DataFrame(rows, columns=["kind", "layer", "head", "position_class", "frequency"])
+    return frame.astype({"head": "Int64"})
+
+
+def test_frequency_matrix_puts_heads_in_columns_and_the_ffn_last() -> None:
+    matrix, labels = figures.frequency_matrix(_dataset_frame(), "last")
+    assert labels == ["0", "1", "2", "FFN"]
+    assert matrix.shape == (2, 4)
+    assert matrix[1, 2] == pytest.approx(0.62) and matrix[0, 3] == pytest.approx(0.9)
+    other, _ = figures.frequency_matrix(_dataset_frame(), "other")
+    assert other[1, 2] == pytest.approx(0.12)
+
+
+def test_frequency_figure_has_last_and_other_side_by_side() -> None:
+    fig = figures.frequency_figure(_dataset_frame())
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"]
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["last token", "other tokens"]
+    assert fig.layout.coloraxis.cmin == 0.0 and fig.layout.coloraxis.cmax == 1.0
+    diff = _dataset_frame().rename(columns={"frequency": "frequency_diff"})
+    diverging = figures.frequency_figure(diff, value="frequency_diff")
+    assert diverging.layout.coloraxis.cmin == -1.0
+    json.loads(fig.to_json())  # serializable for st.plotly_chart

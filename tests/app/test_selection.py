@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from app.selection import attention_edge, clicked, parse_position, parse_selection
+from app.selection import (
+    attention_edge,
+    clicked,
+    effect_selection,
+    parse_position,
+    parse_selection,
+    selected_row,
+)
 
 L, T = 3, 5
 
@@ -82,3 +89,20 @@ def test_clicked_reads_streamlits_event() -> None:
     assert clicked({"selection": {"points": [{"x": 1, "y": 2}]}}) is None
     assert clicked({"selection": {"points": []}}) is None
     assert clicked(None) is None
+
+
+def test_effect_rows_select_their_edge_or_block() -> None:
+    assert effect_selection("head", 3, 1, 4) == "I2_1->A3_4"
+    assert effect_selection("head", 0, 2, 2) == "X0_2->A0_2"
+    assert effect_selection("ffn", 5, 7, 7) == "M5_7"
+    assert effect_selection("neuron", 5, 7, 7) == "M5_7"
+    for text in ("I2_1->A3_4", "X0_2->A0_2", "M5_7"):
+        assert parse_selection(text, 6, 8) is not None
+
+
+def test_selected_row_of_a_dataframe_event() -> None:
+    assert selected_row({"selection": {"rows": [3], "columns": [], "cells": []}}) == 3
+    assert selected_row({"selection": {"rows": [], "columns": [], "cells": []}}) is None
+    assert selected_row({"selection": {"rows": [0, 2]}}) == 0
+    assert selected_row(None) is None
+    assert selected_row({"selection": "nonsense"}) is None

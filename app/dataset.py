@@ -1,0 +1,152 @@
+"""Dataset mode: how often each head and FFN block is on the routes of a prompt file's prompts.
+
+The head-frequency analysis of Ferrando & Voita 2024 (§5), computed by
+:mod:`llm_flow.dataset`; this module picks the files (only from the config's ``prompts_dir``),
+shows the layer × head heatmaps (last token vs the other tokens), compares two files side by side
+and offers the tables as CSV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+import streamlit as st
+
+from app import figures, state
+from app.figures import markdown_text
+from app.prompts import prompt_files
+from app.state import DatasetKey, LoadedModel, ModelKey, PromptFileKey
+from llm_flow.config import AppConfig
+from llm_flow.dataset import DatasetComparison, DatasetError
+from llm_flow.errors import LlmFlowError
+
+NONE = "—"
+TOP_ROWS = 15
+PLOTLY_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
+
+
+def _files(cfg: AppConfig) -> list[str]:
+    if cfg.demo_mode or not cfg.allow_loading_dataset_files:
+        return []
+    return prompt_files(cfg.prompts_dir)
+
+
+def section(
+    cfg: AppConfig, model_key: ModelKey, threshold: float, load: Callable[[], LoadedModel]
+) -> None:
+    """The dataset tab; ``load`` loads the model (only when the user runs a dataset)."""
+    files = _files(cfg)
+    if not files:
+        st.info(
+            "Dataset mode runs the prompt files of the config's prompts folder; this server has "
+            "none to offer (prompts_dir is empty or unset, or loading files is disabled)."
+        )
+        return
+    st.markdown(
+        "Run the route to the **last token** of every prompt of a file at the sidebar's τ "
+        f"(now {threshold:.3f}) and count how often each head and FFN block is on it."
+    )
+    left, right = st.columns(2)
+    name_a: str = left.selectbox("Prompt file", files, key=state.DATASET_A)
+    name_b: str = right.selectbox(
+        "Compare with (optional)",
+        [NONE, *files],
+        key=state.DATASET_B,
+        help="A second file: both are run and shown side by side, with their difference.",
+    )
+    if st.button("Run the prompts", key="run_dataset"):
+        try:
+            if name_b == name_a:
+                raise DatasetError("choose two different files to compare, or none as the second")
+            key = DatasetKey(
+                model_key,
+                state.prompt_file_key(cfg, name_a),
+                None if name_b == NONE else state.prompt_file_key(cfg, name_b),
+                threshold,
+            )
+            model = load()
+            bar = st.progress(0.0, text="Running the prompts…")
+
+            def on_prompt(done: int, total: int) -> None:
+                bar.progress(done / total, text=f"Prompt {done} of {total}")
+
+            state.get_dataset(key, model, on_prompt=on_prompt)
+            bar.empty()
+            state.show_dataset(key)
+        except LlmFlowError as exc:
+            message = str(exc).rstrip(".")
+            st.error(
+                f"{markdown_text(message[0].upper() + message[1:])}.  \n"
+                "Choose other prompt files and run again."
+            )
+    shown = state.shown_dataset()
+    if shown is None or shown.model != model_key:
+        return
+    result = state.cached_dataset(shown)
+    if result is None:
+        return
+    if isinstance(result, DatasetComparison) and shown.b is not None:
+        _comparison(result, shown, shown.b)
+    elif isinstance(result, pd.DataFrame):
+        _single(result, shown)
+
+
+def _caption(frame: pd.DataFrame, name: str, threshold: float) -> str:
+    n = int(frame["n_prompts"].iloc[0])
+    return (
+        f"{name}: {n} prompts at τ = {threshold:.3f}. Colour: the share of prompts whose route "
+        "goes through the head (per-head contribution ≥ τ on a route edge) or FFN block."
+    )
+
+
+def _download(frame: pd.DataFrame, label: str, file_name: str, key: str) -> None:
+    st.download_button(
+        label,
+        data=frame.to_csv(index=False),
+        file_name=file_name,
+        mime="text/csv",
+        on_click="ignore",
+        key=key,
+    )
+
+
+def _stem(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def _single(frame: pd.DataFrame, key: DatasetKey) -> None:
+    st.plotly_chart(figures.frequency_figure(frame), key="dataset_figure", config=PLOTLY_CONFIG)
+    st.caption(_caption(frame, key.a.name, key.threshold))
+    top = frame.sort_values(["frequency", "mean_weight"], ascending=False).head(TOP_ROWS)
+    st.dataframe(top, hide_index=True, width="stretch")
+    _download(frame, "Table CSV", f"{_stem(key.a.name)}-routes.csv", "download_dataset")
+
+
+def _comparison(result: DatasetComparison, key: DatasetKey, b: PromptFileKey) -> None:
+    left, right = st.columns(2)
+    for column, frame, file_key, tag in (
+        (left, result.a, key.a, "a"),
+        (right, result.b, b, "b"),
+    ):
+        with column:
+            st.markdown(f"**{markdown_text(file_key.name)}** ({tag})")
+            st.plotly_chart(
+                figures.frequency_figure(frame), key=f"dataset_figure_{tag}", config=PLOTLY_CONFIG
+            )
+            st.caption(_caption(frame, file_key.name, key.threshold))
+    st.markdown(f"**Difference** {markdown_text(b.name)} − {markdown_text(key.a.name)} (b − a)")
+    st.plotly_chart(
+        figures.frequency_figure(result.diff, value="frequency_diff"),
+        key="dataset_figure_diff",
+        config=PLOTLY_CONFIG,
+    )
+    diff = result.diff.sort_values("frequency_diff", key=abs, ascending=False)
+    st.dataframe(diff.head(TOP_ROWS), hide_index=True, width="stretch")
+    columns = st.columns(3)
+    with columns[0]:
+        _download(result.diff, "Difference CSV", "dataset-difference.csv", "download_diff")
+    with columns[1]:
+        _download(result.a, f"{key.a.name} CSV", f"{_stem(key.a.name)}-routes.csv", "download_a")
+    with columns[2]:
+        _download(result.b, f"{b.name} CSV", f"{_stem(b.name)}-routes.csv", "download_b")

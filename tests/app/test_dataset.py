@@ -1,0 +1,90 @@
+"""App tests of dataset mode (the "Dataset mode" tab) with AppTest on the tiny local models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app import state
+from app.dataset import NONE
+from tests.app.conftest import FILE_PROMPTS, PROMPTS
+from tests.app.test_app import _offline, assert_serving, errors, route_caption, start
+
+__all__ = ["_offline"]  # the autouse fixture: offline, and the tiny models' config
+
+
+def heatmaps(at: AppTest) -> list[dict[str, Any]]:
+    """The specs of the dataset figures (heatmaps of route frequencies)."""
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    return [s for s in specs if s["data"] and s["data"][0].get("type") == "heatmap"]
+
+
+def test_one_file_gives_heatmaps_a_table_and_a_csv() -> None:
+    at = start()
+    assert at.selectbox(key=state.DATASET_A).options == ["more.txt", "preloaded.jsonl"]
+    at.selectbox(key=state.DATASET_A).set_value("more.txt")
+    at.button(key="run_dataset").click().run()
+    assert_serving(at)
+    (figure,) = heatmaps(at)
+    assert len(figure["data"]) == 2  # last token, other tokens
+    assert list(figure["data"][0]["x"]) == ["0", "1", "2", "3", "FFN"]  # tiny: 4 heads
+    table = next(d.value for d in at.dataframe if "frequency" in d.value.columns)
+    assert set(table["n_prompts"]) == {len(FILE_PROMPTS)}
+    assert any(f"{len(FILE_PROMPTS)} prompts" in c.value for c in at.caption)
+    assert any("download_dataset" in b.proto.id for b in at.get("download_button"))
+
+    # The result is cached: running again computes nothing.
+    computed = state.store().datasets.computed
+    at.button(key="run_dataset").click().run()
+    assert state.store().datasets.computed == computed
+
+
+def test_two_files_side_by_side_with_their_difference() -> None:
+    at = start()
+    at.selectbox(key=state.DATASET_A).set_value("more.txt")
+    at.selectbox(key=state.DATASET_B).set_value("preloaded.jsonl")
+    at.button(key="run_dataset").click().run()
+    assert_serving(at)
+    assert len(heatmaps(at)) == 3  # a, b and b − a
+    diff = next(d.value for d in at.dataframe if "frequency_diff" in d.value.columns)
+    assert (diff["frequency_diff"] == diff["frequency_b"] - diff["frequency_a"]).all()
+    ids = " ".join(b.proto.id for b in at.get("download_button"))
+    assert "download_diff" in ids and "download_a" in ids and "download_b" in ids
+    assert len(PROMPTS) and route_caption(at)  # the route tab is still there
+
+
+def test_comparing_a_file_with_itself_is_refused_and_the_app_keeps_serving() -> None:
+    at = start()
+    at.selectbox(key=state.DATASET_A).set_value("more.txt")
+    at.selectbox(key=state.DATASET_B).set_value("more.txt")
+    at.button(key="run_dataset").click().run()
+    assert "two different files" in errors(at)
+    assert route_caption(at) and not at.exception
+    at.selectbox(key=state.DATASET_B).set_value(NONE)
+    at.button(key="run_dataset").click().run()
+    assert_serving(at)
+
+
+def test_a_broken_prompt_file_shows_an_error(config_path: Path) -> None:
+    broken = config_path.parent / "prompts" / "broken.jsonl"
+    broken.write_text("not json\n", encoding="utf-8")
+    try:
+        at = start()
+        at.selectbox(key=state.DATASET_A).set_value("broken.jsonl")
+        at.button(key="run_dataset").click().run()
+        assert "invalid JSON" in errors(at)
+        assert route_caption(at) and not at.exception
+    finally:
+        broken.unlink()
+
+
+def test_demo_mode_has_no_dataset_files(demo_config_path: Path) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLM_FLOW_CONFIG", str(demo_config_path))
+        at = start()
+    assert_serving(at)
+    assert any("Dataset mode runs the prompt files" in i.value for i in at.info)
