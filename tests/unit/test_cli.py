@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from llm_flow.cli import main
+from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
 from tests.tiny import WORDS, prompt, tiny_hf_model
 
@@ -75,14 +76,7 @@ def config_file(saved_tiny: SavedTiny, tmp_path_factory: pytest.TempPathFactory)
     return path
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``main(argv)``; argparse's usage errors exit via SystemExit, so catch those too."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+cli = run_cli
 
 
 def graph(capsys: pytest.CaptureFixture[str], config: Path, *extra: str) -> dict[str, Any]:

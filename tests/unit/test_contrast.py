@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 
-from llm_flow.cli import main
 from llm_flow.contrast import (
     EFFECT_COLUMNS,
     ContrastError,
@@ -32,6 +31,7 @@ from llm_flow.lens import direct_logits, head_update, neuron_update
 from llm_flow.models.base import ModelRun
 from llm_flow.models.bridge import BridgeLlm
 from llm_flow.routes import find_route
+from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
 from tests.tiny import ARCHS, prompt, tiny_llm
 
@@ -264,13 +264,7 @@ def config_file(saved_tiny: SavedTiny, tmp_path_factory: pytest.TempPathFactory)
     return path
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+cli = run_cli
 
 
 def test_graph_with_target_adds_contrast_and_direct_effects(

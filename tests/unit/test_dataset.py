@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from llm_flow.cli import main
 from llm_flow.dataset import (
     COLUMNS,
     DatasetError,
@@ -25,6 +24,7 @@ from llm_flow.graph import trace
 from llm_flow.models.bridge import BridgeLlm
 from llm_flow.prompts import read_prompt_file
 from llm_flow.routes import find_route
+from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
 from tests.tiny import prompt, tiny_llm
 
@@ -193,12 +193,7 @@ def files(saved_tiny: SavedTiny, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def cli(capsys: pytest.CaptureFixture[str], folder: Path, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(["dataset", "--config", str(folder / "config.json"), *argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "dataset", "--config", str(folder / "config.json"), *argv)
 
 
 def test_cli_writes_csv(capsys: pytest.CaptureFixture[str], files: Path) -> None:

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import torch
 
-from llm_flow.cli import main
 from llm_flow.faithfulness import (
     Components,
     FaithfulnessError,
@@ -24,6 +23,7 @@ from llm_flow.graph import layer_head_contributions, trace
 from llm_flow.interventions import MeanActivations, mean_activations
 from llm_flow.models.bridge import BridgeLlm
 from llm_flow.routes import find_route
+from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
 from tests.tiny import prompt, tiny_llm
 
@@ -154,12 +154,7 @@ def config_file(saved_tiny: SavedTiny, tmp_path_factory: pytest.TempPathFactory)
 
 
 def cli(capsys: pytest.CaptureFixture[str], config: Path, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(["faithfulness", "--config", str(config), "--prompt", TEXT, *argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "faithfulness", "--config", str(config), "--prompt", TEXT, *argv)
 
 
 def test_cli_json(capsys: pytest.CaptureFixture[str], config_file: Path) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import torch
 
-from llm_flow.cli import main
 from llm_flow.interventions import (
     Ablation,
     EdgeRef,
@@ -32,6 +31,7 @@ from llm_flow.interventions import (
     validate,
 )
 from llm_flow.models.bridge import BridgeLlm
+from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
 from tests.tiny import prompt, tiny_hf_model, tiny_llm, tiny_tokenizer
 
@@ -228,12 +228,7 @@ def config_file(saved_tiny: SavedTiny, tmp_path_factory: pytest.TempPathFactory)
 
 
 def cli(capsys: pytest.CaptureFixture[str], config: Path, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(["ablate", "--config", str(config), "--prompt", prompt(6), *argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "ablate", "--config", str(config), "--prompt", prompt(6), *argv)
 
 
 def check_outcome(data: dict[str, Any], with_diff: bool) -> None:
