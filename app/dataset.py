@@ -3,11 +3,12 @@
 The head-frequency analysis of Ferrando & Voita 2024 (§5), computed by
 :mod:`llm_flow.dataset`; this module picks the files (only from the config's ``prompts_dir``),
 shows the layer × head heatmaps (last token vs the other tokens), compares two files side by side
-and offers the tables as CSV.
+and offers the tables as CSV and parquet.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
 import pandas as pd
@@ -23,6 +24,7 @@ from llm_flow.errors import LlmFlowError
 
 NONE = "—"
 TOP_ROWS = 15
+PARQUET_MIME = "application/vnd.apache.parquet"
 PLOTLY_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
 
 
@@ -100,14 +102,30 @@ def _caption(frame: pd.DataFrame, name: str, threshold: float) -> str:
     )
 
 
-def _download(frame: pd.DataFrame, label: str, file_name: str, key: str) -> None:
-    st.download_button(
-        label,
+def _parquet(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _downloads(frame: pd.DataFrame, label: str, stem: str, key: str) -> None:
+    """``frame`` as CSV (button ``key``) and parquet (``key``_parquet), side by side."""
+    csv, parquet = st.columns(2)
+    csv.download_button(
+        f"{label} CSV",
         data=frame.to_csv(index=False),
-        file_name=file_name,
+        file_name=f"{stem}.csv",
         mime="text/csv",
         on_click="ignore",
         key=key,
+    )
+    parquet.download_button(
+        f"{label} parquet",
+        data=_parquet(frame),
+        file_name=f"{stem}.parquet",
+        mime=PARQUET_MIME,
+        on_click="ignore",
+        key=f"{key}_parquet",
     )
 
 
@@ -120,7 +138,7 @@ def _single(frame: pd.DataFrame, key: DatasetKey) -> None:
     st.caption(_caption(frame, key.a.name, key.threshold))
     top = frame.sort_values(["frequency", "mean_weight"], ascending=False).head(TOP_ROWS)
     st.dataframe(top, hide_index=True, width="stretch")
-    _download(frame, "Table CSV", f"{_stem(key.a.name)}-routes.csv", "download_dataset")
+    _downloads(frame, "Table", f"{_stem(key.a.name)}-routes", "download_dataset")
 
 
 def _comparison(result: DatasetComparison, key: DatasetKey, b: PromptFileKey) -> None:
@@ -145,8 +163,8 @@ def _comparison(result: DatasetComparison, key: DatasetKey, b: PromptFileKey) ->
     st.dataframe(diff.head(TOP_ROWS), hide_index=True, width="stretch")
     columns = st.columns(3)
     with columns[0]:
-        _download(result.diff, "Difference CSV", "dataset-difference.csv", "download_diff")
+        _downloads(result.diff, "Difference", "dataset-difference", "download_diff")
     with columns[1]:
-        _download(result.a, f"{key.a.name} CSV", f"{_stem(key.a.name)}-routes.csv", "download_a")
+        _downloads(result.a, key.a.name, f"{_stem(key.a.name)}-routes", "download_a")
     with columns[2]:
-        _download(result.b, f"{b.name} CSV", f"{_stem(b.name)}-routes.csv", "download_b")
+        _downloads(result.b, b.name, f"{_stem(b.name)}-routes", "download_b")

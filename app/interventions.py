@@ -17,6 +17,7 @@ from app.selection import Selection
 from app.state import AblationKey, FaithfulnessKey, LoadedModel, MeansKey, ModelKey, Trace
 from llm_flow.config import AppConfig
 from llm_flow.errors import LlmFlowError
+from llm_flow.faithfulness import DEFAULT_SEEDS
 from llm_flow.interventions import (
     Ablation,
     EdgeRef,
@@ -26,6 +27,7 @@ from llm_flow.interventions import (
 )
 
 DEFAULT_MEAN_FILE = "factual.txt"
+MAX_DRAWS = 50
 _PROB = {"prob": st.column_config.NumberColumn(format="%.3f")}
 
 
@@ -108,16 +110,20 @@ def section(
     trace: Trace,
     position: int,
     threshold: float,
+    renormalize: bool,
     selection: Selection | None,
     pair: tuple[str, str] | None,
 ) -> None:
-    """The "Ablate and check faithfulness" expander below the graph."""
+    """The "Ablate and check faithfulness" expander below the graph (``threshold`` and
+    ``renormalize``: the sidebar's, so the check tests the route the graph shows)."""
     open_ = state.shown_ablation() is not None or state.shown_faithfulness() is not None
     with st.expander("Ablate components and check the route's faithfulness", expanded=open_):
         mode, mean_file = _mode_controls(cfg)
         ablation_part(cfg, model_key, model, trace, position, selection, pair, mode, mean_file)
         st.divider()
-        faithfulness_part(cfg, model_key, model, trace, position, threshold, pair, mode, mean_file)
+        faithfulness_part(
+            cfg, model_key, model, trace, position, threshold, renormalize, pair, mode, mean_file
+        )
 
 
 def ablation_part(
@@ -214,6 +220,7 @@ def faithfulness_part(
     trace: Trace,
     position: int,
     threshold: float,
+    renormalize: bool,
     pair: tuple[str, str] | None,
     mode: str,
     mean_file: str | None,
@@ -229,12 +236,32 @@ def faithfulness_part(
         f"Ablates ({mode}) the route's heads and FFN blocks, everything else, and as many random "
         f"heads, and reports how much of {markdown_text(metric)} survives."
     )
+    ss = st.session_state
+    if not isinstance(ss.get(state.FAITHFULNESS_DRAWS), int):
+        ss[state.FAITHFULNESS_DRAWS] = DEFAULT_SEEDS
+    draws: int = st.number_input(
+        "Random draws",
+        min_value=1,
+        max_value=MAX_DRAWS,
+        step=1,
+        key=state.FAITHFULNESS_DRAWS,
+        help="How many sets of random heads (as many as the route has) are ablated as the "
+        "baseline, one seed each; one forward pass per draw. The table gives their mean share.",
+    )
     if st.button("Check faithfulness", key="run_faithfulness"):
         try:
             means_key, means = _means(cfg, model_key, model, mean_file)
             target, distractor = pair if pair else (None, None)
             key = FaithfulnessKey(
-                trace.key, position, threshold, mode, means_key, target, distractor
+                trace.key,
+                position,
+                threshold,
+                renormalize,
+                draws,
+                mode,
+                means_key,
+                target,
+                distractor,
             )
             bar = st.progress(0.0, text="Faithfulness: ablating…")
 
@@ -265,7 +292,8 @@ def faithfulness_part(
     st.caption(
         f"τ = {report.threshold:.3f}: {report.n_route_heads} of {report.total_heads} head "
         f"positions and {report.n_route_ffn} of {report.total_ffn} FFN blocks are on the route. "
-        f"Random heads: share {report.random_share_mean:.2f} ± {report.random_share_sd:.2f}. "
+        f"Random heads: share {report.random_share_mean:.2f} ± {report.random_share_sd:.2f} "
+        f"over {len(report.random)} draws. "
         "A route that matters keeps much when only it is kept and loses much when it is ablated, "
         "far more than random heads."
     )

@@ -295,6 +295,7 @@ def explore(
         trace,
         position,
         settings.threshold,
+        settings.renormalize,
         selection,
         contrast_view.pair,
     )

@@ -102,6 +102,7 @@ ABLATE_NEURONS = "ablate_neurons"
 ABLATE_EDGE = "ablate_edge"
 ABLATION_MODE = "ablation_mode"
 MEAN_FILE = "mean_file"
+FAITHFULNESS_DRAWS = "faithfulness_draws"
 DATASET_A = "dataset_a"
 DATASET_B = "dataset_b"
 # Session-state keys of values no widget owns.
@@ -222,6 +223,8 @@ class FaithfulnessKey:
     trace: TraceKey
     position: int
     threshold: float
+    renormalize: bool
+    draws: int  # random-head baselines, seeds 0 … draws − 1
     mode: str
     means: MeansKey | None
     target: str | None
@@ -432,11 +435,13 @@ def get_faithfulness(
             model.llm,
             key.trace.prompt,
             threshold=key.threshold,
+            renormalize=key.renormalize,
             target=key.target,
             distractor=key.distractor,
             position=key.position,
             mode="mean" if key.mode == "mean" else "zero",
             means=means,
+            seeds=tuple(range(key.draws)),
             on_step=on_step,
         )
 

@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     faith.add_argument("--threshold", type=float, default=0.04, help="τ in [0, 1] (0.04)")
     faith.add_argument("--position", type=int, default=-1, help="output position (-1: last)")
     faith.add_argument("--seeds", type=int, default=5, help="random-ablation seeds (5)")
+    faith.add_argument(
+        "--no-renormalize",
+        action="store_true",
+        help="the route with raw edge weights (same components and scores)",
+    )
     _add_ablation_args(faith, default_mode="mean")
     faith.add_argument("--target", help="target token (default: the model's prediction)")
     faith.add_argument("--distractor", help="distractor token (metric: logit difference)")
@@ -350,6 +355,7 @@ def _faithfulness(args: argparse.Namespace) -> None:
         llm,
         prompt,
         threshold=threshold,
+        renormalize=not args.no_renormalize,
         target=args.target,
         distractor=args.distractor,
         position=args.position,

@@ -18,7 +18,6 @@ Per (kind, layer, head, position_class): ``count`` = prompts in which it appears
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,16 +210,11 @@ def compare_prompt_files(
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:
-    """Write CSV (``*.csv``) or parquet (``*.parquet``, needs pyarrow)."""
+    """Write CSV (``*.csv``) or parquet (``*.parquet``)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise DatasetError(f"cannot write {str(path)!r}: the output must end in .csv or .parquet")
-    if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
-        raise DatasetError(
-            "writing parquet needs pyarrow, which is not installed; "
-            "pip install pyarrow, or write CSV with --out RESULTS.csv"
-        )
     try:
         if suffix == ".csv":
             frame.to_csv(path, index=False)

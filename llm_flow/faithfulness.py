@@ -26,6 +26,11 @@ no distractor is given):
 ``share`` is m / m(full model) for the logit difference (the fraction of it that survives, as
 Wang et al. report it) and ``(m − m₀) / (m_full − m₀)`` for the log-prob, with m₀ the value with
 every component ablated (a log-prob has no natural zero).
+
+``renormalize`` picks the route as the graph view draws it, with or without renormalized weights.
+It does not change the scores: τ prunes on the original scale (renormalizing never revives an
+edge) and heads are tested on their raw per-head parts, so the components are the same either
+way; the report records it so that it names the route it tested.
 """
 
 from __future__ import annotations
@@ -144,6 +149,7 @@ class FaithfulnessReport:
 
     position: int
     threshold: float
+    renormalize: bool  # the route's weights were renormalized (its components are the same)
     mode: Mode
     metric: Metric
     target: str
@@ -173,6 +179,7 @@ class FaithfulnessReport:
         return {
             "position": self.position,
             "threshold": self.threshold,
+            "renormalize": self.renormalize,
             "mode": self.mode,
             "metric": self.metric,
             "target": self.target,
@@ -205,6 +212,7 @@ def faithfulness(
     prompt: str,
     *,
     threshold: float = DEFAULT_THRESHOLD,
+    renormalize: bool = True,
     target: str | None = None,
     distractor: str | None = None,
     position: int = -1,
@@ -225,7 +233,7 @@ def faithfulness(
         raise FaithfulnessError("mean ablation needs mean activations (a reference prompt file)")
     run, graph = trace(llm, prompt)
     p = run.position(position)
-    route = find_route(graph, [p], threshold, renormalize=True)
+    route = find_route(graph, [p], threshold, renormalize=renormalize)
     if target is None:
         target_id = int(run.logits[p].argmax())
         target = llm.token_strings([target_id])[0]
@@ -274,6 +282,7 @@ def faithfulness(
     return FaithfulnessReport(
         position=p,
         threshold=threshold,
+        renormalize=route.renormalize,
         mode=mode,
         metric=metric,
         target=target,

@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from app import figures, state
 from app.selection import parse_selection
+from llm_flow.faithfulness import DEFAULT_SEEDS
 from tests.app.test_app import _offline, assert_serving, errors, route_caption, start
 
 __all__ = ["_offline"]  # the autouse fixture: offline, and the tiny models' config
@@ -202,6 +203,30 @@ def test_faithfulness_without_a_contrast_uses_the_log_prob() -> None:
     assert_serving(at)
     report = next(d.value for d in at.dataframe if "share of full" in d.value.columns)
     assert "target log-prob" in report.columns
+
+
+def test_faithfulness_takes_the_draws_and_the_graph_s_renormalize_setting() -> None:
+    at = start({"threshold": "0.02"})
+    assert at.number_input(key=state.FAITHFULNESS_DRAWS).value == DEFAULT_SEEDS
+    at.number_input(key=state.FAITHFULNESS_DRAWS).set_value(2)
+    at.toggle(key=state.RENORMALIZE).set_value(False)
+    at.button(key="run_faithfulness").click().run()
+    assert_serving(at)
+    key: state.FaithfulnessKey = at.session_state[state._SHOWN_FAITHFULNESS]  # what is shown
+    report = state.cached_faithfulness(key)
+    assert report is not None
+    assert (key.draws, key.renormalize) == (2, False)
+    assert len(report.random) == 2 and report.seeds == (0, 1) and not report.renormalize
+    table = next(d.value for d in at.dataframe if "share of full" in d.value.columns)
+    assert "as many random heads (2 draws)" in list(table["ablated"])
+    assert any("over 2 draws" in c.value for c in at.caption)
+
+    # Other draws are another report, not the cached one.
+    computed = state.store().faithfulness.computed
+    at.number_input(key=state.FAITHFULNESS_DRAWS).set_value(3)
+    at.button(key="run_faithfulness").click().run()
+    assert state.store().faithfulness.computed == computed + 1
+    assert any("over 3 draws" in c.value for c in at.caption)
 
 
 def test_demo_mode_offers_zero_ablation_only(demo_config_path: Any) -> None:

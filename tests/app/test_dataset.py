@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pandas as pd
 import pytest
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
 from app import state
@@ -43,6 +46,58 @@ def test_one_file_gives_heatmaps_a_table_and_a_csv() -> None:
     assert state.store().datasets.computed == computed
 
 
+@pytest.fixture
+def downloads(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[bytes, str, str | None]]:
+    """file id → (bytes, mime type, file name) of every file the app hands to Streamlit.
+
+    AppTest keeps a download button's file in a media store that lives for one run only; the
+    button's ``url`` names the file by its id, so recording what is stored lets a test read the
+    bytes a user would download.
+    """
+    files: dict[str, tuple[bytes, str, str | None]] = {}
+    store_file = MemoryMediaFileStorage.load_and_get_id
+
+    def record(
+        self: MemoryMediaFileStorage,
+        path_or_data: str | bytes,
+        mimetype: str,
+        kind: Any,
+        filename: str | None = None,
+    ) -> str:
+        file_id = store_file(self, path_or_data, mimetype, kind, filename)
+        assert isinstance(path_or_data, bytes)
+        files[file_id] = (path_or_data, mimetype, filename)
+        return file_id
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
+    return files
+
+
+def downloaded(
+    at: AppTest, files: dict[str, tuple[bytes, str, str | None]], key: str
+) -> tuple[bytes, str, str | None]:
+    (button,) = [b for b in at.get("download_button") if b.proto.id.endswith(f"-{key}")]
+    return files[PurePosixPath(button.proto.url).stem]
+
+
+def test_the_parquet_download_holds_the_csv_table(
+    downloads: dict[str, tuple[bytes, str, str | None]],
+) -> None:
+    at = start()
+    at.selectbox(key=state.DATASET_A).set_value("more.txt")
+    at.button(key="run_dataset").click().run()
+    assert_serving(at)
+    csv, csv_mime, csv_name = downloaded(at, downloads, "download_dataset")
+    parquet, parquet_mime, parquet_name = downloaded(at, downloads, "download_dataset_parquet")
+    assert (csv_mime, csv_name) == ("text/csv", "more-routes.csv")
+    assert (parquet_mime, parquet_name) == ("application/vnd.apache.parquet", "more-routes.parquet")
+    assert parquet.startswith(b"PAR1")
+    from_csv = pd.read_csv(io.BytesIO(csv))
+    from_parquet = pd.read_parquet(io.BytesIO(parquet))
+    assert len(from_csv) > 0 and set(from_csv["n_prompts"]) == {len(FILE_PROMPTS)}
+    pd.testing.assert_frame_equal(from_parquet, from_csv, check_dtype=False)
+
+
 def test_two_files_side_by_side_with_their_difference() -> None:
     at = start()
     at.selectbox(key=state.DATASET_A).set_value("more.txt")
@@ -52,8 +107,9 @@ def test_two_files_side_by_side_with_their_difference() -> None:
     assert len(heatmaps(at)) == 3  # a, b and b − a
     diff = next(d.value for d in at.dataframe if "frequency_diff" in d.value.columns)
     assert (diff["frequency_diff"] == diff["frequency_b"] - diff["frequency_a"]).all()
-    ids = " ".join(b.proto.id for b in at.get("download_button"))
-    assert "download_diff" in ids and "download_a" in ids and "download_b" in ids
+    keys = {b.proto.id.rsplit("-", 1)[-1] for b in at.get("download_button")}
+    for key in ("download_diff", "download_a", "download_b"):
+        assert {key, f"{key}_parquet"} <= keys
     assert len(PROMPTS) and route_caption(at)  # the route tab is still there
 
 

@@ -253,6 +253,7 @@ def test_faithfulness_table_rows() -> None:
     report = FaithfulnessReport(
         position=5,
         threshold=0.04,
+        renormalize=True,
         mode="mean",
         metric="logit_diff",
         target=" Mary",

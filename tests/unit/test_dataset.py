@@ -166,20 +166,6 @@ def test_write_table_csv_and_parquet(table: pd.DataFrame, tmp_path: Path) -> Non
         write_table(table, tmp_path / "r.xlsx")
 
 
-def test_parquet_without_pyarrow_is_a_clear_error(
-    table: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a)
-    )
-    with pytest.raises(DatasetError, match="pip install pyarrow"):
-        write_table(table, tmp_path / "r.parquet")
-    assert not (tmp_path / "r.parquet").exists()
-
-
 # -- CLI --------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from llm_flow.faithfulness import (
 from llm_flow.graph import layer_head_contributions, trace
 from llm_flow.interventions import MeanActivations, mean_activations
 from llm_flow.models.bridge import BridgeLlm
-from llm_flow.routes import find_route
+from llm_flow.routes import Route, find_route
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
 from tests.tiny import prompt, tiny_llm
@@ -101,6 +101,41 @@ def test_log_prob_metric_and_default_target(llm: BridgeLlm) -> None:
     assert report.full == pytest.approx(float(run.logits[-1].log_softmax(-1)[top]), abs=1e-5)
     span = report.full - report.all_ablated
     assert report.route.share == pytest.approx((report.route.value - report.all_ablated) / span)
+
+
+def test_renormalize_is_passed_to_the_route_and_leaves_the_components(
+    llm: BridgeLlm, means: MeanActivations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check tests the route as asked (with or without renormalized weights); τ prunes on
+    the original scale, so both routes have the same components and hence the same scores."""
+    import llm_flow.faithfulness as module
+
+    asked: list[bool] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Route:
+        route = find_route(*args, **kwargs)
+        asked.append(route.renormalize)
+        return route
+
+    monkeypatch.setattr(module, "find_route", spy)
+    kwargs: dict[str, Any] = {"target": "w3", "distractor": "w7", "means": means, "seeds": [0]}
+    raw = faithfulness(llm, TEXT, threshold=0.02, renormalize=False, **kwargs)
+    scaled = faithfulness(llm, TEXT, threshold=0.02, **kwargs)
+    assert asked == [False, True]
+    assert (raw.renormalize, scaled.renormalize) == (False, True)
+    assert raw.to_dict()["renormalize"] is False and scaled.to_dict()["renormalize"] is True
+
+    run, graph = trace(llm, TEXT)
+    want = route_components(run, find_route(graph, [-1], 0.02, renormalize=False))
+    assert 0 < want.n_heads < want.heads.numel()
+    assert (raw.n_route_heads, raw.n_route_ffn) == (want.n_heads, want.n_ffn)
+    assert (scaled.n_route_heads, scaled.n_route_ffn) == (want.n_heads, want.n_ffn)
+    for a, b in zip(
+        (raw.route, raw.complement, raw.route_heads, *raw.random),
+        (scaled.route, scaled.complement, scaled.route_heads, *scaled.random),
+        strict=True,
+    ):
+        assert a.value == pytest.approx(b.value, abs=1e-6)
 
 
 def test_head_mask_follows_the_per_head_threshold(llm: BridgeLlm) -> None:
@@ -182,6 +217,18 @@ def test_cli_json(capsys: pytest.CaptureFixture[str], config_file: Path) -> None
     assert random["ablated_heads"] == data["route_heads"]["ablated_heads"]
     assert data["components"]["heads_on_route"] == data["complement"]["ablated_heads"]
     assert data["full"] == pytest.approx(data["route"]["value"] / data["route"]["share"], rel=1e-6)
+
+
+def test_cli_no_renormalize(capsys: pytest.CaptureFixture[str], config_file: Path) -> None:
+    base = ("--threshold", "0.02", "--mode", "zero", "--seeds", "1")
+    code, out, err = cli(capsys, config_file, *base, "--no-renormalize")
+    assert (code, err) == (0, "")
+    raw: dict[str, Any] = json.loads(out)
+    code, out, err = cli(capsys, config_file, *base)
+    assert (code, err) == (0, "")
+    scaled: dict[str, Any] = json.loads(out)
+    assert raw["renormalize"] is False and scaled["renormalize"] is True
+    assert raw["components"] == scaled["components"]  # the same components either way
 
 
 @pytest.mark.parametrize(
