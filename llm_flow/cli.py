@@ -13,13 +13,13 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llm_flow.config import AppConfig, default_config, load_config
 from llm_flow.errors import LlmFlowError, PromptError
 
 if TYPE_CHECKING:
-    from llm_flow.interventions import MeanActivations
+    from llm_flow.interventions import Ablation, MeanActivations
     from llm_flow.models import BridgeLlm
 
 EXIT_USAGE = 2
@@ -118,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ablation_args(ablate, default_mode="zero")
     ablate.add_argument("--position", type=int, default=-1, help="output position (-1: last)")
     ablate.add_argument("--top", type=int, default=5, help="tokens listed before/after (5)")
+    ablate.add_argument(
+        "--graph-diff",
+        action="store_true",
+        help="also trace the ablated run and compare its route with the original one",
+    )
+    ablate.add_argument(
+        "--threshold", type=float, default=0.04, help="τ of the --graph-diff routes (0.04)"
+    )
+    ablate.add_argument(
+        "--no-renormalize", action="store_true", help="--graph-diff routes with raw weights"
+    )
     _add_contrast_args(ablate)
 
     faith = sub.add_parser(
@@ -307,6 +318,7 @@ def _ablate(args: argparse.Namespace) -> None:
         raise LlmFlowError("nothing to ablate; pass --heads, --neurons and/or --edges")
     if args.top < 1:
         raise LlmFlowError(f"--top must be at least 1, got {args.top}")
+    _threshold(args.threshold)
     config, llm = _load(args)
     prompt = _checked_prompt(config, args.prompt)
     ids = llm.tokenize(prompt)
@@ -314,11 +326,12 @@ def _ablate(args: argparse.Namespace) -> None:
     a = b = None
     if args.target is not None:
         a, b = contrast_ids(llm, args.target, args.distractor)
+    means = _means(args, config, llm)
     result = ablate(
         llm,
         prompt,
         ablation,
-        means=_means(args, config, llm),
+        means=means,
         target_id=a,
         distractor_id=b,
         position=args.position,
@@ -331,7 +344,32 @@ def _ablate(args: argparse.Namespace) -> None:
         "target": args.target,
         "distractor": args.distractor,
     } | result.to_dict()
+    if args.graph_diff:
+        data["graph_diff"] = _graph_diff(args, llm, prompt, ablation, means, result.position)
     _write(json.dumps(data), None)
+
+
+def _graph_diff(
+    args: argparse.Namespace,
+    llm: BridgeLlm,
+    prompt: str,
+    ablation: Ablation,
+    means: MeanActivations | None,
+    position: int,
+) -> dict[str, Any]:
+    """The routes to ``position`` before and after ``ablation``, compared edge by edge."""
+    from llm_flow.graph import trace
+    from llm_flow.interventions import ablated_trace
+    from llm_flow.route_diff import RouteDiff
+    from llm_flow.routes import find_route
+
+    threshold, renormalize = _threshold(args.threshold), not args.no_renormalize
+    _, before = trace(llm, prompt, keep_patterns=False)
+    _, after = ablated_trace(llm, prompt, ablation, means)
+    return RouteDiff(
+        find_route(before, [position], threshold, renormalize),
+        find_route(after, [position], threshold, renormalize),
+    ).to_dict()
 
 
 def _faithfulness(args: argparse.Namespace) -> None:

@@ -222,7 +222,7 @@ def direct_effects(llm: BridgeLlm, run: ModelRun, c: Contrast) -> DirectEffects:
         per_source = torch.einsum("shk,hk->sh", layer.values.to(f32), head_dir)  # [S, H]
         a_scale = layer.attn_scale[p].to(f32)
         heads.append(layer.pattern[:, p, :].to(f32).T * a_scale * per_source)  # [S, H]
-        attn_bias.append(a_scale * (layer.b_O.to(f32) @ e_l))
+        attn_bias.append(a_scale * (layer.token_b_O[p].to(f32) @ e_l))
         m_scale = layer.mlp_scale[p].to(f32)
         neurons.append(layer.neuron_acts[p].to(f32) * m_scale * (layer.W_out.to(f32) @ e_l))
         mlp_bias.append(m_scale * (layer.b_out.to(f32) @ e_l))

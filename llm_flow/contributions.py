@@ -200,8 +200,9 @@ def layer_contributions(
 ) -> LayerContributions:
     """Contributions of one layer; ``resid_mid=None`` means parallel attention + MLP.
 
-    attn_bias [D] is the (post-norm-folded) output bias; with ``attn_scale`` [T] it becomes the
-    per-token bias part ``attn_scale[t] · attn_bias``, its own part, never silently dropped.
+    attn_bias [D] (or [T, D] per token) is the (post-norm-folded) output bias; with
+    ``attn_scale`` [T] it becomes the per-token bias part ``attn_scale[t] · attn_bias``, its own
+    part, never silently dropped.
     """
     attn_whole = resid_post if resid_mid is None else resid_mid
     fixed = _fixed_attention_parts(resid_pre, resid_mid, mlp_update, attn_scale, attn_bias)
@@ -236,7 +237,7 @@ def _fixed_attention_parts(
 ) -> Tensor:
     """The non-token parts of the attention sum → [T, K, D]: the residual, the bias and, for
     parallel blocks (``resid_mid`` None), the FFN update written in the same sum."""
-    bias_part = attn_scale.to(attn_bias.dtype)[:, None] * attn_bias[None, :]  # [T, D]
+    bias_part = attn_scale.to(attn_bias.dtype)[:, None] * attn_bias  # [T, D]; bias [D] or [T, D]
     fixed = [resid_pre, bias_part] + ([mlp_update] if resid_mid is None else [])
     return torch.stack(fixed, dim=1)
 

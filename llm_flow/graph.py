@@ -13,8 +13,9 @@ and ``M{l}_t`` → ``I{l}_t``, the same weight).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -113,8 +114,10 @@ def trace(
     keep_patterns: bool = True,
     memory_budget: int | None = None,
     on_layer: Callable[[int, int], None] | None = None,
+    fwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
 ) -> tuple[ModelRun, FlowGraph]:
-    """One forward pass and the full contribution graph.
+    """One forward pass and the full contribution graph (of the intervened pass, with
+    ``fwd_hooks``; see :meth:`~llm_flow.models.base.TransparentLlm.run`).
 
     Each layer's contributions are computed as soon as the layer has run, so with
     ``keep_patterns=False`` only one layer's attention pattern is alive at a time (holding every
@@ -129,5 +132,5 @@ def trace(
         if on_layer is not None:
             on_layer(len(done), n_layers)
 
-    run = llm.run(prompt, on_layer=reduce, keep_patterns=keep_patterns)
+    run = llm.run(prompt, on_layer=reduce, keep_patterns=keep_patterns, fwd_hooks=fwd_hooks)
     return run, FlowGraph.from_layers(run, done)

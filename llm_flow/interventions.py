@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from llm_flow.errors import LlmFlowError
-from llm_flow.models.base import ModelInfo
+from llm_flow.graph import FlowGraph, trace
+from llm_flow.models.base import ModelInfo, ModelRun
 
 if TYPE_CHECKING:
     from llm_flow.models.bridge import BridgeLlm
@@ -337,10 +338,14 @@ def ablation_hooks(
     ``n_tokens`` tokens: one boolean mask per hooked layer, replaced in one step."""
     heads: dict[int, Tensor] = {}
     neurons: dict[int, Tensor] = {}
-    edges: dict[int, list[tuple[int | slice, int, int]]] = defaultdict(list)
+    cuts: dict[int, list[tuple[int | slice, int | slice, int | slice]]] = defaultdict(list)
     for h in ablation.heads:
         mask = heads.setdefault(h.layer, torch.zeros(n_tokens, info.n_heads, dtype=torch.bool))
-        mask[slice(None) if h.position is None else h.position, h.head] = True
+        rows = slice(None) if h.position is None else h.position
+        mask[rows, h.head] = True
+        # The head's pattern rows are cut too: the output does not change (z is replaced), but a
+        # traced run then sees the head read from no token, and books its new z as bias.
+        cuts[h.layer].append((h.head, rows, slice(None)))
     for n in ablation.neurons:
         mask = neurons.setdefault(n.layer, torch.zeros(n_tokens, info.d_mlp, dtype=torch.bool))
         mask[slice(None) if n.position is None else n.position, n.neuron] = True
@@ -348,9 +353,9 @@ def ablation_hooks(
         mask = neurons.setdefault(f.layer, torch.zeros(n_tokens, info.d_mlp, dtype=torch.bool))
         mask[slice(None) if f.position is None else f.position] = True
     for e in ablation.edges:
-        edges[e.layer].append((slice(None) if e.head is None else e.head, e.target, e.source))
+        cuts[e.layer].append((slice(None) if e.head is None else e.head, e.target, e.source))
 
-    def cut(picks: Sequence[tuple[int | slice, int, int]]) -> Callable[..., Tensor]:
+    def cut(picks: Sequence[tuple[int | slice, int | slice, int | slice]]) -> Callable[..., Tensor]:
         def hook(tensor: Tensor, hook: Any) -> Tensor:  # [1, H, T, S]
             out = tensor.clone()
             for head, target, source in picks:
@@ -360,7 +365,7 @@ def ablation_hooks(
         return hook
 
     hooks = mask_hooks(heads, neurons, ablation.mode, means)
-    hooks += [(f"blocks.{layer}.attn.hook_pattern", cut(p)) for layer, p in sorted(edges.items())]
+    hooks += [(f"blocks.{layer}.attn.hook_pattern", cut(p)) for layer, p in sorted(cuts.items())]
     return hooks
 
 
@@ -374,6 +379,25 @@ def ablated_logits(
     checked = validate(ablation, llm.info, len(token_ids))
     hooks = ablation_hooks(checked, llm.info, len(token_ids), means)
     return llm.logits_with_hooks(token_ids, hooks)
+
+
+def ablated_trace(
+    llm: BridgeLlm,
+    prompt: str,
+    ablation: Ablation,
+    means: MeanActivations | None = None,
+    *,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> tuple[ModelRun, FlowGraph]:
+    """The run and contribution graph of ``prompt`` with ``ablation`` applied (validated here).
+
+    Every self-check holds for the ablated pass: an ablated head reads from no token, and what
+    it writes instead (the mean, under mean ablation) is booked as that token's bias, a part no
+    node writes; ablated neurons write their replacement value inside their FFN block.
+    """
+    n_tokens = len(llm.tokenize(prompt))
+    hooks = ablation_hooks(validate(ablation, llm.info, n_tokens), llm.info, n_tokens, means)
+    return trace(llm, prompt, fwd_hooks=hooks, on_layer=on_layer)
 
 
 # -- before / after ---------------------------------------------------------------------------

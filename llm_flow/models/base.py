@@ -17,8 +17,9 @@ Architecture differences are resolved here so the numeric core never branches on
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,7 +70,7 @@ class LayerRun:
     attn_scale: Tensor  # [T] post-norm 1/rms per token; ones for pre-norm blocks
     mlp_scale: Tensor  # [T]
     W_O: Tensor  # [H, d_head, D] post-norm gain folded in
-    b_O: Tensor  # [D] zeros when the model has no output bias
+    b_O: Tensor  # [D] zeros when the model has no output bias; [T, D] in an intervened run
     W_out: Tensor  # [d_mlp, D] post-norm gain folded in
     b_out: Tensor  # [D]
 
@@ -78,6 +79,11 @@ class LayerRun:
         """What the FFN update is added to in its sum → [T, D]: resid_mid, or for parallel blocks
         the rest of the one sum into resid_post (residual + attention update)."""
         return self.resid_post - self.mlp_update if self.resid_mid is None else self.resid_mid
+
+    @property
+    def token_b_O(self) -> Tensor:
+        """The attention output bias of every token → [T, D] (a view when ``b_O`` is [D])."""
+        return self.b_O.expand_as(self.resid_pre)
 
     def head_outputs(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Per-source, per-head output vectors ``v[s, h] @ W_O[h]`` → [T, H, D].
@@ -148,12 +154,16 @@ class TransparentLlm(ABC):
         *,
         on_layer: LayerCallback | None = None,
         keep_patterns: bool = True,
+        fwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
     ) -> ModelRun:
         """Run one forward pass.
 
         ``on_layer`` is called with each :class:`LayerRun` as soon as that layer has run, so a
         consumer can reduce it (e.g. to contributions) before the next layer starts; with
-        ``keep_patterns=False`` the returned run holds no attention patterns.
+        ``keep_patterns=False`` the returned run holds no attention patterns. ``fwd_hooks``
+        (hook name, fn) intervene before anything is captured, so the run — and every
+        self-check — describes the intervened forward pass; what an intervention writes into a
+        head's output that no source token explains becomes that token's bias (``b_O`` [T, D]).
         """
 
     @property

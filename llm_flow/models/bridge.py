@@ -194,8 +194,13 @@ class BridgeLlm(TransparentLlm):
         *,
         on_layer: LayerCallback | None = None,
         keep_patterns: bool = True,
+        fwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
     ) -> ModelRun:
         token_ids = self.tokenize(prompt)
+        self._check_hook_names(fwd_hooks)
+        # An intervention may replace a head's mixed values z; capture z to book what the
+        # pattern does not explain as that token's bias (see _layer_run).
+        layer_hooks = _LAYER_HOOKS | ({"z": "attn.hook_z"} if fwd_hooks else {})
         captured: dict[int, dict[str, Tensor]] = {i: {} for i in range(self._n_layers)}
         final: dict[str, Tensor] = {}
         layers: list[LayerRun] = []
@@ -221,17 +226,19 @@ class BridgeLlm(TransparentLlm):
             final["scale"] = tensor[0, :, 0].detach()
 
         hook_names = self._hook_names()
-        fwd_hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = []
+        # Intervention hooks first: TransformerLens runs a hook point's hooks in the order they
+        # were added, so the captures below see the activations the interventions wrote.
+        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = list(fwd_hooks)
         for layer in range(self._n_layers):
-            for key, suffix in _LAYER_HOOKS.items():
+            for key, suffix in layer_hooks.items():
                 name = f"blocks.{layer}.{suffix}"
                 if name in hook_names:
                     hook_fn = finish(layer) if key == "resid_post" else store(layer, key)
-                    fwd_hooks.append((name, hook_fn))
-        fwd_hooks.append(("ln_final.hook_scale", final_scale))
+                    hooks.append((name, hook_fn))
+        hooks.append(("ln_final.hook_scale", final_scale))
         tokens = torch.tensor([token_ids], device=self._device)
         with self._lock, torch.inference_mode():
-            logits = self._bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+            logits = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
         return ModelRun(
             model_name=self._name,
             token_ids=tuple(token_ids),
@@ -257,10 +264,7 @@ class BridgeLlm(TransparentLlm):
         built. With ``grad=True`` the pass runs with autograd on (not in inference mode) and the
         logits keep their graph and dtype, for gradients with respect to hooked activations.
         """
-        known = self._hook_names()
-        unknown = sorted({name for name, _ in fwd_hooks if name not in known})
-        if unknown:
-            raise ValueError(f"unknown hook name(s) {unknown}; e.g. 'blocks.0.attn.hook_z'")
+        self._check_hook_names(fwd_hooks)
         tokens = torch.tensor([list(token_ids)], device=self._device)
         hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = list(fwd_hooks)
         if grad:
@@ -274,6 +278,12 @@ class BridgeLlm(TransparentLlm):
     def _hook_names(self) -> set[str]:
         return set(self._bridge.hook_dict)
 
+    def _check_hook_names(self, fwd_hooks: Sequence[tuple[str, Callable[..., Any]]]) -> None:
+        known = self._hook_names()
+        unknown = sorted({name for name, _ in fwd_hooks if name not in known})
+        if unknown:
+            raise ValueError(f"unknown hook name(s) {unknown}; e.g. 'blocks.0.attn.hook_z'")
+
     def _layer_run(self, layer: int, act: dict[str, Tensor]) -> LayerRun:
         pattern = act["pattern"]
         n_heads = pattern.shape[0]
@@ -285,6 +295,11 @@ class BridgeLlm(TransparentLlm):
         # Post-norm: update = x · g / rms(x); g is folded into the weights, 1/rms kept per token.
         attn_scale = 1 / act["attn_rms"][:, 0] if "attn_rms" in act else ones
         mlp_scale = 1 / act["mlp_rms"][:, 0] if "mlp_rms" in act else ones
+        weights = self._weights[layer]
+        if "z" in act:  # an intervention ran: what z holds beyond Σ_s A v is written by no token
+            mixed = torch.einsum("hts,shk->thk", pattern, values)
+            unexplained = torch.einsum("thk,hkd->td", act["z"] - mixed, weights["W_O"])
+            weights = weights | {"b_O": weights["b_O"] + unexplained}
         return LayerRun(
             index=layer,
             resid_pre=act["resid_pre"],
@@ -297,5 +312,5 @@ class BridgeLlm(TransparentLlm):
             neuron_acts=act["neuron_acts"],
             attn_scale=attn_scale,
             mlp_scale=mlp_scale,
-            **self._weights[layer],
+            **weights,
         )
