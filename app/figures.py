@@ -20,7 +20,7 @@ import html
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,7 @@ from llm_flow.faithfulness import FaithfulnessReport
 from llm_flow.graph import FlowGraph, node_id, source_id
 from llm_flow.interventions import Outcome
 from llm_flow.lens import TokenScore
+from llm_flow.route_diff import STATUSES, EdgeChange, RouteDiff
 from llm_flow.routes import Route
 
 # Colours readable on Streamlit's light and dark themes alike.
@@ -45,6 +46,7 @@ NODE_COLOUR = "rgb(110, 110, 110)"
 HIGHLIGHT = "rgb(228, 26, 28)"
 POSITIVE = "rgb(44, 160, 44)"
 NEGATIVE = "rgb(214, 39, 40)"
+DIFF_RGB = {"kept": (150, 150, 150), "lost": (214, 39, 40), "gained": (44, 160, 44)}
 
 N_WEIGHT_BINS = 8  # edges are drawn in this many width/opacity steps (one trace each)
 MAX_VISIBLE_TOKENS = 40  # longer prompts open zoomed on the output position; pan to see more
@@ -372,10 +374,7 @@ def flow_figure(
     # Click handles of attention edges; residual edges select the node they lead to.
     hx, hy, hid, htext = [], [], [], []
     for (layer, t, s), weight in zip(att_idx.tolist(), attention.weights.tolist(), strict=True):
-        if s == t:
-            x, y = t - SELF_BOW, 2 * layer + 0.5
-        else:
-            x, y = s + HANDLE_AT * (t - s), 2 * layer + HANDLE_AT
+        x, y = _edge_handle(layer, t, s)
         hx.append(x)
         hy.append(y)
         edge = attention_edge(layer, t, s)
@@ -444,10 +443,18 @@ def flow_figure(
     if selection is not None:
         traces += _highlight(selection, route, n_layers)
 
+    return _graph_figure(traces, tokens, n_layers, position)
+
+
+def _graph_figure(
+    traces: list[go.Scatter], tokens: Sequence[str], n_layers: int, position: int
+) -> go.Figure:
+    """The layer × token axes, legend and height every graph picture shares."""
     # An empty trace on a second x axis: plotly draws an axis only when a trace uses it, and
     # the tall figure needs its token labels on top as well as at the bottom.
     traces.append(go.Scatter(x=[None], y=[None], xaxis="x2", showlegend=False, hoverinfo="skip"))
     fig = go.Figure(traces)
+    n_tokens = len(tokens)
     tick_vals, tick_text = _x_ticks(tokens)
     y_vals, y_text = _y_ticks(n_layers)
     token_axis = {
@@ -485,6 +492,84 @@ def flow_figure(
         },
     )
     return fig
+
+
+def _edge_handle(layer: int, t: int, s: int) -> tuple[float, float]:
+    """Where the click/hover marker of attention edge s → t of ``layer`` sits."""
+    if s == t:
+        return t - SELF_BOW, 2 * layer + 0.5
+    return s + HANDLE_AT * (t - s), 2 * layer + HANDLE_AT
+
+
+def diff_figure(diff: RouteDiff, *, position: int) -> go.Figure:
+    """The routes before and after an intervention in one picture: edges on both routes grey,
+    edges only before red (lost), only after green (gained); widths follow the weight on the
+    route each edge is on (kept edges: after). Hover an attention edge or an FFN block for its
+    weights before → after."""
+    before, after = diff.before, diff.after
+    graph = before.graph
+    n_layers, tokens = graph.n_layers, graph.tokens
+    union = replace(
+        after,
+        embeddings=before.embeddings | after.embeddings,
+        after_attention=before.after_attention | after.after_attention,
+        after_layer=before.after_layer | after.after_layer,
+    )
+    traces: list[go.Scatter] = []
+    xs, ys, ids, texts = _residual_nodes(union, n_layers, tokens, on_route=True)
+    traces.append(
+        _node_trace(
+            xs,
+            ys,
+            ids,
+            texts,
+            name="node",
+            group="nodes",
+            colour=NODE_COLOUR,
+            symbol="circle",
+            size=[4 if i.startswith("A") else 6 for i in ids],
+        )
+    )
+    hx, hy, htext = [], [], []
+    for status in STATUSES:
+        part = diff.part(status)
+        rgb = DIFF_RGB[status]
+        traces.append(_legend_entry(f"{status} ({part.n_edges})", status, _rgb(rgb)))
+        attention, idx = _attention_edges(part)
+        for edges in (
+            _vertical_edges(part.attn_residual, part.attn_residual_weights, 0.0),
+            _vertical_edges(part.ffn_residual, part.ffn_residual_weights, 1.0),
+            _ffn_edges(part),
+            attention,
+        ):
+            traces += _line_traces(edges, rgb, status)
+        for layer, t, s in idx.tolist():
+            x, y = _edge_handle(layer, t, s)
+            was, now = (_attention_weight(r, layer, t, s) for r in (before, after))
+            hx.append(x)
+            hy.append(y)
+            htext.append(
+                f"<b>{status}</b> attention {source_id(layer, s)} → {node_id('A', layer, t)}<br>"
+                f"{plotly_text(tokens[s])} → {plotly_text(tokens[t])}<br>"
+                f"weight {was:.3f} → {now:.3f}"
+            )
+        for layer, t in part.ffn.nonzero().tolist():
+            was, now = (float(r.ffn_weights[layer, t]) for r in (before, after))
+            hx.append(t + FFN_OFFSET)
+            hy.append(2 * layer + 1.5)
+            htext.append(
+                f"<b>{status}</b> {_node_text('M', layer, t, tokens)}<br>"
+                f"weight {was:.3f} → {now:.3f}"
+            )
+    traces.append(_handles(hx, hy, [""] * len(hx), htext, "handles"))
+    return _graph_figure(traces, tokens, n_layers, position)
+
+
+def _attention_weight(route: Route, layer: int, t: int, s: int) -> float:
+    """The weight of attention edge s → t of ``layer`` on ``route`` (0 when it is not on it)."""
+    if not bool(route.attention[layer, t, s]):
+        return 0.0
+    return float(route.graph.attention[layer, t, s] * route.attn_factor[layer, t])
 
 
 def _rgb(rgb: tuple[int, int, int]) -> str:
@@ -543,11 +628,7 @@ def _highlight(selection: Selection, route: Route, n_layers: int) -> list[go.Sca
                 showlegend=False,
             )
         )
-        x, y = (
-            (t - SELF_BOW, 2 * layer + 0.5)
-            if s == t
-            else (s + HANDLE_AT * (t - s), 2 * layer + HANDLE_AT)
-        )
+        x, y = _edge_handle(layer, t, s)
     elif selection.kind == "ffn":
         x, y = t + FFN_OFFSET, 2 * layer + 1.5
     elif selection.node == "X":
@@ -839,6 +920,31 @@ def faithfulness_table(report: FaithfulnessReport) -> pd.DataFrame:
     return pd.DataFrame(
         rows, columns=["ablated", "head positions", "FFN blocks", metric, "share of full"]
     )
+
+
+def route_diff_table(edges: Sequence[EdgeChange], tokens: Sequence[str]) -> pd.DataFrame:
+    """The edges of a route diff (largest |change| first, as :meth:`RouteDiff.edges` gives
+    them) with the tokens they connect."""
+
+    def token_of(node: str) -> str:
+        return table_token(tokens[int(node.rsplit("_", 1)[1])])
+
+    rows = [
+        (
+            e.status,
+            e.kind,
+            f"{e.source} → {e.target}",
+            token_of(e.source)
+            if e.kind != "attention"
+            else f"{token_of(e.source)} → {token_of(e.target)}",
+            e.before,
+            e.after,
+            e.change,
+        )
+        for e in edges
+    ]
+    columns = ["status", "kind", "edge", "tokens", "before", "after", "change"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 # -- dataset mode -----------------------------------------------------------------------------

@@ -8,16 +8,27 @@ ablation averages over a prompt file chosen only from the config's ``prompts_dir
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import streamlit as st
 
 from app import figures, state
 from app.figures import display_token, markdown_text
 from app.prompts import prompt_files
 from app.selection import Selection
-from app.state import AblationKey, FaithfulnessKey, LoadedModel, MeansKey, ModelKey, Trace
+from app.state import (
+    AblatedGraphKey,
+    AblationKey,
+    FaithfulnessKey,
+    LoadedModel,
+    MeansKey,
+    ModelKey,
+    Trace,
+)
 from llm_flow.config import AppConfig
 from llm_flow.errors import LlmFlowError
 from llm_flow.faithfulness import DEFAULT_SEEDS
+from llm_flow.graph import FlowGraph
 from llm_flow.interventions import (
     Ablation,
     EdgeRef,
@@ -25,10 +36,22 @@ from llm_flow.interventions import (
     parse_heads,
     parse_neurons,
 )
+from llm_flow.route_diff import STATUSES, RouteDiff
+from llm_flow.routes import find_route
 
 DEFAULT_MEAN_FILE = "factual.txt"
+DIFF_ROWS = 15  # edges listed under the route diff, largest change first
 MAX_DRAWS = 50
 _PROB = {"prob": st.column_config.NumberColumn(format="%.3f")}
+
+
+@dataclass(frozen=True)
+class RouteView:
+    """The route the graph shows: output position and the sidebar's threshold settings."""
+
+    position: int
+    threshold: float
+    renormalize: bool
 
 
 def _error(exc: LlmFlowError, hint: str) -> None:
@@ -116,10 +139,25 @@ def section(
 ) -> None:
     """The "Ablate and check faithfulness" expander below the graph (``threshold`` and
     ``renormalize``: the sidebar's, so the check tests the route the graph shows)."""
-    open_ = state.shown_ablation() is not None or state.shown_faithfulness() is not None
-    with st.expander("Ablate components and check the route's faithfulness", expanded=open_):
+    # A keyed, state-tracking expander stays open across the reruns its own widgets cause (an
+    # untracked one was re-created closed whenever the page above it changed).
+    with st.expander(
+        "Ablate components and check the route's faithfulness",
+        key=state.INTERVENTIONS,
+        on_change="rerun",
+    ):
         mode, mean_file = _mode_controls(cfg)
-        ablation_part(cfg, model_key, model, trace, position, selection, pair, mode, mean_file)
+        ablation_part(
+            cfg,
+            model_key,
+            model,
+            trace,
+            RouteView(position, threshold, renormalize),
+            selection,
+            pair,
+            mode,
+            mean_file,
+        )
         st.divider()
         faithfulness_part(
             cfg, model_key, model, trace, position, threshold, renormalize, pair, mode, mean_file
@@ -131,13 +169,14 @@ def ablation_part(
     model_key: ModelKey,
     model: LoadedModel,
     trace: Trace,
-    position: int,
+    view: RouteView,
     selection: Selection | None,
     pair: tuple[str, str] | None,
     mode: str,
     mean_file: str | None,
 ) -> None:
     info = model.llm.info
+    position = view.position
     st.markdown("**Ablate** heads, neurons or the selected attention edge, and re-run")
     left, middle, right = st.columns([3, 2, 2])  # room for a few head tags
     heads = left.multiselect(
@@ -169,6 +208,13 @@ def ablation_part(
             key = AblationKey(trace.key, position, ablation, means_key, pair)
             with st.spinner("Running the model with and without the ablation…"):
                 state.get_ablation(key, model, means)
+            bar = st.progress(0.0, text="Contributions of the ablated run…")
+
+            def on_layer(done: int, total: int) -> None:
+                bar.progress(done / total, text=f"Contributions of the ablated run: layer {done}")
+
+            state.get_ablated_graph(_graph_key(key), model, means, on_layer=on_layer)
+            bar.empty()
             state.show_ablation(key)
         except LlmFlowError as exc:
             _error(exc, "Fix the heads or neurons above and run the ablation again.")
@@ -211,6 +257,46 @@ def ablation_part(
             f"Logit difference “{display_token(pair[0])}” − “{display_token(pair[1])}” at "
             f"token {result.position}."
         )
+    graph = state.cached_ablated_graph(_graph_key(shown))
+    if graph is not None:
+        _route_diff(trace, graph, view)
+
+
+def _graph_key(key: AblationKey) -> AblatedGraphKey:
+    return AblatedGraphKey(key.trace, key.ablation, key.means)
+
+
+def _route_diff(trace: Trace, ablated: FlowGraph, view: RouteView) -> None:
+    """The route before vs after the ablation, at the sidebar's threshold, as a picture and a
+    table of the edges that changed most."""
+    diff = RouteDiff(
+        find_route(trace.graph, [view.position], view.threshold, view.renormalize),
+        find_route(ablated, [view.position], view.threshold, view.renormalize),
+    )
+    edges = diff.edges()
+    counts = {status: sum(e.status == status for e in edges) for status in STATUSES}
+    st.markdown("**Route before vs after the ablation**")
+    st.caption(
+        f"τ = {view.threshold:.3f}"
+        + (", renormalized" if view.renormalize else "")
+        + f": {counts['kept']} edges kept, {counts['lost']} lost (red), "
+        f"{counts['gained']} gained (green). Hover an attention edge or FFN block for its "
+        "weight before → after."
+    )
+    st.plotly_chart(
+        figures.diff_figure(diff, position=view.position),
+        key="route_diff",
+        config={"displaylogo": False},
+    )
+    st.dataframe(
+        figures.route_diff_table(edges, trace.graph.tokens).head(DIFF_ROWS),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            name: st.column_config.NumberColumn(format="%.3f")
+            for name in ("before", "after", "change")
+        },
+    )
 
 
 def faithfulness_part(

@@ -60,7 +60,13 @@ from llm_flow.errors import LlmFlowError
 from llm_flow.export import Prediction
 from llm_flow.faithfulness import FaithfulnessReport, faithfulness
 from llm_flow.graph import FlowGraph, layer_head_contributions, trace
-from llm_flow.interventions import Ablation, AblationResult, MeanActivations, ablate
+from llm_flow.interventions import (
+    Ablation,
+    AblationResult,
+    MeanActivations,
+    ablate,
+    ablated_trace,
+)
 from llm_flow.interventions import mean_activations as compute_means
 from llm_flow.models import BridgeLlm, ModelRun, load_model
 from llm_flow.prompts import read_prompt_file
@@ -76,6 +82,7 @@ MAX_CONTRAST_EFFECTS = 4
 MAX_CONTRAST_TABLES = 16
 MAX_MEANS = 4
 MAX_ABLATIONS = 32
+MAX_ABLATED_GRAPHS = 8  # a graph is [L, T, T] floats: 120 MB for 30 layers × 1000 tokens
 MAX_FAITHFULNESS = 16
 MAX_DATASETS = 8
 
@@ -103,6 +110,7 @@ ABLATE_EDGE = "ablate_edge"
 ABLATION_MODE = "ablation_mode"
 MEAN_FILE = "mean_file"
 FAITHFULNESS_DRAWS = "faithfulness_draws"
+INTERVENTIONS = "interventions_open"  # the ablation/faithfulness expander
 DATASET_A = "dataset_a"
 DATASET_B = "dataset_b"
 # Session-state keys of values no widget owns.
@@ -113,11 +121,11 @@ _PROMPT_ERROR = "prompt_error"
 _NOTICES = "notices"
 _VIEW = "view"
 _INITIALIZED = "initialized"
-_SHOWN_ABLATION = "shown_ablation"
+SHOWN_ABLATION = "shown_ablation"
 _TABLE_ROW = "table_row"
 _SHOWN_DATASET = "shown_dataset"
 _PREFERRED_UNIT = "preferred_unit"
-_SHOWN_FAITHFULNESS = "shown_faithfulness"
+SHOWN_FAITHFULNESS = "shown_faithfulness"
 
 CUSTOM_CHOICE = "Custom model…"
 
@@ -219,6 +227,15 @@ class AblationKey:
 
 
 @dataclass(frozen=True)
+class AblatedGraphKey:
+    """The contribution graph of one trace's prompt with an ablation applied."""
+
+    trace: TraceKey
+    ablation: Ablation
+    means: MeansKey | None
+
+
+@dataclass(frozen=True)
 class FaithfulnessKey:
     trace: TraceKey
     position: int
@@ -286,6 +303,9 @@ class Store:
         )
         self.means: BoundedCache[MeansKey, MeanActivations] = BoundedCache(MAX_MEANS)
         self.ablations: BoundedCache[AblationKey, AblationResult] = BoundedCache(MAX_ABLATIONS)
+        self.ablated_graphs: BoundedCache[AblatedGraphKey, FlowGraph] = BoundedCache(
+            MAX_ABLATED_GRAPHS
+        )
         self.faithfulness: BoundedCache[FaithfulnessKey, FaithfulnessReport] = BoundedCache(
             MAX_FAITHFULNESS
         )
@@ -422,6 +442,28 @@ def get_ablation(
         )
 
     return store().ablations.get(key, compute)
+
+
+def get_ablated_graph(
+    key: AblatedGraphKey,
+    model: LoadedModel,
+    means: MeanActivations | None,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> FlowGraph:
+    """The contribution graph of the ablated forward pass (for the route diff)."""
+
+    def compute() -> FlowGraph:
+        llm, prompt = model.llm, key.trace.prompt
+        run_graph = ablated_trace(
+            llm, prompt, key.ablation, means, keep_patterns=False, on_layer=on_layer
+        )
+        return run_graph[1]
+
+    return store().ablated_graphs.get(key, compute)
+
+
+def cached_ablated_graph(key: AblatedGraphKey) -> FlowGraph | None:
+    return store().ablated_graphs.peek(key)
 
 
 def get_faithfulness(
@@ -682,11 +724,11 @@ def preferred_unit(selection_id: str) -> int | None:
 
 
 def show_ablation(key: AblationKey) -> None:
-    st.session_state[_SHOWN_ABLATION] = key
+    st.session_state[SHOWN_ABLATION] = key
 
 
 def shown_ablation() -> AblationKey | None:
-    key: AblationKey | None = st.session_state.get(_SHOWN_ABLATION)
+    key: AblationKey | None = st.session_state.get(SHOWN_ABLATION)
     return key
 
 
@@ -700,11 +742,11 @@ def shown_dataset() -> DatasetKey | None:
 
 
 def show_faithfulness(key: FaithfulnessKey) -> None:
-    st.session_state[_SHOWN_FAITHFULNESS] = key
+    st.session_state[SHOWN_FAITHFULNESS] = key
 
 
 def shown_faithfulness() -> FaithfulnessKey | None:
-    key: FaithfulnessKey | None = st.session_state.get(_SHOWN_FAITHFULNESS)
+    key: FaithfulnessKey | None = st.session_state.get(SHOWN_FAITHFULNESS)
     return key
 
 

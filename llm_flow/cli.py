@@ -365,7 +365,7 @@ def _graph_diff(
 
     threshold, renormalize = _threshold(args.threshold), not args.no_renormalize
     _, before = trace(llm, prompt, keep_patterns=False)
-    _, after = ablated_trace(llm, prompt, ablation, means)
+    _, after = ablated_trace(llm, prompt, ablation, means, keep_patterns=False)
     return RouteDiff(
         find_route(before, [position], threshold, renormalize),
         find_route(after, [position], threshold, renormalize),

@@ -387,6 +387,7 @@ def ablated_trace(
     ablation: Ablation,
     means: MeanActivations | None = None,
     *,
+    keep_patterns: bool = True,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> tuple[ModelRun, FlowGraph]:
     """The run and contribution graph of ``prompt`` with ``ablation`` applied (validated here).
@@ -397,7 +398,7 @@ def ablated_trace(
     """
     n_tokens = len(llm.tokenize(prompt))
     hooks = ablation_hooks(validate(ablation, llm.info, n_tokens), llm.info, n_tokens, means)
-    return trace(llm, prompt, fwd_hooks=hooks, on_layer=on_layer)
+    return trace(llm, prompt, keep_patterns=keep_patterns, on_layer=on_layer, fwd_hooks=hooks)
 
 
 # -- before / after ---------------------------------------------------------------------------

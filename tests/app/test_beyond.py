@@ -16,7 +16,10 @@ from streamlit.testing.v1 import AppTest
 
 from app import figures, state
 from app.selection import parse_selection
+from app.state import AblatedGraphKey
 from llm_flow.faithfulness import DEFAULT_SEEDS
+from llm_flow.route_diff import RouteDiff
+from llm_flow.routes import find_route
 from tests.app.test_app import _offline, assert_serving, errors, route_caption, start
 
 __all__ = ["_offline"]  # the autouse fixture: offline, and the tiny models' config
@@ -164,6 +167,73 @@ def test_mean_ablation_of_neurons_and_the_selected_edge() -> None:
     assert "logit difference" not in [m.label for m in at.metric]  # no contrast given
 
 
+DIFF_COLUMNS = ["status", "kind", "edge", "tokens", "before", "after", "change"]
+
+
+def diff_table(at: AppTest) -> pd.DataFrame:
+    tables = [d.value for d in at.dataframe if list(d.value.columns) == DIFF_COLUMNS]
+    assert len(tables) == 1
+    return tables[0]
+
+
+def diff_caption(at: AppTest) -> str:
+    return next(c.value for c in at.caption if "edges kept" in c.value)
+
+
+def shown_diff(at: AppTest, threshold: float) -> RouteDiff:
+    """The route diff recomputed here from the app's caches: the trace and the ablated graph."""
+    key: state.AblationKey = at.session_state[state.SHOWN_ABLATION]
+    trace = state.cached_trace(key.trace)
+    ablated = state.cached_ablated_graph(AblatedGraphKey(key.trace, key.ablation, key.means))
+    assert trace is not None and ablated is not None
+    return RouteDiff(
+        find_route(trace.graph, [key.position], threshold),
+        find_route(ablated, [key.position], threshold),
+    )
+
+
+def test_ablation_draws_the_route_before_and_after() -> None:
+    at = start({"threshold": "0.02"})
+    at.multiselect(key=state.ABLATE_HEADS).set_value(["0.0", "0.1", "0.2", "0.3"])
+    graphs = state.store().ablated_graphs.computed
+    at.button(key="run_ablation").click().run()
+    assert_serving(at)
+    assert state.store().ablated_graphs.computed == graphs + 1
+    diff = shown_diff(at, 0.02)
+    counts = diff.to_dict()["n_edges"]
+    assert counts["lost"] + counts["gained"] > 0  # ablating every head of layer 0 moves it
+    assert f"{counts['kept']} edges kept, {counts['lost']} lost" in diff_caption(at)
+    table = diff_table(at)
+    want = diff.edges()[: len(table)]
+    assert list(table["edge"]) == [f"{e.source} → {e.target}" for e in want]
+    assert list(table["status"]) == [e.status for e in want]
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    legend = [t["name"] for c in charts for t in c["data"] if t.get("showlegend") is not False]
+    assert f"lost ({counts['lost']})" in legend and f"gained ({counts['gained']})" in legend
+
+    # A new threshold redraws the diff from the cached graphs: no model runs.
+    at.slider(key=state.THRESHOLD).set_value(0.1).run()
+    assert_serving(at)
+    assert state.store().ablated_graphs.computed == graphs + 1
+    counts = shown_diff(at, 0.1).to_dict()["n_edges"]
+    assert f"{counts['kept']} edges kept, {counts['lost']} lost" in diff_caption(at)
+
+
+def test_an_ablated_edge_carries_nothing_after() -> None:
+    at = start({"threshold": "0"})
+    at.session_state[state.SELECTION] = "I0_1->A1_5"
+    at.run()
+    at.checkbox(key=state.ABLATE_EDGE).check()
+    at.button(key="run_ablation").click().run()
+    assert_serving(at)
+    table = diff_table(at)
+    row = table[table["edge"] == "I0_1 → A1_5"]
+    assert len(row) == 1  # the cut edge changed most: it is listed
+    assert float(row["after"].iloc[0]) == 0.0
+    assert float(row["change"].iloc[0]) == pytest.approx(-float(row["before"].iloc[0]))
+    assert float(row["before"].iloc[0]) > 0
+
+
 def test_bad_ablations_show_an_error_and_the_app_keeps_serving() -> None:
     at = start()
     at.button(key="run_ablation").click().run()
@@ -212,7 +282,7 @@ def test_faithfulness_takes_the_draws_and_the_graph_s_renormalize_setting() -> N
     at.toggle(key=state.RENORMALIZE).set_value(False)
     at.button(key="run_faithfulness").click().run()
     assert_serving(at)
-    key: state.FaithfulnessKey = at.session_state[state._SHOWN_FAITHFULNESS]  # what is shown
+    key: state.FaithfulnessKey = at.session_state[state.SHOWN_FAITHFULNESS]  # what is shown
     report = state.cached_faithfulness(key)
     assert report is not None
     assert (key.draws, key.renormalize) == (2, False)
