@@ -1,7 +1,9 @@
-"""Interventions: ablate heads, neurons or the selected edge, and check the route's faithfulness.
+"""Interventions: ablate heads, neurons or the selected edge, compare the route before and after,
+and check the route's faithfulness.
 
-Wiring only: :func:`llm_flow.interventions.ablate` and :func:`llm_flow.faithfulness.faithfulness`
-do the work; results are cached in :mod:`app.state` by everything they were asked with. Mean
+Wiring only: :func:`llm_flow.interventions.ablate`, :func:`~llm_flow.interventions.ablated_trace`
+(with :class:`llm_flow.route_diff.RouteDiff`) and :func:`llm_flow.faithfulness.faithfulness` do
+the work; results are cached in :mod:`app.state` by everything they were asked with. Mean
 ablation averages over a prompt file chosen only from the config's ``prompts_dir``
 (``AppConfig.prompt_file``).
 """
