@@ -299,6 +299,26 @@ def _residual_nodes(
     return xs, ys, ids, texts
 
 
+def _route_nodes(
+    route: Route, tokens: Sequence[str], *, name: str, sizes: tuple[int, int], legend: bool = False
+) -> go.Scatter:
+    """The residual nodes on ``route``; ``sizes`` = (after attention, other): after-attention
+    nodes smaller, so a column reads as layers, not a bead chain."""
+    xs, ys, ids, texts = _residual_nodes(route, route.graph.n_layers, tokens, on_route=True)
+    return _node_trace(
+        xs,
+        ys,
+        ids,
+        texts,
+        name=name,
+        group="nodes",
+        colour=NODE_COLOUR,
+        symbol="circle",
+        size=[sizes[0] if i.startswith("A") else sizes[1] for i in ids],
+        showlegend=legend,
+    )
+
+
 def _x_ticks(tokens: Sequence[str]) -> tuple[list[int], list[str]]:
     step = max(1, math.ceil(len(tokens) / MAX_TICK_LABELS))
     ticks = list(range(0, len(tokens), step))
@@ -422,22 +442,7 @@ def flow_figure(
         )
     )
 
-    xs, ys, ids, texts = _residual_nodes(route, n_layers, tokens, on_route=True)
-    traces.append(
-        _node_trace(
-            xs,
-            ys,
-            ids,
-            texts,
-            name="residual node",
-            group="nodes",
-            colour=NODE_COLOUR,
-            symbol="circle",
-            # After-attention nodes smaller, so a column reads as layers, not a bead chain.
-            size=[5 if i.startswith("A") else 8 for i in ids],
-            showlegend=True,
-        )
-    )
+    traces.append(_route_nodes(route, tokens, name="residual node", sizes=(5, 8), legend=True))
 
     traces.append(_output_row(n_layers, tokens, predictions, position))
     if selection is not None:
@@ -516,20 +521,7 @@ def diff_figure(diff: RouteDiff, *, position: int) -> go.Figure:
         after_layer=before.after_layer | after.after_layer,
     )
     traces: list[go.Scatter] = []
-    xs, ys, ids, texts = _residual_nodes(union, n_layers, tokens, on_route=True)
-    traces.append(
-        _node_trace(
-            xs,
-            ys,
-            ids,
-            texts,
-            name="node",
-            group="nodes",
-            colour=NODE_COLOUR,
-            symbol="circle",
-            size=[4 if i.startswith("A") else 6 for i in ids],
-        )
-    )
+    traces.append(_route_nodes(union, tokens, name="node", sizes=(4, 6)))
     hx, hy, htext = [], [], []
     for status in STATUSES:
         part = diff.part(status)
