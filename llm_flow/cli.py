@@ -19,7 +19,7 @@ from llm_flow.config import AppConfig, default_config, load_config
 from llm_flow.errors import LlmFlowError, PromptError
 
 if TYPE_CHECKING:
-    from llm_flow.interventions import Ablation, MeanActivations
+    from llm_flow.interventions import Ablation, AblationResult, MeanActivations
     from llm_flow.models import BridgeLlm
 
 EXIT_USAGE = 2
@@ -327,16 +327,18 @@ def _ablate(args: argparse.Namespace) -> None:
     if args.target is not None:
         a, b = contrast_ids(llm, args.target, args.distractor)
     means = _means(args, config, llm)
-    result = ablate(
-        llm,
-        prompt,
-        ablation,
-        means=means,
-        target_id=a,
-        distractor_id=b,
-        position=args.position,
-        k=args.top,
-    )
+    ab_kw: dict[str, Any] = {
+        "means": means,
+        "target_id": a,
+        "distractor_id": b,
+        "position": args.position,
+        "k": args.top,
+    }
+    diff = None
+    if args.graph_diff:  # the traced runs' logits serve the before/after report too
+        result, diff = _graph_diff(args, llm, prompt, ablation, ab_kw)
+    else:
+        result = ablate(llm, prompt, ablation, **ab_kw)
     data = {
         "model": llm.info.name,
         "tokens": llm.token_strings(ids),
@@ -344,8 +346,8 @@ def _ablate(args: argparse.Namespace) -> None:
         "target": args.target,
         "distractor": args.distractor,
     } | result.to_dict()
-    if args.graph_diff:
-        data["graph_diff"] = _graph_diff(args, llm, prompt, ablation, means, result.position)
+    if diff is not None:
+        data["graph_diff"] = diff
     _write(json.dumps(data), None)
 
 
@@ -354,22 +356,25 @@ def _graph_diff(
     llm: BridgeLlm,
     prompt: str,
     ablation: Ablation,
-    means: MeanActivations | None,
-    position: int,
-) -> dict[str, Any]:
-    """The routes to ``position`` before and after ``ablation``, compared edge by edge."""
+    ab_kw: dict[str, Any],
+) -> tuple[AblationResult, dict[str, Any]]:
+    """Trace ``prompt`` without and with ``ablation``: the before/after report, and the routes to
+    the output position compared edge by edge."""
     from llm_flow.graph import trace
-    from llm_flow.interventions import ablated_trace
+    from llm_flow.interventions import ablated_trace, compare, validate
     from llm_flow.route_diff import RouteDiff
     from llm_flow.routes import find_route
 
     threshold, renormalize = _threshold(args.threshold), not args.no_renormalize
-    _, before = trace(llm, prompt, keep_patterns=False)
-    _, after = ablated_trace(llm, prompt, ablation, means, keep_patterns=False)
-    return RouteDiff(
-        find_route(before, [position], threshold, renormalize),
-        find_route(after, [position], threshold, renormalize),
-    ).to_dict()
+    checked = validate(ablation, llm.info, len(llm.tokenize(prompt)))
+    run_before, before = trace(llm, prompt, keep_patterns=False)
+    run_after, after = ablated_trace(llm, prompt, checked, ab_kw["means"], keep_patterns=False)
+    result = compare(llm, checked, run_before.logits, run_after.logits, **ab_kw)
+    diff = RouteDiff(
+        find_route(before, [result.position], threshold, renormalize),
+        find_route(after, [result.position], threshold, renormalize),
+    )
+    return result, diff.to_dict()
 
 
 def _faithfulness(args: argparse.Namespace) -> None:

@@ -484,14 +484,41 @@ def ablate(
     """Run ``prompt`` as is and with ``ablation``; report both predictions after ``position``."""
     ids = llm.tokenize(prompt)
     checked = validate(ablation, llm.info, len(ids))
-    p = _position(position, len(ids), f"--position {position}")
     before = llm.logits_with_hooks(ids, [])
     after = llm.logits_with_hooks(ids, ablation_hooks(checked, llm.info, len(ids), means))
+    return compare(
+        llm,
+        checked,
+        before,
+        after,
+        means=means,
+        target_id=target_id,
+        distractor_id=distractor_id,
+        position=position,
+        k=k,
+    )
+
+
+def compare(
+    llm: BridgeLlm,
+    ablation: Ablation,
+    before: Tensor,
+    after: Tensor,
+    *,
+    means: MeanActivations | None = None,
+    target_id: int | None = None,
+    distractor_id: int | None = None,
+    position: int = -1,
+    k: int = TOP_K,
+) -> AblationResult:
+    """The before/after report of logits [T, V] already computed without and with ``ablation``
+    (validated), e.g. the logits of a plain and an :func:`ablated_trace` run."""
+    p = _position(position, before.shape[0], f"--position {position}")
     ids_kw = {"target_id": target_id, "distractor_id": distractor_id}
     return AblationResult(
-        ablation=checked,
+        ablation=ablation,
         position=p,
         before=outcome(llm, before[p], k=k, **ids_kw),
         after=outcome(llm, after[p], k=k, **ids_kw),
-        means_source=means.source if means is not None and checked.mode == "mean" else None,
+        means_source=means.source if means is not None and ablation.mode == "mean" else None,
     )

@@ -199,3 +199,16 @@ def test_ablate_graph_diff_rejects_a_bad_threshold(
     argv = ("ablate", "--config", str(config_file), "--prompt", prompt(N_TOKENS))
     code, out, err = run_cli(capsys, *argv, "--heads", "2.1", "--graph-diff", "--threshold", "2")
     assert code == 2 and out == "" and "--threshold must be in [0, 1]" in err
+
+
+def test_graph_diff_reports_the_same_before_and_after(
+    capsys: pytest.CaptureFixture[str], config_file: Path
+) -> None:
+    argv = ("ablate", "--config", str(config_file), "--prompt", prompt(N_TOKENS), "--heads", "2.0")
+    _, plain, _ = run_cli(capsys, *argv)
+    _, traced, _ = run_cli(capsys, *argv, "--graph-diff")
+    want, got = json.loads(plain), json.loads(traced)
+    for side in ("before", "after"):
+        assert [t["id"] for t in got[side]["top"]] == [t["id"] for t in want[side]["top"]]
+        for mine, theirs in zip(got[side]["top"], want[side]["top"], strict=True):
+            assert mine["prob"] == pytest.approx(theirs["prob"], abs=1e-6)
