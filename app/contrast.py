@@ -1,8 +1,8 @@
 """The "why A instead of B?" view: target vs distractor logits and the route's effect table.
 
-The numbers are :func:`llm_flow.contrast.analyse_contrast`'s (direct logit attribution through
-the frozen-scale final norm, and activation × gradient); this module lays them out. Selecting a
-row of the table selects its attention edge or FFN block in the graph (``app.state``).
+The numbers are :func:`llm_flow.analyses.contrast.analyse_contrast`'s (direct logit attribution
+through the frozen-scale final norm, and activation × gradient); this module lays them out.
+Selecting a row of the table selects its attention edge or FFN block in the graph (``app.state``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import streamlit as st
 from app import figures, state
 from app.figures import display_token, markdown_text
 from app.state import LoadedModel, Trace
-from llm_flow.contrast import ContrastAnalysis, ContrastError
-from llm_flow.routes import Route
+from llm_flow.analyses.contrast import ContrastAnalysis, ContrastError
+from llm_flow.engine.routes import Route
 
 TABLE_HEIGHT = 380
 _NUMBER = "%.3f"

@@ -1,9 +1,9 @@
 """Dataset mode: how often each head and FFN block is on the routes of a prompt file's prompts.
 
 The head-frequency analysis of Ferrando & Voita 2024 (§5), computed by
-:mod:`llm_flow.dataset`; this module picks the files (only from the config's ``prompts_dir``),
-shows the layer × head heatmaps (last token vs the other tokens), compares two files side by side
-and offers the tables as CSV and parquet.
+:mod:`llm_flow.analyses.dataset`; this module picks the files (only from the config's
+``prompts_dir``), shows the layer × head heatmaps (last token vs the other tokens), compares two
+files side by side and offers the tables as CSV and parquet.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from app import figures, state
 from app.figures import markdown_text
 from app.prompts import prompt_files
 from app.state import DatasetKey, LoadedModel, ModelKey, PromptFileKey
+from llm_flow.analyses.dataset import DatasetComparison, DatasetError
 from llm_flow.config import AppConfig
-from llm_flow.dataset import DatasetComparison, DatasetError
 from llm_flow.errors import LlmFlowError
 
 NONE = "—"

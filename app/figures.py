@@ -29,14 +29,14 @@ import torch
 from plotly.subplots import make_subplots
 
 from app.selection import POSITION_PREFIX, Selection, attention_edge, effect_selection
-from llm_flow.dataset import POSITION_CLASSES
-from llm_flow.export import Prediction
-from llm_flow.faithfulness import FaithfulnessReport
-from llm_flow.graph import FlowGraph, node_id, source_id
-from llm_flow.interventions import Outcome
-from llm_flow.lens import TokenScore
-from llm_flow.route_diff import STATUSES, EdgeChange, RouteDiff
-from llm_flow.routes import Route
+from llm_flow.analyses.dataset import POSITION_CLASSES
+from llm_flow.analyses.faithfulness import FaithfulnessReport
+from llm_flow.analyses.interventions import Outcome
+from llm_flow.analyses.lens import TokenScore
+from llm_flow.analyses.route_diff import STATUSES, EdgeChange, RouteDiff
+from llm_flow.engine.graph import FlowGraph, node_id, source_id
+from llm_flow.engine.routes import Route
+from llm_flow.io.export import Prediction
 
 # Colours readable on Streamlit's light and dark themes alike.
 ATTENTION_RGB = (66, 133, 244)

@@ -1,11 +1,12 @@
 """Interventions: ablate heads, neurons or the selected edge, compare the route before and after,
 and check the route's faithfulness.
 
-Wiring only: :func:`llm_flow.interventions.ablate`, :func:`~llm_flow.interventions.ablated_trace`
-(with :class:`llm_flow.route_diff.RouteDiff`) and :func:`llm_flow.faithfulness.faithfulness` do
-the work; results are cached in :mod:`app.state` by everything they were asked with. Mean
-ablation averages over a prompt file chosen only from the config's ``prompts_dir``
-(``AppConfig.prompt_file``).
+Wiring only: :func:`llm_flow.analyses.interventions.ablate`,
+:func:`~llm_flow.analyses.interventions.ablated_trace` (with
+:class:`llm_flow.analyses.route_diff.RouteDiff`) and
+:func:`llm_flow.analyses.faithfulness.faithfulness` do the work; results are cached in
+:mod:`app.state` by everything they were asked with. Mean ablation averages over a prompt file
+chosen only from the config's ``prompts_dir`` (``AppConfig.prompt_file``).
 """
 
 from __future__ import annotations
@@ -27,19 +28,19 @@ from app.state import (
     ModelKey,
     Trace,
 )
-from llm_flow.config import AppConfig
-from llm_flow.errors import LlmFlowError
-from llm_flow.faithfulness import DEFAULT_SEEDS
-from llm_flow.graph import FlowGraph
-from llm_flow.interventions import (
+from llm_flow.analyses.faithfulness import DEFAULT_SEEDS
+from llm_flow.analyses.interventions import (
     Ablation,
     EdgeRef,
     MeanActivations,
     parse_heads,
     parse_neurons,
 )
-from llm_flow.route_diff import STATUSES, RouteDiff
-from llm_flow.routes import find_route
+from llm_flow.analyses.route_diff import STATUSES, RouteDiff
+from llm_flow.config import AppConfig
+from llm_flow.engine.graph import FlowGraph
+from llm_flow.engine.routes import find_route
+from llm_flow.errors import LlmFlowError
 
 DEFAULT_MEAN_FILE = "factual.txt"
 DIFF_ROWS = 15  # edges listed under the route diff, largest change first

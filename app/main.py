@@ -1,7 +1,7 @@
 """The llm-flow explorer: ``streamlit run app/main.py -- config/local.json`` (``make run``).
 
 Wiring only: the sidebar (:mod:`app.controls`), the cached model and trace (:mod:`app.state`),
-the route (``llm_flow.routes``), the figure (:mod:`app.figures`) and the panel beside it
+the route (``llm_flow.engine.routes``), the figure (:mod:`app.figures`) and the panel beside it
 (:mod:`app.panels`). The config path is the first argument after ``--``, else
 ``$LLM_FLOW_CONFIG``, else the repository's ``config/local.json``.
 
@@ -36,6 +36,7 @@ from app.prompts import check_prompt  # noqa: E402
 from app.selection import parse_selection  # noqa: E402
 from app.state import LoadedModel, ModelKey, Trace, TraceKey  # noqa: E402
 from llm_flow.config import AppConfig, default_config, load_config  # noqa: E402
+from llm_flow.engine.routes import Route, find_route  # noqa: E402
 from llm_flow.errors import (  # noqa: E402
     ConfigError,
     DeviceError,
@@ -44,8 +45,7 @@ from llm_flow.errors import (  # noqa: E402
     OfflineError,
     PromptError,
 )
-from llm_flow.export import graph_json, to_graphml  # noqa: E402
-from llm_flow.routes import Route, find_route  # noqa: E402
+from llm_flow.io.export import graph_json, to_graphml  # noqa: E402
 
 CONFIG_ENV = "LLM_FLOW_CONFIG"
 GRAPH_CONFIG = {

@@ -20,9 +20,7 @@ from app import figures, state
 from app.figures import display_token, markdown_text
 from app.selection import Selection
 from app.state import LoadedModel, Trace
-from llm_flow.contributions import neuron_contributions
-from llm_flow.graph import layer_head_contributions, node_id, source_id
-from llm_flow.lens import (
+from llm_flow.analyses.lens import (
     block_update,
     head_update,
     logit_lens,
@@ -31,7 +29,9 @@ from llm_flow.lens import (
     promoted_suppressed,
     update_between,
 )
-from llm_flow.routes import Route
+from llm_flow.engine.contributions import neuron_contributions
+from llm_flow.engine.graph import layer_head_contributions, node_id, source_id
+from llm_flow.engine.routes import Route
 
 TOP_TOKENS = 10
 TOP_NEURONS = 20

@@ -1,5 +1,5 @@
 """Prompt-file listing and prompt checks for the explorer (reading files is
-:func:`llm_flow.prompts.read_prompt_file`; which files a user may open is decided by
+:func:`llm_flow.io.prompts.read_prompt_file`; which files a user may open is decided by
 :meth:`llm_flow.config.AppConfig.prompt_file`, never here).
 """
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from llm_flow.graph import node_id, source_id
+from llm_flow.engine.graph import node_id, source_id
 
 Kind = Literal["residual", "ffn", "attention"]
 POSITION_PREFIX = "pos:"

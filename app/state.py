@@ -43,8 +43,7 @@ import torch
 
 from app.prompts import check_prompt
 from app.selection import clicked, parse_position, selected_row
-from llm_flow.config import AppConfig, ModelSpec
-from llm_flow.contrast import (
+from llm_flow.analyses.contrast import (
     Attributions,
     Contrast,
     ContrastAnalysis,
@@ -55,22 +54,23 @@ from llm_flow.contrast import (
     direct_effects,
     effect_rows,
 )
-from llm_flow.dataset import DatasetComparison, compare_prompt_files, dataset_frequencies
-from llm_flow.errors import LlmFlowError
-from llm_flow.export import Prediction
-from llm_flow.faithfulness import FaithfulnessReport, faithfulness
-from llm_flow.graph import FlowGraph, layer_head_contributions, trace
-from llm_flow.interventions import (
+from llm_flow.analyses.dataset import DatasetComparison, compare_prompt_files, dataset_frequencies
+from llm_flow.analyses.faithfulness import FaithfulnessReport, faithfulness
+from llm_flow.analyses.interventions import (
     Ablation,
     AblationResult,
     MeanActivations,
     ablate,
     ablated_trace,
 )
-from llm_flow.interventions import mean_activations as compute_means
+from llm_flow.analyses.interventions import mean_activations as compute_means
+from llm_flow.config import AppConfig, ModelSpec
+from llm_flow.engine.graph import FlowGraph, layer_head_contributions, trace
+from llm_flow.engine.routes import DEFAULT_THRESHOLD, Route
+from llm_flow.errors import LlmFlowError
+from llm_flow.io.export import Prediction
+from llm_flow.io.prompts import read_prompt_file
 from llm_flow.models import BridgeLlm, ModelRun, load_model
-from llm_flow.prompts import read_prompt_file
-from llm_flow.routes import DEFAULT_THRESHOLD, Route
 
 # Bounds of the process-wide caches. Two models: switching back and forth stays instant while
 # a 7B model in bf16 (~14 GB) cannot pile up; traces are small next to a model.

@@ -17,9 +17,9 @@ from streamlit.testing.v1 import AppTest
 from app import figures, state
 from app.selection import parse_selection
 from app.state import AblatedGraphKey
-from llm_flow.faithfulness import DEFAULT_SEEDS
-from llm_flow.route_diff import RouteDiff
-from llm_flow.routes import find_route
+from llm_flow.analyses.faithfulness import DEFAULT_SEEDS
+from llm_flow.analyses.route_diff import RouteDiff
+from llm_flow.engine.routes import find_route
 from tests.app.test_app import _offline, assert_serving, errors, route_caption, start
 
 __all__ = ["_offline"]  # the autouse fixture: offline, and the tiny models' config

@@ -13,14 +13,14 @@ import torch
 
 from app import figures
 from app.selection import attention_edge, parse_position, parse_selection
-from llm_flow.contrast import analyse_contrast
-from llm_flow.export import Prediction
-from llm_flow.faithfulness import FaithfulnessReport, Score
-from llm_flow.graph import FlowGraph, trace
-from llm_flow.interventions import Outcome, TokenProb
-from llm_flow.lens import TokenScore
+from llm_flow.analyses.contrast import analyse_contrast
+from llm_flow.analyses.faithfulness import FaithfulnessReport, Score
+from llm_flow.analyses.interventions import Outcome, TokenProb
+from llm_flow.analyses.lens import TokenScore
+from llm_flow.engine.graph import FlowGraph, trace
+from llm_flow.engine.routes import find_route, full_graph
+from llm_flow.io.export import Prediction
 from llm_flow.models.base import ModelRun
-from llm_flow.routes import find_route, full_graph
 from tests.tiny import prompt, tiny_llm
 
 Traced = tuple[ModelRun, FlowGraph, list[Prediction]]

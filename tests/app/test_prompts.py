@@ -8,7 +8,7 @@ import pytest
 
 from app.prompts import check_prompt, prompt_files
 from llm_flow.errors import PromptError
-from llm_flow.prompts import read_prompt_file as read_prompts
+from llm_flow.io.prompts import read_prompt_file as read_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ logit difference IO − S at the last token.
 1. The model answers the shipped IOI prompts correctly.
 2. Heads are ranked *by the routes*: on 10 ranking prompts, the route to the last token
    (τ = 0.04) is extracted, and each head's |direct effect| on IO − S is summed over the route's
-   attention edges (per source token, :mod:`llm_flow.contrast`). Mean-ablating the top 10 heads
-   (means over the ranking prompts, every position) on the 20 *held-out* prompts must hurt the
+   attention edges (per source token, :mod:`llm_flow.analyses.contrast`). Mean-ablating the top 10
+   heads (means over the ranking prompts, every position) on the 20 *held-out* prompts must hurt the
    mean logit difference far more than mean-ablating 10 random heads (3 seeds).
 
 Measured on the CPU (2026-11): all 30 prompts answered correctly; mean IO − S on the held-out
@@ -26,17 +26,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_flow.contrast import analyse_contrast, contrast_ids
-from llm_flow.graph import trace
-from llm_flow.interventions import (
+from llm_flow.analyses.contrast import analyse_contrast, contrast_ids
+from llm_flow.analyses.interventions import (
     Ablation,
     HeadRef,
     MeanActivations,
     ablated_logits,
     mean_activations,
 )
+from llm_flow.engine.graph import trace
+from llm_flow.engine.routes import find_route
 from llm_flow.models import BridgeLlm
-from llm_flow.routes import find_route
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from llm_flow.contrast import (
+from llm_flow.analyses.contrast import (
     EFFECT_COLUMNS,
     ContrastError,
     analyse_contrast,
@@ -26,11 +26,11 @@ from llm_flow.contrast import (
     direct_effects,
     single_token,
 )
-from llm_flow.graph import trace
-from llm_flow.lens import direct_logits, head_update, neuron_update
+from llm_flow.analyses.lens import direct_logits, head_update, neuron_update
+from llm_flow.engine.graph import trace
+from llm_flow.engine.routes import find_route
 from llm_flow.models.base import ModelRun
 from llm_flow.models.bridge import BridgeLlm
-from llm_flow.routes import find_route
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
 from tests.tiny import ARCHS, prompt, tiny_llm

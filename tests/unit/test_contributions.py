@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_flow.contributions import (
+from llm_flow.engine.contributions import (
     attention_proximity,
     causal_tiles,
     head_contributions,
@@ -14,7 +14,7 @@ from llm_flow.contributions import (
     normalize,
     proximity,
 )
-from llm_flow.graph import contributions_of, layer_head_contributions
+from llm_flow.engine.graph import contributions_of, layer_head_contributions
 from llm_flow.models.base import LayerRun
 from tests.tiny import ARCHS, prompt, tiny_llm
 

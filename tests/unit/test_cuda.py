@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_flow.graph import trace
+from llm_flow.engine.graph import trace
 from llm_flow.models.bridge import BridgeLlm
 from tests.tiny import ARCHS, prompt, tiny_hf_model, tiny_tokenizer
 

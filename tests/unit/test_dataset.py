@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from llm_flow.dataset import (
+from llm_flow.analyses.dataset import (
     COLUMNS,
     DatasetError,
     compare_prompt_files,
@@ -18,12 +18,12 @@ from llm_flow.dataset import (
     route_appearances,
     write_table,
 )
+from llm_flow.analyses.faithfulness import head_mask
+from llm_flow.engine.graph import trace
+from llm_flow.engine.routes import find_route
 from llm_flow.errors import PromptError
-from llm_flow.faithfulness import head_mask
-from llm_flow.graph import trace
+from llm_flow.io.prompts import read_prompt_file
 from llm_flow.models.bridge import BridgeLlm
-from llm_flow.prompts import read_prompt_file
-from llm_flow.routes import find_route
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
 from tests.tiny import prompt, tiny_llm

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from llm_flow.faithfulness import (
+from llm_flow.analyses.faithfulness import (
     Components,
     FaithfulnessError,
     faithfulness,
@@ -19,10 +19,10 @@ from llm_flow.faithfulness import (
     random_heads,
     route_components,
 )
-from llm_flow.graph import layer_head_contributions, trace
-from llm_flow.interventions import MeanActivations, mean_activations
+from llm_flow.analyses.interventions import MeanActivations, mean_activations
+from llm_flow.engine.graph import layer_head_contributions, trace
+from llm_flow.engine.routes import Route, find_route
 from llm_flow.models.bridge import BridgeLlm
-from llm_flow.routes import Route, find_route
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
 from tests.tiny import prompt, tiny_llm
@@ -108,7 +108,7 @@ def test_renormalize_is_passed_to_the_route_and_leaves_the_components(
 ) -> None:
     """The check tests the route as asked (with or without renormalized weights); τ prunes on
     the original scale, so both routes have the same components and hence the same scores."""
-    import llm_flow.faithfulness as module
+    import llm_flow.analyses.faithfulness as module
 
     asked: list[bool] = []
 

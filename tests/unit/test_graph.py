@@ -9,9 +9,9 @@ import networkx as nx
 import pytest
 import torch
 
-from llm_flow.export import Prediction, graph_json, to_graphml, to_networkx
-from llm_flow.graph import contributions_of, trace
-from llm_flow.routes import find_route, full_graph
+from llm_flow.engine.graph import contributions_of, trace
+from llm_flow.engine.routes import find_route, full_graph
+from llm_flow.io.export import Prediction, graph_json, to_graphml, to_networkx
 from tests.tiny import ARCHS, prompt, tiny_llm
 
 
@@ -61,7 +61,7 @@ def test_json_and_graphml_round_trip(llm) -> None:  # type: ignore[no-untyped-de
 
 
 def test_edge_heads_are_the_layer_head_contributions(llm) -> None:  # type: ignore[no-untyped-def]
-    from llm_flow.graph import layer_head_contributions
+    from llm_flow.engine.graph import layer_head_contributions
 
     run, graph = trace(llm, prompt(7, seed=5))
     data = graph_json(graph, full_graph(graph), Prediction.of(llm, run, -1), position=-1, run=run)

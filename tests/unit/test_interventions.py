@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from llm_flow.interventions import (
+from llm_flow.analyses.interventions import (
     Ablation,
     EdgeRef,
     FfnRef,
@@ -86,7 +86,7 @@ def test_zero_ablating_a_neuron_equals_removing_its_output_row() -> None:
 
 def test_head_ablation_at_one_position_changes_the_update_there_only(llama: BridgeLlm) -> None:
     """Pre-norm: zeroing head h at query t changes attention's update by exactly −head_update."""
-    from llm_flow.lens import head_update
+    from llm_flow.analyses.lens import head_update
 
     text = prompt(6)
     run = llama.run(text)

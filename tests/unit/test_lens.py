@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from llm_flow.errors import LlmFlowError
-from llm_flow.lens import (
+from llm_flow.analyses.lens import (
     TokenScore,
     block_update,
     direct_logits,
@@ -21,6 +20,7 @@ from llm_flow.lens import (
     residual_vector,
     update_between,
 )
+from llm_flow.errors import LlmFlowError
 from llm_flow.models.base import LayerRun, ModelInfo, ModelRun, TransparentLlm
 from llm_flow.models.bridge import BridgeLlm
 from tests.tiny import ARCHS, VOCAB, prompt, tiny_llm

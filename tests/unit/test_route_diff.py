@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_flow.graph import layer_head_contributions, trace
-from llm_flow.interventions import (
+from llm_flow.analyses.interventions import (
     Ablation,
     EdgeRef,
     HeadRef,
@@ -24,9 +23,10 @@ from llm_flow.interventions import (
     ablated_trace,
     mean_activations,
 )
+from llm_flow.analyses.route_diff import STATUSES, RouteDiff, RouteDiffError
+from llm_flow.engine.graph import layer_head_contributions, trace
+from llm_flow.engine.routes import find_route
 from llm_flow.models.bridge import BridgeLlm
-from llm_flow.route_diff import STATUSES, RouteDiff, RouteDiffError
-from llm_flow.routes import find_route
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
 from tests.tiny import ARCHS, prompt, tiny_llm

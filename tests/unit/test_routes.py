@@ -6,9 +6,9 @@ import networkx as nx
 import pytest
 import torch
 
-from llm_flow.export import route_edges, route_nodes
-from llm_flow.graph import FlowGraph, node_id, source_id
-from llm_flow.routes import edge_weights, find_route, full_graph
+from llm_flow.engine.graph import FlowGraph, node_id, source_id
+from llm_flow.engine.routes import edge_weights, find_route, full_graph
+from llm_flow.io.export import route_edges, route_nodes
 
 
 def make_graph(

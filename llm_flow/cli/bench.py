@@ -17,12 +17,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llm_flow.engine.graph import FlowGraph, contributions_of
+from llm_flow.engine.routes import find_route
 from llm_flow.errors import LlmFlowError
-from llm_flow.graph import FlowGraph, contributions_of
 from llm_flow.models.bridge import BridgeLlm
-from llm_flow.routes import find_route
 
-BENCH_TEXT = Path(__file__).resolve().parent.parent / "sample_inputs" / "bench_text.txt"
+BENCH_TEXT = Path(__file__).resolve().parents[2] / "sample_inputs" / "bench_text.txt"
 ROUTE_THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.1)
 
 

@@ -1,5 +1,6 @@
 """How a route changes under an intervention: the route of the same prompt and output position,
-before and after (e.g. an ablation, :func:`llm_flow.interventions.ablated_trace`), edge by edge.
+before and after (e.g. an ablation, :func:`llm_flow.analyses.interventions.ablated_trace`), edge by
+edge.
 
 An edge (same source node, target node and kind) is ``kept`` when it is on both routes, ``lost``
 when only the route before has it and ``gained`` when only the route after has it; its weight is
@@ -11,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from llm_flow.engine.routes import Route
 from llm_flow.errors import LlmFlowError
-from llm_flow.export import route_edges
-from llm_flow.routes import Route
+from llm_flow.io.export import route_edges
 
 Status = Literal["kept", "lost", "gained"]
 STATUSES: tuple[Status, ...] = ("kept", "lost", "gained")

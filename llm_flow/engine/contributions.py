@@ -108,14 +108,14 @@ def attention_proximity(
 
     whole [T, D] (the residual after the block), pattern [H, T, S], head_outputs [S, H, D],
     scale [T] (post-norm 1/rms, ones otherwise) → prox [T, S]. Row t is zero for s > t.
-    ``backend``: "auto" uses the fused CPU kernel (:mod:`llm_flow.kernels`) for float32 work on
-    a CPU and the tiled torch version otherwise (GPUs, float64).
+    ``backend``: "auto" uses the fused CPU kernel (:mod:`llm_flow.engine.kernels`) for float32 work
+    on a CPU and the tiled torch version otherwise (GPUs, float64).
     """
     acc = accumulation_dtype(whole, head_outputs)
     if backend == "kernel" or (
         backend == "auto" and whole.device.type == "cpu" and acc == torch.float32
     ):
-        from llm_flow.kernels import attention_proximity_cpu
+        from llm_flow.engine.kernels import attention_proximity_cpu
 
         f32 = torch.float32
         return attention_proximity_cpu(

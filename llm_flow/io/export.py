@@ -10,7 +10,7 @@ The JSON object (ARCHITECTURE.md, "CLI contract")::
 With a target/distractor pair (``llm-flow graph --target … --distractor …``) the object also has
 ``"contrast": {"target", "distractor", "logit_diff", …}``, and attention and FFN edges carry
 ``"direct_effect"`` (their direct effect on the logit difference; 0 unless the edge ends at the
-output position, see :mod:`llm_flow.contrast`); attention edges also carry
+output position, see :mod:`llm_flow.analyses.contrast`); attention edges also carry
 ``"head_direct_effects": {"<h>": float}``. Residual edges carry no direct effect (a residual
 connection is not a component).
 
@@ -27,10 +27,16 @@ from typing import Any
 import networkx as nx
 import torch
 
-from llm_flow.contrast import Contrast, DirectEffects
-from llm_flow.graph import NODE_KINDS, FlowGraph, layer_head_contributions, node_id, source_id
+from llm_flow.analyses.contrast import Contrast, DirectEffects
+from llm_flow.engine.graph import (
+    NODE_KINDS,
+    FlowGraph,
+    layer_head_contributions,
+    node_id,
+    source_id,
+)
+from llm_flow.engine.routes import Route
 from llm_flow.models.base import ModelRun, TransparentLlm
-from llm_flow.routes import Route
 
 
 @dataclass(frozen=True)

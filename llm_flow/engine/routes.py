@@ -3,8 +3,8 @@ Algorithm 1).
 
 Starting from the output node(s) ``I{L-1}_p``, each layer keeps the edges into active nodes
 whose weight is at least τ, and the sources of kept edges become active — layer by layer, as
-boolean masks over the dense arrays of a :class:`~llm_flow.graph.FlowGraph`. A threshold change
-only re-runs this (milliseconds); contributions are never recomputed.
+boolean masks over the dense arrays of a :class:`~llm_flow.engine.graph.FlowGraph`. A threshold
+change only re-runs this (milliseconds); contributions are never recomputed.
 
 With ``renormalize``, the parts of each whole that survive τ are rescaled to sum to 1 (the
 output-bias share, which no node writes, is dropped).
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llm_flow.graph import FlowGraph
+from llm_flow.engine.graph import FlowGraph
 
 DEFAULT_THRESHOLD = 0.04
 

@@ -19,7 +19,7 @@ from llm_flow.config import AppConfig, default_config, load_config
 from llm_flow.errors import LlmFlowError, PromptError
 
 if TYPE_CHECKING:
-    from llm_flow.interventions import Ablation, AblationResult, MeanActivations
+    from llm_flow.analyses.interventions import Ablation, AblationResult, MeanActivations
     from llm_flow.models import BridgeLlm
 
 EXIT_USAGE = 2
@@ -185,9 +185,9 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _graph(args: argparse.Namespace) -> None:
-    from llm_flow.export import Prediction, graph_json, to_graphml
-    from llm_flow.graph import trace
-    from llm_flow.routes import find_route, full_graph
+    from llm_flow.engine.graph import trace
+    from llm_flow.engine.routes import find_route, full_graph
+    from llm_flow.io.export import Prediction, graph_json, to_graphml
 
     if not 0.0 <= args.threshold <= 1.0:
         raise LlmFlowError(f"--threshold must be in [0, 1], got {args.threshold}")
@@ -216,7 +216,7 @@ def _graph(args: argparse.Namespace) -> None:
     position = run.position(args.position)
     pair = direct = None
     if want_contrast:
-        from llm_flow.contrast import contrast, direct_effects
+        from llm_flow.analyses.contrast import contrast, direct_effects
 
         pair = contrast(llm, run, args.target, args.distractor, position)
         direct = direct_effects(llm, run, pair)
@@ -234,7 +234,7 @@ def _graph(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from llm_flow.bench import bench, format_table
+    from llm_flow.cli.bench import bench, format_table
 
     try:
         counts = [int(x) for x in args.tokens.split(",") if x.strip()]
@@ -281,8 +281,8 @@ def _means(args: argparse.Namespace, config: AppConfig, llm: BridgeLlm) -> MeanA
     """Mean activations over --mean-prompts (or the default file) when --mode is mean."""
     if args.mode != "mean":
         return None
-    from llm_flow.interventions import mean_activations
-    from llm_flow.prompts import read_prompt_file
+    from llm_flow.analyses.interventions import mean_activations
+    from llm_flow.io.prompts import read_prompt_file
 
     if args.mean_prompts is not None:
         path = Path(args.mean_prompts)
@@ -297,8 +297,8 @@ def _means(args: argparse.Namespace, config: AppConfig, llm: BridgeLlm) -> MeanA
 
 
 def _ablate(args: argparse.Namespace) -> None:
-    from llm_flow.contrast import contrast_ids
-    from llm_flow.interventions import (
+    from llm_flow.analyses.contrast import contrast_ids
+    from llm_flow.analyses.interventions import (
         Ablation,
         ablate,
         parse_edges,
@@ -360,10 +360,10 @@ def _graph_diff(
 ) -> tuple[AblationResult, dict[str, Any]]:
     """Trace ``prompt`` without and with ``ablation``: the before/after report, and the routes to
     the output position compared edge by edge."""
-    from llm_flow.graph import trace
-    from llm_flow.interventions import ablated_trace, compare, validate
-    from llm_flow.route_diff import RouteDiff
-    from llm_flow.routes import find_route
+    from llm_flow.analyses.interventions import ablated_trace, compare, validate
+    from llm_flow.analyses.route_diff import RouteDiff
+    from llm_flow.engine.graph import trace
+    from llm_flow.engine.routes import find_route
 
     threshold, renormalize = _threshold(args.threshold), not args.no_renormalize
     checked = validate(ablation, llm.info, len(llm.tokenize(prompt)))
@@ -378,7 +378,7 @@ def _graph_diff(
 
 
 def _faithfulness(args: argparse.Namespace) -> None:
-    from llm_flow.faithfulness import faithfulness
+    from llm_flow.analyses.faithfulness import faithfulness
 
     threshold = _threshold(args.threshold)
     if args.seeds < 1:
@@ -417,8 +417,8 @@ def _faithfulness(args: argparse.Namespace) -> None:
 
 
 def _dataset(args: argparse.Namespace) -> None:
-    from llm_flow.dataset import dataset_frequencies, write_table
-    from llm_flow.prompts import read_prompt_file
+    from llm_flow.analyses.dataset import dataset_frequencies, write_table
+    from llm_flow.io.prompts import read_prompt_file
 
     threshold = _threshold(args.threshold)
     prompts = read_prompt_file(args.prompts)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_flow.contributions import (
+from llm_flow.engine.contributions import (
     LayerContributions,
     head_contributions,
     layer_contributions,

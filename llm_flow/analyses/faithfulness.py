@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from llm_flow.contrast import contrast_ids, single_token
+from llm_flow.analyses.contrast import contrast_ids, single_token
+from llm_flow.analyses.interventions import MeanActivations, Mode, mask_hooks
+from llm_flow.engine.graph import layer_head_contributions, trace
+from llm_flow.engine.routes import DEFAULT_THRESHOLD, Route, find_route
 from llm_flow.errors import LlmFlowError
-from llm_flow.graph import layer_head_contributions, trace
-from llm_flow.interventions import MeanActivations, Mode, mask_hooks
 from llm_flow.models.base import ModelRun
-from llm_flow.routes import DEFAULT_THRESHOLD, Route, find_route
 
 if TYPE_CHECKING:
     from llm_flow.models.bridge import BridgeLlm

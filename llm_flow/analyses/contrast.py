@@ -8,10 +8,10 @@ difference* ``LD = logit[p, A] − logit[p, B]`` at the output position p:
   Transformer Circuits"; used for the IOI circuit by Wang et al. 2022, arXiv 2211.00593): a part
   ``z`` written into the residual stream *at position p* moves LD by ``norm_lin(z; s_p) · (W_U[:, A]
   − W_U[:, B])``, with the final norm as a linear map whose per-token scale ``s_p`` is frozen to
-  the one the model used (:func:`llm_flow.lens.direct_logits`). The map is linear, so the direct
-  effects of the embedding, of every per-head part ``z[p, s, h] = A[h, p, s] · scale[p] · v[s, h]
-  @ W_O[h]``, of the output biases and of every neuron ``act[p, n] · W_out[n]`` sum exactly to the
-  final residual's LD; adding the final norm's bias and ``b_U`` gives the model's LD. A part
+  the one the model used (:func:`llm_flow.analyses.lens.direct_logits`). The map is linear, so the
+  direct effects of the embedding, of every per-head part ``z[p, s, h] = A[h, p, s] · scale[p] ·
+  v[s, h] @ W_O[h]``, of the output biases and of every neuron ``act[p, n] · W_out[n]`` sum exactly
+  to the final residual's LD; adding the final norm's bias and ``b_U`` gives the model's LD. A part
   written at any other position has **no direct effect** (0): it reaches the output only through
   later attention, which the second estimate sees.
 - **Attribution** (activation × gradient, "attribution patching": Nanda 2023, "Attribution
@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from llm_flow.engine.graph import layer_head_contributions, node_id
+from llm_flow.engine.routes import Route
 from llm_flow.errors import LlmFlowError
-from llm_flow.graph import layer_head_contributions, node_id
 from llm_flow.models.base import ModelRun
-from llm_flow.routes import Route
 
 if TYPE_CHECKING:
     import pandas as pd

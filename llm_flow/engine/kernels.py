@@ -1,13 +1,13 @@
 """A fused CPU kernel for token-level attention proximities (numba).
 
-The torch path in :mod:`llm_flow.contributions` builds each part vector ``z[t, s]`` (D floats) in
-memory before reducing it; on a CPU that is memory-bound and the batched products with only H
-inner terms run far below peak. This kernel builds one part at a time in a D-float scratch
+The torch path in :mod:`llm_flow.engine.contributions` builds each part vector ``z[t, s]`` (D
+floats) in memory before reducing it; on a CPU that is memory-bound and the batched products with
+only H inner terms run far below peak. This kernel builds one part at a time in a D-float scratch
 buffer that stays in L1 and reduces it at once, parallel over query rows: measured 2.5-3.5×
 faster than the tiled torch path on 2 cores (8.6 vs 22 ms per SmolLM2 layer at 256 tokens,
 0.14 vs 0.51 s at 1024), and it allocates nothing of size T·T·D.
 
-Same math as :func:`llm_flow.contributions.attention_proximity` (tests hold them equal):
+Same math as :func:`llm_flow.engine.contributions.attention_proximity` (tests hold them equal):
 ``prox[t, s] = max(Σ_d a_d − 2·max(a_d − |y_d|, 0), 0)`` with ``a_d = sign(y_d)·z_d``,
 accumulated in float64.
 """

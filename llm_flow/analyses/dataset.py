@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from llm_flow.engine.graph import layer_head_contributions, trace
+from llm_flow.engine.routes import DEFAULT_THRESHOLD, Route, find_route
 from llm_flow.errors import LlmFlowError
-from llm_flow.graph import layer_head_contributions, trace
+from llm_flow.io.prompts import read_prompt_file
 from llm_flow.models.base import ModelRun
-from llm_flow.prompts import read_prompt_file
-from llm_flow.routes import DEFAULT_THRESHOLD, Route, find_route
 
 if TYPE_CHECKING:
     import pandas as pd

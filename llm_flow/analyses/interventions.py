@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from llm_flow.engine.graph import FlowGraph, trace
 from llm_flow.errors import LlmFlowError
-from llm_flow.graph import FlowGraph, trace
 from llm_flow.models.base import ModelInfo, ModelRun
 
 if TYPE_CHECKING:
