@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 from llm_flow.errors import ConfigError, PromptError, UnknownModelError
+from llm_flow.validate import check_prompt
 
 Source = Literal["hub", "local", "gguf", "packaged"]
 SOURCES: tuple[str, ...] = get_args(Source)
@@ -164,6 +165,11 @@ class AppConfig:
         raise UnknownModelError(
             f"unknown model {name!r}; configured models are {_choices(self.model_names())}"
         )
+
+    def check_prompt(self, prompt: str) -> str:
+        """``prompt`` if it has text and fits ``max_user_string_length``; else
+        :class:`PromptError` saying how to fix it."""
+        return check_prompt(prompt, self.max_user_string_length)
 
     def prompt_file(self, name: str | Path) -> Path:
         """Resolve a user-chosen prompt file, refusing anything outside ``prompts_dir``.

@@ -33,8 +33,44 @@ class DeviceError(LlmFlowError):
     """The requested device or dtype is not available (e.g. CUDA on a CPU-only machine)."""
 
 
-class PromptError(LlmFlowError, ValueError):
-    """The prompt is empty, too long, or otherwise unusable."""
+class InputError(LlmFlowError, ValueError):
+    """An argument is outside what the model, the prompt or the analysis allows."""
+
+
+class PromptError(InputError):
+    """The prompt (or a prompt file) is empty, too long, or otherwise unusable."""
+
+
+class PositionError(InputError, IndexError):
+    """A token position is outside the prompt."""
+
+
+class ThresholdError(InputError):
+    """A threshold is outside [0, 1]."""
+
+
+class LensError(InputError):
+    """A lens query names a node, layer, head, neuron or position the run does not have."""
+
+
+class ContrastError(InputError):
+    """A target/distractor token is not a single token, or the two are the same."""
+
+
+class InterventionError(InputError):
+    """An ablation names a layer, head, neuron, position or edge the model/prompt does not have."""
+
+
+class FaithfulnessError(InputError):
+    """Bad arguments to the faithfulness check (e.g. a distractor without a target)."""
+
+
+class DatasetError(InputError):
+    """A prompt list or an output file of dataset mode cannot be used."""
+
+
+class RouteDiffError(InputError):
+    """The two routes do not describe the same prompt, position and threshold."""
 
 
 class SelfCheckError(LlmFlowError):

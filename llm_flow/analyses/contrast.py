@@ -31,15 +31,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from llm_flow.engine.graph import layer_head_contributions, node_id
-from llm_flow.engine.routes import Route
-from llm_flow.errors import LlmFlowError
-from llm_flow.models.base import ModelRun
+from llm_flow.engine.nodes import node_id
+from llm_flow.engine.routes import Route, route_head_weights
+from llm_flow.engine.trace import Trace
+from llm_flow.errors import ContrastError
+from llm_flow.models.base import ModelRun, TransparentLlm
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from llm_flow.models.bridge import BridgeLlm
 
 RowKind = Literal["head", "neuron", "ffn"]
 NEURONS_PER_BLOCK = 10
@@ -57,15 +56,11 @@ EFFECT_COLUMNS = (
 )
 
 
-class ContrastError(LlmFlowError, ValueError):
-    """A target/distractor token is not a single token, or the two are the same."""
-
-
-def _pieces(llm: BridgeLlm, ids: list[int]) -> str:
+def _pieces(llm: TransparentLlm, ids: list[int]) -> str:
     return "[" + ", ".join(repr(s) for s in llm.token_strings(ids)) + "]"
 
 
-def single_token(llm: BridgeLlm, text: str, role: str = "token") -> int:
+def single_token(llm: TransparentLlm, text: str, role: str = "token") -> int:
     """The id of ``text`` if it is exactly one token of the model's vocabulary.
 
     Otherwise :class:`ContrastError` saying how it tokenizes (and suggesting the space-prefixed
@@ -73,14 +68,12 @@ def single_token(llm: BridgeLlm, text: str, role: str = "token") -> int:
     """
     if not text:
         raise ContrastError(f"the {role} is empty; give one token, e.g. ' Mary'")
-    ids: list[int] = list(llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = llm.encode(text)
     if len(ids) == 1:
         return ids[0]
     hint = ""
-    if not text.startswith(" "):
-        spaced: list[int] = list(llm.tokenizer(" " + text, add_special_tokens=False)["input_ids"])
-        if len(spaced) == 1:
-            hint = f"; {' ' + text!r} (with a leading space) is one token"
+    if not text.startswith(" ") and len(llm.encode(" " + text)) == 1:
+        hint = f"; {' ' + text!r} (with a leading space) is one token"
     raise ContrastError(
         f"the {role} {text!r} is {len(ids)} tokens for this model {_pieces(llm, ids)}, "
         f"not exactly one{hint}"
@@ -116,7 +109,7 @@ class Contrast:
         }
 
 
-def contrast_ids(llm: BridgeLlm, target: str, distractor: str) -> tuple[int, int]:
+def contrast_ids(llm: TransparentLlm, target: str, distractor: str) -> tuple[int, int]:
     """Ids of the two tokens; each must be one token, and they must differ."""
     a = single_token(llm, target, "target")
     b = single_token(llm, distractor, "distractor")
@@ -128,13 +121,11 @@ def contrast_ids(llm: BridgeLlm, target: str, distractor: str) -> tuple[int, int
     return a, b
 
 
-def contrast(
-    llm: BridgeLlm, run: ModelRun, target: str, distractor: str, position: int = -1
-) -> Contrast:
+def contrast(trace: Trace, target: str, distractor: str, position: int = -1) -> Contrast:
     """Logits and logit difference of ``target`` vs ``distractor`` predicted after ``position``."""
-    a, b = contrast_ids(llm, target, distractor)
-    p = run.position(position)
-    logits = run.logits[p, [a, b]].tolist()
+    a, b = contrast_ids(trace.llm, target, distractor)
+    p = trace.position(position)
+    logits = trace.run.logits[p, [a, b]].tolist()
     return Contrast(
         target=target,
         target_id=a,
@@ -146,12 +137,13 @@ def contrast(
     )
 
 
-def residual_direction(llm: BridgeLlm, run: ModelRun, c: Contrast) -> Tensor:
+def residual_direction(trace: Trace, c: Contrast) -> Tensor:
     """The direction ``e`` [D] (float32) with ``direct effect of z = z · e`` at ``c.position``.
 
     ``e`` is the transpose of the frozen-scale final norm applied to ``W_U[:, A] − W_U[:, B]``,
     taken as the gradient of that linear map (exact, whatever the norm: RMS or centred LN).
     """
+    llm, run = trace.llm, trace.run
     W_U = llm.W_U
     d = (W_U[:, c.target_id] - W_U[:, c.distractor_id]).float()  # [D]
     # Clones: a run's tensors are inference tensors, which autograd may not save.
@@ -201,14 +193,14 @@ class DirectEffects:
         )
 
 
-def direct_effects(llm: BridgeLlm, run: ModelRun, c: Contrast) -> DirectEffects:
+def direct_effects(trace: Trace, c: Contrast) -> DirectEffects:
     """Direct logit attribution of every head part, neuron and bias at ``c.position``.
 
     Needs a run that kept its attention patterns. Vectorized: per layer two small matrix
     products (``W_O @ e``, ``W_out @ e``); no [S, H, D] tensor is built.
     """
-    p = c.position
-    e = residual_direction(llm, run, c)
+    llm, run, p = trace.llm, trace.run, c.position
+    e = residual_direction(trace, c)
     f32 = torch.float32
     heads, attn_bias, neurons, mlp_bias = [], [], [], []
     for layer in run.layers:
@@ -278,10 +270,11 @@ class Attributions:
         )
 
 
-def attribute(llm: BridgeLlm, run: ModelRun, c: Contrast) -> Attributions:
-    """One forward + backward pass with TransformerLens hooks on every ``attn.hook_z`` and
-    ``mlp.hook_post``: each activation gets a zero-valued leaf added, whose gradient is the
+def attribute(trace: Trace, c: Contrast) -> Attributions:
+    """One forward + backward pass with hooks on every head's mixed values ``z`` and every
+    FFN's neurons: each activation gets a zero-valued leaf added, whose gradient is the
     gradient with respect to the activation (later layers' paths stay connected)."""
+    llm, run = trace.llm, trace.run
     n_layers = run.n_layers
     leaves: dict[str, Tensor] = {}
     values: dict[str, Tensor] = {}
@@ -294,8 +287,8 @@ def attribute(llm: BridgeLlm, run: ModelRun, c: Contrast) -> Attributions:
 
         return hook
 
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
-    names += [f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)]
+    names = [llm.hook_name("z", layer) for layer in range(n_layers)]
+    names += [llm.hook_name("neurons", layer) for layer in range(n_layers)]
     logits = llm.logits_with_hooks(run.token_ids, [(n, add_leaf(n)) for n in names], grad=True)
     with torch.inference_mode(False), torch.enable_grad():
         ld = logits[c.position, c.target_id] - logits[c.position, c.distractor_id]
@@ -341,7 +334,7 @@ class EffectRow:
 
 
 def effect_rows(
-    run: ModelRun,
+    trace: Trace,
     route: Route,
     direct: DirectEffects,
     attributions: Attributions,
@@ -350,16 +343,13 @@ def effect_rows(
 ) -> tuple[EffectRow, ...]:
     """Rows for every head on every attention edge of ``route``, every FFN block on it and, per
     FFN block, the ``neurons_per_block`` neurons with the largest ``max(|direct|, |attr|)``."""
-    p = direct.position
+    p, run = direct.position, trace.run
     rows: list[EffectRow] = []
-    edges = route.attention.nonzero()  # [E, 3] (layer, target t, source s)
+    edges, head_weights = route_head_weights(run, route)  # [E, 3] (layer, t, s), [E, H]
     for layer in edges[:, 0].unique().tolist():
-        sel = edges[edges[:, 0] == layer]
+        at_layer = edges[:, 0] == layer
+        sel, weights = edges[at_layer], head_weights[at_layer]  # [E_l, 3], [E_l, H]
         targets, sources = sel[:, 1], sel[:, 2]
-        tgt_rows, inverse = targets.unique(return_inverse=True)
-        device = run.layers[layer].values.device
-        weights, _ = layer_head_contributions(run.layers[layer], tgt_rows.to(device))
-        weights = weights.cpu()[inverse, sources]  # [E_l, H]
         attr = attributions.heads(run, layer)[targets, sources]  # [E_l, H]
         de = torch.where((targets == p)[:, None], direct.heads[layer, sources], 0.0)
         table = torch.stack([weights, de, attr], dim=-1).tolist()  # [E_l, H, 3]
@@ -431,8 +421,7 @@ class ContrastAnalysis:
 
 
 def analyse_contrast(
-    llm: BridgeLlm,
-    run: ModelRun,
+    trace: Trace,
     route: Route,
     target: str,
     distractor: str,
@@ -444,8 +433,8 @@ def analyse_contrast(
     (one extra forward + backward pass). ``position`` defaults to the route's (first) output
     position."""
     p = route.positions[0] if position is None else position
-    c = contrast(llm, run, target, distractor, p)
-    direct = direct_effects(llm, run, c)
-    attributions = attribute(llm, run, c)
-    rows = effect_rows(run, route, direct, attributions, neurons_per_block=neurons_per_block)
+    c = contrast(trace, target, distractor, p)
+    direct = direct_effects(trace, c)
+    attributions = attribute(trace, c)
+    rows = effect_rows(trace, route, direct, attributions, neurons_per_block=neurons_per_block)
     return ContrastAnalysis(contrast=c, direct=direct, attributions=attributions, rows=rows)

@@ -26,16 +26,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from llm_flow.engine.graph import layer_head_contributions, trace
-from llm_flow.engine.routes import DEFAULT_THRESHOLD, Route, find_route
-from llm_flow.errors import LlmFlowError
-from llm_flow.io.prompts import read_prompt_file
-from llm_flow.models.base import ModelRun
+from llm_flow.engine.routes import DEFAULT_THRESHOLD, Route, find_route, route_head_weights
+from llm_flow.engine.trace import trace
+from llm_flow.errors import DatasetError
+from llm_flow.models.base import ModelRun, TransparentLlm
+from llm_flow.validate import check_threshold
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from llm_flow.models.bridge import BridgeLlm
 
 POSITION_CLASSES = ("last", "other")
 COLUMNS = (
@@ -51,10 +49,6 @@ COLUMNS = (
 )
 TABLE_SUFFIXES = (".csv", ".parquet")
 KEYS = ["kind", "layer", "head", "position_class"]
-
-
-class DatasetError(LlmFlowError, ValueError):
-    """A prompt file or an output file cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -79,19 +73,11 @@ def route_appearances(run: ModelRun, route: Route, threshold: float) -> Appearan
     last = route.positions[0]
     hits = torch.zeros(n_layers, 2, n_heads)
     weight = torch.zeros(n_layers, 2, n_heads)
-    edges = route.attention.nonzero()  # [E, 3] (layer, t, s)
-    for layer in edges[:, 0].unique().tolist():
-        sel = edges[edges[:, 0] == layer]
-        targets, sources = sel[:, 1], sel[:, 2]
-        rows, inverse = targets.unique(return_inverse=True)
-        per_head, _ = layer_head_contributions(
-            run.layers[layer], rows.to(run.layers[layer].values.device)
-        )
-        w = per_head.cpu()[inverse, sources]  # [E_l, H]
-        strong = w >= threshold
-        cls = (targets != last).long()  # 0 last, 1 other
-        hits[layer].index_add_(0, cls, strong.float())
-        weight[layer].index_add_(0, cls, torch.where(strong, w, 0.0))
+    edges, w = route_head_weights(run, route)  # [E, 3] (layer, t, s), [E, H]
+    strong = w >= threshold
+    cells = edges[:, 0] * 2 + (edges[:, 1] != last).long()  # (layer, class: 0 last, 1 other)
+    hits.view(-1, n_heads).index_add_(0, cells, strong.float())
+    weight.view(-1, n_heads).index_add_(0, cells, torch.where(strong, w, 0.0))
     ffn_at = route.ffn.long()  # [L, T]
     ffn_cls = torch.stack([ffn_at[:, last], ffn_at.sum(1) - ffn_at[:, last]], 1)  # [L, 2]
     ffn_w = route.ffn_weights * route.ffn  # [L, T]
@@ -107,7 +93,7 @@ def route_appearances(run: ModelRun, route: Route, threshold: float) -> Appearan
 
 
 def dataset_frequencies(
-    llm: BridgeLlm,
+    llm: TransparentLlm,
     prompts: Sequence[str],
     *,
     threshold: float = DEFAULT_THRESHOLD,
@@ -120,13 +106,12 @@ def dataset_frequencies(
 
     if not prompts:
         raise DatasetError("no prompts to run; the prompt file must hold one prompt per line")
-    if not 0.0 <= threshold <= 1.0:
-        raise DatasetError(f"threshold must be in [0, 1], got {threshold}")
+    check_threshold(threshold)
     counts: list[Appearances] = []
     for i, prompt in enumerate(prompts):
-        run, graph = trace(llm, prompt)
-        route = find_route(graph, [-1], threshold, renormalize=False)
-        counts.append(route_appearances(run, route, threshold))
+        tr = trace(llm, prompt)
+        route = find_route(tr.graph, [-1], threshold, renormalize=False)
+        counts.append(route_appearances(tr.run, route, threshold))
         if on_prompt is not None:
             on_prompt(i + 1, len(prompts))
     total = Appearances(
@@ -185,17 +170,16 @@ def compare_tables(a: pd.DataFrame, b: pd.DataFrame) -> DatasetComparison:
     return DatasetComparison(a=a, b=b, diff=diff)
 
 
-def compare_prompt_files(
-    llm: BridgeLlm,
-    file_a: str | Path,
-    file_b: str | Path,
+def compare_prompts(
+    llm: TransparentLlm,
+    prompts_a: Sequence[str],
+    prompts_b: Sequence[str],
     *,
     threshold: float = DEFAULT_THRESHOLD,
     on_prompt: Callable[[int, int], None] | None = None,
 ) -> DatasetComparison:
-    """Dataset tables of two prompt files and their difference; ``on_prompt(done, total)``
-    counts the prompts of both files together."""
-    prompts_a, prompts_b = read_prompt_file(file_a), read_prompt_file(file_b)
+    """Dataset tables of two prompt lists and their difference; ``on_prompt(done, total)``
+    counts the prompts of both lists together."""
     total = len(prompts_a) + len(prompts_b)
 
     def offset(base: int) -> Callable[[int, int], None] | None:
@@ -209,12 +193,18 @@ def compare_prompt_files(
     return compare_tables(a, b)
 
 
+def check_table_path(path: str | Path) -> Path:
+    """A path :func:`write_table` can write: ``*.csv`` or ``*.parquet``."""
+    path = Path(path)
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise DatasetError(f"cannot write {str(path)!r}: the output must end in .csv or .parquet")
+    return path
+
+
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:
     """Write CSV (``*.csv``) or parquet (``*.parquet``)."""
-    path = Path(path)
+    path = check_table_path(path)
     suffix = path.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DatasetError(f"cannot write {str(path)!r}: the output must end in .csv or .parquet")
     try:
         if suffix == ".csv":
             frame.to_csv(path, index=False)

@@ -37,27 +37,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from llm_flow.analyses.contrast import contrast_ids, single_token
 from llm_flow.analyses.interventions import MeanActivations, Mode, mask_hooks
-from llm_flow.engine.graph import layer_head_contributions, trace
-from llm_flow.engine.routes import DEFAULT_THRESHOLD, Route, find_route
-from llm_flow.errors import LlmFlowError
-from llm_flow.models.base import ModelRun
-
-if TYPE_CHECKING:
-    from llm_flow.models.bridge import BridgeLlm
+from llm_flow.engine.routes import DEFAULT_THRESHOLD, Route, find_route, route_head_weights
+from llm_flow.engine.trace import Trace
+from llm_flow.errors import FaithfulnessError
+from llm_flow.models.base import ModelRun, TransparentLlm
+from llm_flow.validate import check_at_least, check_threshold
 
 Metric = Literal["logit_diff", "target_logprob"]
 DEFAULT_SEEDS = 5
-
-
-class FaithfulnessError(LlmFlowError, ValueError):
-    """Bad arguments to the faithfulness check (e.g. a distractor without a target)."""
 
 
 @dataclass(frozen=True)
@@ -78,32 +72,25 @@ class Components:
     def complement(self) -> Components:
         return Components(heads=~self.heads, ffn=~self.ffn)
 
-    def hooks(self, d_mlp: int, mode: Mode, means: MeanActivations | None) -> list[Any]:
+    def hooks(self, llm: TransparentLlm, mode: Mode, means: MeanActivations | None) -> list[Any]:
         """Hooks that ablate exactly these components."""
+        d_mlp = llm.info.d_mlp
         heads = {layer: self.heads[layer] for layer in range(self.heads.shape[0])}
         neurons = {
             layer: self.ffn[layer][:, None].expand(-1, d_mlp) for layer in range(self.ffn.shape[0])
         }
-        return mask_hooks(heads, neurons, mode, means)
+        return mask_hooks(llm, heads, neurons, mode, means)
 
 
 def head_mask(run: ModelRun, route: Route, threshold: float) -> Tensor:
     """[L, T, H] True where a route attention edge into A{l}_t has head h's per-head
     contribution ≥ ``threshold``."""
     n_heads = run.layers[0].values.shape[1]
-    mask = torch.zeros(run.n_layers, run.n_tokens, n_heads, dtype=torch.bool)
-    edges = route.attention.nonzero()  # [E, 3] (layer, t, s)
-    for layer in edges[:, 0].unique().tolist():
-        sel = edges[edges[:, 0] == layer]
-        targets, sources = sel[:, 1], sel[:, 2]
-        rows, inverse = targets.unique(return_inverse=True)
-        weights, _ = layer_head_contributions(
-            run.layers[layer], rows.to(run.layers[layer].values.device)
-        )
-        strong = (weights.cpu()[inverse, sources] >= threshold).float()  # [E_l, H]
-        hits = torch.zeros(run.n_tokens, n_heads).index_add_(0, targets, strong)
-        mask[layer] = hits > 0
-    return mask
+    edges, weights = route_head_weights(run, route)  # [E, 3] (layer, t, s), [E, H]
+    hits = torch.zeros(run.n_layers * run.n_tokens, n_heads)
+    rows = edges[:, 0] * run.n_tokens + edges[:, 1]  # (layer, query t) of each edge
+    hits.index_add_(0, rows, (weights >= threshold).float())
+    return (hits > 0).reshape(run.n_layers, run.n_tokens, n_heads)
 
 
 def route_components(run: ModelRun, route: Route) -> Components:
@@ -208,8 +195,7 @@ class FaithfulnessReport:
 
 
 def faithfulness(
-    llm: BridgeLlm,
-    prompt: str,
+    trace: Trace,
     *,
     threshold: float = DEFAULT_THRESHOLD,
     renormalize: bool = True,
@@ -221,19 +207,22 @@ def faithfulness(
     seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS)),
     on_step: Callable[[int, int], None] | None = None,
 ) -> FaithfulnessReport:
-    """Faithfulness of the route to ``position`` at ``threshold``.
+    """Faithfulness of ``trace``'s route to ``position`` at ``threshold`` (the trace must hold
+    attention patterns: heads are tested on their per-head parts).
 
     Without ``target`` the model's own greedy prediction is the target; without ``distractor``
-    the metric is the target's log-prob. ``4 + len(seeds)`` forward passes after the trace;
+    the metric is the target's log-prob. ``4 + len(seeds)`` forward passes;
     ``on_step(done, total)`` reports them.
     """
     if distractor is not None and target is None:
         raise FaithfulnessError("a distractor needs a target too; pass both (or only a target)")
     if mode == "mean" and means is None:
         raise FaithfulnessError("mean ablation needs mean activations (a reference prompt file)")
-    run, graph = trace(llm, prompt)
-    p = run.position(position)
-    route = find_route(graph, [p], threshold, renormalize=renormalize)
+    check_threshold(threshold)
+    check_at_least("the number of random draws", len(seeds), 1)
+    llm, run = trace.llm, trace.run
+    p = trace.position(position)
+    route = find_route(trace.graph, [p], threshold, renormalize=renormalize)
     if target is None:
         target_id = int(run.logits[p].argmax())
         target = llm.token_strings([target_id])[0]
@@ -250,13 +239,12 @@ def faithfulness(
             return float(row.log_softmax(-1)[target_id])
         return float(row[target_id] - row[distractor_id])
 
-    d_mlp = llm.info.d_mlp
     total_steps = 4 + len(seeds)
     done = 0
 
     def ablated(components: Components) -> float:
         nonlocal done
-        hooks = components.hooks(d_mlp, mode, means)
+        hooks = components.hooks(llm, mode, means)
         value = measure(llm.logits_with_hooks(run.token_ids, hooks))
         done += 1
         if on_step is not None:

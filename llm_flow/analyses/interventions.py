@@ -18,6 +18,8 @@ Mean ablation replaces a head's ``z`` (or a neuron's activation) by its mean ove
 position of every prompt** of a reference prompt file (the CLI's default is ``factual.txt`` in the
 config's ``prompts_dir``), so a position-independent "typical" value stands in for the specific
 one. By default an ablation applies at every position; ``position`` restricts it to one.
+
+Running an ablation and reporting before / after is :mod:`llm_flow.analyses.ablation`.
 """
 
 from __future__ import annotations
@@ -25,27 +27,18 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from llm_flow.engine.graph import FlowGraph, trace
-from llm_flow.errors import LlmFlowError
-from llm_flow.models.base import ModelInfo, ModelRun
-
-if TYPE_CHECKING:
-    from llm_flow.models.bridge import BridgeLlm
+from llm_flow.errors import InterventionError, PositionError
+from llm_flow.models.base import Hook, ModelInfo, TransparentLlm
+from llm_flow.validate import check_position
 
 Mode = Literal["zero", "mean"]
 MODES: tuple[Mode, ...] = ("zero", "mean")
-TOP_K = 5
-Hook = tuple[str, Callable[..., Any]]
-
-
-class InterventionError(LlmFlowError, ValueError):
-    """An ablation names a layer, head, neuron, position or edge the model/prompt does not have."""
 
 
 @dataclass(frozen=True)
@@ -193,12 +186,10 @@ def _check(what: str, value: int, size: int, item: object, info: ModelInfo) -> N
 
 
 def _position(value: int, n_tokens: int, item: object) -> int:
-    if not -n_tokens <= value < n_tokens:
-        raise InterventionError(
-            f"token position {value} in {str(item)!r} is outside the prompt's {n_tokens} tokens; "
-            f"valid: 0..{n_tokens - 1} (or -{n_tokens}..-1 from the end)"
-        )
-    return value % n_tokens
+    try:
+        return check_position(value, n_tokens)
+    except PositionError as exc:
+        raise PositionError(f"in {str(item)!r}: {exc}") from None
 
 
 def validate(ablation: Ablation, info: ModelInfo, n_tokens: int) -> Ablation:
@@ -249,7 +240,7 @@ class MeanActivations:
 
 
 def mean_activations(
-    llm: BridgeLlm,
+    llm: TransparentLlm,
     prompts: Sequence[str | Sequence[int]],
     *,
     source: str = "",
@@ -270,8 +261,8 @@ def mean_activations(
 
         return hook
 
-    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
-    post_names = [f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)]
+    z_names = [llm.hook_name("z", layer) for layer in range(n_layers)]
+    post_names = [llm.hook_name("neurons", layer) for layer in range(n_layers)]
     hooks = [(n, add(n)) for n in z_names + post_names]
     for i, prompt in enumerate(prompts):
         ids = llm.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
@@ -293,6 +284,7 @@ def mean_activations(
 
 
 def mask_hooks(
+    llm: TransparentLlm,
     heads: dict[int, Tensor],
     neurons: dict[int, Tensor],
     mode: Mode = "zero",
@@ -319,12 +311,12 @@ def mask_hooks(
     z_means = None if means is None else means.z
     post_means = None if means is None else means.post
     hooks: list[Hook] = [
-        (f"blocks.{layer}.attn.hook_z", replace(mask, mean_of(z_means, layer)))
+        (llm.hook_name("z", layer), replace(mask, mean_of(z_means, layer)))
         for layer, mask in sorted(heads.items())
         if bool(mask.any())
     ]
     hooks += [
-        (f"blocks.{layer}.mlp.hook_post", replace(mask, mean_of(post_means, layer)))
+        (llm.hook_name("neurons", layer), replace(mask, mean_of(post_means, layer)))
         for layer, mask in sorted(neurons.items())
         if bool(mask.any())
     ]
@@ -332,10 +324,11 @@ def mask_hooks(
 
 
 def ablation_hooks(
-    ablation: Ablation, info: ModelInfo, n_tokens: int, means: MeanActivations | None = None
+    llm: TransparentLlm, ablation: Ablation, n_tokens: int, means: MeanActivations | None = None
 ) -> list[Hook]:
-    """TransformerLens forward hooks that apply ``ablation`` (already validated) to a prompt of
-    ``n_tokens`` tokens: one boolean mask per hooked layer, replaced in one step."""
+    """Forward hooks that apply ``ablation`` (already validated) to a prompt of ``n_tokens``
+    tokens: one boolean mask per hooked layer, replaced in one step."""
+    info = llm.info
     heads: dict[int, Tensor] = {}
     neurons: dict[int, Tensor] = {}
     cuts: dict[int, list[tuple[int | slice, int | slice, int | slice]]] = defaultdict(list)
@@ -364,161 +357,6 @@ def ablation_hooks(
 
         return hook
 
-    hooks = mask_hooks(heads, neurons, ablation.mode, means)
-    hooks += [(f"blocks.{layer}.attn.hook_pattern", cut(p)) for layer, p in sorted(cuts.items())]
+    hooks = mask_hooks(llm, heads, neurons, ablation.mode, means)
+    hooks += [(llm.hook_name("pattern", layer), cut(p)) for layer, p in sorted(cuts.items())]
     return hooks
-
-
-def ablated_logits(
-    llm: BridgeLlm,
-    token_ids: Sequence[int],
-    ablation: Ablation,
-    means: MeanActivations | None = None,
-) -> Tensor:
-    """Logits [T, V] (float32) of one forward pass with ``ablation`` applied (validated here)."""
-    checked = validate(ablation, llm.info, len(token_ids))
-    hooks = ablation_hooks(checked, llm.info, len(token_ids), means)
-    return llm.logits_with_hooks(token_ids, hooks)
-
-
-def ablated_trace(
-    llm: BridgeLlm,
-    prompt: str,
-    ablation: Ablation,
-    means: MeanActivations | None = None,
-    *,
-    keep_patterns: bool = True,
-    on_layer: Callable[[int, int], None] | None = None,
-) -> tuple[ModelRun, FlowGraph]:
-    """The run and contribution graph of ``prompt`` with ``ablation`` applied (validated here).
-
-    Every self-check holds for the ablated pass: an ablated head reads from no token, and what
-    it writes instead (the mean, under mean ablation) is booked as that token's bias, a part no
-    node writes; ablated neurons write their replacement value inside their FFN block.
-    """
-    n_tokens = len(llm.tokenize(prompt))
-    hooks = ablation_hooks(validate(ablation, llm.info, n_tokens), llm.info, n_tokens, means)
-    return trace(llm, prompt, keep_patterns=keep_patterns, on_layer=on_layer, fwd_hooks=hooks)
-
-
-# -- before / after ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TokenProb:
-    token: str
-    id: int
-    prob: float
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The prediction after ``position``: top tokens, and LD / target log-prob when asked for."""
-
-    top: tuple[TokenProb, ...]
-    logit_diff: float | None = None
-    target_logprob: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "top": [{"token": t.token, "id": t.id, "prob": t.prob} for t in self.top],
-            "logit_diff": self.logit_diff,
-            "target_logprob": self.target_logprob,
-        }
-
-
-def outcome(
-    llm: BridgeLlm,
-    logits: Tensor,
-    *,
-    k: int = TOP_K,
-    target_id: int | None = None,
-    distractor_id: int | None = None,
-) -> Outcome:
-    """Top-``k`` tokens of one logits row [V], and the target/distractor metrics if given."""
-    logprobs = logits.float().log_softmax(-1)
-    top = logprobs.topk(min(k, logprobs.numel()))
-    ids = top.indices.tolist()
-    probs = top.values.exp().tolist()
-    tokens = llm.token_strings(ids)
-    diff = lp = None
-    if target_id is not None:
-        lp = float(logprobs[target_id])
-        if distractor_id is not None:
-            diff = float(logits[target_id] - logits[distractor_id])
-    return Outcome(
-        top=tuple(TokenProb(t, i, p) for t, i, p in zip(tokens, ids, probs, strict=True)),
-        logit_diff=diff,
-        target_logprob=lp,
-    )
-
-
-@dataclass(frozen=True)
-class AblationResult:
-    ablation: Ablation
-    position: int
-    before: Outcome
-    after: Outcome
-    means_source: str | None = field(default=None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "position": self.position,
-            "ablated": self.ablation.to_dict() | {"mean_prompts": self.means_source},
-            "before": self.before.to_dict(),
-            "after": self.after.to_dict(),
-        }
-
-
-def ablate(
-    llm: BridgeLlm,
-    prompt: str,
-    ablation: Ablation,
-    *,
-    means: MeanActivations | None = None,
-    target_id: int | None = None,
-    distractor_id: int | None = None,
-    position: int = -1,
-    k: int = TOP_K,
-) -> AblationResult:
-    """Run ``prompt`` as is and with ``ablation``; report both predictions after ``position``."""
-    ids = llm.tokenize(prompt)
-    checked = validate(ablation, llm.info, len(ids))
-    before = llm.logits_with_hooks(ids, [])
-    after = llm.logits_with_hooks(ids, ablation_hooks(checked, llm.info, len(ids), means))
-    return compare(
-        llm,
-        checked,
-        before,
-        after,
-        means=means,
-        target_id=target_id,
-        distractor_id=distractor_id,
-        position=position,
-        k=k,
-    )
-
-
-def compare(
-    llm: BridgeLlm,
-    ablation: Ablation,
-    before: Tensor,
-    after: Tensor,
-    *,
-    means: MeanActivations | None = None,
-    target_id: int | None = None,
-    distractor_id: int | None = None,
-    position: int = -1,
-    k: int = TOP_K,
-) -> AblationResult:
-    """The before/after report of logits [T, V] already computed without and with ``ablation``
-    (validated), e.g. the logits of a plain and an :func:`ablated_trace` run."""
-    p = _position(position, before.shape[0], f"--position {position}")
-    ids_kw = {"target_id": target_id, "distractor_id": distractor_id}
-    return AblationResult(
-        ablation=ablation,
-        position=p,
-        before=outcome(llm, before[p], k=k, **ids_kw),
-        after=outcome(llm, after[p], k=k, **ids_kw),
-        means_source=means.source if means is not None and ablation.mode == "mean" else None,
-    )

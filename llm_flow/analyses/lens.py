@@ -22,25 +22,21 @@ Everything is vectorized over the vocabulary and crosses to Python once per call
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from llm_flow.errors import LlmFlowError
-from llm_flow.models.base import LayerRun, ModelRun, TransparentLlm
+from llm_flow.engine import nodes
+from llm_flow.engine.nodes import Node
+from llm_flow.engine.trace import Trace
+from llm_flow.errors import LensError
+from llm_flow.models.base import LayerRun, ModelRun
+from llm_flow.validate import check_position
 
 Block = Literal["attention", "ffn"]
 BLOCKS: tuple[Block, ...] = ("attention", "ffn")
-NodeKind = Literal["X", "A", "I"]
-
-_NODE_RE = re.compile(r"([XAI])(\d+)_(\d+)")
-
-
-class LensError(LlmFlowError, ValueError):
-    """A lens query names a node, layer, head, neuron or position the run does not have."""
 
 
 @dataclass(frozen=True)
@@ -59,19 +55,6 @@ class TokenScore:
     rank_change: int | None = None
 
 
-@dataclass(frozen=True)
-class NodeRef:
-    """A parsed residual node id: ``kind`` X (embedding), A (after attention), I (after layer)."""
-
-    kind: NodeKind
-    layer: int
-    position: int
-
-    @property
-    def node_id(self) -> str:
-        return f"{self.kind}{self.layer}_{self.position}"
-
-
 # -- node ids ---------------------------------------------------------------------------------
 
 
@@ -81,43 +64,33 @@ def _valid_forms(n_layers: int | None, n_tokens: int | None) -> str:
     return f"valid residual node ids are X0_t, A{{l}}_t and I{{l}}_t{layers}{tokens}"
 
 
-def parse_node(node_id: str, n_layers: int, n_tokens: int | None = None) -> NodeRef:
-    """Parse and range-check a residual node id; raises :class:`LensError` listing valid forms."""
-    match = _NODE_RE.fullmatch(node_id)
-    if match is None:
+def parse_node(node_id: str, n_layers: int, n_tokens: int | None = None) -> Node:
+    """The residual node ``node_id`` (X, A or I) of a run with ``n_layers`` layers and
+    ``n_tokens`` tokens; raises :class:`LensError` listing the valid forms."""
+    node = nodes.parse_node(node_id)
+    if node is None or not node.is_residual:
         hint = ""
-        if re.fullmatch(r"M\d+_\d+", node_id):
+        if node is not None:
             hint = " (M{l}_t is the FFN block, not a residual state: use block_update)"
         raise LensError(f"unknown node id {node_id!r}{hint}; {_valid_forms(n_layers, n_tokens)}")
-    kind, layer, position = match.group(1), int(match.group(2)), int(match.group(3))
-    bad_layer = layer != 0 if kind == "X" else layer >= n_layers
-    bad_position = n_tokens is not None and position >= n_tokens
-    if bad_layer or bad_position:
+    if node.layer >= n_layers or (n_tokens is not None and node.token >= n_tokens):
         raise LensError(
             f"node id {node_id!r} is outside this run; {_valid_forms(n_layers, n_tokens)}"
         )
-    node_kind: NodeKind = "X" if kind == "X" else "A" if kind == "A" else "I"
-    return NodeRef(node_kind, layer, position)
+    return node
 
 
 def previous_node(node_id: str, n_layers: int) -> str | None:
-    """The residual node just below ``node_id`` at the same position.
-
-    ``A{l}_t`` → ``I{l-1}_t`` (``X0_t`` for l = 0), ``I{l}_t`` → ``A{l}_t``, ``X0_t`` → None.
-    """
-    node = parse_node(node_id, n_layers)
-    t = node.position
-    if node.kind == "X":
-        return None
-    if node.kind == "I":
-        return f"A{node.layer}_{t}"
-    return f"X0_{t}" if node.layer == 0 else f"I{node.layer - 1}_{t}"
+    """The residual node just below ``node_id`` at the same position (see
+    :func:`llm_flow.engine.nodes.previous_node`), or None for an embedding."""
+    below = nodes.previous_node(parse_node(node_id, n_layers))
+    return None if below is None else below.id
 
 
 def residual_vector(run: ModelRun, node_id: str) -> Tensor:
     """The residual state at ``node_id`` → [D] float32."""
     node = parse_node(node_id, run.n_layers, run.n_tokens)
-    layer, t = run.layers[node.layer], node.position
+    layer, t = run.layers[node.layer], node.token
     if node.kind == "X":
         return layer.resid_pre[t].float()
     if node.kind == "I":
@@ -137,14 +110,17 @@ def update_between(run: ModelRun, node_id: str) -> Tensor | None:
     if node.kind == "X":
         return None
     block: Block = "attention" if node.kind == "A" else "ffn"
-    return block_update(run, node.layer, block, node.position)
+    return block_update(run, node.layer, block, node.token)
 
 
 # -- updates: blocks, heads, neurons ----------------------------------------------------------
 
 
 def _index(what: str, value: int, size: int) -> int:
-    """Normalize a possibly negative index into ``range(size)`` or raise :class:`LensError`."""
+    """Normalize a possibly negative index into ``range(size)`` or raise :class:`LensError`
+    (positions: :class:`PositionError`)."""
+    if what == "position":
+        return check_position(value, size)
     if not -size <= value < size:
         raise LensError(f"{what} {value} is out of range; valid {what}s are 0..{size - 1}")
     return value % size
@@ -222,8 +198,7 @@ def _check_k(k: int, vocab: int) -> int:
 
 
 def logit_lens(
-    llm: TransparentLlm,
-    run: ModelRun,
+    trace: Trace,
     node_id: str,
     *,
     normalize: bool = True,
@@ -235,6 +210,7 @@ def logit_lens(
     prediction), else ``resid @ W_U + b_U``. Probabilities are a softmax over the full
     vocabulary; ``rank_change`` compares each token's rank with the node just below.
     """
+    llm, run = trace.llm, trace.run
     previous = previous_node(node_id, run.n_layers)
     resid = residual_vector(run, node_id)  # validates the position too
     rows = [resid] if previous is None else [resid, residual_vector(run, previous)]
@@ -263,10 +239,11 @@ def logit_lens(
     ]
 
 
-def direct_logits(llm: TransparentLlm, run: ModelRun, update: Tensor, position: int) -> Tensor:
+def direct_logits(trace: Trace, update: Tensor, position: int) -> Tensor:
     """Direct effect of ``update`` [..., D] at ``position`` on the output logits → [..., V]
     float32: the final norm as a linear map with the run's frozen scale, then ``W_U`` (no bias).
     """
+    llm, run = trace.llm, trace.run
     t = _index("position", position, run.n_tokens)
     normed = llm.final_norm_linear(update, run.final_scale[t])  # [..., D] float32
     W_U = llm.W_U  # [D, V]
@@ -276,8 +253,7 @@ def direct_logits(llm: TransparentLlm, run: ModelRun, update: Tensor, position: 
 
 
 def promoted_suppressed(
-    llm: TransparentLlm,
-    run: ModelRun,
+    trace: Trace,
     update: Tensor,
     position: int,
     *,
@@ -285,7 +261,8 @@ def promoted_suppressed(
 ) -> tuple[list[TokenScore], list[TokenScore]]:
     """The ``k`` tokens an update [D] promotes most (highest direct logits, descending) and
     suppresses most (lowest, ascending: most negative first). ``prob`` is None."""
-    logits = direct_logits(llm, run, update, position)  # [V]
+    llm = trace.llm
+    logits = direct_logits(trace, update, position)  # [V]
     k = _check_k(k, logits.numel())
     high = logits.topk(k)
     low = logits.topk(k, largest=False)

@@ -12,16 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from llm_flow.engine.edges import route_edges
 from llm_flow.engine.routes import Route
-from llm_flow.errors import LlmFlowError
-from llm_flow.io.export import route_edges
+from llm_flow.errors import RouteDiffError
 
 Status = Literal["kept", "lost", "gained"]
 STATUSES: tuple[Status, ...] = ("kept", "lost", "gained")
-
-
-class RouteDiffError(LlmFlowError, ValueError):
-    """The two routes do not describe the same prompt, position and threshold."""
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from llm_flow.engine.graph import FlowGraph, contributions_of
 from llm_flow.engine.routes import find_route
-from llm_flow.errors import LlmFlowError
-from llm_flow.models.bridge import BridgeLlm
+from llm_flow.errors import InputError, LlmFlowError
+from llm_flow.models.base import TransparentLlm
 
 BENCH_TEXT = Path(__file__).resolve().parents[2] / "sample_inputs" / "bench_text.txt"
 ROUTE_THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.1)
@@ -67,23 +67,33 @@ def _peak_rss(result: list[float], interval_s: float = 0.002) -> Iterator[None]:
         result.append(max(peak[0], _rss_mb()))
 
 
-def prompt_of_length(llm: BridgeLlm, n_tokens: int, text_path: Path = BENCH_TEXT) -> str:
-    """A prompt that tokenizes to about ``n_tokens`` tokens, cut from the bench text."""
+def prompt_of_length(llm: TransparentLlm, n_tokens: int, text_path: Path = BENCH_TEXT) -> str:
+    """A prompt that tokenizes to about ``n_tokens`` tokens (BOS included), cut from the bench
+    text."""
     if not text_path.exists():
         raise LlmFlowError(f"bench text {text_path} is missing; run from a source checkout")
     text = text_path.read_text(encoding="utf-8")
-    ids = llm.tokenize_unchecked(text)
-    while len(ids) < n_tokens:  # repeat the passage for very long prompts
+    body = n_tokens - (1 if llm.info.prepends_bos else 0)
+    ids = llm.encode(text)
+    while len(ids) < body:  # repeat the passage for very long prompts
         text = text + "\n\n" + text
-        ids = llm.tokenize_unchecked(text)
-    start = 1 if llm.info.prepends_bos else 0
-    body = ids[start : start + n_tokens - start]
-    prompt: str = llm.tokenizer.decode(body)
-    return prompt
+        ids = llm.encode(text)
+    return llm.decode(ids[:body])
+
+
+def parse_token_counts(text: str) -> list[int]:
+    """``"64,256,1024"`` → token counts, each at least 2."""
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"token counts must be comma-separated integers, got '{text}'") from None
+    if not counts or min(counts) < 2:
+        raise InputError(f"token counts must be at least 2, got '{text}'")
+    return counts
 
 
 def bench(
-    llm: BridgeLlm,
+    llm: TransparentLlm,
     token_counts: Sequence[int],
     *,
     progress: Callable[[str], None] | None = None,

@@ -4,18 +4,14 @@ A :class:`FlowGraph` stores every edge weight of the information-flow graph as d
 arrays — attention edges [L, T, T], residual and FFN edges [L, T] — so thresholds and routes are
 boolean masks over them, never Python loops over edges.
 
-Node names: ``X0_t`` embedding of token t, ``A{l}_t`` residual after attention of layer l,
-``M{l}_t`` the FFN block, ``I{l}_t`` residual after layer l (the output node is ``I{L-1}_t``).
 Edge kinds: ``attention`` (``X0_s``/``I{l-1}_s`` → ``A{l}_t``, s ≤ t), ``residual``
 (``I{l-1}_t`` → ``A{l}_t`` and ``A{l}_t`` → ``I{l}_t``) and ``ffn`` (``A{l}_t`` → ``M{l}_t``
-and ``M{l}_t`` → ``I{l}_t``, the same weight).
+and ``M{l}_t`` → ``I{l}_t``, the same weight); node names are in :mod:`llm_flow.engine.nodes`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,19 +21,7 @@ from llm_flow.engine.contributions import (
     head_contributions,
     layer_contributions,
 )
-from llm_flow.models.base import LayerRun, ModelRun, TransparentLlm
-
-NODE_KINDS = {"X": "embedding", "A": "after_attention", "M": "ffn", "I": "after_layer"}
-
-
-def node_id(kind: str, layer: int, token: int) -> str:
-    """``kind`` is one of X, A, M, I; embeddings have no layer index (always ``X0``)."""
-    return f"X0_{token}" if kind == "X" else f"{kind}{layer}_{token}"
-
-
-def source_id(layer: int, token: int) -> str:
-    """The residual node an attention or residual edge into layer ``layer`` starts from."""
-    return node_id("X", 0, token) if layer == 0 else node_id("I", layer - 1, token)
+from llm_flow.models.base import LayerRun, ModelRun
 
 
 @dataclass(frozen=True)
@@ -105,32 +89,3 @@ def layer_head_contributions(
     Σ_h differs from the token-level edge weight of :class:`FlowGraph`.
     """
     return head_contributions(**_attention_sum(layer), rows=rows, memory_budget=memory_budget)  # type: ignore[arg-type]
-
-
-def trace(
-    llm: TransparentLlm,
-    prompt: str,
-    *,
-    keep_patterns: bool = True,
-    memory_budget: int | None = None,
-    on_layer: Callable[[int, int], None] | None = None,
-    fwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
-) -> tuple[ModelRun, FlowGraph]:
-    """One forward pass and the full contribution graph (of the intervened pass, with
-    ``fwd_hooks``; see :meth:`~llm_flow.models.base.TransparentLlm.run`).
-
-    Each layer's contributions are computed as soon as the layer has run, so with
-    ``keep_patterns=False`` only one layer's attention pattern is alive at a time (holding every
-    layer's patterns is what runs out of memory first on long prompts). ``on_layer(done, total)``
-    reports progress.
-    """
-    done: list[LayerContributions] = []
-    n_layers = llm.info.n_layers
-
-    def reduce(layer: LayerRun) -> None:
-        done.append(contributions_of(layer, memory_budget=memory_budget))
-        if on_layer is not None:
-            on_layer(len(done), n_layers)
-
-    run = llm.run(prompt, on_layer=reduce, keep_patterns=keep_patterns, fwd_hooks=fwd_hooks)
-    return run, FlowGraph.from_layers(run, done)

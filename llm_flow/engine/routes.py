@@ -18,19 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llm_flow.engine.graph import FlowGraph
+from llm_flow.engine.graph import FlowGraph, layer_head_contributions
+from llm_flow.models.base import ModelRun
 
 DEFAULT_THRESHOLD = 0.04
-
-
-@dataclass(frozen=True)
-class EdgeWeights:
-    """Edge weights after thresholding (pruned edges are 0) and optional renormalization."""
-
-    attention: Tensor  # [L, T, T]
-    attn_residual: Tensor  # [L, T]
-    ffn: Tensor  # [L, T]
-    ffn_residual: Tensor  # [L, T]
 
 
 @dataclass(frozen=True)
@@ -83,39 +74,6 @@ class Route:
     def ffn_residual_weights(self) -> Tensor:
         """[L, T] weights of the A{l}_t → I{l}_t edges (0 off the route)."""
         return torch.where(self.ffn_residual, self.graph.ffn_residual * self.ffn_factor, 0.0)
-
-    @property
-    def weights(self) -> EdgeWeights:
-        """Dense weights of the route's edges (0 off the route). O(L·T²): prefer
-        :meth:`attention_edges` and the [L, T] properties for long prompts."""
-        attention = torch.zeros_like(self.graph.attention)
-        idx, w = self.attention_edges()
-        attention[idx[:, 0], idx[:, 1], idx[:, 2]] = w
-        return EdgeWeights(
-            attention=attention,
-            attn_residual=self.attn_residual_weights,
-            ffn=self.ffn_weights,
-            ffn_residual=self.ffn_residual_weights,
-        )
-
-
-def edge_weights(graph: FlowGraph, threshold: float, renormalize: bool) -> EdgeWeights:
-    """Zero the edges below ``threshold`` and, if asked, rescale each whole's survivors to 1.
-
-    Dense over the whole graph (every whole, on a route or not); routes use the same rule.
-    """
-    _check_threshold(threshold)
-    causal = _causal(graph.n_tokens)
-    attn = torch.where((graph.attention >= threshold) & causal, graph.attention, 0.0)
-    attn_res = torch.where(graph.attn_residual >= threshold, graph.attn_residual, 0.0)
-    ffn = torch.where(graph.ffn >= threshold, graph.ffn, 0.0)
-    ffn_res = torch.where(graph.ffn_residual >= threshold, graph.ffn_residual, 0.0)
-    if renormalize:
-        attn_scale = _inverse(attn.sum(-1) + attn_res)
-        attn, attn_res = attn * attn_scale[..., None], attn_res * attn_scale
-        ffn_scale = _inverse(ffn + ffn_res)
-        ffn, ffn_res = ffn * ffn_scale, ffn_res * ffn_scale
-    return EdgeWeights(attention=attn, attn_residual=attn_res, ffn=ffn, ffn_residual=ffn_res)
 
 
 def _check_threshold(threshold: float) -> None:
@@ -208,3 +166,23 @@ def find_route(
 def full_graph(graph: FlowGraph) -> Route:
     """Every causal edge, unpruned and unnormalized: the route to all positions at τ = 0."""
     return find_route(graph, list(range(graph.n_tokens)), threshold=0.0, renormalize=False)
+
+
+def route_head_weights(run: ModelRun, route: Route) -> tuple[Tensor, Tensor]:
+    """Per-head contribution of every attention edge on ``route``: (idx [E, 3] rows of
+    (layer, target t, source s) in the mask's row-major order, as
+    :meth:`Route.attention_edges` gives them; weights [E, H] on the CPU).
+
+    Normalized LLM-TT's way over every (source, head) part and the residual
+    (:func:`~llm_flow.engine.graph.layer_head_contributions`), computed for the route's query
+    rows only; Σ_h is not the token-level edge weight. ``run`` must hold attention patterns.
+    """
+    idx = route.attention.nonzero()  # [E, 3]
+    weights = torch.zeros(len(idx), run.layers[0].values.shape[1])
+    for layer in idx[:, 0].unique().tolist():
+        sel = (idx[:, 0] == layer).nonzero().flatten()
+        rows, inverse = idx[sel, 1].unique(return_inverse=True)
+        device = run.layers[layer].values.device
+        heads, _ = layer_head_contributions(run.layers[layer], rows.to(device))  # [R, S, H]
+        weights[sel] = heads.cpu()[inverse, idx[sel, 2]]
+    return idx, weights

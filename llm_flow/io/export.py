@@ -1,6 +1,6 @@
 """Export a route (or the full graph) as the CLI's JSON contract, a networkx graph, or GraphML.
 
-The JSON object (ARCHITECTURE.md, "CLI contract")::
+The JSON object (docs/architecture.md, "Command line")::
 
     {"model", "tokens", "token_ids", "n_layers", "threshold", "renormalize", "position",
      "prediction": {"token", "id", "prob"},
@@ -14,136 +14,35 @@ output position, see :mod:`llm_flow.analyses.contrast`); attention edges also ca
 ``"head_direct_effects": {"<h>": float}``. Residual edges carry no direct effect (a residual
 connection is not a component).
 
-Masks cross to Python once per array (``nonzero().tolist()``); building the output dicts is the
-only per-edge Python.
+The node and edge lists come from :mod:`llm_flow.engine.edges`.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
-import torch
 
 from llm_flow.analyses.contrast import Contrast, DirectEffects
-from llm_flow.engine.graph import (
-    NODE_KINDS,
-    FlowGraph,
-    layer_head_contributions,
-    node_id,
-    source_id,
-)
+from llm_flow.engine.edges import route_edges, route_nodes
 from llm_flow.engine.routes import Route
-from llm_flow.models.base import ModelRun, TransparentLlm
-
-
-@dataclass(frozen=True)
-class Prediction:
-    token: str
-    id: int
-    prob: float
-
-    @classmethod
-    def of(cls, llm: TransparentLlm, run: ModelRun, position: int) -> Prediction:
-        """The greedy next token after ``position`` and its probability."""
-        prob, idx = run.logits[position].float().softmax(-1).max(-1)
-        return cls(token=llm.token_strings([int(idx)])[0], id=int(idx), prob=float(prob))
-
-
-def route_nodes(route: Route) -> list[dict[str, Any]]:
-    nodes = [
-        {"id": node_id("X", 0, t), "layer": 0, "token": t, "kind": NODE_KINDS["X"]}
-        for t in route.embeddings.nonzero().flatten().tolist()
-    ]
-    for kind, mask in (("A", route.after_attention), ("M", route.ffn), ("I", route.after_layer)):
-        nodes += [
-            {"id": node_id(kind, layer, t), "layer": layer, "token": t, "kind": NODE_KINDS[kind]}
-            for layer, t in mask.nonzero().tolist()
-        ]
-    return nodes
-
-
-def route_edges(
-    route: Route, run: ModelRun | None = None, direct: DirectEffects | None = None
-) -> list[dict[str, Any]]:
-    """Every edge on the route with its (thresholded, maybe renormalized) weight.
-
-    With ``run`` (holding attention patterns), attention edges get per-head contributions; with
-    ``direct``, attention and FFN edges get their direct effect on the logit difference.
-    """
-    idx, attention_weights = route.attention_edges()  # idx rows: (layer, target t, source s)
-    weights = attention_weights.tolist()
-
-    heads = _edge_heads(route, idx, run) if run is not None else None
-    head_effects = None
-    if direct is not None:
-        at_output = (idx[:, 1] == direct.position)[:, None]
-        head_effects = torch.where(at_output, direct.heads[idx[:, 0], idx[:, 2]], 0.0).tolist()
-    edges: list[dict[str, Any]] = []
-    for i, ((layer, t, s), weight) in enumerate(zip(idx.tolist(), weights, strict=True)):
-        edge: dict[str, Any] = {
-            "source": source_id(layer, s),
-            "target": node_id("A", layer, t),
-            "weight": weight,
-            "kind": "attention",
-        }
-        if heads is not None:
-            edge["heads"] = {str(h): v for h, v in enumerate(heads[i])}
-        if head_effects is not None:
-            edge["direct_effect"] = sum(head_effects[i])
-            edge["head_direct_effects"] = {str(h): v for h, v in enumerate(head_effects[i])}
-        edges.append(edge)
-    ffn_effects = None if direct is None else direct.ffn.tolist()
-    # (mask, weight, source kind, target kind, edge kind); "I-" is the residual below layer l
-    attn_res, ffn, ffn_res = (
-        route.attn_residual_weights,
-        route.ffn_weights,
-        route.ffn_residual_weights,
-    )
-    for mask, weight, src_kind, dst_kind, kind in (
-        (route.attn_residual, attn_res, "I-", "A", "residual"),
-        (route.ffn_residual, ffn_res, "A", "I", "residual"),
-        (route.ffn, ffn, "A", "M", "ffn"),
-        (route.ffn, ffn, "M", "I", "ffn"),
-    ):
-        pos = mask.nonzero()
-        values = weight[pos[:, 0], pos[:, 1]].tolist()
-        for (layer, t), value in zip(pos.tolist(), values, strict=True):
-            src = source_id(layer, t) if src_kind == "I-" else node_id(src_kind, layer, t)
-            dst = node_id(dst_kind, layer, t)
-            other: dict[str, Any] = {"source": src, "target": dst, "weight": value, "kind": kind}
-            if kind == "ffn" and ffn_effects is not None and direct is not None:
-                other["direct_effect"] = ffn_effects[layer] if t == direct.position else 0.0
-            edges.append(other)
-    return edges
-
-
-def _edge_heads(route: Route, idx: torch.Tensor, run: ModelRun) -> list[list[float]]:
-    """Per-head contribution of each attention edge in ``idx`` (rows of layer, t, s)."""
-    out = torch.zeros(len(idx), run.layers[0].values.shape[1])
-    for layer in idx[:, 0].unique().tolist():
-        sel = (idx[:, 0] == layer).nonzero().flatten()
-        rows, inverse = idx[sel, 1].unique(return_inverse=True)
-        heads, _ = layer_head_contributions(run.layers[layer], rows.to(run.logits.device))
-        out[sel] = heads[inverse.to(heads.device), idx[sel, 2].to(heads.device)].cpu()
-    rounded: list[list[float]] = out.tolist()
-    return rounded
+from llm_flow.engine.trace import Trace
 
 
 def graph_json(
-    graph: FlowGraph,
+    trace: Trace,
     route: Route,
-    prediction: Prediction,
     *,
     position: int,
-    run: ModelRun | None = None,
+    heads: bool = False,
     contrast: Contrast | None = None,
     direct: DirectEffects | None = None,
 ) -> dict[str, Any]:
-    """The CLI's JSON object; pass ``run`` to include per-head weights on attention edges, and
-    ``contrast`` with ``direct`` for the target/distractor fields."""
+    """The CLI's JSON object of ``route`` (a route of ``trace``'s graph) with the prediction
+    after ``position``; ``heads`` adds per-head weights to attention edges (the trace must hold
+    attention patterns), ``contrast`` with ``direct`` the target/distractor fields."""
+    graph, prediction = trace.graph, trace.prediction(position)
     data: dict[str, Any] = {
         "model": graph.model_name,
         "tokens": list(graph.tokens),
@@ -154,7 +53,7 @@ def graph_json(
         "position": position,
         "prediction": {"token": prediction.token, "id": prediction.id, "prob": prediction.prob},
         "nodes": route_nodes(route),
-        "edges": route_edges(route, run, direct),
+        "edges": route_edges(route, trace.run if heads else None, direct),
     }
     if contrast is not None:
         data["contrast"] = contrast.to_dict()

@@ -19,10 +19,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from llm_flow.validate import check_position
+
+# A forward hook: (hook name, fn(activation, hook)); a fn that returns a tensor replaces the
+# activation downstream, one that returns None only reads it.
+Hook = tuple[str, Callable[..., Any]]
+# The activations interventions and attributions hook, by what they hold (see hook_name):
+# "z" the per-head mixed values before W_O [T, H, d_head], "pattern" the attention pattern
+# [H, T, S], "neurons" the FFN's post-activation neuron values [T, d_mlp].
+HookSite = Literal["z", "pattern", "neurons"]
 
 
 @dataclass(frozen=True)
@@ -122,11 +132,8 @@ class ModelRun:
         return self.layers[0].resid_mid is None
 
     def position(self, position: int) -> int:
-        """Normalize a possibly negative position; raises IndexError when out of range."""
-        n = self.n_tokens
-        if not -n <= position < n:
-            raise IndexError(f"position {position} is outside the prompt's {n} tokens")
-        return position % n
+        """Normalize a possibly negative position; :class:`PositionError` when out of range."""
+        return check_position(position, self.n_tokens)
 
 
 LayerCallback = Callable[[LayerRun], None]
@@ -148,13 +155,38 @@ class TransparentLlm(ABC):
         """Readable string of each token id."""
 
     @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as a piece of a prompt: no BOS or other special tokens."""
+
+    @abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of a sequence of token ids."""
+
+    @abstractmethod
+    def hook_name(self, site: HookSite, layer: int) -> str:
+        """The name of the hook point of ``site`` in ``layer``, for :meth:`logits_with_hooks`
+        and :meth:`run`'s ``fwd_hooks``. Nothing outside ``llm_flow.models`` spells one."""
+
+    @abstractmethod
+    def logits_with_hooks(
+        self, token_ids: Sequence[int], fwd_hooks: Sequence[Hook], *, grad: bool = False
+    ) -> Tensor:
+        """Logits [T, V] of one forward pass over ``token_ids`` with ``fwd_hooks`` attached.
+
+        Nothing is captured or self-checked (an intervention breaks the run's identities on
+        purpose). With ``grad=True`` the pass runs with autograd on and the logits keep their
+        graph and dtype, for gradients with respect to hooked activations; otherwise they are
+        float32.
+        """
+
+    @abstractmethod
     def run(
         self,
         prompt: str,
         *,
         on_layer: LayerCallback | None = None,
         keep_patterns: bool = True,
-        fwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
+        fwd_hooks: Sequence[Hook] = (),
     ) -> ModelRun:
         """Run one forward pass.
 

@@ -17,7 +17,15 @@ import torch
 from torch import Tensor
 
 from llm_flow.errors import PromptError
-from llm_flow.models.base import LayerCallback, LayerRun, ModelInfo, ModelRun, TransparentLlm
+from llm_flow.models.base import (
+    Hook,
+    HookSite,
+    LayerCallback,
+    LayerRun,
+    ModelInfo,
+    ModelRun,
+    TransparentLlm,
+)
 from llm_flow.models.checks import check_layer
 
 # The hooks a run captures, per layer (key → hook name suffix after ``blocks.{l}.``).
@@ -32,6 +40,12 @@ _LAYER_HOOKS = {
     "neuron_acts": "mlp.hook_post",
     "attn_rms": "ln1_post.hook_scale",
     "mlp_rms": "ln2_post.hook_scale",
+}
+# TransformerLens's hook of each site analyses may intervene on (after ``blocks.{l}.``).
+_SITE_HOOKS: dict[HookSite, str] = {
+    "z": "attn.hook_z",
+    "pattern": "attn.hook_pattern",
+    "neurons": "mlp.hook_post",
 }
 
 
@@ -170,6 +184,18 @@ class BridgeLlm(TransparentLlm):
     def token_strings(self, token_ids: list[int]) -> list[str]:
         return [self._tokenizer.decode([i]) for i in token_ids]
 
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        text: str = self._tokenizer.decode(list(token_ids))
+        return text
+
+    def hook_name(self, site: HookSite, layer: int) -> str:
+        if not 0 <= layer < self._n_layers:
+            raise ValueError(f"layer {layer} is outside 0..{self._n_layers - 1}")
+        return f"blocks.{layer}.{_SITE_HOOKS[site]}"
+
     @property
     def W_U(self) -> Tensor:
         return self._W_U
@@ -194,13 +220,13 @@ class BridgeLlm(TransparentLlm):
         *,
         on_layer: LayerCallback | None = None,
         keep_patterns: bool = True,
-        fwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
+        fwd_hooks: Sequence[Hook] = (),
     ) -> ModelRun:
         token_ids = self.tokenize(prompt)
         self._check_hook_names(fwd_hooks)
         # An intervention may replace a head's mixed values z; capture z to book what the
         # pattern does not explain as that token's bias (see _layer_run).
-        layer_hooks = _LAYER_HOOKS | ({"z": "attn.hook_z"} if fwd_hooks else {})
+        layer_hooks = _LAYER_HOOKS | ({"z": _SITE_HOOKS["z"]} if fwd_hooks else {})
         captured: dict[int, dict[str, Tensor]] = {i: {} for i in range(self._n_layers)}
         final: dict[str, Tensor] = {}
         layers: list[LayerRun] = []
@@ -249,21 +275,9 @@ class BridgeLlm(TransparentLlm):
         )
 
     def logits_with_hooks(
-        self,
-        token_ids: Sequence[int],
-        fwd_hooks: Sequence[tuple[str, Callable[..., Any]]],
-        *,
-        grad: bool = False,
+        self, token_ids: Sequence[int], fwd_hooks: Sequence[Hook], *, grad: bool = False
     ) -> Tensor:
-        """Logits [T, V] of one forward pass over ``token_ids`` with extra TransformerLens hooks.
-
-        ``fwd_hooks`` are ``(hook name, fn(tensor, hook))`` pairs; a hook that returns a tensor
-        replaces the activation downstream (checked for ``attn.hook_z``, ``attn.hook_pattern``
-        and ``mlp.hook_post``), one that returns None only reads it. Nothing is self-checked
-        (an intervention breaks the run's identities on purpose) and no :class:`ModelRun` is
-        built. With ``grad=True`` the pass runs with autograd on (not in inference mode) and the
-        logits keep their graph and dtype, for gradients with respect to hooked activations.
-        """
+        # Replacing hooks are checked to work for every HookSite (tests/unit/test_bridge.py).
         self._check_hook_names(fwd_hooks)
         tokens = torch.tensor([list(token_ids)], device=self._device)
         hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = list(fwd_hooks)
@@ -278,7 +292,7 @@ class BridgeLlm(TransparentLlm):
     def _hook_names(self) -> set[str]:
         return set(self._bridge.hook_dict)
 
-    def _check_hook_names(self, fwd_hooks: Sequence[tuple[str, Callable[..., Any]]]) -> None:
+    def _check_hook_names(self, fwd_hooks: Sequence[Hook]) -> None:
         known = self._hook_names()
         unknown = sorted({name for name, _ in fwd_hooks if name not in known})
         if unknown:

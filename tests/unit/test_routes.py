@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llm_flow.engine.graph import FlowGraph, node_id, source_id
-from llm_flow.engine.routes import edge_weights, find_route, full_graph
+from llm_flow.engine.routes import find_route, full_graph
 from llm_flow.io.export import route_edges, route_nodes
 
 
@@ -54,17 +54,17 @@ def test_llm_tt_threshold_case() -> None:
     attention[0, 2, :2] = torch.tensor([0.05, 0.05])
     attn_residual = torch.tensor([[1.0, 0.8, 0.9]])
     g = make_graph(attention, attn_residual, ffn=torch.full((1, 3), 0.5))
-    w = edge_weights(g, threshold=0.1, renormalize=True)
+    route = find_route(g, [1, 2], threshold=0.1, renormalize=True)
+    idx, weights = route.attention_edges()
+    assert idx.tolist() == [[0, 1, 1]]  # only the 0.15 edge survives; row 2 keeps no edge
+    # 0.15 / (0.15 + 0.8) and 0.8 / 0.95, 0.9 / 0.9: float32 of values ~1 (eps 1.2e-7)
+    torch.testing.assert_close(weights, torch.tensor([0.157894]), atol=1e-6, rtol=0)
     torch.testing.assert_close(
-        w.attention[0, 1, :2], torch.tensor([0.0, 0.157894]), atol=1e-6, rtol=0
+        route.attn_residual_weights[0, 1:], torch.tensor([0.842105, 1.0]), atol=1e-6, rtol=0
     )
-    torch.testing.assert_close(w.attention[0, 2, :2], torch.tensor([0.0, 0.0]))
-    torch.testing.assert_close(
-        w.attn_residual[0, 1:], torch.tensor([0.842105, 1.0]), atol=1e-6, rtol=0
-    )
-    raw = edge_weights(g, threshold=0.1, renormalize=False)
-    torch.testing.assert_close(raw.attention[0, 1, :2], torch.tensor([0.0, 0.15]))
-    torch.testing.assert_close(raw.attn_residual[0, 1:], torch.tensor([0.8, 0.9]))
+    raw = find_route(g, [1, 2], threshold=0.1, renormalize=False)
+    torch.testing.assert_close(raw.attention_edges()[1], torch.tensor([0.15]))
+    torch.testing.assert_close(raw.attn_residual_weights[0, 1:], torch.tensor([0.8, 0.9]))
 
 
 def slow_route(
@@ -137,12 +137,17 @@ def test_several_positions_are_the_union_of_single_routes() -> None:
 
 def test_renormalized_survivors_sum_to_one_per_whole() -> None:
     g = random_graph(seed=5)
-    w = edge_weights(g, threshold=0.08, renormalize=True)
-    attn_total = w.attention.sum(-1) + w.attn_residual
-    alive = attn_total > 0
-    torch.testing.assert_close(attn_total[alive], torch.ones_like(attn_total[alive]))
-    ffn_total = w.ffn + w.ffn_residual
-    torch.testing.assert_close(ffn_total[ffn_total > 0], torch.ones_like(ffn_total[ffn_total > 0]))
+    route = find_route(g, [-1, 3], threshold=0.08, renormalize=True)
+    idx, weights = route.attention_edges()
+    attention = torch.zeros_like(g.attention).index_put_(tuple(idx.T), weights)
+    attn_total = attention.sum(-1) + route.attn_residual_weights  # [L, T]
+    rows = route.after_attention & (attn_total > 0)
+    assert rows.any()
+    torch.testing.assert_close(attn_total[rows], torch.ones_like(attn_total[rows]))
+    ffn_total = route.ffn_weights + route.ffn_residual_weights
+    nodes = route.after_attention & (ffn_total > 0)
+    assert nodes.any()
+    torch.testing.assert_close(ffn_total[nodes], torch.ones_like(ffn_total[nodes]))
 
 
 def test_full_graph_has_every_causal_edge() -> None:
@@ -150,7 +155,9 @@ def test_full_graph_has_every_causal_edge() -> None:
     route = full_graph(g)
     assert int(route.attention.sum()) == 3 * 6 * 7 // 2
     assert route.after_layer.all() and route.after_attention.all() and route.embeddings.all()
-    torch.testing.assert_close(route.weights.attention, g.attention)
+    idx, weights = route.attention_edges()
+    torch.testing.assert_close(weights, g.attention[tuple(idx.T)])
+    assert torch.equal(route.attention, g.attention.new_ones(g.attention.shape).tril().bool())
 
 
 @pytest.mark.parametrize("position", [7, -8, 100])

@@ -1,0 +1,108 @@
+"""One prompt, one forward pass: the model's run, its full contribution graph and every
+position's prediction, as one immutable :class:`Trace` that every analysis takes.
+
+Each layer's contributions are computed inside the forward pass, as soon as the layer has run
+(the run's ``on_layer`` callback), so with ``keep_patterns=False`` only one layer's attention
+pattern is alive at a time: holding every layer's patterns is what runs out of memory first on
+long prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from llm_flow.engine.contributions import LayerContributions
+from llm_flow.engine.graph import FlowGraph, contributions_of
+from llm_flow.models.base import Hook, LayerRun, ModelRun, TransparentLlm
+from llm_flow.validate import check_position
+
+
+class Prediction(NamedTuple):
+    """The greedy next token after a position and its probability; unpacks as
+    ``(token, id, prob)``."""
+
+    token: str
+    id: int
+    prob: float
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A model's run on one prompt, its contribution graph and each position's prediction.
+
+    Immutable: analyses read it and return new objects, so one trace can be shared (the app
+    caches it per model and prompt) without results mixing.
+    """
+
+    llm: TransparentLlm
+    prompt: str
+    run: ModelRun
+    graph: FlowGraph
+    predictions: tuple[Prediction, ...]  # [T] the greedy prediction after each position
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """Each token as the model consumed it (BOS included when the tokenizer adds one)."""
+        return self.run.tokens
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.run.token_ids
+
+    @property
+    def n_tokens(self) -> int:
+        return self.run.n_tokens
+
+    @property
+    def n_layers(self) -> int:
+        return self.run.n_layers
+
+    def position(self, position: int) -> int:
+        """``position`` in ``0..T-1`` (negative counts from the end); :class:`PositionError`
+        when the prompt has no such token."""
+        return check_position(position, self.n_tokens)
+
+    def prediction(self, position: int = -1) -> Prediction:
+        """The model's greedy next token after ``position``: ``(token, id, prob)``."""
+        return self.predictions[self.position(position)]
+
+
+def predictions_of(llm: TransparentLlm, run: ModelRun) -> tuple[Prediction, ...]:
+    """The greedy prediction after every position of ``run`` (one softmax, one decode)."""
+    probs, ids = run.logits.softmax(-1).max(-1)  # [T], [T]
+    id_list = ids.tolist()
+    strings = llm.token_strings(id_list)
+    return tuple(
+        Prediction(token=s, id=i, prob=p)
+        for s, i, p in zip(strings, id_list, probs.tolist(), strict=True)
+    )
+
+
+def trace(
+    llm: TransparentLlm,
+    prompt: str,
+    *,
+    keep_patterns: bool = True,
+    memory_budget: int | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
+    fwd_hooks: Sequence[Hook] = (),
+) -> Trace:
+    """Run ``prompt`` once and build its full contribution graph.
+
+    With ``fwd_hooks`` it is the trace of the intervened pass (see
+    :meth:`~llm_flow.models.base.TransparentLlm.run`). ``keep_patterns=False`` frees each
+    layer's attention maps once its contributions are computed (per-head views then need a new
+    trace). ``on_layer(done, total)`` reports progress.
+    """
+    done: list[LayerContributions] = []
+    n_layers = llm.info.n_layers
+
+    def reduce(layer: LayerRun) -> None:
+        done.append(contributions_of(layer, memory_budget=memory_budget))
+        if on_layer is not None:
+            on_layer(len(done), n_layers)
+
+    run = llm.run(prompt, on_layer=reduce, keep_patterns=keep_patterns, fwd_hooks=fwd_hooks)
+    return Trace(llm, prompt, run, FlowGraph.from_layers(run, done), predictions_of(llm, run))
