@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from llm_flow.config import ModelSpec
 from llm_flow.models.base import LayerRun, ModelInfo, ModelRun, TransparentLlm
 from llm_flow.models.bridge import BridgeLlm
@@ -14,7 +18,31 @@ __all__ = [
     "ModelRun",
     "TransparentLlm",
     "load_model",
+    "wrap_hf",
 ]
+
+
+def wrap_hf(
+    name: str,
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    prepend_bos: bool | None = None,
+) -> BridgeLlm:
+    """A loaded Hugging Face causal LM and its tokenizer as a :class:`TransparentLlm`; prompts
+    longer than the model's ``max_position_embeddings`` are refused."""
+    max_tokens = getattr(hf_model.config, "max_position_embeddings", None)
+    return BridgeLlm(
+        name,
+        hf_model,
+        tokenizer,
+        device=device,
+        dtype=dtype,
+        prepend_bos=prepend_bos,
+        max_tokens=max_tokens,
+    )
 
 
 def load_model(
@@ -29,13 +57,11 @@ def load_model(
     hf_model, tokenizer = load_hf(spec, progress=progress)
     if progress is not None:
         progress("Wrapping the model in TransformerLens")
-    max_tokens = getattr(hf_model.config, "max_position_embeddings", None)
-    return BridgeLlm(
+    return wrap_hf(
         spec.name,
         hf_model,
         tokenizer,
         device=torch_device,
         dtype=torch_dtype,
         prepend_bos=spec.prepend_bos,
-        max_tokens=max_tokens,
     )

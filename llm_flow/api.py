@@ -1,0 +1,230 @@
+"""The Python API for notebooks and scripts (a stable contract; docs/architecture.md, "Python
+API")::
+
+    import llm_flow as lf
+    model = lf.load()                                  # the config's default model
+    tr = lf.trace(model, "The capital of France is")   # one forward pass + the full graph
+    route = tr.route(threshold=0.04)                   # the route to the last token
+    route.figure()                                     # the app's graph (plotly)
+    route.to_json()                                    # exactly `llm-flow graph --format json`
+    tr.contrast(" Paris", " London")                   # why the target, not the distractor?
+    lf.ablate(tr, heads="23.3", target=" Paris", distractor=" London")
+
+:class:`Trace` and :class:`Route` are the engine's objects with the front-end methods added, so
+everything in ``llm_flow.engine`` and ``llm_flow.analyses`` accepts them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llm_flow.analyses import ablation as _ablation
+from llm_flow.analyses import contrast as _contrast
+from llm_flow.analyses import interventions as _interventions
+from llm_flow.analyses.faithfulness import faithfulness
+from llm_flow.analyses.lens import TokenScore, logit_lens
+from llm_flow.config import default_config, load_config
+from llm_flow.engine import routes as _routes
+from llm_flow.engine import trace as _trace
+from llm_flow.engine.routes import DEFAULT_THRESHOLD
+from llm_flow.errors import InputError
+from llm_flow.io import export
+from llm_flow.io.figure import flow_figure
+from llm_flow.models import TransparentLlm, load_model, wrap_hf
+from llm_flow.models.loading import Progress, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    import networkx as nx
+    import plotly.graph_objects as go
+
+    from llm_flow.analyses.interventions import MeanActivations, Mode
+
+__all__ = [
+    "Route",
+    "Trace",
+    "ablate",
+    "faithfulness",
+    "from_hf",
+    "load",
+    "mean_activations",
+    "trace",
+]
+
+
+def load(
+    name: str | None = None,
+    *,
+    config: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    progress: Progress | None = None,
+) -> TransparentLlm:
+    """The model ``name`` of ``config`` (default: the repository's config/local.json and its
+    default model, the packaged SmolLM2), on ``device`` in ``dtype``. ``progress(message)``
+    hears about slow steps (the first load of a packaged model dequantizes it, ~20 s)."""
+    cfg = default_config() if config is None else load_config(config)
+    spec = cfg.model(cfg.default_model if name is None else name)
+    return load_model(spec, device=device, dtype=dtype, progress=progress)
+
+
+def from_hf(
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    name: str | None = None,
+    prepend_bos: bool | None = None,
+) -> TransparentLlm:
+    """Any already-loaded transformers causal LM (on its own device and dtype) and its
+    tokenizer. ``prepend_bos=None`` follows the tokenizer (see ``config/local.json``)."""
+    first = next(hf_model.parameters())
+    label = name or getattr(hf_model.config, "name_or_path", "") or type(hf_model).__name__
+    device = resolve_device(str(first.device))
+    dtype = resolve_dtype(str(first.dtype).removeprefix("torch."))
+    return wrap_hf(label, hf_model, tokenizer, device=device, dtype=dtype, prepend_bos=prepend_bos)
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+@dataclass(frozen=True)
+class Trace(_trace.Trace):
+    """One prompt's forward pass and full contribution graph (:class:`llm_flow.engine.trace.
+    Trace`), with the analyses as methods."""
+
+    def route(
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        position: int = -1,
+        renormalize: bool = True,
+    ) -> Route:
+        """The route to the output node of ``position``: edges of weight ≥ ``threshold``,
+        rescaled to sum to 1 per whole unless ``renormalize`` is False."""
+        p = self.position(position)
+        found = _routes.find_route(self.graph, [p], threshold, renormalize)
+        return Route(**_fields(found), trace=self, position=p)
+
+    def full_graph(self, position: int = -1) -> Route:
+        """Every causal edge, unpruned and unnormalized (``llm-flow graph --threshold 0
+        --no-renormalize``); ``position`` only picks the prediction reported."""
+        found = _routes.full_graph(self.graph)
+        return Route(**_fields(found), trace=self, position=self.position(position))
+
+    def contrast(
+        self,
+        target: str,
+        distractor: str,
+        position: int = -1,
+        *,
+        threshold: float = DEFAULT_THRESHOLD,
+        renormalize: bool = True,
+    ) -> _contrast.ContrastAnalysis:
+        """Why ``target`` rather than ``distractor`` after ``position``: the logit difference,
+        every component's direct effect and attribution, and the effect table of the route at
+        ``threshold`` (``.frame()`` is a pandas table). One extra forward + backward pass."""
+        route = self.route(threshold, position, renormalize)
+        return _contrast.analyse_contrast(self, route, target, distractor)
+
+    def lens(self, node: str, *, k: int = 10, normalize: bool = True) -> list[TokenScore]:
+        """Logit lens at the residual node ``node`` (``X0_t``, ``A{l}_t`` or ``I{l}_t``)."""
+        return logit_lens(self, node, normalize=normalize, k=k)
+
+
+@dataclass(frozen=True)
+class Route(_routes.Route):
+    """A route of a :class:`Trace` (:class:`llm_flow.engine.routes.Route`) that can draw and
+    export itself; ``position`` is the output position whose prediction exports report."""
+
+    trace: Trace
+    position: int
+
+    def figure(self, selected: str | None = None) -> go.Figure:
+        """The app's layer × token graph of this route; ``selected`` (a node or edge id such as
+        ``M3_5`` or ``I2_1->A3_5``) is ringed in red."""
+        return flow_figure(self.trace, self, position=self.position, selected=selected)
+
+    def to_json(
+        self, *, heads: bool = False, contrast: _contrast.ContrastAnalysis | None = None
+    ) -> dict[str, Any]:
+        """Exactly ``llm-flow graph --format json``: ``heads`` adds per-head weights to
+        attention edges; ``contrast`` (from :meth:`Trace.contrast`) the target/distractor
+        fields and each edge's direct effect."""
+        pair = None if contrast is None else contrast.contrast
+        direct = None if contrast is None else contrast.direct
+        return export.graph_json(
+            self.trace, self, position=self.position, heads=heads, contrast=pair, direct=direct
+        )
+
+    def to_networkx(self, **json_options: Any) -> nx.MultiDiGraph:
+        """A ``networkx.MultiDiGraph`` keyed by edge kind (options as :meth:`to_json`)."""
+        return export.to_networkx(self.to_json(**json_options))
+
+    def to_graphml(self, **json_options: Any) -> str:
+        """GraphML text, as ``llm-flow graph --format graphml``."""
+        return export.to_graphml(self.to_json(**json_options))
+
+
+def trace(
+    model: TransparentLlm,
+    prompt: str,
+    *,
+    keep_patterns: bool = True,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> Trace:
+    """Run ``prompt`` once and compute every contribution (``on_layer(done, total)`` reports
+    progress). ``keep_patterns=False`` saves memory on long prompts; per-head views, contrast
+    and faithfulness then need a trace that kept them."""
+    found = _trace.trace(model, prompt, keep_patterns=keep_patterns, on_layer=on_layer)
+    return Trace(**_fields(found))
+
+
+def mean_activations(model: TransparentLlm, prompts: Sequence[str]) -> MeanActivations:
+    """Mean head values and neuron activations over every position of ``prompts``, for
+    ``ablate(..., mode="mean")``."""
+    return _interventions.mean_activations(model, list(prompts))
+
+
+def ablate(
+    tr: _trace.Trace,
+    *,
+    heads: str = "",
+    neurons: str = "",
+    edges: str = "",
+    mode: Mode = "zero",
+    means: MeanActivations | None = None,
+    target: str | None = None,
+    distractor: str | None = None,
+    position: int = -1,
+    k: int = _ablation.TOP_K,
+    traced: bool = False,
+) -> _ablation.AblationResult:
+    """Zero- or mean-ablate heads (``"9.3,10.7"``), neurons (``"5.120"``) and attention edges
+    (``"3:1>4"``, ``"3.2:1>4"``) and compare the prediction after ``position`` before and
+    after (with ``target``, its log-prob; with ``distractor`` too, the logit difference).
+    ``traced=True`` also traces the ablated run: ``.route_diff(threshold)`` compares routes."""
+    ablation = _interventions.Ablation(
+        heads=_interventions.parse_heads(heads),
+        neurons=_interventions.parse_neurons(neurons),
+        edges=_interventions.parse_edges(edges),
+        mode=mode,
+    )
+    target_id = distractor_id = None
+    if distractor is not None and target is None:
+        raise InputError("a distractor needs a target too; give both, or only a target")
+    if target is not None and distractor is not None:
+        target_id, distractor_id = _contrast.contrast_ids(tr.llm, target, distractor)
+    elif target is not None:
+        target_id = _contrast.single_token(tr.llm, target, "target")
+    return _ablation.ablate(
+        tr,
+        ablation,
+        means=means,
+        target_id=target_id,
+        distractor_id=distractor_id,
+        position=position,
+        k=k,
+        traced=traced,
+    )

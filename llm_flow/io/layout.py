@@ -1,0 +1,146 @@
+"""Where the flow graph's nodes and edges sit in its picture, in one place.
+
+LLM-TT's layout (Tufanov et al. 2024, Fig. 1): x is the token position, y the depth, two rows
+per layer. Row 0 holds the embeddings ``X0_t``; layer ``l`` has the residual after attention
+``A{l}_t`` at ``y = 2l + 1`` and the residual after the layer ``I{l}_t`` at ``y = 2l + 2``, with
+its FFN block ``M{l}_t`` halfway between them, :data:`FFN_OFFSET` right of the token's column; a
+row of output markers sits one row above the last layer.
+
+An attention edge into layer ``l`` runs from its source row (``y = 2l``: ``X0_s`` or
+``I{l-1}_s``) up to ``A{l}_t``; the s = t edge bows :data:`SELF_BOW` left of the vertical
+residual line so the two stay apart, and the FFN path bends right through its block square.
+Plotly cannot click a line, so every edge has a click handle: at :data:`HANDLE_AT` of the way
+along an attention edge, at the middle of a residual edge.
+
+The functions take arrays of layers and tokens (one entry per node or edge) and return arrays,
+so a figure places all of a route's edges in a few numpy operations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from llm_flow.engine.nodes import NodeKind
+
+ROWS_PER_LAYER = 2
+# y of each node kind within its layer's rows (the embedding row is layer 0's source row).
+_ROW: dict[NodeKind, float] = {"X": 0.0, "A": 1.0, "M": 1.5, "I": 2.0}
+SELF_BOW = 0.3  # how far the s = t attention curve bows left of the residual line
+FFN_OFFSET = 0.3  # how far the FFN square sits right of the residual line
+HANDLE_AT = 0.65  # where along an attention edge its click handle sits (0 source, 1 target)
+
+MAX_VISIBLE_TOKENS = 40  # longer prompts open zoomed on the output position; pan to see more
+MAX_TICK_LABELS = 400  # beyond this, label every k-th token (plotly does not thin fixed ticks)
+MAX_LAYER_LABELS = 40
+
+ResidualTarget = Literal["A", "I"]
+
+
+def _floats(values: ArrayLike) -> np.ndarray:
+    return np.atleast_1d(np.asarray(values, dtype=float))
+
+
+def node_x(kind: NodeKind, token: ArrayLike) -> np.ndarray:
+    """x of nodes of ``kind`` at ``token``: the token's column (the FFN block right of it)."""
+    return _floats(token) + (FFN_OFFSET if kind == "M" else 0.0)
+
+
+def node_y(kind: NodeKind, layer: ArrayLike) -> np.ndarray:
+    """y of nodes of ``kind`` in ``layer`` (embeddings: layer 0)."""
+    return ROWS_PER_LAYER * _floats(layer) + _ROW[kind]
+
+
+def source_y(layer: ArrayLike) -> np.ndarray:
+    """y of the nodes attention and residual edges into ``layer`` start from (``X0`` for layer 0,
+    else ``I{l-1}``)."""
+    return ROWS_PER_LAYER * _floats(layer)
+
+
+def output_y(n_layers: int) -> float:
+    """y of the row of output markers, one row above the last layer's ``I`` nodes."""
+    return float(node_y("A", n_layers)[0])
+
+
+def attention_points(layer: ArrayLike, target: ArrayLike, source: ArrayLike) -> np.ndarray:
+    """Attention edges ``source → target`` of ``layer`` as 3-point polylines → [E, 3, 2]."""
+    t, s = _floats(target), _floats(source)
+    y0, y1 = source_y(layer), node_y("A", layer)
+    mid_x = np.where(t == s, t - SELF_BOW, (s + t) / 2)
+    start, middle, end = (s, y0), (mid_x, (y0 + y1) / 2), (t, y1)
+    return np.stack([np.stack(p, -1) for p in (start, middle, end)], axis=1)  # [E, 3, 2]
+
+
+def attention_handles(
+    layer: ArrayLike, target: ArrayLike, source: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
+    """(x [E], y [E]) of the click handles of attention edges: on the bow of an s = t edge,
+    else :data:`HANDLE_AT` of the way from source to target."""
+    t, s = _floats(target), _floats(source)
+    y0, y1 = source_y(layer), node_y("A", layer)
+    self_edge = t == s
+    x = np.where(self_edge, t - SELF_BOW, s + HANDLE_AT * (t - s))
+    y = np.where(self_edge, (y0 + y1) / 2, y0 + HANDLE_AT * (y1 - y0))
+    return x, y
+
+
+def _residual_ends(into: ResidualTarget, layer: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    if into == "A":
+        return source_y(layer), node_y("A", layer)
+    return node_y("A", layer), node_y("I", layer)
+
+
+def residual_points(into: ResidualTarget, layer: ArrayLike, token: ArrayLike) -> np.ndarray:
+    """Residual edges into ``A{l}_t`` (from the source row) or ``I{l}_t`` (from ``A{l}_t``) as
+    vertical 2-point lines → [E, 2, 2]."""
+    t = _floats(token)
+    y0, y1 = _residual_ends(into, layer)
+    return np.stack([np.stack([t, y0], -1), np.stack([t, y1], -1)], axis=1)  # [E, 2, 2]
+
+
+def residual_handles(
+    into: ResidualTarget, layer: ArrayLike, token: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
+    """(x [E], y [E]) of residual edges' click handles: the middle of each line."""
+    y0, y1 = _residual_ends(into, layer)
+    return _floats(token), (y0 + y1) / 2
+
+
+def ffn_points(layer: ArrayLike, token: ArrayLike) -> np.ndarray:
+    """``A{l}_t → M{l}_t → I{l}_t`` as one bent 3-point polyline per FFN block → [E, 3, 2]."""
+    corners = [(node_x(k, token), node_y(k, layer)) for k in ("A", "M", "I")]
+    return np.stack([np.stack(p, -1) for p in corners], axis=1)  # [E, 3, 2]
+
+
+# -- axes -------------------------------------------------------------------------------------
+
+
+def token_ticks(tokens: Sequence[str]) -> list[int]:
+    """The token positions that get an axis label (every k-th one for long prompts)."""
+    step = max(1, math.ceil(len(tokens) / MAX_TICK_LABELS))
+    return list(range(0, len(tokens), step))
+
+
+def layer_ticks(n_layers: int) -> tuple[list[float], list[str]]:
+    """(y values, labels) of the depth axis: ``emb``, each layer at its FFN row, ``out``."""
+    step = 1 if n_layers <= MAX_LAYER_LABELS else math.ceil(n_layers / MAX_LAYER_LABELS)
+    layers = list(range(0, n_layers, step))
+    values = [float(node_y("X", 0)[0]), *node_y("M", layers).tolist(), output_y(n_layers)]
+    return values, ["emb", *(str(layer) for layer in layers), "out"]
+
+
+def x_window(n_tokens: int, position: int) -> tuple[float, float]:
+    """The x range a figure opens on: everything, or the last tokens up to ``position``."""
+    if n_tokens <= MAX_VISIBLE_TOKENS:
+        return -0.7, n_tokens - 0.4
+    high = max(position, MAX_VISIBLE_TOKENS - 1)
+    return high - MAX_VISIBLE_TOKENS + 0.6, high + 0.6
+
+
+def figure_height(n_layers: int) -> int:
+    """Tall enough for ~26 px per layer, so 30-layer models keep readable rows."""
+    return int(min(1800, max(460, 160 + 26 * n_layers)))
