@@ -189,7 +189,7 @@ def _position(value: int, n_tokens: int, item: object) -> int:
     try:
         return check_position(value, n_tokens)
     except PositionError as exc:
-        raise PositionError(f"in {str(item)!r}: {exc}") from None
+        raise InterventionError(f"in {str(item)!r}: {exc}") from None
 
 
 def validate(ablation: Ablation, info: ModelInfo, n_tokens: int) -> Ablation:

@@ -85,12 +85,12 @@ def _write(text: str, out: str | None) -> None:
     try:
         Path(out).write_text(text + "\n", encoding="utf-8")
     except OSError as exc:
-        raise LlmFlowError(f"cannot write {out}: {exc.strerror}") from exc
+        raise LlmFlowError(f"cannot write --out {out}: {exc.strerror}") from exc
 
 
 def _contrast_pair(args: argparse.Namespace) -> None:
     if (args.target is None) != (args.distractor is None):
-        raise InputError("a target and a distractor go together; give both or neither")
+        raise InputError("--target and --distractor go together; pass both or neither")
 
 
 def _prompt_header(tr: Trace) -> dict[str, Any]:

@@ -26,16 +26,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm_flow.analyses.ablation import ablated_logits
 from llm_flow.analyses.contrast import analyse_contrast, contrast_ids
 from llm_flow.analyses.interventions import (
     Ablation,
     HeadRef,
     MeanActivations,
-    ablated_logits,
     mean_activations,
 )
-from llm_flow.engine.graph import trace
 from llm_flow.engine.routes import find_route
+from llm_flow.engine.trace import trace
 from llm_flow.models import BridgeLlm
 
 pytestmark = pytest.mark.integration
@@ -86,10 +86,10 @@ def test_route_ranked_heads_carry_the_ioi_logit_difference(packaged_llm: BridgeL
     rank, held_out = cases[:N_RANK], cases[N_RANK:]
     score = torch.zeros(n_layers, n_heads)
     for text, _, io, s in rank:
-        run, graph = trace(llm, text)
-        route = find_route(graph, [-1], THRESHOLD)
+        tr = trace(llm, text)
+        route = find_route(tr.graph, [-1], THRESHOLD)
         io_s = llm.token_strings([io, s])
-        result = analyse_contrast(llm, run, route, io_s[0], io_s[1], neurons_per_block=0)
+        result = analyse_contrast(tr, route, io_s[0], io_s[1], neurons_per_block=0)
         for row in result.rows:
             if row.kind == "head" and row.head is not None:
                 score[row.layer, row.head] += abs(row.direct_effect)

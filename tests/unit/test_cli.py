@@ -314,14 +314,18 @@ def test_route_to_an_earlier_position(
     assert f"I{N_LAYERS - 1}_2" in {node["id"] for node in back["nodes"]}
 
 
-def test_route_with_threshold_zero_but_renormalized_keeps_all_edges_to_the_output(
+def test_route_with_threshold_zero_but_renormalized_keeps_every_edge_to_the_output(
     capsys: pytest.CaptureFixture[str], config_file: Path, full_graphs: dict[str, Any]
 ) -> None:
+    """τ = 0 prunes nothing, so the route to the last token is the full graph less what cannot
+    reach it: the last layer's nodes at the other positions and the edges into them."""
     data = graph(capsys, config_file, "--threshold", "0")
     check_structure(data)
+    top = N_LAYERS - 1
+    unreachable = {f"{kind}{top}_{t}" for kind in "AMI" for t in range(T - 1)}
     full_edges = {(e["source"], e["target"], e["kind"]) for e in full_graphs["tiny"]["edges"]}
     route_edges = {(e["source"], e["target"], e["kind"]) for e in data["edges"]}
-    assert route_edges <= full_edges
+    assert route_edges == {e for e in full_edges if e[1] not in unreachable}
     assert len(route_edges) == len(data["edges"])
 
 
@@ -391,16 +395,19 @@ def test_graphml_has_the_same_nodes_and_edges_as_the_json(
         (["info", "--model", "nope"], "'tiny'"),
         (["graph", "--prompt", ""], "empty"),
         (["graph", "--prompt", "  \n  "], "empty"),
-        (["graph", "--prompt", "w1 w2", "--threshold", "1.5"], "--threshold"),
-        (["graph", "--prompt", "w1 w2", "--threshold", "-0.1"], "--threshold"),
-        (["graph", "--prompt", "w1 w2", "--position", "3"], "--position"),
-        (["graph", "--prompt", "w1 w2", "--position", "-4"], "--position"),
+        (["graph", "--prompt", "w1 w2", "--threshold", "1.5"], "threshold must be between 0 and 1"),
+        (["graph", "--prompt", "w1 w2", "--threshold", "-0.1"], "threshold must be between 0"),
+        (
+            ["graph", "--prompt", "w1 w2", "--position", "3"],
+            "position 3 is outside the prompt's 3 tokens",
+        ),
+        (["graph", "--prompt", "w1 w2", "--position", "-4"], "valid positions are 0..2"),
         (["graph", "--prompt", "w1 " * (MAX_CHARS // 3 + 1)], "max_user_string_length"),
         (["graph", "--prompt", prompt(128)], "129 tokens"),
         (["graph", "--prompt", "w1", "--out", "/nonexistent-dir/x.json"], "--out"),
         (["info", "--device", "tpu"], "cpu, cuda"),
-        (["bench", "--tokens", "a,b"], "--tokens"),
-        (["bench", "--tokens", "1"], "--tokens"),
+        (["bench", "--tokens", "a,b"], "token counts must be comma-separated integers"),
+        (["bench", "--tokens", "1"], "token counts must be at least 2"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(

@@ -27,8 +27,8 @@ from llm_flow.analyses.contrast import (
     single_token,
 )
 from llm_flow.analyses.lens import direct_logits, head_update, neuron_update
-from llm_flow.engine.graph import trace
 from llm_flow.engine.routes import find_route
+from llm_flow.engine.trace import Trace, trace
 from llm_flow.models.base import ModelRun
 from llm_flow.models.bridge import BridgeLlm
 from tests.cli_runner import run_cli
@@ -39,32 +39,31 @@ TARGET, DISTRACTOR = "w3", "w7"
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def model(request: pytest.FixtureRequest) -> tuple[BridgeLlm, ModelRun]:
-    llm = tiny_llm(request.param)
-    return llm, llm.run(prompt(6))
+def model(request: pytest.FixtureRequest) -> Trace:
+    return trace(tiny_llm(request.param), prompt(6))
 
 
-def lens_diff(llm: BridgeLlm, run: ModelRun, update: torch.Tensor, p: int, a: int, b: int) -> float:
-    logits = direct_logits(llm, run, update, p)
+def lens_diff(tr: Trace, update: torch.Tensor, p: int, a: int, b: int) -> float:
+    logits = direct_logits(tr, update, p)
     return float(logits[a] - logits[b])
 
 
 # -- tokens -----------------------------------------------------------------------------------
 
 
-def test_single_token_gives_the_vocabulary_id(model: tuple[BridgeLlm, ModelRun]) -> None:
-    llm, _ = model
+def test_single_token_gives_the_vocabulary_id(model: Trace) -> None:
+    llm = model.llm
     assert single_token(llm, "w3") == llm.tokenize_unchecked("w3")[-1]
 
 
-def test_multi_token_target_says_how_it_tokenizes(model: tuple[BridgeLlm, ModelRun]) -> None:
-    llm, _ = model
+def test_multi_token_target_says_how_it_tokenizes(model: Trace) -> None:
+    llm = model.llm
     with pytest.raises(ContrastError, match=r"'w3 w4' is 2 tokens .*\['w3', 'w4'\]"):
         single_token(llm, "w3 w4", "target")
 
 
-def test_same_or_empty_tokens_are_refused(model: tuple[BridgeLlm, ModelRun]) -> None:
-    llm, _ = model
+def test_same_or_empty_tokens_are_refused(model: Trace) -> None:
+    llm = model.llm
     with pytest.raises(ContrastError, match="same token"):
         contrast_ids(llm, "w3", "w3")
     with pytest.raises(ContrastError, match="distractor is empty"):
@@ -72,9 +71,10 @@ def test_same_or_empty_tokens_are_refused(model: tuple[BridgeLlm, ModelRun]) -> 
 
 
 @pytest.mark.parametrize("position", [-1, 2])
-def test_contrast_reads_the_run_logits(model: tuple[BridgeLlm, ModelRun], position: int) -> None:
-    llm, run = model
-    c = contrast(llm, run, TARGET, DISTRACTOR, position)
+def test_contrast_reads_the_run_logits(model: Trace, position: int) -> None:
+    tr = model
+    run = tr.run
+    c = contrast(tr, TARGET, DISTRACTOR, position)
     p = position % run.n_tokens
     assert c.position == p
     assert c.target_logit == pytest.approx(float(run.logits[p, c.target_id]))
@@ -89,14 +89,15 @@ def test_contrast_reads_the_run_logits(model: tuple[BridgeLlm, ModelRun], positi
 
 @pytest.mark.parametrize("position", [-1, 3])
 def test_direct_effects_of_all_parts_sum_to_the_logit_difference(
-    model: tuple[BridgeLlm, ModelRun], position: int
+    model: Trace, position: int
 ) -> None:
-    llm, run = model
-    c = contrast(llm, run, TARGET, DISTRACTOR, position)
-    d = direct_effects(llm, run, c)
+    tr = model
+    run = tr.run
+    c = contrast(tr, TARGET, DISTRACTOR, position)
+    d = direct_effects(tr, c)
     last = run.layers[-1].resid_post[c.position]
     # The final residual through the frozen-scale map, computed by the logit lens.
-    want_total = lens_diff(llm, run, last, c.position, c.target_id, c.distractor_id)
+    want_total = lens_diff(tr, last, c.position, c.target_id, c.distractor_id)
     scale = max(1.0, abs(want_total))
     assert d.total == pytest.approx(want_total, abs=1e-4 * scale)
     # embedding + Σ heads per source + biases + Σ neurons = final residual (parallel blocks too).
@@ -109,28 +110,29 @@ def test_direct_effects_of_all_parts_sum_to_the_logit_difference(
 
 
 def test_head_and_neuron_direct_effects_match_the_lens_updates(
-    model: tuple[BridgeLlm, ModelRun],
+    model: Trace,
 ) -> None:
-    llm, run = model
-    c = contrast(llm, run, TARGET, DISTRACTOR)
-    d = direct_effects(llm, run, c)
+    tr = model
+    run = tr.run
+    c = contrast(tr, TARGET, DISTRACTOR)
+    d = direct_effects(tr, c)
     p, a, b = c.position, c.target_id, c.distractor_id
     for layer in range(run.n_layers):
         for head in (0, 3):
-            want = lens_diff(llm, run, head_update(run, layer, head, p), p, a, b)
+            want = lens_diff(tr, head_update(run, layer, head, p), p, a, b)
             assert float(d.heads[layer, :, head].sum()) == pytest.approx(want, abs=1e-5)
         for neuron in (0, 17):
-            want = lens_diff(llm, run, neuron_update(run, layer, neuron, p), p, a, b)
+            want = lens_diff(tr, neuron_update(run, layer, neuron, p), p, a, b)
             assert float(d.neurons[layer, neuron]) == pytest.approx(want, abs=1e-5)
-        whole_ffn = lens_diff(llm, run, run.layers[layer].mlp_update[p].float(), p, a, b)
+        whole_ffn = lens_diff(tr, run.layers[layer].mlp_update[p].float(), p, a, b)
         assert float(d.ffn[layer]) == pytest.approx(whole_ffn, abs=1e-4)
 
 
 def test_direct_effects_need_patterns() -> None:
     llm = tiny_llm("llama-gqa")
-    run = llm.run(prompt(4), keep_patterns=False)
+    tr = trace(llm, prompt(4), keep_patterns=False)
     with pytest.raises(ContrastError, match="keep_patterns=True"):
-        direct_effects(llm, run, contrast(llm, run, TARGET, DISTRACTOR))
+        direct_effects(tr, contrast(tr, TARGET, DISTRACTOR))
 
 
 # -- attributions -----------------------------------------------------------------------------
@@ -150,12 +152,13 @@ def ld_with_scaled(
     return float(logits[-1, a] - logits[-1, b])
 
 
-def test_attribution_is_activation_times_gradient(model: tuple[BridgeLlm, ModelRun]) -> None:
+def test_attribution_is_activation_times_gradient(model: Trace) -> None:
     """act · ∂LD/∂act = d LD(act · (1 + ε)) / dε at 0: checked by central differences on the
     head value and the neuron with the largest attribution."""
-    llm, run = model
-    c = contrast(llm, run, TARGET, DISTRACTOR)
-    attr = attribute(llm, run, c)
+    tr = model
+    llm, run = tr.llm, tr.run
+    c = contrast(tr, TARGET, DISTRACTOR)
+    attr = attribute(tr, c)
     assert attr.logit_diff == pytest.approx(c.logit_diff, abs=1e-5)
     eps = 1e-2
     layer, t, h = torch.unravel_index(attr.head_values.abs().argmax(), attr.head_values.shape)
@@ -176,9 +179,10 @@ def test_attribution_is_activation_times_gradient(model: tuple[BridgeLlm, ModelR
     assert fd == pytest.approx(float(attr.neurons[layer, t, n]), rel=0.03, abs=1e-6)
 
 
-def test_head_attribution_splits_exactly_over_sources(model: tuple[BridgeLlm, ModelRun]) -> None:
-    llm, run = model
-    attr = attribute(llm, run, contrast(llm, run, TARGET, DISTRACTOR))
+def test_head_attribution_splits_exactly_over_sources(model: Trace) -> None:
+    tr = model
+    run = tr.run
+    attr = attribute(tr, contrast(tr, TARGET, DISTRACTOR))
     for layer in range(run.n_layers):
         per_source = attr.heads(run, layer)  # [T, S, H]
         assert torch.allclose(per_source.sum(1), attr.head_values[layer], atol=1e-6)
@@ -190,8 +194,9 @@ def test_head_attribution_splits_exactly_over_sources(model: tuple[BridgeLlm, Mo
 def test_neither_attribute_nor_direct_effects_change_the_model() -> None:
     llm = tiny_llm("llama-gqa")
     before = {k: v.clone() for k, v in llm._bridge.state_dict().items()}
-    run = llm.run(prompt(5))
-    analyse_contrast(llm, run, find_route(trace(llm, prompt(5))[1], [-1], 0.0), TARGET, DISTRACTOR)
+    tr = trace(llm, prompt(5))
+    run = tr.run
+    analyse_contrast(tr, find_route(tr.graph, [-1], 0.0), TARGET, DISTRACTOR)
     assert all(p.grad is None for p in llm._bridge.parameters())
     after = llm._bridge.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -204,9 +209,9 @@ def test_neither_attribute_nor_direct_effects_change_the_model() -> None:
 @pytest.fixture(scope="module")
 def analysis() -> Any:
     llm = tiny_llm("gemma3-postnorm")
-    run, graph = trace(llm, prompt(6))
-    route = find_route(graph, [-1], 0.0, renormalize=False)  # every edge: every head is on it
-    return run, route, analyse_contrast(llm, run, route, TARGET, DISTRACTOR, neurons_per_block=3)
+    tr = trace(llm, prompt(6))
+    route = find_route(tr.graph, [-1], 0.0, renormalize=False)  # every edge: every head is on it
+    return tr.run, route, analyse_contrast(tr, route, TARGET, DISTRACTOR, neurons_per_block=3)
 
 
 def test_effect_table_covers_every_head_on_every_route_edge(analysis: Any) -> None:
@@ -289,11 +294,11 @@ def test_graph_with_target_adds_contrast_and_direct_effects(
     assert (code, err) == (0, "")
     data = json.loads(out)
     llm = tiny_llm("llama-gqa")  # the saved model is seed 0 of the same architecture
-    run = llm.run(text)
-    c = contrast(llm, run, TARGET, DISTRACTOR)
+    tr = trace(llm, text)
+    c = contrast(tr, TARGET, DISTRACTOR)
     assert data["contrast"]["target"] == TARGET and data["contrast"]["distractor"] == DISTRACTOR
     assert data["contrast"]["logit_diff"] == pytest.approx(c.logit_diff, abs=1e-5)
-    d = direct_effects(llm, run, c)
+    d = direct_effects(tr, c)
     p = data["position"]
     attn_total = 0.0
     for edge in data["edges"]:
@@ -360,8 +365,8 @@ def test_graphml_keeps_contrast_and_direct_effects(
 
 def test_analysis_defaults_to_the_route_position() -> None:
     llm = tiny_llm("llama-gqa")
-    run, graph = trace(llm, prompt(6))
-    result = analyse_contrast(llm, run, find_route(graph, [3], 0.0), TARGET, DISTRACTOR)
+    tr = trace(llm, prompt(6))
+    result = analyse_contrast(tr, find_route(tr.graph, [3], 0.0), TARGET, DISTRACTOR)
     assert result.contrast.position == result.direct.position == result.attributions.position == 3
 
 

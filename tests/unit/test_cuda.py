@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_flow.engine.graph import trace
+from llm_flow.engine.trace import trace
 from llm_flow.models.bridge import BridgeLlm
 from tests.tiny import ARCHS, prompt, tiny_hf_model, tiny_tokenizer
 
@@ -17,9 +17,10 @@ def test_cuda_graph_equals_cpu_graph(arch: str) -> None:
     text = prompt(20, seed=7)
     cpu = BridgeLlm(arch, tiny_hf_model(arch), tiny_tokenizer())
     gpu = BridgeLlm(arch, tiny_hf_model(arch), tiny_tokenizer(), device="cuda")
-    _, g_cpu = trace(cpu, text)
-    run, g_gpu = trace(gpu, text, keep_patterns=False)
-    assert run.logits.device.type == "cuda"
+    g_cpu = trace(cpu, text).graph
+    on_gpu = trace(gpu, text, keep_patterns=False)
+    g_gpu = on_gpu.graph
+    assert on_gpu.run.logits.device.type == "cuda"
     torch.testing.assert_close(g_gpu.attention, g_cpu.attention, atol=1e-5, rtol=0)
     torch.testing.assert_close(g_gpu.ffn, g_cpu.ffn, atol=1e-5, rtol=0)
 
@@ -29,6 +30,6 @@ def test_half_precision_on_cuda_passes_self_checks(dtype: torch.dtype) -> None:
     llm = BridgeLlm(
         "llama-gqa", tiny_hf_model("llama-gqa"), tiny_tokenizer(), device="cuda", dtype=dtype
     )
-    _, graph = trace(llm, prompt(30))
+    graph = trace(llm, prompt(30)).graph
     total = graph.attention.sum(-1) + graph.attn_residual + graph.attn_bias
     torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)

@@ -12,15 +12,15 @@ import torch
 from llm_flow.analyses.dataset import (
     COLUMNS,
     DatasetError,
-    compare_prompt_files,
+    compare_prompts,
     compare_tables,
     dataset_frequencies,
     route_appearances,
     write_table,
 )
 from llm_flow.analyses.faithfulness import head_mask
-from llm_flow.engine.graph import trace
 from llm_flow.engine.routes import find_route
+from llm_flow.engine.trace import trace
 from llm_flow.errors import PromptError
 from llm_flow.io.prompts import read_prompt_file
 from llm_flow.models.bridge import BridgeLlm
@@ -79,8 +79,8 @@ def test_counts_match_the_routes_prompt_by_prompt(llm: BridgeLlm, table: pd.Data
     want_other = torch.zeros(L, H, dtype=torch.long)
     ffn_last = torch.zeros(L, dtype=torch.long)
     for text in PROMPTS:
-        run, graph = trace(llm, text)
-        route = find_route(graph, [-1], TAU, renormalize=False)
+        tr = trace(llm, text)
+        run, route = tr.run, find_route(tr.graph, [-1], TAU, renormalize=False)
         mask = head_mask(run, route, TAU)  # [L, T, H]
         want_last += mask[:, -1].long()
         want_other += mask[:, :-1].any(1).long()
@@ -103,8 +103,8 @@ def test_threshold_zero_puts_every_ffn_at_the_last_token_on_every_route(llm: Bri
 
 
 def test_appearances_of_one_route_split_by_position_class(llm: BridgeLlm) -> None:
-    run, graph = trace(llm, PROMPTS[1])
-    route = find_route(graph, [-1], 0.0, renormalize=False)
+    tr = trace(llm, PROMPTS[1])
+    run, route = tr.run, find_route(tr.graph, [-1], 0.0, renormalize=False)
     a = route_appearances(run, route, 0.0)
     p = run.n_tokens - 1
     # τ = 0: every head on every edge; edges into the last token = p + 1 sources per layer.
@@ -123,14 +123,12 @@ def test_compare_tables_gives_b_minus_a(table: pd.DataFrame, llm: BridgeLlm) -> 
     assert comparison.a is table and comparison.b is other
 
 
-def test_compare_prompt_files(llm: BridgeLlm, tmp_path: Path) -> None:
-    (tmp_path / "a.txt").write_text("\n".join(PROMPTS[:2]))
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"sentence": p}) for p in PROMPTS[2:]))
+def test_compare_prompts(llm: BridgeLlm) -> None:
     seen: list[tuple[int, int]] = []
-    result = compare_prompt_files(
+    result = compare_prompts(
         llm,
-        tmp_path / "a.txt",
-        tmp_path / "b.jsonl",
+        PROMPTS[:2],
+        PROMPTS[2:],
         threshold=TAU,
         on_prompt=lambda d, t: seen.append((d, t)),
     )
@@ -203,7 +201,7 @@ def test_cli_writes_csv(capsys: pytest.CaptureFixture[str], files: Path) -> None
     [
         (("--prompts", "/nonexistent/p.txt"), "cannot read prompt file"),
         (("--prompts", "{prompts}", "--out", "x.xlsx"), ".csv or .parquet"),
-        (("--prompts", "{prompts}", "--threshold", "-1"), "--threshold must be in [0, 1]"),
+        (("--prompts", "{prompts}", "--threshold", "-1"), "threshold must be between 0 and 1"),
     ],
 )
 def test_cli_errors_are_one_line(

@@ -20,8 +20,9 @@ from llm_flow.analyses.faithfulness import (
     route_components,
 )
 from llm_flow.analyses.interventions import MeanActivations, mean_activations
-from llm_flow.engine.graph import layer_head_contributions, trace
+from llm_flow.engine.graph import layer_head_contributions
 from llm_flow.engine.routes import Route, find_route
+from llm_flow.engine.trace import trace
 from llm_flow.models.bridge import BridgeLlm
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
@@ -46,7 +47,7 @@ def test_full_graph_keeps_everything_that_reaches_the_output(
     """τ = 0: every component that can reach the output position is on the route, so keeping
     the route alone leaves the metric exactly as it was."""
     report = faithfulness(
-        llm, TEXT, threshold=0.0, target="w3", distractor="w7", means=means, seeds=[0]
+        trace(llm, TEXT), threshold=0.0, target="w3", distractor="w7", means=means, seeds=[0]
     )
     assert report.metric == "logit_diff"
     assert report.route.value == pytest.approx(report.full, abs=1e-6)
@@ -60,7 +61,7 @@ def test_empty_route_ablates_nothing_in_the_complement(
     llm: BridgeLlm, means: MeanActivations
 ) -> None:
     report = faithfulness(
-        llm, TEXT, threshold=1.0, target="w3", distractor="w7", means=means, seeds=[0, 1]
+        trace(llm, TEXT), threshold=1.0, target="w3", distractor="w7", means=means, seeds=[0, 1]
     )
     assert report.n_route_heads == 0 and report.n_route_ffn == 0
     assert report.complement.value == report.full and report.complement.share == 1.0
@@ -70,7 +71,7 @@ def test_empty_route_ablates_nothing_in_the_complement(
 
 def test_scores_are_consistent(llm: BridgeLlm, means: MeanActivations) -> None:
     report = faithfulness(
-        llm, TEXT, threshold=0.02, target="w3", distractor="w7", means=means, seeds=[0, 1, 2]
+        trace(llm, TEXT), threshold=0.02, target="w3", distractor="w7", means=means, seeds=[0, 1, 2]
     )
     assert report.n_route_heads > 0 and report.n_route_ffn > 0
     for score in (report.route, report.complement, report.route_heads, *report.random):
@@ -93,7 +94,7 @@ def test_scores_are_consistent(llm: BridgeLlm, means: MeanActivations) -> None:
 
 
 def test_log_prob_metric_and_default_target(llm: BridgeLlm) -> None:
-    report = faithfulness(llm, TEXT, threshold=0.02, mode="zero", seeds=[0])
+    report = faithfulness(trace(llm, TEXT), threshold=0.02, mode="zero", seeds=[0])
     run = llm.run(TEXT)
     top = int(run.logits[-1].argmax())
     assert report.metric == "target_logprob" and report.distractor is None
@@ -119,14 +120,14 @@ def test_renormalize_is_passed_to_the_route_and_leaves_the_components(
 
     monkeypatch.setattr(module, "find_route", spy)
     kwargs: dict[str, Any] = {"target": "w3", "distractor": "w7", "means": means, "seeds": [0]}
-    raw = faithfulness(llm, TEXT, threshold=0.02, renormalize=False, **kwargs)
-    scaled = faithfulness(llm, TEXT, threshold=0.02, **kwargs)
+    raw = faithfulness(trace(llm, TEXT), threshold=0.02, renormalize=False, **kwargs)
+    scaled = faithfulness(trace(llm, TEXT), threshold=0.02, **kwargs)
     assert asked == [False, True]
     assert (raw.renormalize, scaled.renormalize) == (False, True)
     assert raw.to_dict()["renormalize"] is False and scaled.to_dict()["renormalize"] is True
 
-    run, graph = trace(llm, TEXT)
-    want = route_components(run, find_route(graph, [-1], 0.02, renormalize=False))
+    tr = trace(llm, TEXT)
+    want = route_components(tr.run, find_route(tr.graph, [-1], 0.02, renormalize=False))
     assert 0 < want.n_heads < want.heads.numel()
     assert (raw.n_route_heads, raw.n_route_ffn) == (want.n_heads, want.n_ffn)
     assert (scaled.n_route_heads, scaled.n_route_ffn) == (want.n_heads, want.n_ffn)
@@ -139,8 +140,8 @@ def test_renormalize_is_passed_to_the_route_and_leaves_the_components(
 
 
 def test_head_mask_follows_the_per_head_threshold(llm: BridgeLlm) -> None:
-    run, graph = trace(llm, TEXT)
-    route = find_route(graph, [-1], 0.01)
+    tr = trace(llm, TEXT)
+    run, route = tr.run, find_route(tr.graph, [-1], 0.01)
     mask = head_mask(run, route, 0.01)
     assert 0 < int(mask.sum()) < mask.numel()
     want = torch.zeros_like(mask)
@@ -166,9 +167,9 @@ def test_random_heads_match_the_count_and_are_seeded() -> None:
 
 def test_argument_errors(llm: BridgeLlm, means: MeanActivations) -> None:
     with pytest.raises(FaithfulnessError, match="needs a target"):
-        faithfulness(llm, TEXT, distractor="w7", means=means)
+        faithfulness(trace(llm, TEXT), distractor="w7", means=means)
     with pytest.raises(FaithfulnessError, match="mean activations"):
-        faithfulness(llm, TEXT)
+        faithfulness(trace(llm, TEXT))
 
 
 # -- CLI --------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ def test_cli_no_renormalize(capsys: pytest.CaptureFixture[str], config_file: Pat
     [
         (("--distractor", "w7"), "--distractor needs --target"),
         (("--seeds", "0"), "--seeds must be at least 1"),
-        (("--threshold", "2"), "--threshold must be in [0, 1]"),
+        (("--threshold", "2"), "threshold must be between 0 and 1"),
         (("--target", "w3 w4"), "is 2 tokens"),
         (("--position", "40"), "outside the prompt"),
     ],

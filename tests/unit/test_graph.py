@@ -9,9 +9,10 @@ import networkx as nx
 import pytest
 import torch
 
-from llm_flow.engine.graph import contributions_of, trace
+from llm_flow.engine.graph import contributions_of
 from llm_flow.engine.routes import find_route, full_graph
-from llm_flow.io.export import Prediction, graph_json, to_graphml, to_networkx
+from llm_flow.engine.trace import trace
+from llm_flow.io.export import graph_json, to_graphml, to_networkx
 from tests.tiny import ARCHS, prompt, tiny_llm
 
 
@@ -23,7 +24,8 @@ def llm(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 def test_trace_streams_layers_and_matches_a_run_with_patterns(llm) -> None:  # type: ignore[no-untyped-def]
     text = prompt(9, seed=1)
     seen: list[tuple[int, int]] = []
-    run, graph = trace(llm, text, keep_patterns=False, on_layer=lambda d, n: seen.append((d, n)))
+    tr = trace(llm, text, keep_patterns=False, on_layer=lambda d, n: seen.append((d, n)))
+    run, graph = tr.run, tr.graph
     n_layers = llm.info.n_layers
     assert seen == [(i + 1, n_layers) for i in range(n_layers)]
     assert all(layer.pattern is None for layer in run.layers)
@@ -41,11 +43,9 @@ def test_contributions_need_a_pattern(llm) -> None:  # type: ignore[no-untyped-d
 
 
 def test_json_and_graphml_round_trip(llm) -> None:  # type: ignore[no-untyped-def]
-    run, graph = trace(llm, prompt(8, seed=2))
-    route = find_route(graph, [-1], threshold=0.05)
-    data = graph_json(
-        graph, route, Prediction.of(llm, run, run.n_tokens - 1), position=run.n_tokens - 1, run=run
-    )
+    tr = trace(llm, prompt(8, seed=2))
+    route = find_route(tr.graph, [-1], threshold=0.05)
+    data = graph_json(tr, route, position=tr.n_tokens - 1, heads=True)
     assert json.loads(json.dumps(data)) == data
     g = to_networkx(data)
     assert g.number_of_nodes() == len(data["nodes"])
@@ -63,8 +63,9 @@ def test_json_and_graphml_round_trip(llm) -> None:  # type: ignore[no-untyped-de
 def test_edge_heads_are_the_layer_head_contributions(llm) -> None:  # type: ignore[no-untyped-def]
     from llm_flow.engine.graph import layer_head_contributions
 
-    run, graph = trace(llm, prompt(7, seed=5))
-    data = graph_json(graph, full_graph(graph), Prediction.of(llm, run, -1), position=-1, run=run)
+    tr = trace(llm, prompt(7, seed=5))
+    run = tr.run
+    data = graph_json(tr, full_graph(tr.graph), position=-1, heads=True)
     attention = [e for e in data["edges"] if e["kind"] == "attention"]
     assert all("heads" not in e for e in data["edges"] if e["kind"] != "attention")
     edge = attention[len(attention) // 2]
@@ -77,9 +78,13 @@ def test_edge_heads_are_the_layer_head_contributions(llm) -> None:  # type: igno
     )
 
 
-def test_prediction_is_the_greedy_token(llm) -> None:  # type: ignore[no-untyped-def]
-    run = llm.run(prompt(5))
-    p = Prediction.of(llm, run, -1)
-    assert p.id == int(run.logits[-1].argmax())
-    assert p.prob == pytest.approx(float(run.logits[-1].softmax(-1).max()))
-    assert p.token == llm.token_strings([p.id])[0]
+def test_predictions_are_the_greedy_tokens_of_every_position(llm) -> None:  # type: ignore[no-untyped-def]
+    tr = trace(llm, prompt(5))
+    assert len(tr.predictions) == tr.n_tokens
+    for t in range(tr.n_tokens):
+        token, token_id, prob = tr.prediction(t)
+        assert token_id == int(tr.run.logits[t].argmax())
+        # float32 softmax over a row of one run, probabilities ≤ 1: a few eps
+        assert prob == pytest.approx(float(tr.run.logits[t].softmax(-1).max()), abs=1e-6)
+        assert token == llm.token_strings([token_id])[0]
+    assert tr.prediction(-1) == tr.prediction(tr.n_tokens - 1)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from llm_flow.analyses.ablation import ablate, ablated_logits
 from llm_flow.analyses.interventions import (
     Ablation,
     EdgeRef,
@@ -21,8 +22,6 @@ from llm_flow.analyses.interventions import (
     HeadRef,
     InterventionError,
     NeuronRef,
-    ablate,
-    ablated_logits,
     ablation_hooks,
     mean_activations,
     parse_edges,
@@ -30,6 +29,7 @@ from llm_flow.analyses.interventions import (
     parse_neurons,
     validate,
 )
+from llm_flow.engine.trace import trace
 from llm_flow.models.bridge import BridgeLlm
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
@@ -96,7 +96,7 @@ def test_head_ablation_at_one_position_changes_the_update_there_only(llama: Brid
         captured["attn"] = tensor[0].detach().clone()
 
     ablation = validate(Ablation(heads=(HeadRef(2, 1, position=4),)), llama.info, run.n_tokens)
-    hooks = ablation_hooks(ablation, llama.info, run.n_tokens)
+    hooks = ablation_hooks(llama, ablation, run.n_tokens)
     llama.logits_with_hooks(run.token_ids, [*hooks, ("blocks.2.hook_attn_out", grab)])
     change = captured["attn"] - run.layers[2].attn_update
     assert torch.allclose(change[4], -head_update(run, 2, 1, 4), atol=1e-6)
@@ -106,7 +106,7 @@ def test_head_ablation_at_one_position_changes_the_update_there_only(llama: Brid
 def test_ablating_nothing_is_the_unablated_model(llama: BridgeLlm) -> None:
     ids = llama.tokenize(prompt(6))
     assert torch.equal(ablated_logits(llama, ids, Ablation()), llama.logits_with_hooks(ids, []))
-    result = ablate(llama, prompt(6), Ablation(mode="mean"), target_id=5, distractor_id=6)
+    result = ablate(trace(llama, prompt(6)), Ablation(mode="mean"), target_id=5, distractor_id=6)
     assert result.before == result.after
 
 
@@ -158,7 +158,7 @@ def test_edge_ablation_removes_exactly_the_edge_part(llama: BridgeLlm) -> None:
 
     for edge, heads in ((EdgeRef(1, 2, 5), slice(None)), (EdgeRef(1, 2, 5, head=3), [3])):
         checked = validate(Ablation(edges=(edge,)), llama.info, run.n_tokens)
-        hooks = ablation_hooks(checked, llama.info, run.n_tokens)
+        hooks = ablation_hooks(llama, checked, run.n_tokens)
         llama.logits_with_hooks(run.token_ids, [*hooks, ("blocks.1.hook_attn_out", grab)])
         part = (pattern[heads, 5, 2, None] * u[2, heads]).sum(0)  # [D]
         change = captured["attn"] - run.layers[1].attn_update

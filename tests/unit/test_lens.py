@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -20,9 +21,10 @@ from llm_flow.analyses.lens import (
     residual_vector,
     update_between,
 )
+from llm_flow.engine.graph import FlowGraph
+from llm_flow.engine.trace import Trace, predictions_of, trace
 from llm_flow.errors import LlmFlowError
-from llm_flow.models.base import LayerRun, ModelInfo, ModelRun, TransparentLlm
-from llm_flow.models.bridge import BridgeLlm
+from llm_flow.models.base import Hook, HookSite, LayerRun, ModelInfo, ModelRun, TransparentLlm
 from tests.tiny import ARCHS, VOCAB, prompt, tiny_llm
 
 RTOL = 1e-4
@@ -34,20 +36,18 @@ def rel_err(got: Tensor, want: Tensor) -> float:
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def model(request: pytest.FixtureRequest) -> tuple[BridgeLlm, ModelRun]:
-    llm = tiny_llm(request.param)
-    return llm, llm.run(prompt(5))
+def model(request: pytest.FixtureRequest) -> Trace:
+    return trace(tiny_llm(request.param), prompt(5))
 
 
 # -- logit lens on real (tiny) models -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("t", [0, 3, 5])
-def test_lens_of_last_residual_reproduces_model_prediction(
-    model: tuple[BridgeLlm, ModelRun], t: int
-) -> None:
-    llm, run = model
-    scores = logit_lens(llm, run, f"I{run.n_layers - 1}_{t}", k=5)
+def test_lens_of_last_residual_reproduces_model_prediction(model: Trace, t: int) -> None:
+    tr = model
+    llm, run = tr.llm, tr.run
+    scores = logit_lens(tr, f"I{run.n_layers - 1}_{t}", k=5)
     want = run.logits[t].topk(5)
     assert [s.token_id for s in scores] == want.indices.tolist()
     assert torch.allclose(torch.tensor([s.logit for s in scores]), want.values, atol=1e-4)
@@ -57,22 +57,24 @@ def test_lens_of_last_residual_reproduces_model_prediction(
     assert all(isinstance(s.rank_change, int) for s in scores)
 
 
-def test_lens_without_norm_is_raw_unembedding(model: tuple[BridgeLlm, ModelRun]) -> None:
-    llm, run = model
+def test_lens_without_norm_is_raw_unembedding(model: Trace) -> None:
+    tr = model
+    llm, run = tr.llm, tr.run
     resid = run.layers[1].resid_post[2].float()
     want = (resid @ llm.W_U + llm.b_U).topk(4)
-    scores = logit_lens(llm, run, "I1_2", normalize=False, k=4)
+    scores = logit_lens(tr, "I1_2", normalize=False, k=4)
     assert [s.token_id for s in scores] == want.indices.tolist()
     assert torch.allclose(torch.tensor([s.logit for s in scores]), want.values, atol=1e-4)
-    normed = logit_lens(llm, run, "I1_2", normalize=True, k=4)
+    normed = logit_lens(tr, "I1_2", normalize=True, k=4)
     assert [s.logit for s in normed] != [s.logit for s in scores]
 
 
-def test_rank_change_matches_independent_ranking(model: tuple[BridgeLlm, ModelRun]) -> None:
-    llm, run = model
+def test_rank_change_matches_independent_ranking(model: Trace) -> None:
+    tr = model
+    llm, run = tr.llm, tr.run
     node, prev = "A2_4", "I1_4"
     assert previous_node(node, run.n_layers) == prev
-    scores = logit_lens(llm, run, node, k=VOCAB)
+    scores = logit_lens(tr, node, k=VOCAB)
     cur_logits = llm.unembed(residual_vector(run, node)).float()
     prev_logits = llm.unembed(residual_vector(run, prev)).float()
     # Rank by position in a descending argsort (no ties in random float logits).
@@ -85,9 +87,9 @@ def test_rank_change_matches_independent_ranking(model: tuple[BridgeLlm, ModelRu
     assert any(s.rank_change != 0 for s in scores)
 
 
-def test_lens_of_embedding_has_no_rank_change(model: tuple[BridgeLlm, ModelRun]) -> None:
-    llm, run = model
-    scores = logit_lens(llm, run, "X0_1", k=3)
+def test_lens_of_embedding_has_no_rank_change(model: Trace) -> None:
+    tr = model
+    scores = logit_lens(tr, "X0_1", k=3)
     assert len(scores) == 3
     assert all(s.rank_change is None and s.prob is not None for s in scores)
 
@@ -95,8 +97,8 @@ def test_lens_of_embedding_has_no_rank_change(model: tuple[BridgeLlm, ModelRun])
 # -- residual nodes and updates ----------------------------------------------------------------
 
 
-def test_residual_nodes_are_chained_by_updates(model: tuple[BridgeLlm, ModelRun]) -> None:
-    _, run = model
+def test_residual_nodes_are_chained_by_updates(model: Trace) -> None:
+    run = model.run
     t = 3
     assert update_between(run, f"X0_{t}") is None
     assert torch.equal(residual_vector(run, f"X0_{t}"), run.layers[0].resid_pre[t].float())
@@ -112,9 +114,10 @@ def test_residual_nodes_are_chained_by_updates(model: tuple[BridgeLlm, ModelRun]
 
 
 def test_heads_plus_bias_reproduce_attention_update_and_its_logits(
-    model: tuple[BridgeLlm, ModelRun],
+    model: Trace,
 ) -> None:
-    llm, run = model
+    tr = model
+    llm, run = tr.llm, tr.run
     t = 4
     for layer in range(run.n_layers):
         lr = run.layers[layer]
@@ -131,13 +134,14 @@ def test_heads_plus_bias_reproduce_attention_update_and_its_logits(
         assert rel_err(parts_logits.sum(0) + bias_logits, whole_logits) < RTOL
 
 
-def test_promoted_suppressed_is_linear_over_parts(model: tuple[BridgeLlm, ModelRun]) -> None:
-    llm, run = model
+def test_promoted_suppressed_is_linear_over_parts(model: Trace) -> None:
+    tr = model
+    run = tr.run
     t, layer = 5, 1
 
     def full_logits(update: Tensor) -> Tensor:
         # With k = V the two tables hold every token: rebuild the whole logit vector from them.
-        promoted, suppressed = promoted_suppressed(llm, run, update, t, k=VOCAB)
+        promoted, suppressed = promoted_suppressed(tr, update, t, k=VOCAB)
         out = torch.full((VOCAB,), float("nan"))
         for s in promoted:
             out[s.token_id] = s.logit
@@ -154,10 +158,11 @@ def test_promoted_suppressed_is_linear_over_parts(model: tuple[BridgeLlm, ModelR
     assert rel_err(full_logits(attn) + full_logits(ffn), full_logits(attn + ffn)) < RTOL
 
 
-def test_promoted_and_suppressed_tables(model: tuple[BridgeLlm, ModelRun]) -> None:
-    llm, run = model
+def test_promoted_and_suppressed_tables(model: Trace) -> None:
+    tr = model
+    llm, run = tr.llm, tr.run
     update = block_update(run, 0, "ffn", 2)
-    promoted, suppressed = promoted_suppressed(llm, run, update, 2, k=4)
+    promoted, suppressed = promoted_suppressed(tr, update, 2, k=4)
     want = llm.final_norm_linear(update, run.final_scale[2]) @ llm.W_U  # [V], no b_U
     assert [s.token_id for s in promoted] == want.topk(4).indices.tolist()
     assert [s.token_id for s in suppressed] == want.topk(4, largest=False).indices.tolist()
@@ -166,11 +171,11 @@ def test_promoted_and_suppressed_tables(model: tuple[BridgeLlm, ModelRun]) -> No
     low = [s.logit for s in suppressed]
     assert low == sorted(low) and low[0] == pytest.approx(float(want.min()), abs=1e-5)
     assert all(s.prob is None and s.rank_change is None for s in promoted + suppressed)
-    assert torch.allclose(direct_logits(llm, run, update, 2), want, atol=1e-5)
+    assert torch.allclose(direct_logits(tr, update, 2), want, atol=1e-5)
 
 
-def test_neurons_plus_bias_reproduce_ffn_update(model: tuple[BridgeLlm, ModelRun]) -> None:
-    _, run = model
+def test_neurons_plus_bias_reproduce_ffn_update(model: Trace) -> None:
+    run = model.run
     t = 3
     for layer in range(run.n_layers):
         lr = run.layers[layer]
@@ -181,9 +186,9 @@ def test_neurons_plus_bias_reproduce_ffn_update(model: tuple[BridgeLlm, ModelRun
 
 
 def test_neuron_update_keeps_the_sign_of_the_activation(
-    model: tuple[BridgeLlm, ModelRun],
+    model: Trace,
 ) -> None:
-    _, run = model
+    run = model.run
     t, layer = 2, 1
     lr = run.layers[layer]
     acts = lr.neuron_acts[t]
@@ -195,8 +200,8 @@ def test_neuron_update_keeps_the_sign_of_the_activation(
     assert not torch.allclose(neuron_update(run, layer, n, t), magnitude, atol=1e-6)
 
 
-def test_head_update_needs_patterns(model: tuple[BridgeLlm, ModelRun]) -> None:
-    _, run = model
+def test_head_update_needs_patterns(model: Trace) -> None:
+    run = model.run
     stripped = dataclasses.replace(run, layers=tuple(lr.without_pattern() for lr in run.layers))
     with pytest.raises(ValueError, match="keep_patterns=True"):
         head_update(stripped, 0, 0, 1)
@@ -222,6 +227,20 @@ class IdentityLlm(TransparentLlm):
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
         return [f"tok{i}" for i in token_ids]
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def hook_name(self, site: HookSite, layer: int) -> str:
+        raise NotImplementedError
+
+    def logits_with_hooks(
+        self, token_ids: Sequence[int], fwd_hooks: Sequence[Hook], *, grad: bool = False
+    ) -> Tensor:
+        raise NotImplementedError
 
     def run(self, prompt: str, *, on_layer: object = None, keep_patterns: bool = True) -> ModelRun:
         raise NotImplementedError
@@ -264,10 +283,20 @@ def hand_run() -> ModelRun:
     return ModelRun("hand", (0,), ("tok0",), torch.zeros(1, 4), layers, final_scale=z1 + 2)
 
 
+def hand_trace(llm: IdentityLlm) -> Trace:
+    """:func:`hand_run` as a trace (the lens reads no contribution, so its graph is empty)."""
+    run = hand_run()
+    empty = torch.zeros(run.n_layers, run.n_tokens)
+    graph = FlowGraph(
+        "hand", run.tokens, run.token_ids, empty[..., None], empty, empty, empty, empty
+    )
+    return Trace(llm, "hand", run, graph, predictions_of(llm, run))
+
+
 def test_rank_change_on_hand_built_run() -> None:
-    llm, run = IdentityLlm(), hand_run()
+    tr = hand_trace(IdentityLlm())
     # X0 = [4,3,2,1] → A0 = [1,2,3,4]: the order is reversed.
-    scores = logit_lens(llm, run, "A0_0", normalize=False, k=4)
+    scores = logit_lens(tr, "A0_0", normalize=False, k=4)
     assert [(s.token, s.rank_change) for s in scores] == [
         ("tok3", 3),
         ("tok2", 1),
@@ -278,24 +307,24 @@ def test_rank_change_on_hand_built_run() -> None:
     want_probs = torch.tensor([4.0, 3.0, 2.0, 1.0]).softmax(-1).tolist()
     assert [s.prob for s in scores] == pytest.approx(want_probs)
     # A0 = [1,2,3,4] → I0 = [1,4,3,2]: tok1 jumps from rank 2 to 0, tok3 falls from 0 to 2.
-    scores = logit_lens(llm, run, "I0_0", normalize=False, k=2)
+    scores = logit_lens(tr, "I0_0", normalize=False, k=2)
     assert [(s.token_id, s.rank_change) for s in scores] == [(1, 2), (2, 0)]
     # X0 has nothing below it.
-    assert all(s.rank_change is None for s in logit_lens(llm, run, "X0_0", normalize=False))
+    assert all(s.rank_change is None for s in logit_lens(tr, "X0_0", normalize=False))
     # Parallel block: A1 = resid_pre + attention update = I0 → no change anywhere.
-    assert [s.rank_change for s in logit_lens(llm, run, "A1_0", normalize=False)] == [0] * 4
+    assert [s.rank_change for s in logit_lens(tr, "A1_0", normalize=False)] == [0] * 4
 
 
 def test_k_is_clamped_to_vocab_and_checked() -> None:
-    llm, run = IdentityLlm(b_U=[10.0, 0.0, 0.0, 0.0]), hand_run()
-    assert len(logit_lens(llm, run, "I1_0", k=100)) == 4
+    tr = hand_trace(IdentityLlm(b_U=[10.0, 0.0, 0.0, 0.0]))
+    assert len(logit_lens(tr, "I1_0", k=100)) == 4
     # The lens includes b_U (I1 = [1, 4, 3, 2] → tok0 on top); direct logits of an update don't.
-    assert [(s.token_id, s.logit) for s in logit_lens(llm, run, "I1_0", k=1)] == [(0, 11.0)]
-    promoted, suppressed = promoted_suppressed(llm, run, torch.tensor([0.0, -2, 6, 1]), 0, k=2)
+    assert [(s.token_id, s.logit) for s in logit_lens(tr, "I1_0", k=1)] == [(0, 11.0)]
+    promoted, suppressed = promoted_suppressed(tr, torch.tensor([0.0, -2, 6, 1]), 0, k=2)
     assert [(s.token_id, s.logit) for s in promoted] == [(2, 3.0), (3, 0.5)]
     assert [(s.token_id, s.logit) for s in suppressed] == [(1, -1.0), (0, 0.0)]
     with pytest.raises(ValueError, match="k must be at least 1"):
-        logit_lens(llm, run, "I1_0", k=0)
+        logit_lens(tr, "I1_0", k=0)
 
 
 def test_token_score_is_frozen() -> None:

@@ -13,19 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm_flow.analyses.ablation import ablated_logits, ablated_trace
 from llm_flow.analyses.interventions import (
     Ablation,
     EdgeRef,
     HeadRef,
     MeanActivations,
     NeuronRef,
-    ablated_logits,
-    ablated_trace,
     mean_activations,
 )
 from llm_flow.analyses.route_diff import STATUSES, RouteDiff, RouteDiffError
-from llm_flow.engine.graph import layer_head_contributions, trace
+from llm_flow.engine.graph import layer_head_contributions
 from llm_flow.engine.routes import find_route
+from llm_flow.engine.trace import trace
 from llm_flow.models.bridge import BridgeLlm
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
@@ -57,11 +57,12 @@ def test_ablated_trace_is_the_ablated_pass(
     text = prompt(N_TOKENS)
     ablation = everything(mode)
     # Self-checks run on every layer of the traced run: passing them is part of this test.
-    run, graph = ablated_trace(llm, text, ablation, means)
+    after = ablated_trace(trace(llm, text), ablation, means)
+    run, graph = after.run, after.graph
     want = ablated_logits(llm, llm.tokenize(text), ablation, means)
     torch.testing.assert_close(run.logits, want, rtol=0, atol=1e-5)
     assert float(graph.attention[1, 7, 2]) == 0.0  # the ablated edge carries nothing
-    plain = trace(llm, text)[1]
+    plain = trace(llm, text).graph
     assert not torch.allclose(plain.attention, graph.attention)
 
 
@@ -70,8 +71,8 @@ def test_an_ablated_head_reads_from_no_token(
     model: tuple[BridgeLlm, MeanActivations], mode: str
 ) -> None:
     llm, means = model
-    plain, _ = trace(llm, prompt(N_TOKENS))
-    run, _ = ablated_trace(llm, prompt(N_TOKENS), everything(mode), means)
+    plain = trace(llm, prompt(N_TOKENS)).run
+    run = ablated_trace(trace(llm, prompt(N_TOKENS)), everything(mode), means).run
     rows = torch.arange(run.n_tokens)
     heads, _ = layer_head_contributions(run.layers[1], rows)  # [R, S, H], head 2 ablated
     assert float(heads[:, :, 2].abs().max()) == 0.0
@@ -81,7 +82,7 @@ def test_an_ablated_head_reads_from_no_token(
     # the plain run (nothing upstream changed).
     only = Ablation(heads=(HeadRef(2, 0, position=5),), mode=everything(mode).mode)
     at_five, _ = layer_head_contributions(
-        ablated_trace(llm, prompt(N_TOKENS), only, means)[0].layers[2], rows
+        ablated_trace(trace(llm, prompt(N_TOKENS)), only, means).run.layers[2], rows
     )
     assert float(at_five[5, :, 0].abs().max()) == 0.0
     plain_two, _ = layer_head_contributions(plain.layers[2], rows)
@@ -93,8 +94,8 @@ def test_mean_ablation_books_the_mean_output_as_bias(
     model: tuple[BridgeLlm, MeanActivations],
 ) -> None:
     llm, means = model
-    plain, _ = trace(llm, prompt(N_TOKENS))
-    run, _ = ablated_trace(llm, prompt(N_TOKENS), everything("mean"), means)
+    plain = trace(llm, prompt(N_TOKENS)).run
+    run = ablated_trace(trace(llm, prompt(N_TOKENS)), everything("mean"), means).run
     layer = run.layers[1]
     mean_output = means.z[1, 2].to(layer.W_O) @ layer.W_O[2]  # [D]
     extra = layer.token_b_O - plain.layers[1].token_b_O  # [T, D]
@@ -105,8 +106,8 @@ def test_an_empty_ablation_traces_the_plain_graph(
     model: tuple[BridgeLlm, MeanActivations],
 ) -> None:
     llm, _ = model
-    _, plain = trace(llm, prompt(N_TOKENS))
-    _, same = ablated_trace(llm, prompt(N_TOKENS), Ablation())
+    plain = trace(llm, prompt(N_TOKENS)).graph
+    same = ablated_trace(trace(llm, prompt(N_TOKENS)), Ablation()).graph
     torch.testing.assert_close(same.attention, plain.attention, rtol=0, atol=1e-6)
     torch.testing.assert_close(same.ffn, plain.ffn, rtol=0, atol=1e-6)
 
@@ -120,7 +121,7 @@ def gemma() -> BridgeLlm:
 
 
 def test_a_route_against_itself_keeps_every_edge(gemma: BridgeLlm) -> None:
-    _, graph = trace(gemma, prompt(N_TOKENS))
+    graph = trace(gemma, prompt(N_TOKENS)).graph
     route = find_route(graph, [-1], 0.05)
     diff = RouteDiff(route, route)
     edges = diff.edges()
@@ -131,13 +132,13 @@ def test_a_route_against_itself_keeps_every_edge(gemma: BridgeLlm) -> None:
 
 def test_cutting_a_route_edge_loses_it(gemma: BridgeLlm) -> None:
     text = prompt(N_TOKENS)
-    _, graph = trace(gemma, text)
+    graph = trace(gemma, text).graph
     before = find_route(graph, [-1], 0.05)
     idx, weights = before.attention_edges()
     between = idx[:, 1] != idx[:, 2]  # edges that move information between tokens
     strongest = int(torch.where(between, weights, -1.0).argmax())
     layer, t, s = idx[strongest].tolist()
-    _, cut = ablated_trace(gemma, text, Ablation(edges=(EdgeRef(layer, s, t),)))
+    cut = ablated_trace(trace(gemma, text), Ablation(edges=(EdgeRef(layer, s, t),))).graph
     diff = RouteDiff(before, find_route(cut, [-1], 0.05))
     edges = {(e.source, e.target, e.kind): e for e in diff.edges()}
     source = "X0_" + str(s) if layer == 0 else f"I{layer - 1}_{s}"
@@ -157,10 +158,10 @@ def test_cutting_a_route_edge_loses_it(gemma: BridgeLlm) -> None:
 
 
 def test_routes_of_different_settings_do_not_compare(gemma: BridgeLlm) -> None:
-    _, graph = trace(gemma, prompt(N_TOKENS))
+    graph = trace(gemma, prompt(N_TOKENS)).graph
     with pytest.raises(RouteDiffError, match="threshold"):
         RouteDiff(find_route(graph, [-1], 0.05), find_route(graph, [-1], 0.1))
-    _, other = trace(gemma, prompt(N_TOKENS, seed=3))
+    other = trace(gemma, prompt(N_TOKENS, seed=3)).graph
     with pytest.raises(RouteDiffError, match="different prompts"):
         RouteDiff(find_route(graph, [-1], 0.05), find_route(other, [-1], 0.05))
 
@@ -198,7 +199,7 @@ def test_ablate_graph_diff_rejects_a_bad_threshold(
 ) -> None:
     argv = ("ablate", "--config", str(config_file), "--prompt", prompt(N_TOKENS))
     code, out, err = run_cli(capsys, *argv, "--heads", "2.1", "--graph-diff", "--threshold", "2")
-    assert code == 2 and out == "" and "--threshold must be in [0, 1]" in err
+    assert code == 2 and out == "" and "threshold must be between 0 and 1" in err
 
 
 def test_graph_diff_reports_the_same_before_and_after(
