@@ -1,4 +1,4 @@
-"""Tests for llm_flow/cli.py: the CLI contract of ARCHITECTURE.md, on tiny local models.
+"""Tests for llm_flow/cli/: the CLI contract of docs/architecture.md, on tiny local models.
 
 ``graph`` output is checked against the contract field by field, and against the model itself
 (token ids, prediction); structural invariants (edge endpoints, causality, weight sums) are
