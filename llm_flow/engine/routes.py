@@ -19,7 +19,9 @@ import torch
 from torch import Tensor
 
 from llm_flow.engine.graph import FlowGraph, layer_head_contributions
+from llm_flow.errors import InputError
 from llm_flow.models.base import ModelRun
+from llm_flow.validate import check_position, check_threshold
 
 DEFAULT_THRESHOLD = 0.04
 
@@ -76,11 +78,6 @@ class Route:
         return torch.where(self.ffn_residual, self.graph.ffn_residual * self.ffn_factor, 0.0)
 
 
-def _check_threshold(threshold: float) -> None:
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-
-
 def _inverse(total: Tensor) -> Tensor:
     """1/total where positive, 0 where nothing survived."""
     return torch.where(total > 0, 1 / total.clamp_min(1e-30), 0.0)
@@ -102,14 +99,10 @@ def find_route(
     nodes on the route are thresholded and renormalized.
     """
     n_layers, n_tokens = graph.n_layers, graph.n_tokens
-    _check_threshold(threshold)
+    check_threshold(threshold)
     if not positions:
-        raise ValueError("at least one position is needed to extract a route")
-    bad = [p for p in positions if not -n_tokens <= p < n_tokens]
-    if bad:
-        raise ValueError(
-            f"position(s) {bad} outside the prompt; valid: -{n_tokens} … {n_tokens - 1}"
-        )
+        raise InputError("a route needs at least one output position")
+    outputs = [check_position(p, n_tokens) for p in positions]
     # Kept = at or above τ on the original scale (renormalizing must not revive pruned edges).
     keep_attn_res = graph.attn_residual >= threshold
     keep_ffn = graph.ffn >= threshold
@@ -128,7 +121,7 @@ def find_route(
     columns = torch.arange(n_tokens)
 
     active = torch.zeros(n_tokens, dtype=torch.bool)  # I{l}_t on the route
-    active[[p % n_tokens for p in positions]] = True
+    active[outputs] = True
     for layer in range(n_layers - 1, -1, -1):
         after_layer[layer] = active
         ffn[layer] = active & keep_ffn[layer]
@@ -150,7 +143,7 @@ def find_route(
         graph=graph,
         threshold=threshold,
         renormalize=renormalize,
-        positions=tuple(p % n_tokens for p in positions),
+        positions=tuple(outputs),
         attention=attention,
         attn_residual=attn_residual,
         ffn=ffn,

@@ -277,7 +277,8 @@ class BridgeLlm(TransparentLlm):
     def logits_with_hooks(
         self, token_ids: Sequence[int], fwd_hooks: Sequence[Hook], *, grad: bool = False
     ) -> Tensor:
-        # Replacing hooks are checked to work for every HookSite (tests/unit/test_bridge.py).
+        # Replacing hooks at every HookSite are checked by the ablation tests
+        # (tests/unit/analyses/test_interventions.py: heads, neurons, edges).
         self._check_hook_names(fwd_hooks)
         tokens = torch.tensor([list(token_ids)], device=self._device)
         hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = list(fwd_hooks)

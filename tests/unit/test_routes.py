@@ -6,9 +6,10 @@ import networkx as nx
 import pytest
 import torch
 
-from llm_flow.engine.graph import FlowGraph, node_id, source_id
+from llm_flow.engine.edges import route_edges, route_nodes
+from llm_flow.engine.graph import FlowGraph
+from llm_flow.engine.nodes import node_id, source_id
 from llm_flow.engine.routes import find_route, full_graph
-from llm_flow.io.export import route_edges, route_nodes
 
 
 def make_graph(
