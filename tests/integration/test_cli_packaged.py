@@ -32,7 +32,7 @@ def test_graph_predicts_paris_and_the_route_reaches_the_output(
     assert data["token_ids"] == packaged_llm.tokenize(PARIS)
     assert data["tokens"] == ["The", " capital", " of", " France", " is"]
     n_layers, last = data["n_layers"], len(data["token_ids"]) - 1
-    assert (n_layers, data["position"]) == (30, last)
+    assert (n_layers, data["position"]) == (packaged_llm.info.n_layers, last)
     ids = {node["id"] for node in data["nodes"]}
     assert f"I{n_layers - 1}_{last}" in ids
     assert any(e["target"] == f"I{n_layers - 1}_{last}" for e in data["edges"])
