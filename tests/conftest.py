@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from llm_flow.config import default_config
 from llm_flow.models import BridgeLlm, load_model
@@ -20,6 +21,18 @@ from llm_flow.models import BridgeLlm, load_model
 GEMMA_NAME = "Gemma-3-270M (packaged)"
 
 SavedTiny = Callable[..., Path]
+
+
+def f32_tol(magnitude: float = 1.0, terms: int = 1, dtype: torch.dtype = torch.float32) -> float:
+    """``terms · eps · magnitude``: the worst-case rounding error of a result computed from
+    ``terms`` rounded operations (e.g. a sum of that many values) whose absolute values add up
+    to ``magnitude``, in any order (Higham, *Accuracy and Stability of Numerical Algorithms*,
+    §4.2: γ_n ≈ n·u with u = eps/2, so this also covers rounding on both sides of a comparison).
+    A tolerance for results that may be summed in another order (chunking, thread counts,
+    another implementation); ``dtype`` sets eps (float32: 2⁻²³ ≈ 1.19e-7). Where n is so large
+    that the worst case would catch nothing, callers pass ``terms=isqrt(n)`` and say so: the
+    random-walk estimate of n independent roundings (Higham & Mary, SISC 2019)."""
+    return terms * torch.finfo(dtype).eps * magnitude
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -60,8 +60,20 @@ def test_real_layers_pass(
         check_layer(good)  # raises on failure
 
 
-def test_self_check_error_is_a_library_error() -> None:
-    assert issubclass(SelfCheckError, LlmFlowError)
+def test_a_failed_check_reaches_the_boundary_as_a_library_error(layer: LayerRun) -> None:
+    """The CLI and the app catch ``LlmFlowError`` (one stderr line / ``st.error``): a broken
+    identity must arrive there as one, saying which layer and block, not as a traceback."""
+    bad = dataclasses.replace(layer, mlp_update=bumped(layer.mlp_update))
+    try:
+        check_layer(bad)
+    except LlmFlowError as caught:  # what the boundaries catch, not the specific class
+        error: LlmFlowError = caught
+    else:
+        pytest.fail("check_layer accepted a layer whose FFN update was corrupted")
+    assert type(error) is SelfCheckError
+    message = str(error)
+    assert re.search(rf"\blayer {LAYER}\b", message), message
+    assert "FFN: Σ per-neuron parts" in message, message
 
 
 def test_corrupt_attention_update_fails_the_head_sum(layer: LayerRun) -> None:
@@ -138,5 +150,6 @@ def test_tolerance_is_relative_1e_4_in_float32(layer: LayerRun) -> None:
 def test_relative_error() -> None:
     whole = torch.tensor([100.0, -200.0])
     assert relative_error(whole, whole) == 0.0
-    assert relative_error(torch.tensor([101.0, -200.0]), whole) == pytest.approx(1 / 200)
+    # Exact: |101 − 100| / 200 is one correctly rounded float64 division, as 1 / 200 is.
+    assert relative_error(torch.tensor([101.0, -200.0]), whole) == 1 / 200
     assert not relative_error(torch.tensor([float("nan"), -200.0]), whole) <= RTOL[torch.float32]

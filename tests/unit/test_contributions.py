@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ from llm_flow.engine.contributions import (
 )
 from llm_flow.engine.graph import contributions_of, layer_head_contributions
 from llm_flow.models.base import LayerRun
+from tests.conftest import f32_tol
 from tests.tiny import ARCHS, prompt, tiny_llm
 
 
@@ -30,6 +34,22 @@ def _layer_kwargs(layer: LayerRun) -> dict[str, torch.Tensor | None]:
         "attn_scale": layer.attn_scale,
         "attn_bias": layer.b_O,
     }
+
+
+def _layer_kwargs64(layer: LayerRun) -> dict[str, torch.Tensor | None]:
+    """The same inputs in float64, head outputs computed in float64 too: the engine then
+    accumulates in float64 and only its final cast to float32 rounds."""
+    kwargs = {k: None if v is None else v.double() for k, v in _layer_kwargs(layer).items()}
+    return kwargs | {"head_outputs": layer.head_outputs(torch.float64)}
+
+
+def _parts_l1(
+    pattern: torch.Tensor, head_outputs: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Σ_h |scale[t]·A[h, t, s]|·‖u[s, h]‖₁ → [T, S] (float64): the size of the terms that
+    prox[t, s] is computed from, so its rounding error is a multiple of eps times this."""
+    u_l1 = head_outputs.double().abs().sum(-1)  # [S, H]
+    return torch.einsum("hts,sh->ts", pattern.double().abs(), u_l1) * scale.double().abs()[:, None]
 
 
 def slow_attention_contributions(layer: LayerRun) -> torch.Tensor:
@@ -71,7 +91,8 @@ def test_llm_tt_case_per_head_parts() -> None:
     whole = torch.tensor([2.0, 2.0])
     parts = torch.tensor([[1.0, 1.0], [-1.0, 0.0], [2.0, 1.0]])  # head 1, head 2, residual
     c = normalize(proximity(whole, parts))
-    torch.testing.assert_close(c, torch.tensor([0.4, 0.0, 0.6]))
+    # Exact: small-integer proximities (2, 0, 3) and one correctly rounded division per share.
+    torch.testing.assert_close(c, torch.tensor([0.4, 0.0, 0.6]), rtol=0, atol=0)
 
 
 def test_llm_tt_case_through_the_engine() -> None:
@@ -86,13 +107,14 @@ def test_llm_tt_case_through_the_engine() -> None:
         "attn_scale": torch.ones(1),
         "attn_bias": torch.zeros(2),
     }
+    # Exact, as above: integer proximities, one rounded division per share.
     heads, residual = head_contributions(**kwargs, rows=torch.tensor([0]))
-    torch.testing.assert_close(heads[0, 0], torch.tensor([0.4, 0.0]))
-    torch.testing.assert_close(residual, torch.tensor([0.6]))
+    torch.testing.assert_close(heads[0, 0], torch.tensor([0.4, 0.0]), rtol=0, atol=0)
+    torch.testing.assert_close(residual, torch.tensor([0.6]), rtol=0, atol=0)
     # Heads summed into one token-level part [0, 1]: prox 1 vs residual 3.
     c = layer_contributions(**kwargs)
-    torch.testing.assert_close(c.attention, torch.tensor([[0.25]]))
-    torch.testing.assert_close(c.attn_residual, torch.tensor([0.75]))
+    torch.testing.assert_close(c.attention, torch.tensor([[0.25]]), rtol=0, atol=0)
+    torch.testing.assert_close(c.attn_residual, torch.tensor([0.75]), rtol=0, atol=0)
     assert float(c.attn_bias) == 0.0
 
 
@@ -117,8 +139,13 @@ def test_elementwise_form_survives_huge_residual_norms() -> None:
     exact = float(proximity(whole, part[None]))
     ours = float(proximity(whole.float(), part.float()[None]))
     two_sums = float(whole.float().abs().sum() - (whole.float() - part.float()).abs().sum())
-    assert abs(ours - exact) < 1e-4 * exact
-    assert abs(two_sums - exact) > 10 * abs(ours - exact)
+    # The elementwise form rounds in proportion to ‖z‖₁ (≈ 22), not ‖y‖₁ (≈ 60,000): D = 576
+    # rounded terms, whose errors add like a random walk, √D·eps·‖z‖₁ ≈ 6e-5 (Higham & Mary
+    # 2019). The worst case D·eps·‖z‖₁ ≈ 1.5e-3 would also pass the naive per-dimension
+    # |y_d| − |y_d − z_d| (off by 4e-4 here), which is what this test guards against.
+    tol = f32_tol(float(part.abs().sum()), terms=math.isqrt(576))
+    assert abs(ours - exact) <= tol
+    assert abs(two_sums - exact) > 10 * tol
 
 
 def test_neuron_contributions_keep_the_sign_and_sum_to_one() -> None:
@@ -130,29 +157,35 @@ def test_neuron_contributions_keep_the_sign_and_sum_to_one() -> None:
     scale = torch.tensor(0.7)
     whole = base + (acts @ w_out + b_out) * scale
     neurons, bias, residual = neuron_contributions(whole, base, acts, w_out, b_out, scale)
-    torch.testing.assert_close(neurons.sum() + bias + residual, torch.tensor(1.0))
+    # float32: 8 shares ≤ 1, normalized by their float32 total and summed again: ~8 eps.
+    total = neurons.sum() + bias + residual
+    torch.testing.assert_close(total, torch.tensor(1.0), rtol=0, atol=f32_tol(terms=8))
     assert neurons[2] == 0  # a silent neuron writes nothing
     # Neuron 1's part is -1.5·W_out[1]·scale, not +1.5·W_out[1]: recompute both.
     signed = proximity(whole, (acts[1] * w_out[1] * scale)[None])
     flipped = proximity(whole, (-acts[1] * w_out[1] * scale)[None])
     assert not torch.allclose(signed, flipped)
     parts = torch.cat([acts[:, None] * w_out * scale, (b_out * scale)[None], base[None]])
-    torch.testing.assert_close(neurons, normalize(proximity(whole, parts))[:-2])
+    # The same float32 math, maybe in another order: shares ≤ 1 from sums of D = 8 terms.
+    expected = normalize(proximity(whole, parts))[:-2]
+    torch.testing.assert_close(neurons, expected, rtol=0, atol=f32_tol(terms=8))
 
 
 # -- invariants on real (tiny) models ---------------------------------------------------------
 
 
 def test_engine_matches_slow_loop(tiny_run) -> None:  # type: ignore[no-untyped-def]
+    """The math, in float64 on both sides; float32 rounding is tested on its own below."""
+    tol = f32_tol()  # shares ≤ 1 computed in float64: only the engine's final float32 cast rounds
     for layer in tiny_run.layers:
-        c = contributions_of(layer)
+        c = layer_contributions(**_layer_kwargs64(layer))  # type: ignore[arg-type]
         slow = slow_attention_contributions(layer)
         n = c.attention.shape[0]
-        torch.testing.assert_close(c.attention.double(), slow[:, :n], atol=1e-6, rtol=0)
-        torch.testing.assert_close(c.attn_residual.double(), slow[:, n], atol=1e-6, rtol=0)
-        torch.testing.assert_close(c.attn_bias.double(), slow[:, n + 1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(c.attention.double(), slow[:, :n], atol=tol, rtol=0)
+        torch.testing.assert_close(c.attn_residual.double(), slow[:, n], atol=tol, rtol=0)
+        torch.testing.assert_close(c.attn_bias.double(), slow[:, n + 1], atol=tol, rtol=0)
         if layer.resid_mid is None:
-            torch.testing.assert_close(c.ffn.double(), slow[:, n + 2], atol=1e-6, rtol=0)
+            torch.testing.assert_close(c.ffn.double(), slow[:, n + 2], atol=tol, rtol=0)
 
 
 def test_contributions_are_nonnegative_causal_and_sum_to_one(tiny_run) -> None:  # type: ignore[no-untyped-def]
@@ -164,19 +197,27 @@ def test_contributions_are_nonnegative_causal_and_sum_to_one(tiny_run) -> None: 
         attn_total = c.attention.sum(1) + c.attn_residual + c.attn_bias
         if layer.resid_mid is None:
             attn_total = attn_total + c.ffn
-        torch.testing.assert_close(attn_total, torch.ones_like(attn_total))
-        torch.testing.assert_close(c.ffn + c.ffn_residual, torch.ones_like(c.ffn))
+        # float32 shares ≤ 1, normalized by their float32 total and summed again: K parts
+        # (T sources, residual, bias, FFN) round to about K eps, two FFN parts to 2 eps.
+        n_parts = c.attention.shape[1] + 3
+        ones = torch.ones_like(attn_total)
+        torch.testing.assert_close(attn_total, ones, rtol=0, atol=f32_tol(terms=n_parts))
+        torch.testing.assert_close(c.ffn + c.ffn_residual, ones, rtol=0, atol=f32_tol(terms=2))
 
 
 def test_chunked_equals_unchunked(tiny_run) -> None:  # type: ignore[no-untyped-def]
+    """In float64, so reordered sums (tiles, threads) differ by ~1e-16 and only the final cast
+    to float32 rounds: a missed or repeated tile would be off by a whole share."""
+    tol = f32_tol()  # shares ≤ 1: two float32 roundings of nearly equal values, ≤ 1 eps apart
     for layer in tiny_run.layers:
-        kwargs = _layer_kwargs(layer)
+        kwargs = _layer_kwargs64(layer)
         one_row = layer_contributions(**kwargs, memory_budget=1, backend="torch")  # type: ignore[arg-type]
         everything = layer_contributions(**kwargs, memory_budget=2**34, backend="torch")  # type: ignore[arg-type]
-        torch.testing.assert_close(one_row.attention, everything.attention, atol=1e-7, rtol=0)
-        heads_small, _ = layer_head_contributions(layer, torch.arange(4), memory_budget=1)
-        heads_big, _ = layer_head_contributions(layer, torch.arange(4), memory_budget=2**34)
-        torch.testing.assert_close(heads_small, heads_big, atol=1e-7, rtol=0)
+        torch.testing.assert_close(one_row.attention, everything.attention, atol=tol, rtol=0)
+        rows = torch.arange(4)
+        heads_small, _ = head_contributions(**kwargs, rows=rows, memory_budget=1)  # type: ignore[arg-type]
+        heads_big, _ = head_contributions(**kwargs, rows=rows, memory_budget=2**34)  # type: ignore[arg-type]
+        torch.testing.assert_close(heads_small, heads_big, atol=tol, rtol=0)
 
 
 def test_fused_cpu_kernel_equals_the_torch_version(tiny_run) -> None:  # type: ignore[no-untyped-def]
@@ -184,8 +225,10 @@ def test_fused_cpu_kernel_equals_the_torch_version(tiny_run) -> None:  # type: i
         kwargs = _layer_kwargs(layer)
         kernel = layer_contributions(**kwargs, backend="kernel")  # type: ignore[arg-type]
         reference = layer_contributions(**kwargs, backend="torch")  # type: ignore[arg-type]
-        torch.testing.assert_close(kernel.attention, reference.attention, atol=1e-6, rtol=0)
-        torch.testing.assert_close(kernel.attn_residual, reference.attn_residual, atol=1e-6, rtol=0)
+        # float32 shares ≤ 1 from proximities summed over D terms in two orders: D eps.
+        tol = f32_tol(terms=layer.resid_pre.shape[-1])
+        torch.testing.assert_close(kernel.attention, reference.attention, atol=tol, rtol=0)
+        torch.testing.assert_close(kernel.attn_residual, reference.attn_residual, atol=tol, rtol=0)
 
 
 def test_fused_kernel_handles_massive_dimensions_and_long_prompts() -> None:
@@ -201,7 +244,10 @@ def test_fused_kernel_handles_massive_dimensions_and_long_prompts() -> None:
     exact = attention_proximity(
         whole.double(), pattern.double(), u.double(), scale.double(), backend="torch"
     )
-    torch.testing.assert_close(kernel.double(), exact, atol=2e-5, rtol=1e-5)
+    # Per part: H products summed into each z_d, then two D-term sums (linear, overshoot),
+    # at most as large as the part: (H + 2D)·eps·Σ|terms| per part — never eps·‖y‖₁ (> 3,000).
+    bound = f32_tol(terms=h + 2 * d) * _parts_l1(pattern, u, scale)  # [T, S]
+    assert ((kernel.double() - exact).abs() <= bound).all()
     assert (kernel.triu(1) == 0).all()
 
 
@@ -211,8 +257,10 @@ def test_float32_agrees_with_float64(tiny_run) -> None:  # type: ignore[no-untyp
         as64 = {k: (v.double() if v is not None else None) for k, v in kwargs.items()}
         c32 = layer_contributions(**kwargs)  # type: ignore[arg-type]
         c64 = layer_contributions(**as64)  # type: ignore[arg-type]
-        torch.testing.assert_close(c32.attention, c64.attention, atol=1e-6, rtol=0)
-        torch.testing.assert_close(c32.ffn, c64.ffn, atol=1e-6, rtol=0)
+        # Same inputs; float32 shares ≤ 1 from proximities summed over D terms: D eps.
+        tol = f32_tol(terms=layer.resid_pre.shape[-1])
+        torch.testing.assert_close(c32.attention, c64.attention, atol=tol, rtol=0)
+        torch.testing.assert_close(c32.ffn, c64.ffn, atol=tol, rtol=0)
 
 
 def test_head_contributions_match_a_loop_and_normalize_with_residual(tiny_run) -> None:  # type: ignore[no-untyped-def]
@@ -235,11 +283,13 @@ def test_head_contributions_match_a_loop_and_normalize_with_residual(tiny_run) -
             parts.append(layer.mlp_update[t].double())
         expected = normalize(proximity(whole, torch.stack(parts)))
         n_h = u.shape[1]
+        # The engine's float32 path against float64: shares ≤ 1 from D-term sums, D eps.
+        tol = f32_tol(terms=whole.shape[-1])
         torch.testing.assert_close(
-            heads[i].double().flatten(), expected[: u.shape[0] * n_h], atol=1e-6, rtol=0
+            heads[i].double().flatten(), expected[: u.shape[0] * n_h], atol=tol, rtol=0
         )
         torch.testing.assert_close(
-            residual[i].double(), expected[u.shape[0] * n_h], atol=1e-6, rtol=0
+            residual[i].double(), expected[u.shape[0] * n_h], atol=tol, rtol=0
         )
         assert (heads[i, t + 1 :] == 0).all()
 
@@ -267,8 +317,21 @@ def test_causal_tiles_cover_each_causal_pair_once_within_budget(n: int, budget: 
     assert (seen.triu(1) <= 1).all()  # a tile may overlap the diagonal, never repeat a pair
 
 
-def test_attention_proximity_memory_is_bounded() -> None:
-    """With a small budget no temporary is larger than the budget: track the allocator peak."""
+def _profiled(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, int]]:
+    """``run()``'s result and the largest allocation (bytes) each op made, from the profiler."""
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+        out = run()
+    largest: dict[str, int] = {}
+    for event in prof.events():
+        largest[event.name] = max(largest.get(event.name, 0), event.cpu_memory_usage)
+    return out, largest
+
+
+def test_attention_proximity_part_tiles_measured_within_the_memory_budget() -> None:
+    """The torch path's part vectors, measured: with a small budget every tile the batched
+    product allocates (``aten::bmm``, the only op that materializes parts) fits the budget and no
+    op allocates a [T, T, D] array; with a large one the same measurement sees that array."""
     gen = torch.Generator().manual_seed(0)
     n, h, d = 64, 3, 32
     pattern = torch.rand(h, n, n, generator=gen).tril()
@@ -276,6 +339,17 @@ def test_attention_proximity_memory_is_bounded() -> None:
     whole = torch.randn(n, d, generator=gen)
     u = torch.randn(n, h, d, generator=gen)
     ones = torch.ones(n)
-    full = attention_proximity(whole, pattern, u, ones, memory_budget=2**30, backend="torch")
-    small = attention_proximity(whole, pattern, u, ones, memory_budget=n * d * 8, backend="torch")
-    torch.testing.assert_close(full, small)
+    budget = n * d * 8  # 16 KiB: two float32 sources' parts for a 64-query tile
+    all_parts = n * n * d * 4  # bytes of every [T, T, D] part at once (512 KiB)
+    small, tiled = _profiled(
+        lambda: attention_proximity(whole, pattern, u, ones, memory_budget=budget, backend="torch")
+    )
+    full, untiled = _profiled(
+        lambda: attention_proximity(whole, pattern, u, ones, memory_budget=2**30, backend="torch")
+    )
+    assert 0 < tiled["aten::bmm"] <= budget, tiled
+    assert max(tiled.values()) < all_parts, tiled
+    assert untiled["aten::bmm"] == all_parts  # the measurement sees a too-large tile
+    # float32 prox from differently tiled products, each side off by ≤ (H + 2D)·eps·Σ|terms|.
+    bound = 2 * f32_tol(terms=h + 2 * d) * _parts_l1(pattern, u, ones)
+    assert ((small.double() - full.double()).abs() <= bound).all()

@@ -44,7 +44,9 @@ def test_every_kind_has_a_json_name_and_words() -> None:
     }
 
 
-@pytest.mark.parametrize(("layer", "target", "source"), [(0, 0, 0), (0, 5, 2), (4, 9, 9), (7, 3, 0)])
+@pytest.mark.parametrize(
+    ("layer", "target", "source"), [(0, 0, 0), (0, 5, 2), (4, 9, 9), (7, 3, 0)]
+)
 def test_attention_edge_ids_round_trip(layer: int, target: int, source: int) -> None:
     text = attention_edge_id(layer, target, source)
     assert text == f"{source_id(layer, source)}->A{layer}_{target}"
