@@ -40,7 +40,7 @@ check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/mypy llm_flow
+	$(BIN)/mypy llm_flow app
 
 bench: install
 	$(BIN)/llm-flow bench $(BENCH_ARGS)

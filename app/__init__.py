@@ -1,5 +1,6 @@
 """The Streamlit explorer of llm-flow (``streamlit run app/main.py -- config/local.json``).
 
-Views only: figures and panels wire llm-flow's core (``llm_flow``) to Streamlit; all caching and
-session state lives in :mod:`app.state`.
+``main`` wires the views (:mod:`app.views`: sidebar, route tab, dataset tab) to the core
+(``llm_flow``); :mod:`app.figures` builds their plotly figures and tables without Streamlit.
+All caching lives in :mod:`app.cache` and all session state in :mod:`app.session`.
 """

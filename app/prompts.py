@@ -1,13 +1,14 @@
-"""Prompt-file listing and prompt checks for the explorer (reading files is
-:func:`llm_flow.io.prompts.read_prompt_file`; which files a user may open is decided by
-:meth:`llm_flow.config.AppConfig.prompt_file`, never here).
+"""The prompt files the explorer offers: those directly inside the config's ``prompts_dir``.
+
+Reading a file is :func:`llm_flow.io.prompts.read_prompt_file`; which files a user may open is
+decided by :meth:`llm_flow.config.AppConfig.prompt_file`, never here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from llm_flow.errors import PromptError
+from llm_flow.config import AppConfig
 
 # Listed in the prompt-file picker; other files in prompts_dir are not prompt files.
 PROMPT_SUFFIXES = (".jsonl", ".txt")
@@ -22,13 +23,9 @@ def prompt_files(folder: Path | None) -> list[str]:
     )
 
 
-def check_prompt(prompt: str, limit: int | None) -> str:
-    """``prompt`` if it is usable, else :class:`PromptError` saying how to fix it."""
-    if not prompt.strip():
-        raise PromptError("the prompt is empty; type some text to analyse")
-    if limit is not None and len(prompt) > limit:
-        raise PromptError(
-            f"the prompt has {len(prompt)} characters, more than this server's limit of "
-            f"{limit} (max_user_string_length); shorten it"
-        )
-    return prompt
+def offered_files(cfg: AppConfig) -> list[str]:
+    """The prompt files a user may open on this server: none in demo mode or when the config
+    disallows loading files."""
+    if cfg.demo_mode or not cfg.allow_loading_dataset_files:
+        return []
+    return prompt_files(cfg.prompts_dir)

@@ -138,9 +138,10 @@ def _route_nodes(
     )
 
 
-def _attention_text(layer: int, t: int, s: int, tokens: Sequence[str]) -> str:
+def _attention_text(title: str, layer: int, t: int, s: int, tokens: Sequence[str]) -> str:
+    """Hover text of attention edge s → t of ``layer``, after ``title`` (markup allowed)."""
     return (
-        f"attention {source_id(layer, s)} → {node_id('A', layer, t)}<br>"
+        f"{title} {source_id(layer, s)} → {node_id('A', layer, t)}<br>"
         f"{plotly_text(tokens[s])} → {plotly_text(tokens[t])}"
     )
 
@@ -219,7 +220,7 @@ def _edge_handles(
         hy.tolist(),
         [attention_edge_id(layer, t, s) for (layer, t, s), _ in rows],
         [
-            f"<b>{_attention_text(layer, t, s, tokens)}</b>, weight {w:.3f}"
+            f"{_attention_text('<b>attention</b>', layer, t, s, tokens)}, weight {w:.3f}"
             for (layer, t, s), w in rows
         ],
         "attention",
@@ -359,7 +360,7 @@ def diff_figure(diff: RouteDiff, *, position: int) -> go.Figure:
         )
         for (layer, t, s), (was, now) in zip(idx.tolist(), was_now, strict=True):
             htext.append(
-                f"<b>{status}</b> {_attention_text(layer, t, s, tokens)}<br>"
+                f"{_attention_text(f'<b>{status}</b> attention', layer, t, s, tokens)}<br>"
                 f"weight {was:.3f} → {now:.3f}"
             )
         layers, positions = _columns(part.ffn)

@@ -4,10 +4,13 @@ that points at it, so the app runs offline in seconds (no packaged model needed)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from streamlit.runtime.media_file_manager import MediaFileManager
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
 from tests.tiny import prompt, tiny_hf_model, tiny_tokenizer
 
@@ -61,3 +64,61 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, 
 @pytest.fixture(scope="session")
 def demo_config_path(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, Path]) -> Path:
     return write_config(tmp_path_factory.mktemp("demo-config"), model_dirs, demo_mode=True)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, config_path: Path) -> None:
+    """The app runs offline on the tiny models' config (AppTest modules use it for every test)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LLM_FLOW_CONFIG", str(config_path))
+
+
+# file id → (the file's bytes, when asked for; mime type; file name)
+Downloads = dict[str, tuple[Callable[[], bytes], str | None, str | None]]
+
+
+@pytest.fixture
+def downloads(monkeypatch: pytest.MonkeyPatch) -> Downloads:
+    """Every file the app hands to a download button, by file id.
+
+    AppTest keeps a button's file in a media store that lives for one run only, and a deferred
+    file (``data=`` a callable, built when clicked) only as that callable; the button names the
+    file by its id (``url`` or ``deferred_file_id``), so recording what is stored lets a test
+    read the bytes a user would download.
+    """
+    files: Downloads = {}
+    store_file = MemoryMediaFileStorage.load_and_get_id
+    defer = MediaFileManager.add_deferred
+
+    def record(
+        self: MemoryMediaFileStorage,
+        path_or_data: str | bytes,
+        mimetype: str,
+        kind: Any,
+        filename: str | None = None,
+    ) -> str:
+        file_id = store_file(self, path_or_data, mimetype, kind, filename)
+        assert isinstance(path_or_data, bytes)
+        files[file_id] = (lambda: path_or_data, mimetype, filename)
+        return file_id
+
+    def record_deferred(
+        self: MediaFileManager,
+        data: Callable[[], Any],
+        mimetype: str | None,
+        coordinates: str,
+        file_name: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        file_id = defer(self, data, mimetype, coordinates, file_name=file_name, **kwargs)
+
+        def content() -> bytes:
+            value = data()
+            return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+        files[file_id] = (content, mimetype, file_name)
+        return file_id
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
+    monkeypatch.setattr(MediaFileManager, "add_deferred", record_deferred)
+    return files

@@ -1,4 +1,5 @@
-"""Tests for app/prompts.py: LLM-TT prompt files and prompt checks."""
+"""Tests for app/prompts.py (which prompt files the explorer offers) and of the reader it relies
+on, :func:`llm_flow.io.prompts.read_prompt_file` (LLM-TT's JSON lines and plain text)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app.prompts import check_prompt, prompt_files
+from app.prompts import offered_files, prompt_files
+from llm_flow.config import load_config
 from llm_flow.errors import PromptError
 from llm_flow.io.prompts import read_prompt_file as read_prompts
 
@@ -48,10 +50,8 @@ def test_prompt_files_lists_only_prompt_files(tmp_path: Path) -> None:
     assert prompt_files(tmp_path / "missing") == []
 
 
-def test_check_prompt() -> None:
-    assert check_prompt("hello", 5) == "hello"
-    assert check_prompt("x" * 10_000, None)
-    with pytest.raises(PromptError, match="empty"):
-        check_prompt("  \n", 5)
-    with pytest.raises(PromptError, match="6 characters, more than .* limit of 5"):
-        check_prompt("hello!", 5)
+def test_only_servers_that_allow_files_offer_them(
+    config_path: Path, demo_config_path: Path
+) -> None:
+    assert offered_files(load_config(config_path)) == ["more.txt", "preloaded.jsonl"]
+    assert offered_files(load_config(demo_config_path)) == []

@@ -10,7 +10,6 @@ from app.selection import (
     attention_edge,
     clicked,
     effect_selection,
-    parse_position,
     parse_selection,
     selected_row,
 )
@@ -35,6 +34,8 @@ def test_kinds() -> None:
     assert ffn is not None and (ffn.kind, ffn.layer, ffn.token) == ("ffn", 1, 2)
     node = parse_selection("A0_4", L, T)
     assert node is not None and (node.kind, node.node) == ("residual", "A")
+    embedding = parse_selection("X0_3", L, T)
+    assert embedding is not None and (embedding.kind, embedding.node) == ("residual", "X")
 
 
 @pytest.mark.parametrize(
@@ -56,12 +57,6 @@ def test_kinds() -> None:
 )
 def test_stale_or_forged_selections_are_rejected(text: str | None) -> None:
     assert parse_selection(text, L, T) is None
-
-
-def test_positions() -> None:
-    assert parse_position("pos:12") == 12
-    assert parse_position("pos:x") is None
-    assert parse_position("A0_1") is None
 
 
 def test_clicked_reads_streamlits_event() -> None:

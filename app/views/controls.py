@@ -1,7 +1,9 @@
-"""The sidebar: model, device and precision, prompts, and the graph's settings.
+"""The sidebar: model, device and precision, prompts, the graph's settings, the output position
+and the contrast's tokens.
 
-Every widget is created with a key from :mod:`app.state` and no default of its own: the starting
-values come from ``state.init_session`` (which reads the URL), so there is one source of truth.
+Every widget is created with a key from :mod:`app.session` and no default of its own: the
+starting values come from ``session.init_session`` (which reads the URL), so there is one source
+of truth.
 """
 
 from __future__ import annotations
@@ -12,17 +14,14 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from app import state
-from app.figures import display_token, markdown_text
+from app import session
+from app.cache import CachedTrace, LoadedModel, ModelKey
 from app.prompts import prompt_files
-from app.state import LoadedModel, ModelKey, Trace
+from app.views.errors import NeedsInput, show_error
 from llm_flow.config import AppConfig, spec_from_name
+from llm_flow.io.text import display_token
 
 PROMPT_LABEL_CHARS = 70
-
-
-class NeedsInput(Exception):
-    """The page cannot go on until the user fills something in (not an error)."""
 
 
 @dataclass(frozen=True)
@@ -41,14 +40,14 @@ def model_controls(cfg: AppConfig) -> tuple[ModelKey, str]:
     ss = st.session_state
     options = list(cfg.model_names())
     if not cfg.demo_mode:
-        options.append(state.CUSTOM_CHOICE)
-    if ss.get(state.MODEL) not in options:
-        ss[state.MODEL] = cfg.default_model
-    choice = st.selectbox("Model", options, key=state.MODEL)
-    if choice == state.CUSTOM_CHOICE:
+        options.append(session.CUSTOM_CHOICE)
+    if ss.get(session.MODEL) not in options:
+        ss[session.MODEL] = cfg.default_model
+    choice = st.selectbox("Model", options, key=session.MODEL)
+    if choice == session.CUSTOM_CHOICE:
         text = st.text_input(
             "Hub id or local path",
-            key=state.CUSTOM_MODEL,
+            key=session.CUSTOM_MODEL,
             placeholder="gpt2 or /data/my-model or ~/m/model.gguf",
             help="A Hugging Face hub id, a folder with HF weights (config.json + "
             "*.safetensors) or a .gguf file. Press Enter to load it.",
@@ -62,19 +61,19 @@ def model_controls(cfg: AppConfig) -> tuple[ModelKey, str]:
         label = choice
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if ss.get(state.DEVICE) not in devices:
-        ss[state.DEVICE] = "cpu"
+    if ss.get(session.DEVICE) not in devices:
+        ss[session.DEVICE] = "cpu"
     left, right = st.columns(2)
     device = left.selectbox(
-        "Device", devices, key=state.DEVICE, help="cuda is listed when a GPU is available"
+        "Device", devices, key=session.DEVICE, help="cuda is listed when a GPU is available"
     )
     dtypes = ["float32"] + (["float16", "bfloat16"] if device == "cuda" else [])
-    if ss.get(state.DTYPE) not in dtypes:
-        ss[state.DTYPE] = "float32"
+    if ss.get(session.DTYPE) not in dtypes:
+        ss[session.DTYPE] = "float32"
     dtype = right.selectbox(
         "Precision",
         dtypes,
-        key=state.DTYPE,
+        key=session.DTYPE,
         help="Half precision needs a GPU. Contributions always accumulate in float32.",
     )
     return ModelKey(spec, device, dtype), label
@@ -100,48 +99,47 @@ def _prompt_label(prompt: str) -> str:
 def prompt_controls(cfg: AppConfig) -> str | None:
     """The chosen prompt (``None`` when there is none to choose yet)."""
     ss = st.session_state
-    choices = state.prompt_choices(cfg)
-    if choices and ss.get(state.PROMPT) not in choices:
-        ss[state.PROMPT] = choices[0]
+    choices = session.prompt_choices(cfg)
+    if choices and ss.get(session.PROMPT) not in choices:
+        ss[session.PROMPT] = choices[0]
     prompt: str | None = None
     if choices:
-        prompt = st.selectbox("Prompt", choices, key=state.PROMPT, format_func=_prompt_label)
+        prompt = st.selectbox("Prompt", choices, key=session.PROMPT, format_func=_prompt_label)
     limit = cfg.max_user_string_length
     with st.expander("Add a prompt", expanded=not choices):
         st.text_area(
             "Prompt text",
-            key=state.NEW_PROMPT,
+            key=session.NEW_PROMPT,
             max_chars=limit,
             height=90,
             placeholder="The capital of France is",
         )
-        st.button("Add prompt", key="add_prompt", on_click=state.add_prompt, args=(limit,))
-    can_load = cfg.allow_loading_dataset_files and not cfg.demo_mode and cfg.prompts_dir
-    if can_load and cfg.prompts_dir is not None:
+        st.button("Add prompt", key="add_prompt", on_click=session.add_prompt, args=(cfg,))
+    if cfg.allow_loading_dataset_files and not cfg.demo_mode and cfg.prompts_dir is not None:
         files = prompt_files(cfg.prompts_dir)
         with st.expander("Load a prompt file"):
             if files:
-                current = state.loaded_file_name()
+                current = session.loaded_file_name()
                 st.selectbox(
                     f"File in {cfg.prompts_dir.name}/",
                     files,
-                    key=state.PROMPT_FILE,
+                    key=session.PROMPT_FILE,
                     help='One prompt per line, or LLM-TT\'s JSON lines with a "sentence". '
                     "Only files of the configured prompts folder can be opened.",
                 )
                 st.button(
                     "Load prompts",
                     key="load_prompts",
-                    on_click=state.load_prompt_file,
+                    on_click=session.load_prompt_file,
                     args=(cfg,),
                 )
                 if current:
                     st.caption(f"Loaded: {current}")
             else:
-                st.caption(f"No .txt or .jsonl files in {cfg.prompts_dir}.")
-    error = state.take_prompt_error()
+                st.caption(f"No .txt or .jsonl files in {cfg.prompts_dir.name}/.")
+    error = session.take_prompt_error()
     if error:
-        st.error(f"{markdown_text(error[0].upper() + error[1:].rstrip('.'))}.")
+        show_error(error)
     return prompt
 
 
@@ -149,31 +147,31 @@ def graph_controls() -> GraphSettings:
     threshold = st.slider(
         "Threshold τ",
         min_value=0.0,
-        max_value=state.THRESHOLD_MAX,
+        max_value=session.THRESHOLD_MAX,
         step=0.005,
         format="%.3f",
-        key=state.THRESHOLD,
+        key=session.THRESHOLD,
         help="Edges whose contribution is below τ are pruned from the route.",
     )
     renormalize = st.toggle(
         "Renormalize",
-        key=state.RENORMALIZE,
+        key=session.RENORMALIZE,
         help="Rescale the parts of each node that survive τ to sum to 1.",
     )
     normalize_lens = st.toggle(
         "Normalize before unembedding",
-        key=state.NORMALIZE_LENS,
+        key=session.NORMALIZE_LENS,
         help="Logit lens: apply the model's final norm to a residual state before W_U.",
     )
     return GraphSettings(threshold, renormalize, normalize_lens)
 
 
-def position_control(trace: Trace) -> int:
-    tokens = trace.run.tokens
+def position_control(cached: CachedTrace) -> int:
+    tokens = cached.trace.tokens
     position: int = st.selectbox(
         "Output position",
         list(range(len(tokens))),
-        key=state.POSITION,
+        key=session.POSITION,
         format_func=lambda t: f"{t}: {display_token(tokens[t])}",
         help="The token whose next-token prediction the route explains. "
         "You can also click a ▼ above the graph.",
@@ -187,14 +185,14 @@ def contrast_controls() -> tuple[str, str]:
     left, right = st.columns(2)
     target: str = left.text_input(
         "Target token",
-        key=state.TARGET,
+        key=session.TARGET,
         placeholder="␣Mary",
         help="One token of the model's vocabulary. Mid-sentence words usually start with a "
         "space: type “ Mary”, not “Mary”.",
     )
     distractor: str = right.text_input(
         "Distractor token",
-        key=state.DISTRACTOR,
+        key=session.DISTRACTOR,
         placeholder="␣John",
         help="The token the model could have predicted instead.",
     )

@@ -1,23 +1,29 @@
-"""App tests of dataset mode (the "Dataset mode" tab) with AppTest on the tiny local models."""
+"""Tests for app/views/dataset.py: the "Dataset mode" tab, with AppTest on the tiny local models."""
 
 from __future__ import annotations
 
 import io
 import json
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
-from app import state
-from app.dataset import NONE
-from tests.app.conftest import FILE_PROMPTS, PROMPTS
-from tests.app.test_app import _offline, assert_serving, errors, route_caption, start
+from app import cache, session
+from app.views.dataset import NONE
+from tests.app.apptest import (
+    assert_serving,
+    download_keys,
+    downloaded,
+    errors,
+    route_caption,
+    start,
+)
+from tests.app.conftest import FILE_PROMPTS, PROMPTS, Downloads
 
-__all__ = ["_offline"]  # the autouse fixture: offline, and the tiny models' config
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def heatmaps(at: AppTest) -> list[dict[str, Any]]:
@@ -28,8 +34,8 @@ def heatmaps(at: AppTest) -> list[dict[str, Any]]:
 
 def test_one_file_gives_heatmaps_a_table_and_a_csv() -> None:
     at = start()
-    assert at.selectbox(key=state.DATASET_A).options == ["more.txt", "preloaded.jsonl"]
-    at.selectbox(key=state.DATASET_A).set_value("more.txt")
+    assert at.selectbox(key=session.DATASET_A).options == ["more.txt", "preloaded.jsonl"]
+    at.selectbox(key=session.DATASET_A).set_value("more.txt")
     at.button(key="run_dataset").click().run()
     assert_serving(at)
     (figure,) = heatmaps(at)
@@ -38,53 +44,17 @@ def test_one_file_gives_heatmaps_a_table_and_a_csv() -> None:
     table = next(d.value for d in at.dataframe if "frequency" in d.value.columns)
     assert set(table["n_prompts"]) == {len(FILE_PROMPTS)}
     assert any(f"{len(FILE_PROMPTS)} prompts" in c.value for c in at.caption)
-    assert any("download_dataset" in b.proto.id for b in at.get("download_button"))
+    assert {"download_dataset", "download_dataset_parquet"} <= download_keys(at)
 
     # The result is cached: running again computes nothing.
-    computed = state.store().datasets.computed
+    computed = cache.store().datasets.computed
     at.button(key="run_dataset").click().run()
-    assert state.store().datasets.computed == computed
+    assert cache.store().datasets.computed == computed
 
 
-@pytest.fixture
-def downloads(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[bytes, str, str | None]]:
-    """file id → (bytes, mime type, file name) of every file the app hands to Streamlit.
-
-    AppTest keeps a download button's file in a media store that lives for one run only; the
-    button's ``url`` names the file by its id, so recording what is stored lets a test read the
-    bytes a user would download.
-    """
-    files: dict[str, tuple[bytes, str, str | None]] = {}
-    store_file = MemoryMediaFileStorage.load_and_get_id
-
-    def record(
-        self: MemoryMediaFileStorage,
-        path_or_data: str | bytes,
-        mimetype: str,
-        kind: Any,
-        filename: str | None = None,
-    ) -> str:
-        file_id = store_file(self, path_or_data, mimetype, kind, filename)
-        assert isinstance(path_or_data, bytes)
-        files[file_id] = (path_or_data, mimetype, filename)
-        return file_id
-
-    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
-    return files
-
-
-def downloaded(
-    at: AppTest, files: dict[str, tuple[bytes, str, str | None]], key: str
-) -> tuple[bytes, str, str | None]:
-    (button,) = [b for b in at.get("download_button") if b.proto.id.endswith(f"-{key}")]
-    return files[PurePosixPath(button.proto.url).stem]
-
-
-def test_the_parquet_download_holds_the_csv_table(
-    downloads: dict[str, tuple[bytes, str, str | None]],
-) -> None:
+def test_the_parquet_download_holds_the_csv_table(downloads: Downloads) -> None:
     at = start()
-    at.selectbox(key=state.DATASET_A).set_value("more.txt")
+    at.selectbox(key=session.DATASET_A).set_value("more.txt")
     at.button(key="run_dataset").click().run()
     assert_serving(at)
     csv, csv_mime, csv_name = downloaded(at, downloads, "download_dataset")
@@ -100,14 +70,14 @@ def test_the_parquet_download_holds_the_csv_table(
 
 def test_two_files_side_by_side_with_their_difference() -> None:
     at = start()
-    at.selectbox(key=state.DATASET_A).set_value("more.txt")
-    at.selectbox(key=state.DATASET_B).set_value("preloaded.jsonl")
+    at.selectbox(key=session.DATASET_A).set_value("more.txt")
+    at.selectbox(key=session.DATASET_B).set_value("preloaded.jsonl")
     at.button(key="run_dataset").click().run()
     assert_serving(at)
     assert len(heatmaps(at)) == 3  # a, b and b − a
     diff = next(d.value for d in at.dataframe if "frequency_diff" in d.value.columns)
     assert (diff["frequency_diff"] == diff["frequency_b"] - diff["frequency_a"]).all()
-    keys = {b.proto.id.rsplit("-", 1)[-1] for b in at.get("download_button")}
+    keys = download_keys(at)
     for key in ("download_diff", "download_a", "download_b"):
         assert {key, f"{key}_parquet"} <= keys
     assert len(PROMPTS) and route_caption(at)  # the route tab is still there
@@ -115,12 +85,12 @@ def test_two_files_side_by_side_with_their_difference() -> None:
 
 def test_comparing_a_file_with_itself_is_refused_and_the_app_keeps_serving() -> None:
     at = start()
-    at.selectbox(key=state.DATASET_A).set_value("more.txt")
-    at.selectbox(key=state.DATASET_B).set_value("more.txt")
+    at.selectbox(key=session.DATASET_A).set_value("more.txt")
+    at.selectbox(key=session.DATASET_B).set_value("more.txt")
     at.button(key="run_dataset").click().run()
     assert "two different files" in errors(at)
     assert route_caption(at) and not at.exception
-    at.selectbox(key=state.DATASET_B).set_value(NONE)
+    at.selectbox(key=session.DATASET_B).set_value(NONE)
     at.button(key="run_dataset").click().run()
     assert_serving(at)
 
@@ -130,7 +100,7 @@ def test_a_broken_prompt_file_shows_an_error(config_path: Path) -> None:
     broken.write_text("not json\n", encoding="utf-8")
     try:
         at = start()
-        at.selectbox(key=state.DATASET_A).set_value("broken.jsonl")
+        at.selectbox(key=session.DATASET_A).set_value("broken.jsonl")
         at.button(key="run_dataset").click().run()
         assert "invalid JSON" in errors(at)
         assert route_caption(at) and not at.exception

@@ -2,7 +2,8 @@
 
 The numbers are :func:`llm_flow.analyses.contrast.analyse_contrast`'s (direct logit attribution
 through the frozen-scale final norm, and activation × gradient); this module lays them out.
-Selecting a row of the table selects its attention edge or FFN block in the graph (``app.state``).
+Selecting a row of the table selects its attention edge or FFN block in the graph
+(:func:`app.session.take_table_selection`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from dataclasses import dataclass
 import pandas as pd
 import streamlit as st
 
-from app import figures, state
-from app.figures import display_token, markdown_text
-from app.state import LoadedModel, Trace
-from llm_flow.analyses.contrast import ContrastAnalysis, ContrastError
+from app import cache, session
+from app.cache import CachedTrace
+from app.figures import tables
+from app.views.errors import show_error
+from llm_flow.analyses.contrast import ContrastAnalysis
 from llm_flow.engine.routes import Route
+from llm_flow.errors import ContrastError
+from llm_flow.io.text import display_token, markdown_text
 
 TABLE_HEIGHT = 380
 _NUMBER = "%.3f"
@@ -38,9 +42,7 @@ class ContrastView:
         return self.analysis.contrast.target, self.analysis.contrast.distractor
 
 
-def prepare(
-    trace: Trace, model: LoadedModel, route: Route, target: str, distractor: str
-) -> ContrastView:
+def prepare(cached: CachedTrace, route: Route, target: str, distractor: str) -> ContrastView:
     """Analyse the contrast (cached) and apply a newly selected table row to the selection.
 
     Runs before the graph is drawn, so a row's highlight shows in the same run.
@@ -48,11 +50,11 @@ def prepare(
     if not target and not distractor:
         return ContrastView()
     try:
-        analysis = state.contrast_analysis(trace, model, route, target, distractor)
+        analysis = cache.contrast_analysis(cached, route, target, distractor)
     except ContrastError as exc:
         return ContrastView(error=str(exc))
-    table = figures.effect_table(analysis.frame(), trace.run.tokens)
-    state.take_table_selection(figures.effect_ids(table), figures.effect_units(table))
+    table = tables.effect_table(analysis.frame(), cached.trace.tokens)
+    session.take_table_selection(tables.effect_ids(table), tables.effect_units(table))
     return ContrastView(analysis, table)
 
 
@@ -64,10 +66,10 @@ def summary(view: ContrastView) -> None:
     """One line above the graph: the two logits and their difference (details below it), or
     why the tokens cannot be used."""
     if view.error is not None:
-        message = markdown_text(view.error[0].upper() + view.error[1:].rstrip("."))
-        st.error(
-            f"{message}.  \nType one token each as target and distractor in the sidebar "
-            "(words in mid-sentence usually start with a space, e.g. “ Mary”)."
+        show_error(
+            view.error,
+            "Type one token each as target and distractor in the sidebar "
+            "(words in mid-sentence usually start with a space, e.g. “ Mary”).",
         )
         return
     if view.analysis is None:
@@ -91,7 +93,7 @@ def contrast_section(view: ContrastView) -> None:
     right.metric("logit difference", f"{c.logit_diff:+.2f}")
     st.dataframe(
         view.table,
-        key=state.EFFECTS_TABLE,
+        key=session.EFFECTS_TABLE,
         on_select="rerun",
         selection_mode="single-row",
         hide_index=True,

@@ -6,7 +6,8 @@
   chosen neuron's (or the whole block's) promoted and suppressed tokens;
 - residual node → logit lens with rank changes, and what the block just below it wrote.
 
-The math is llm-flow's (``graph``, ``contributions``, ``lens``); this module only lays it out.
+The math is llm-flow's (``engine.graph``, ``engine.contributions``, ``analyses.lens``); this
+module only lays it out.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 import streamlit as st
 import torch
 
-from app import figures, state
-from app.figures import display_token, markdown_text
+from app import cache, session
+from app.cache import CachedTrace
+from app.figures import panels as panel_figures
+from app.figures import tables
 from app.selection import Selection
-from app.state import LoadedModel, Trace
 from llm_flow.analyses.lens import (
     block_update,
     head_update,
@@ -30,8 +32,11 @@ from llm_flow.analyses.lens import (
     update_between,
 )
 from llm_flow.engine.contributions import neuron_contributions
-from llm_flow.engine.graph import layer_head_contributions, node_id, source_id
+from llm_flow.engine.graph import layer_head_contributions
+from llm_flow.engine.nodes import NODE_WORDS, node_id, source_id
 from llm_flow.engine.routes import Route
+from llm_flow.io.plot import ATTENTION_RGB, FFN_RGB
+from llm_flow.io.text import display_token, markdown_text
 
 TOP_TOKENS = 10
 TOP_NEURONS = 20
@@ -47,8 +52,7 @@ PLOTLY_CONFIG = {
 
 @dataclass(frozen=True)
 class PanelContext:
-    trace: Trace
-    model: LoadedModel
+    cached: CachedTrace
     route: Route
     normalize_lens: bool
 
@@ -67,7 +71,7 @@ def selection_panel(selection: Selection | None, ctx: PanelContext) -> None:
         ffn_panel(selection, ctx)
     else:
         residual_panel(selection, ctx)
-    st.button("Clear selection", key="clear_selection", on_click=state.select, args=(None,))
+    st.button("Clear selection", key="clear_selection", on_click=session.select, args=(None,))
 
 
 def _token(tokens: tuple[str, ...], t: int) -> str:
@@ -76,21 +80,19 @@ def _token(tokens: tuple[str, ...], t: int) -> str:
 
 def _token_tables(ctx: PanelContext, update: torch.Tensor, position: int) -> None:
     """Promoted and suppressed tokens of an update, side by side."""
-    promoted, suppressed = promoted_suppressed(
-        ctx.model.llm, ctx.trace.run, update, position, k=TOP_TOKENS
-    )
+    promoted, suppressed = promoted_suppressed(ctx.cached.trace, update, position, k=TOP_TOKENS)
     left, right = st.columns(2)
     left.markdown("**Promoted**")
-    left.dataframe(figures.token_table(promoted), hide_index=True, width="stretch")
+    left.dataframe(tables.token_table(promoted), hide_index=True, width="stretch")
     right.markdown("**Suppressed**")
-    right.dataframe(figures.token_table(suppressed), hide_index=True, width="stretch")
+    right.dataframe(tables.token_table(suppressed), hide_index=True, width="stretch")
 
 
 # -- attention edge ---------------------------------------------------------------------------
 
 
 def heads_panel(selection: Selection, ctx: PanelContext) -> None:
-    run, graph = ctx.trace.run, ctx.trace.graph
+    run, graph = ctx.cached.trace.run, ctx.cached.trace.graph
     layer, t = selection.layer, selection.token
     s = selection.source if selection.source is not None else t
     tokens = run.tokens
@@ -109,7 +111,7 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
     heads, _ = layer_head_contributions(layer_run, rows)  # [1, S, H]
     per_head = heads[0, s].cpu()  # [H]
     by_size = per_head.argsort(descending=True).tolist()
-    preferred = state.preferred_unit(selection.id)  # a head chosen in the effect table
+    preferred = session.preferred_unit(selection.id)  # a head chosen in the effect table
     choice = st.selectbox(
         "Head",
         [ALL, *by_size],
@@ -120,7 +122,7 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
     )
     head = None if choice == ALL else int(choice)
     st.plotly_chart(
-        figures.heads_figure(per_head.tolist(), head),
+        panel_figures.heads_figure(per_head.tolist(), head),
         key=f"heads_bars|{selection.id}",
         config=PLOTLY_CONFIG,
     )
@@ -144,10 +146,10 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
                 + " (query rows, source columns); the edge's cell is outlined."
             )
             st.plotly_chart(
-                figures.heatmap_figure(
+                panel_figures.heatmap_figure(
                     attention,
                     tokens,
-                    rgb=figures.ATTENTION_RGB,
+                    rgb=ATTENTION_RGB,
                     value_name="attention",
                     mark=(t, s),
                 ),
@@ -169,13 +171,13 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
             wanted = n_tokens <= HEAD_MAP_AUTO_TOKENS or st.toggle(
                 f"Compute it ({n_tokens} tokens: slow)", key=f"head_map|{selection.id}"
             )
-            contribution = state.head_map(ctx.trace, layer)[:, :, head] if wanted else None
+            contribution = cache.head_map(ctx.cached, layer)[:, :, head] if wanted else None
         if contribution is not None:
             st.plotly_chart(
-                figures.heatmap_figure(
+                panel_figures.heatmap_figure(
                     contribution,
                     tokens,
-                    rgb=figures.FFN_RGB,
+                    rgb=FFN_RGB,
                     value_name="contribution",
                     mark=(t, s),
                 ),
@@ -196,11 +198,11 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
 
 
 def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
-    run, graph = ctx.trace.run, ctx.trace.graph
+    run, graph = ctx.cached.trace.run, ctx.cached.trace.graph
     layer, t = selection.layer, selection.token
     tokens = run.tokens
     layer_run = run.layers[layer]
-    st.subheader(f"FFN block {selection.id}")
+    st.subheader(f"{NODE_WORDS['M']} {selection.id}")
     st.markdown(
         f"Layer {layer} at {_token(tokens, t)}. Share of {node_id('I', layer, t)}: FFN "
         f"**{float(graph.ffn[layer, t]):.3f}**, residual {float(graph.ffn_residual[layer, t]):.3f}."
@@ -219,7 +221,7 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
     values = top.values.tolist()
     acts = layer_run.neuron_acts[t, top.indices].float().tolist()
     act_of = dict(zip(ids, acts, strict=True))
-    preferred = state.preferred_unit(selection.id)  # a neuron chosen in the effect table
+    preferred = session.preferred_unit(selection.id)  # a neuron chosen in the effect table
     choice = st.selectbox(
         "Neuron",
         [ALL, *ids],
@@ -232,7 +234,7 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
     )
     neuron = None if choice == ALL else int(choice)
     st.plotly_chart(
-        figures.neurons_figure(ids, values, acts, neuron),
+        panel_figures.neurons_figure(ids, values, acts, neuron),
         key=f"neuron_bars|{selection.id}",
         config=PLOTLY_CONFIG,
     )
@@ -262,21 +264,20 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
 
 # -- residual node ----------------------------------------------------------------------------
 
-_NODE_WORDS = {"X": "embedding", "A": "after attention", "I": "after the layer"}
-
 
 def residual_panel(selection: Selection, ctx: PanelContext) -> None:
-    run = ctx.trace.run
+    traced = ctx.cached.trace
+    run = traced.run
     node = selection.id
     layer, t = selection.layer, selection.token
     tokens = run.tokens
-    where = "" if selection.node == "X" else f" of layer {layer}"
+    where = "The" if selection.node == "X" else f"Layer {layer}: the"
     st.subheader(f"Residual {node}")
-    st.markdown(f"The residual stream {_NODE_WORDS[selection.node]}{where} at {_token(tokens, t)}.")
-    lens = logit_lens(ctx.model.llm, run, node, normalize=ctx.normalize_lens, k=TOP_TOKENS)
+    st.markdown(f"{where} {NODE_WORDS[selection.node]} at {_token(tokens, t)}.")
+    lens = logit_lens(traced, node, normalize=ctx.normalize_lens, k=TOP_TOKENS)
     previous = previous_node(node, run.n_layers)
     st.markdown("**Logit lens** · top tokens")
-    st.dataframe(figures.token_table(lens, lens=True), hide_index=True, width="stretch")
+    st.dataframe(tables.token_table(lens, lens=True), hide_index=True, width="stretch")
     norm = "through the final norm" if ctx.normalize_lens else "without the final norm"
     rank_note = "" if previous is None else f"; rank: change since {previous} (↑ moved up)"
     st.caption(f"Decoded {norm}{rank_note}.")
@@ -291,6 +292,6 @@ def residual_panel(selection: Selection, ctx: PanelContext) -> None:
     st.button(
         f"Go to {previous}",
         key="go_previous",
-        on_click=state.select,
+        on_click=session.select,
         args=(previous,),
     )

@@ -14,13 +14,15 @@ from collections.abc import Callable
 import pandas as pd
 import streamlit as st
 
-from app import figures, state
-from app.figures import markdown_text
-from app.prompts import prompt_files
-from app.state import DatasetKey, LoadedModel, ModelKey, PromptFileKey
-from llm_flow.analyses.dataset import DatasetComparison, DatasetError
+from app import cache, session
+from app.cache import DatasetKey, LoadedModel, ModelKey, PromptFileKey
+from app.figures.dataset import frequency_figure
+from app.prompts import offered_files
+from app.views.errors import show_error
+from llm_flow.analyses.dataset import DatasetComparison
 from llm_flow.config import AppConfig
-from llm_flow.errors import LlmFlowError
+from llm_flow.errors import DatasetError, LlmFlowError
+from llm_flow.io.text import markdown_text
 
 NONE = "—"
 TOP_ROWS = 15
@@ -28,17 +30,11 @@ PARQUET_MIME = "application/vnd.apache.parquet"
 PLOTLY_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
 
 
-def _files(cfg: AppConfig) -> list[str]:
-    if cfg.demo_mode or not cfg.allow_loading_dataset_files:
-        return []
-    return prompt_files(cfg.prompts_dir)
-
-
 def section(
     cfg: AppConfig, model_key: ModelKey, threshold: float, load: Callable[[], LoadedModel]
 ) -> None:
     """The dataset tab; ``load`` loads the model (only when the user runs a dataset)."""
-    files = _files(cfg)
+    files = offered_files(cfg)
     if not files:
         st.info(
             "Dataset mode runs the prompt files of the config's prompts folder; this server has "
@@ -50,11 +46,11 @@ def section(
         f"(now {threshold:.3f}) and count how often each head and FFN block is on it."
     )
     left, right = st.columns(2)
-    name_a: str = left.selectbox("Prompt file", files, key=state.DATASET_A)
+    name_a: str = left.selectbox("Prompt file", files, key=session.DATASET_A)
     name_b: str = right.selectbox(
         "Compare with (optional)",
         [NONE, *files],
-        key=state.DATASET_B,
+        key=session.DATASET_B,
         help="A second file: both are run and shown side by side, with their difference.",
     )
     if st.button("Run the prompts", key="run_dataset"):
@@ -63,8 +59,8 @@ def section(
                 raise DatasetError("choose two different files to compare, or none as the second")
             key = DatasetKey(
                 model_key,
-                state.prompt_file_key(cfg, name_a),
-                None if name_b == NONE else state.prompt_file_key(cfg, name_b),
+                cache.prompt_file_key(cfg, name_a),
+                None if name_b == NONE else cache.prompt_file_key(cfg, name_b),
                 threshold,
             )
             model = load()
@@ -73,19 +69,15 @@ def section(
             def on_prompt(done: int, total: int) -> None:
                 bar.progress(done / total, text=f"Prompt {done} of {total}")
 
-            state.get_dataset(key, model, on_prompt=on_prompt)
+            cache.get_dataset(key, model, on_prompt=on_prompt)
             bar.empty()
-            state.show_dataset(key)
+            session.show_dataset(key)
         except LlmFlowError as exc:
-            message = str(exc).rstrip(".")
-            st.error(
-                f"{markdown_text(message[0].upper() + message[1:])}.  \n"
-                "Choose other prompt files and run again."
-            )
-    shown = state.shown_dataset()
+            show_error(exc, "Choose other prompt files and run again.")
+    shown = session.shown_dataset()
     if shown is None or shown.model != model_key:
         return
-    result = state.cached_dataset(shown)
+    result = cache.cached_dataset(shown)
     if result is None:
         return
     if isinstance(result, DatasetComparison) and shown.b is not None:
@@ -134,7 +126,7 @@ def _stem(name: str) -> str:
 
 
 def _single(frame: pd.DataFrame, key: DatasetKey) -> None:
-    st.plotly_chart(figures.frequency_figure(frame), key="dataset_figure", config=PLOTLY_CONFIG)
+    st.plotly_chart(frequency_figure(frame), key="dataset_figure", config=PLOTLY_CONFIG)
     st.caption(_caption(frame, key.a.name, key.threshold))
     top = frame.sort_values(["frequency", "mean_weight"], ascending=False).head(TOP_ROWS)
     st.dataframe(top, hide_index=True, width="stretch")
@@ -150,12 +142,12 @@ def _comparison(result: DatasetComparison, key: DatasetKey, b: PromptFileKey) ->
         with column:
             st.markdown(f"**{markdown_text(file_key.name)}** ({tag})")
             st.plotly_chart(
-                figures.frequency_figure(frame), key=f"dataset_figure_{tag}", config=PLOTLY_CONFIG
+                frequency_figure(frame), key=f"dataset_figure_{tag}", config=PLOTLY_CONFIG
             )
             st.caption(_caption(frame, file_key.name, key.threshold))
     st.markdown(f"**Difference** {markdown_text(b.name)} − {markdown_text(key.a.name)} (b − a)")
     st.plotly_chart(
-        figures.frequency_figure(result.diff, value="frequency_diff"),
+        frequency_figure(result.diff, value="frequency_diff"),
         key="dataset_figure_diff",
         config=PLOTLY_CONFIG,
     )

@@ -1,0 +1,175 @@
+"""The explorer's tables as pandas frames: token tables (logit lens, promoted/suppressed), the
+contrast effect table, an ablation's top tokens, the faithfulness report and a route diff."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from app.selection import effect_selection
+from llm_flow.analyses.ablation import Outcome
+from llm_flow.analyses.faithfulness import FaithfulnessReport
+from llm_flow.analyses.lens import TokenScore
+from llm_flow.analyses.route_diff import EdgeChange
+from llm_flow.engine.nodes import parse_node
+from llm_flow.io.text import display_token
+
+
+def rank_change_text(change: int | None) -> str:
+    if change is None:
+        return ""
+    if change > 0:
+        return f"↑{change}"
+    if change < 0:
+        return f"↓{-change}"
+    return "="
+
+
+def table_token(token: str, token_id: int | None = None) -> str:
+    """A token for a table cell: spaces shown as ␣, so " French" and "French" differ.
+
+    A byte-level token that is only part of a UTF-8 character decodes to "�"; its id tells
+    such tokens apart.
+    """
+    text = display_token(token).replace(" ", "␣")
+    return f"{text} #{token_id}" if "\ufffd" in text and token_id is not None else text
+
+
+def token_table(scores: Sequence[TokenScore], *, lens: bool = False) -> pd.DataFrame:
+    """A token table; ``lens`` adds probability and rank change (vs the node below)."""
+    rows: dict[str, list[object]] = {
+        "token": [table_token(s.token, s.token_id) for s in scores],
+        "logit": [round(s.logit, 3) for s in scores],
+    }
+    if lens:
+        rows["prob"] = [None if s.prob is None else round(s.prob, 4) for s in scores]
+        rows["rank"] = [rank_change_text(s.rank_change) for s in scores]
+    return pd.DataFrame(rows)
+
+
+# -- contrast ---------------------------------------------------------------------------------
+
+
+def effect_table(frame: pd.DataFrame, tokens: Sequence[str]) -> pd.DataFrame:
+    """The contrast effect table as shown (``analyse_contrast(...).frame()`` plus a ``tokens``
+    column): strongest first by ``max(|direct_effect|, |attribution|)``."""
+    strength = np.maximum(frame["direct_effect"].abs(), frame["attribution"].abs())
+    table = frame.loc[strength.sort_values(ascending=False, kind="stable").index]
+    table = table.reset_index(drop=True)
+    words = [
+        table_token(tokens[t])
+        if k != "head"
+        else f"{table_token(tokens[s])} → {table_token(tokens[t])}"
+        for k, s, t in zip(table["kind"], table["source"], table["target"], strict=True)
+    ]
+    table.insert(table.columns.get_loc("node") + 1, "tokens", words)
+    return table
+
+
+def effect_ids(table: pd.DataFrame) -> tuple[str, ...]:
+    """Each row's selection string (what the graph highlights when the row is selected)."""
+    return tuple(
+        effect_selection(k, int(layer), int(s), int(t))
+        for k, layer, s, t in zip(
+            table["kind"], table["layer"], table["source"], table["target"], strict=True
+        )
+    )
+
+
+def effect_units(table: pd.DataFrame) -> tuple[int | None, ...]:
+    """Each row's head (head rows) or neuron (neuron rows); ``None`` for FFN blocks."""
+    return tuple(
+        int(h) if k == "head" else int(n) if k == "neuron" else None
+        for k, h, n in zip(table["kind"], table["head"], table["neuron"], strict=True)
+    )
+
+
+# -- interventions ----------------------------------------------------------------------------
+
+
+def top_tokens_table(result: Outcome) -> pd.DataFrame:
+    """The top tokens of an ablation's before or after prediction."""
+    return pd.DataFrame(
+        {
+            "token": [table_token(t.token, t.id) for t in result.top],
+            "prob": [round(t.prob, 4) for t in result.top],
+        }
+    )
+
+
+def faithfulness_table(report: FaithfulnessReport) -> pd.DataFrame:
+    """One row per ablation of the faithfulness check; ``share`` is the fraction of the full
+    model's metric that survives (random heads: the mean over seeds)."""
+    n_random = len(report.random)
+    random_value = float(np.mean([s.value for s in report.random])) if n_random else float("nan")
+    everything_share = (
+        report.all_ablated / report.full
+        if report.metric == "logit_diff" and report.full != 0
+        else 0.0
+    )
+    rows = [
+        ("nothing (full model)", 0, 0, report.full, 1.0),
+        (
+            "everything but the route",
+            report.route.ablated_heads,
+            report.route.ablated_ffn,
+            report.route.value,
+            report.route.share,
+        ),
+        (
+            "the route",
+            report.complement.ablated_heads,
+            report.complement.ablated_ffn,
+            report.complement.value,
+            report.complement.share,
+        ),
+        (
+            "the route's heads",
+            report.route_heads.ablated_heads,
+            0,
+            report.route_heads.value,
+            report.route_heads.share,
+        ),
+        (
+            f"as many random heads ({n_random} draws)",
+            report.route_heads.ablated_heads,
+            0,
+            random_value,
+            report.random_share_mean if n_random else float("nan"),
+        ),
+        ("everything", report.total_heads, report.total_ffn, report.all_ablated, everything_share),
+    ]
+    metric = "logit diff" if report.metric == "logit_diff" else "target log-prob"
+    return pd.DataFrame(
+        rows, columns=["ablated", "head positions", "FFN blocks", metric, "share of full"]
+    )
+
+
+def route_diff_table(edges: Sequence[EdgeChange], tokens: Sequence[str]) -> pd.DataFrame:
+    """The edges of a route diff (largest |change| first, as :meth:`RouteDiff.edges` gives
+    them) with the tokens they connect."""
+
+    def token_of(name: str) -> str:
+        node = parse_node(name)
+        if node is None:
+            raise ValueError(f"{name!r} is not a node id")
+        return table_token(tokens[node.token])
+
+    rows = [
+        (
+            e.status,
+            e.kind,
+            f"{e.source} → {e.target}",
+            token_of(e.source)
+            if e.kind != "attention"
+            else f"{token_of(e.source)} → {token_of(e.target)}",
+            e.before,
+            e.after,
+            e.change,
+        )
+        for e in edges
+    ]
+    columns = ["status", "kind", "edge", "tokens", "before", "after", "change"]
+    return pd.DataFrame(rows, columns=columns)

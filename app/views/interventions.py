@@ -1,0 +1,324 @@
+"""Interventions: ablate heads, neurons or the selected edge, compare the route before and after,
+and check the route's faithfulness.
+
+Wiring only: :func:`llm_flow.analyses.ablation.ablate` (traced, so that
+:meth:`~llm_flow.analyses.ablation.AblationResult.route_diff` compares the routes at any τ) and
+:func:`llm_flow.analyses.faithfulness.faithfulness` do the work on the view's cached trace;
+results are cached in :mod:`app.cache` by everything they were asked with. Mean ablation
+averages over a prompt file chosen only from the config's ``prompts_dir``
+(``AppConfig.prompt_file``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+
+from app import cache, session
+from app.cache import AblationKey, CachedTrace, FaithfulnessKey, LoadedModel, MeansKey, ModelKey
+from app.figures import tables
+from app.prompts import offered_files
+from app.selection import Selection
+from app.views.errors import show_error
+from llm_flow.analyses.ablation import AblationResult
+from llm_flow.analyses.faithfulness import DEFAULT_SEEDS
+from llm_flow.analyses.interventions import (
+    Ablation,
+    EdgeRef,
+    MeanActivations,
+    Mode,
+    parse_heads,
+    parse_neurons,
+)
+from llm_flow.analyses.route_diff import STATUSES
+from llm_flow.config import AppConfig
+from llm_flow.errors import InterventionError, LlmFlowError
+from llm_flow.io.figure import diff_figure
+from llm_flow.io.text import display_token, markdown_text
+
+DEFAULT_MEAN_FILE = "factual.txt"
+DIFF_ROWS = 15  # edges listed under the route diff, largest change first
+MAX_DRAWS = 50
+_PROB = {"prob": st.column_config.NumberColumn(format="%.3f")}
+_NUMBER = st.column_config.NumberColumn(format="%.3f")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the interventions act on: the view's trace and the route the graph shows (output
+    position and the sidebar's threshold settings), the selection and a valid contrast."""
+
+    cfg: AppConfig
+    model_key: ModelKey
+    model: LoadedModel
+    cached: CachedTrace
+    position: int
+    threshold: float
+    renormalize: bool
+    selection: Selection | None
+    pair: tuple[str, str] | None  # (target, distractor) when both are valid tokens
+
+
+def section(ctx: Context) -> None:
+    """The "Ablate and check faithfulness" expander below the graph."""
+    # A keyed, state-tracking expander stays open across the reruns its own widgets cause (an
+    # untracked one was re-created closed whenever the page above it changed).
+    with st.expander(
+        "Ablate components and check the route's faithfulness",
+        key=session.INTERVENTIONS,
+        on_change="rerun",
+    ):
+        mode, mean_file = _mode_controls(ctx.cfg)
+        ablation_part(ctx, mode, mean_file)
+        st.divider()
+        faithfulness_part(ctx, mode, mean_file)
+
+
+def _mode_controls(cfg: AppConfig) -> tuple[Mode, str | None]:
+    """Ablation mode and, for mean ablation, the reference prompt file's name."""
+    files = offered_files(cfg)
+    ss = st.session_state
+    modes = ["zero", "mean"] if files else ["zero"]
+    if ss.get(session.ABLATION_MODE) not in modes:
+        ss[session.ABLATION_MODE] = "zero"
+    left, right = st.columns(2)
+    choice = left.radio(
+        "Ablation",
+        modes,
+        key=session.ABLATION_MODE,
+        horizontal=True,
+        format_func=lambda m: "zero" if m == "zero" else "mean over a prompt file",
+        help="Zero removes a component's output; mean replaces it by its average over every "
+        "position of every prompt of a file."
+        + ("" if files else " (Mean ablation needs prompt files, which this server disabled.)"),
+    )
+    if choice != "mean":
+        return "zero", None
+    if ss.get(session.MEAN_FILE) not in files:
+        ss[session.MEAN_FILE] = DEFAULT_MEAN_FILE if DEFAULT_MEAN_FILE in files else files[0]
+    folder = cfg.prompts_dir.name if cfg.prompts_dir is not None else ""
+    name: str = right.selectbox(
+        f"Mean over the prompts of (in {folder}/)",
+        files,
+        key=session.MEAN_FILE,
+        help="For a task like IOI, choose prompts of the same task.",
+    )
+    return "mean", name
+
+
+def _means(ctx: Context, name: str | None) -> tuple[MeansKey | None, MeanActivations | None]:
+    """Mean activations over ``name`` (cached), with a progress bar while they are computed."""
+    if name is None:
+        return None, None
+    key = cache.means_key(ctx.cfg, ctx.model_key, name)
+    bar = st.progress(0.0, text=f"Mean activations over {name}…")
+
+    def on_prompt(done: int, total: int) -> None:
+        bar.progress(done / total, text=f"Mean activations over {name}: prompt {done} of {total}")
+
+    means = cache.get_means(key, ctx.model, on_prompt=on_prompt)
+    bar.empty()
+    return key, means
+
+
+def _ablation(heads: list[str], neurons: str, edge: Selection | None, mode: Mode) -> Ablation:
+    edges: tuple[EdgeRef, ...] = ()
+    if edge is not None and edge.source is not None:
+        edges = (EdgeRef(edge.layer, edge.source, edge.token),)
+    ablation = Ablation(
+        heads=parse_heads(",".join(heads)),
+        neurons=parse_neurons(neurons),
+        edges=edges,
+        mode=mode,
+    )
+    if ablation.is_empty:
+        raise InterventionError(
+            "nothing to ablate; choose heads, type neurons or tick the selected edge"
+        )
+    return ablation
+
+
+def _shown(shown: AblationKey | FaithfulnessKey | None, ctx: Context) -> bool:
+    """Whether a result on show belongs to this view (its trace and output position)."""
+    return shown is not None and shown.trace == ctx.cached.key and shown.position == ctx.position
+
+
+# -- ablation ---------------------------------------------------------------------------------
+
+
+def ablation_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
+    info = ctx.model.llm.info
+    st.markdown("**Ablate** heads, neurons or the selected attention edge, and re-run")
+    left, middle, right = st.columns([3, 2, 2])  # room for a few head tags
+    heads = left.multiselect(
+        "Heads (layer.head)",
+        [f"{layer}.{head}" for layer in range(info.n_layers) for head in range(info.n_heads)],
+        key=session.ABLATE_HEADS,
+        placeholder="e.g. 23.0",
+    )
+    neurons = middle.text_input(
+        "Neurons (layer.neuron, …)",
+        key=session.ABLATE_NEURONS,
+        placeholder=f"e.g. 5.120, 7.3 (0 … {info.d_mlp - 1})",
+    )
+    selection = ctx.selection
+    edge = selection if selection is not None and selection.kind == "attention" else None
+    with right:
+        if edge is None:
+            st.caption("Select an attention edge in the graph to ablate it (all heads, zeroed).")
+            use_edge = False
+        else:
+            use_edge = st.checkbox(f"the selected edge {edge.id}", key=session.ABLATE_EDGE)
+    if st.button("Run ablation", key="run_ablation"):
+        try:
+            ablation = _ablation(heads, neurons, edge if use_edge else None, mode)
+            means_key, means = _means(ctx, mean_file)
+            key = AblationKey(ctx.cached.key, ctx.position, ablation, means_key, ctx.pair)
+            bar = st.progress(0.0, text="Running the model with the ablation…")
+
+            def on_layer(done: int, total: int) -> None:
+                bar.progress(done / total, text=f"Contributions of the ablated run: layer {done}")
+
+            cache.get_ablation(key, ctx.cached, means, on_layer=on_layer)
+            bar.empty()
+            session.show_ablation(key)
+        except LlmFlowError as exc:
+            show_error(exc, "Fix the heads or neurons above and run the ablation again.")
+    shown = session.shown_ablation()
+    result = cache.cached_ablation(shown) if shown is not None and _shown(shown, ctx) else None
+    if result is not None:
+        _before_after(result, ctx.pair)
+        _route_diff(result, ctx)
+
+
+def _before_after(result: AblationResult, pair: tuple[str, str] | None) -> None:
+    what = result.ablation.to_dict()
+    parts = [
+        f"{name} {', '.join(what[name])}" for name in ("heads", "neurons", "edges") if what[name]
+    ]
+    how = f"mean over {result.means_source}" if result.means_source else what["mode"]
+    st.caption(f"Ablated ({how}): {'; '.join(parts)}.")
+    before, after = st.columns(2)
+    for column, title, outcome in (
+        (before, "Before", result.before),
+        (after, "After", result.after),
+    ):
+        column.markdown(f"**{title}**")
+        column.dataframe(
+            tables.top_tokens_table(outcome),
+            hide_index=True,
+            width="stretch",
+            column_config=_PROB,
+        )
+    was, now = result.before.logit_diff, result.after.logit_diff
+    if was is not None and now is not None and pair:
+        before.metric("logit difference", f"{was:+.2f}")
+        after.metric("logit difference", f"{now:+.2f}", delta=f"{now - was:+.2f}")
+        st.caption(
+            f"Logit difference “{display_token(pair[0])}” − “{display_token(pair[1])}” at "
+            f"token {result.position}."
+        )
+
+
+def _route_diff(result: AblationResult, ctx: Context) -> None:
+    """The route before vs after the ablation, at the sidebar's threshold, as a picture and a
+    table of the edges that changed most (routes only: both graphs are cached)."""
+    diff = result.route_diff(ctx.threshold, ctx.renormalize)
+    edges = diff.edges()
+    counts = {status: sum(e.status == status for e in edges) for status in STATUSES}
+    st.markdown("**Route before vs after the ablation**")
+    st.caption(
+        f"τ = {ctx.threshold:.3f}"
+        + (", renormalized" if ctx.renormalize else "")
+        + f": {counts['kept']} edges kept, {counts['lost']} lost (red), "
+        f"{counts['gained']} gained (green). Hover an attention edge or FFN block for its "
+        "weight before → after."
+    )
+    st.plotly_chart(
+        diff_figure(diff, position=ctx.position),
+        key="route_diff",
+        config={"displaylogo": False},
+    )
+    st.dataframe(
+        tables.route_diff_table(edges, ctx.cached.trace.tokens).head(DIFF_ROWS),
+        hide_index=True,
+        width="stretch",
+        column_config={name: _NUMBER for name in ("before", "after", "change")},
+    )
+
+
+# -- faithfulness -----------------------------------------------------------------------------
+
+
+def faithfulness_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
+    pair = ctx.pair
+    metric = (
+        f"the logit difference “{display_token(pair[0])}” − “{display_token(pair[1])}”"
+        if pair
+        else "the log-prob of the model's prediction (give a target and a distractor in the "
+        "sidebar for the logit difference)"
+    )
+    st.markdown(f"**Faithfulness** of the route at τ = {ctx.threshold:.3f}")
+    st.caption(
+        f"Ablates ({mode}) the route's heads and FFN blocks, everything else, and as many random "
+        f"heads, and reports how much of {markdown_text(metric)} survives."
+    )
+    ss = st.session_state
+    if not isinstance(ss.get(session.FAITHFULNESS_DRAWS), int):
+        ss[session.FAITHFULNESS_DRAWS] = DEFAULT_SEEDS
+    draws: int = st.number_input(
+        "Random draws",
+        min_value=1,
+        max_value=MAX_DRAWS,
+        step=1,
+        key=session.FAITHFULNESS_DRAWS,
+        help="How many sets of random heads (as many as the route has) are ablated as the "
+        "baseline, one seed each; one forward pass per draw. The table gives their mean share.",
+    )
+    if st.button("Check faithfulness", key="run_faithfulness"):
+        try:
+            means_key, means = _means(ctx, mean_file)
+            target, distractor = pair if pair else (None, None)
+            key = FaithfulnessKey(
+                ctx.cached.key,
+                ctx.position,
+                ctx.threshold,
+                ctx.renormalize,
+                draws,
+                mode,
+                means_key,
+                target,
+                distractor,
+            )
+            bar = st.progress(0.0, text="Faithfulness: ablating…")
+
+            def on_step(done: int, total: int) -> None:
+                bar.progress(done / total, text=f"Faithfulness: forward pass {done} of {total}")
+
+            cache.get_faithfulness(key, ctx.cached, means, on_step=on_step)
+            bar.empty()
+            session.show_faithfulness(key)
+        except LlmFlowError as exc:
+            show_error(exc, "Change the ablation settings above and check again.")
+    shown = session.shown_faithfulness()
+    report = cache.cached_faithfulness(shown) if shown is not None and _shown(shown, ctx) else None
+    if report is None:
+        return
+    st.dataframe(
+        tables.faithfulness_table(report),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            name: st.column_config.NumberColumn(format="%.2f")
+            for name in ("logit diff", "target log-prob", "share of full")
+        },
+    )
+    st.caption(
+        f"τ = {report.threshold:.3f}: {report.n_route_heads} of {report.total_heads} head "
+        f"positions and {report.n_route_ffn} of {report.total_ffn} FFN blocks are on the route. "
+        f"Random heads: share {report.random_share_mean:.2f} ± {report.random_share_sd:.2f} "
+        f"over {len(report.random)} draws. "
+        "A route that matters keeps much when only it is kept and loses much when it is ablated, "
+        "far more than random heads."
+    )

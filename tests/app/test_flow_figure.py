@@ -1,0 +1,181 @@
+"""Tests for the core's route pictures, which are the app's graph: llm_flow/io/figure.py (with
+llm_flow/io/layout.py, llm_flow/io/plot.py and llm_flow/io/text.py), checked without a browser.
+
+They live with the app's tests while tests/unit is being reorganized; they mirror
+``llm_flow/io/`` and belong in tests/unit/test_figure.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from llm_flow.analyses.ablation import ablate
+from llm_flow.analyses.interventions import Ablation, parse_heads
+from llm_flow.engine.nodes import parse_attention_edge
+from llm_flow.engine.routes import find_route, full_graph
+from llm_flow.engine.trace import Trace, trace
+from llm_flow.errors import InputError
+from llm_flow.io import figure, layout, plot
+from llm_flow.io.text import display_token, markdown_text, plotly_text
+from tests.tiny import prompt, tiny_llm
+
+
+@pytest.fixture(scope="module")
+def traced() -> Trace:
+    return trace(tiny_llm("llama-gqa"), prompt(6))
+
+
+def _trace_with(fig: go.Figure, name: str) -> list[Any]:
+    return [t for t in fig.data if t.name == name]
+
+
+def _customdata(fig: go.Figure) -> list[str]:
+    out: list[str] = []
+    for t in fig.data:
+        if t.customdata is not None and len(t.customdata) and isinstance(t.customdata[0], str):
+            out += list(t.customdata)
+    return out
+
+
+def _last(tr: Trace) -> int:
+    return tr.n_tokens - 1
+
+
+def test_every_route_edge_and_block_is_clickable(traced: Trace) -> None:
+    route = find_route(traced.graph, [-1], threshold=0.02, renormalize=True)
+    fig = figure.flow_figure(traced, route, position=_last(traced))
+    ids = _customdata(fig)
+    edges = [i for i in ids if "->" in i]
+    assert len(edges) == int(route.attention.sum()) > 0
+    for edge in edges:  # each handle parses back to an attention edge that is on the route
+        parsed = parse_attention_edge(edge)
+        assert parsed is not None and bool(route.attention[parsed])
+    (blocks,) = _trace_with(fig, "FFN block")
+    pairs = route.ffn.nonzero().tolist()
+    assert sorted(blocks.customdata) == sorted(f"M{layer}_{t}" for layer, t in pairs)
+    # The FFN squares sit where the layout puts M nodes (one place for the geometry).
+    first_layer, first_t = pairs[0]
+    at = list(blocks.customdata).index(f"M{first_layer}_{first_t}")
+    assert blocks.x[at] == pytest.approx(first_t + layout.FFN_OFFSET)
+    assert blocks.y[at] == pytest.approx(2 * first_layer + 1.5)
+    # The output row: one marker per position, the chosen one labelled with its prediction.
+    (row,) = _trace_with(fig, "output position")
+    assert [figure.parse_position(c) for c in row.customdata] == list(range(traced.n_tokens))
+    assert row.text[-1] == plotly_text(traced.predictions[-1].token)
+    assert all(text == "" for text in row.text[:-1])
+    assert "FFN block" in blocks.hovertext[at] and f"layer {first_layer} · " in blocks.hovertext[at]
+
+
+def test_positions_of_output_marker_clicks() -> None:
+    assert figure.parse_position("pos:12") == 12
+    assert figure.parse_position("pos:x") is None
+    assert figure.parse_position("A0_1") is None
+
+
+def test_handles_are_invisible_but_lines_are_not(traced: Trace) -> None:
+    route = find_route(traced.graph, [-1], threshold=0.02)
+    fig = figure.flow_figure(traced, route, position=_last(traced))
+    handles = [t for t in fig.data if t.customdata is not None and "->" in str(t.customdata[0])]
+    assert handles and handles[0].marker.color == "rgba(0, 0, 0, 0)"
+    lines = [t for t in fig.data if t.mode == "lines" and t.x is not None and len(t.x) > 1]
+    assert lines and all(t.hoverinfo == "skip" for t in lines)  # clicks go to the handles
+
+
+def test_edge_kinds_have_distinct_colours_and_width_grows_with_weight(traced: Trace) -> None:
+    fig = figure.flow_figure(traced, full_graph(traced.graph), position=0)
+    legend = {t.name: t.line.color for t in fig.data if t.name in ("attention", "FFN", "residual")}
+    assert len(set(legend.values())) == 3
+    widths = [plot.bin_style(plot.ATTENTION_RGB, b)[0] for b in range(plot.N_WEIGHT_BINS)]
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    bins = plot.weight_bin(np.array([0.0, 0.01, 0.25, 1.0]))
+    assert list(bins) == sorted(bins) and bins[-1] == plot.N_WEIGHT_BINS - 1
+
+
+@pytest.mark.parametrize(
+    ("selected", "where"),
+    [
+        ("I0_0->A1_3", (0.0 + layout.HANDLE_AT * 3, 2 + layout.HANDLE_AT)),
+        ("I1_4->A2_4", (4 - layout.SELF_BOW, 4.5)),  # the s = t edge: on its bow
+        ("M1_2", (2 + layout.FFN_OFFSET, 3.5)),
+        ("X0_1", (1.0, 0.0)),
+        ("A2_3", (3.0, 5.0)),
+        ("I2_5", (5.0, 6.0)),
+    ],
+)
+def test_the_selection_is_highlighted_where_it_is_drawn(
+    traced: Trace, selected: str, where: tuple[float, float]
+) -> None:
+    route = find_route(traced.graph, [-1], threshold=0.02)
+    plain = figure.flow_figure(traced, route, position=_last(traced))
+    fig = figure.flow_figure(traced, route, position=_last(traced), selected=selected)
+    rings = [t for t in fig.data if t.marker is not None and t.marker.symbol == "circle-open"]
+    assert len(rings) == 1 and len(fig.data) > len(plain.data)
+    assert (rings[0].x[0], rings[0].y[0]) == pytest.approx(where)
+    if "->" in selected:  # the edge itself is traced in red, ending at its A node
+        line = fig.data[len(plain.data) - 1]
+        assert line.line.color == plot.HIGHLIGHT and line.y[-1] == pytest.approx(where[1] // 1 + 1)
+
+
+@pytest.mark.parametrize("selected", ["A9_0", "I0_99", "X0_1->A1_3", "bogus", "pos:1"])
+def test_a_selection_outside_the_graph_is_refused(traced: Trace, selected: str) -> None:
+    route = find_route(traced.graph, [-1])
+    with pytest.raises(InputError, match="not a node or attention edge of this graph"):
+        figure.flow_figure(traced, route, position=_last(traced), selected=selected)
+
+
+def test_labels_are_escaped_and_readable(traced: Trace) -> None:
+    fig = figure.flow_figure(traced, full_graph(traced.graph), position=1)
+    assert fig.layout.xaxis.ticktext[0] == "&lt;bos&gt;"  # plotly would eat a raw <bos>
+    assert fig.layout.xaxis2.ticktext == fig.layout.xaxis.ticktext  # labels on top too
+    assert list(fig.layout.yaxis.ticktext) == ["emb", "0", "1", "2", "out"]
+    assert display_token("\n") == "↵"
+    assert display_token("  ") == "␣␣"
+    assert display_token("") == "∅"
+    assert markdown_text("$x_1$ **b**") == r"\$x\_1\$ \*\*b\*\*"
+    json.loads(fig.to_json())  # serializable as Streamlit sends it (NaN gaps become null)
+
+
+def test_long_prompts_open_on_a_window_with_thinned_labels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    n = 300
+    low, high = layout.x_window(n, position=n - 1)
+    assert high - low == pytest.approx(layout.MAX_VISIBLE_TOKENS)
+    assert low < n - 1 < high
+    low, high = layout.x_window(n, position=3)  # an early position stays in view
+    assert low < 3 < high
+    assert layout.x_window(10, position=9) == (-0.7, 9.6)
+    monkeypatch.setattr(layout, "MAX_TICK_LABELS", 50)
+    ticks, texts = plot.token_labels([f"w{i}" for i in range(n)])
+    assert len(ticks) <= 50 and len(ticks) == len(texts) and ticks[0] == 0
+    assert layout.figure_height(30) > layout.figure_height(3)
+
+
+def test_big_graphs_skip_the_off_route_grid(traced: Trace, monkeypatch: pytest.MonkeyPatch) -> None:
+    route = find_route(traced.graph, [-1])
+    with_grid = figure.flow_figure(traced, route, position=_last(traced))
+    assert _trace_with(with_grid, "residual (off route)")
+    monkeypatch.setattr(figure, "MAX_GRID_NODES", 1)
+    without = figure.flow_figure(traced, route, position=_last(traced))
+    assert not _trace_with(without, "residual (off route)")
+
+
+def test_the_route_diff_colours_each_status_and_hovers_before_and_after(traced: Trace) -> None:
+    heads = parse_heads("0.0, 0.1, 0.2, 0.3")
+    diff = ablate(traced, Ablation(heads=heads), traced=True).route_diff(0.02)
+    fig = figure.diff_figure(diff, position=_last(traced))
+    counts = diff.to_dict()["n_edges"]
+    legend = [t.name for t in fig.data if t.showlegend is not False and t.name]
+    assert legend == [f"{s} ({diff.part(s).n_edges})" for s in ("kept", "lost", "gained")]
+    assert counts["lost"] + counts["gained"] > 0
+    (handles,) = [t for t in fig.data if t.hovertext is not None and "weight" in str(t.hovertext)]
+    n_attention = sum(int(diff.part(s).attention.sum()) for s in ("kept", "lost", "gained"))
+    n_ffn = sum(int(diff.part(s).ffn.sum()) for s in ("kept", "lost", "gained"))
+    assert len(handles.x) == n_attention + n_ffn
+    assert all(" → " in text for text in handles.hovertext)
+    json.loads(fig.to_json())

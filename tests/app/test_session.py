@@ -1,0 +1,67 @@
+"""Tests for app/session.py: the view starts from the URL, is written back to it, and stale or
+forged links fall back with a warning."""
+
+from __future__ import annotations
+
+import pytest
+
+from app import session
+from tests.app.apptest import assert_serving, graph_ids, start, subheaders
+from tests.app.conftest import PROMPTS
+
+pytestmark = pytest.mark.usefixtures("offline")
+
+
+def test_the_url_follows_the_view() -> None:
+    at = start()
+    assert_serving(at)
+    assert dict(at.query_params) == {
+        "model": "tiny",
+        "prompt": PROMPTS[0],
+        "position": str(len(PROMPTS[0].split())),  # the last token (BOS first)
+        "threshold": "0.04",
+    }
+    at.slider(key=session.THRESHOLD).set_value(0.15).run()
+    assert at.query_params["threshold"] == "0.15"
+    at.toggle(key=session.RENORMALIZE).set_value(False).run()
+    assert at.query_params["renormalize"] == "0"
+    at.selectbox(key=session.POSITION).set_value(1).run()
+    assert_serving(at)
+    assert at.query_params["position"] == "1"
+
+
+def test_a_position_click_redraws_the_route() -> None:
+    at = start()
+    assert any(s.startswith("pos:") for s in graph_ids(at))  # the output markers
+    at.session_state[session.POSITION] = 2  # what on_graph_select does for a "pos:2" click
+    at.run()
+    assert_serving(at)
+    assert at.selectbox(key=session.POSITION).value == 2
+    assert at.query_params["position"] == "2"
+
+
+def test_the_url_reproduces_the_view() -> None:
+    query = {
+        "model": "tiny",
+        "prompt": PROMPTS[1],
+        "position": "3",
+        "threshold": "0.1",
+        "selection": "M1_2",
+    }
+    at = start(query)
+    assert_serving(at)
+    assert at.selectbox(key=session.PROMPT).value == PROMPTS[1]
+    assert at.selectbox(key=session.POSITION).value == 3
+    assert at.slider(key=session.THRESHOLD).value == pytest.approx(0.1)
+    assert subheaders(at) == ["FFN block M1_2"]
+    assert dict(at.query_params) == query
+
+
+def test_bad_links_warn_and_fall_back() -> None:
+    at = start({"selection": "A99_0", "threshold": "7", "position": "x"})
+    assert_serving(at)
+    warnings = " ".join(w.value for w in at.warning)
+    assert "not part of this graph" in warnings
+    assert "threshold" in warnings and "position" in warnings
+    assert at.slider(key=session.THRESHOLD).value == pytest.approx(0.04)
+    assert "selection" not in at.query_params

@@ -1,0 +1,82 @@
+"""Tests for app/views/panels.py: the panel of a selected attention edge, FFN block or residual
+node (selections are set in session state; the click itself is test_browser.py's)."""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app import session
+from app.views.panels import ALL
+from tests.app.apptest import assert_serving, graph_ids, start, subheaders
+
+pytestmark = pytest.mark.usefixtures("offline")
+
+
+def markdown(at: AppTest) -> str:
+    return " | ".join(m.value for m in at.markdown)
+
+
+def test_selecting_an_edge_a_block_and_a_node_fills_the_panel() -> None:
+    at = start({"threshold": "0"})  # the whole graph: every kind of element is on it
+    assert_serving(at)
+    assert any("Click the graph" in i.value for i in at.info)
+    ids = graph_ids(at)
+    edge = next(i for i in ids if "->" in i)
+    block = next(i for i in ids if i.startswith("M"))
+    node = next(i for i in ids if i.startswith("I"))
+
+    at.session_state[session.SELECTION] = edge
+    at.run()
+    assert_serving(at)
+    assert subheaders(at)[-1].startswith("Attention ")
+    head = at.selectbox(key=f"head|{edge}")
+    assert head.value != ALL  # the strongest head is preselected
+    assert any("is not the token-level edge weight" in c.value for c in at.caption)
+    assert len(at.dataframe) >= 2  # promoted and suppressed
+    assert at.query_params["selection"] == edge
+    head.set_value(ALL).run()
+    assert_serving(at)
+
+    at.session_state[session.SELECTION] = block
+    at.run()
+    assert_serving(at)
+    assert subheaders(at)[-1] == f"FFN block {block}"
+    neuron = at.selectbox(key=f"neuron|{block}")
+    assert neuron.value != ALL
+    neuron.set_value(ALL).run()
+    assert_serving(at)
+
+    at.session_state[session.SELECTION] = node
+    at.run()
+    assert_serving(at)
+    assert subheaders(at)[-1] == f"Residual {node}"
+    layer, t = node[1:].split("_")
+    assert f"Layer {layer}: the residual after the layer at" in markdown(at)
+    assert "rank" in at.dataframe[0].value.columns
+    at.toggle(key=session.NORMALIZE_LENS).set_value(False).run()
+    assert_serving(at)
+    at.button(key="go_previous").click().run()
+    assert subheaders(at)[-1] == f"Residual A{layer}_{t}"
+    assert f"Layer {layer}: the residual after attention at" in markdown(at)
+    at.button(key="clear_selection").click().run()
+    assert_serving(at)
+    assert not subheaders(at)
+    assert "selection" not in at.query_params
+
+
+def test_panels_work_for_parallel_blocks() -> None:
+    at = start({"model": "tiny-parallel", "threshold": "0"})
+    assert_serving(at)
+    ids = graph_ids(at)
+    for chosen in (
+        next(i for i in ids if "->" in i),
+        next(i for i in ids if i.startswith("M")),
+        next(i for i in ids if i.startswith("A")),
+        "X0_0",
+    ):
+        at.session_state[session.SELECTION] = chosen
+        at.run()
+        assert_serving(at)
+        assert subheaders(at)
+    assert "The embedding at" in markdown(at)

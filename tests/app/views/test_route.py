@@ -1,0 +1,48 @@
+"""Tests for app/views/route.py: the prediction above the graph and the downloads beside it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from app import cache
+from app.cache import ModelKey, TraceKey
+from llm_flow.config import load_config
+from llm_flow.engine.routes import find_route
+from llm_flow.io.export import graph_json
+from tests.app.apptest import assert_serving, download_keys, downloaded, start
+from tests.app.conftest import PROMPTS, Downloads
+
+pytestmark = pytest.mark.usefixtures("offline")
+
+
+def test_the_prediction_of_the_position_is_shown() -> None:
+    at = start({"position": "2"})
+    assert_serving(at)
+    line = next(m.value for m in at.markdown if " predicts " in m.value)
+    assert line.startswith("**tiny** predicts") and "(token 2 of 7)" in line
+
+
+def test_downloads_are_offered_and_hold_the_route(downloads: Downloads, config_path: Path) -> None:
+    at = start({"threshold": "0.02"})
+    assert_serving(at)
+    expected = {"download_json", "download_graphml", "download_html"}
+    if importlib.util.find_spec("kaleido"):
+        expected.add("download_png")
+    assert download_keys(at) == expected
+
+    data, mime, name = downloaded(at, downloads, "download_json")
+    assert (mime, name) == ("application/json", "llm-flow-route.json")
+    model_key = ModelKey(load_config(config_path).model("tiny"), "cpu", "float32")
+    cached = cache.cached_trace(TraceKey(model_key, PROMPTS[0]))
+    assert cached is not None
+    position = cached.trace.n_tokens - 1
+    route = find_route(cached.trace.graph, [position], 0.02)
+    want = graph_json(cached.trace, route, position=position, heads=True)
+    assert json.loads(data) == json.loads(json.dumps(want))
+    assert all("heads" in e for e in want["edges"] if e["kind"] == "attention")
+    graphml, mime, _ = downloaded(at, downloads, "download_graphml")
+    assert mime == "application/xml" and graphml.startswith(b"<?xml")
