@@ -1,9 +1,5 @@
 """Tests for the core's route pictures, which are the app's graph: llm_flow/io/figure.py (with
-llm_flow/io/layout.py, llm_flow/io/plot.py and llm_flow/io/text.py), checked without a browser.
-
-They live with the app's tests while tests/unit is being reorganized; they mirror
-``llm_flow/io/`` and belong in tests/unit/test_figure.py.
-"""
+llm_flow/io/layout.py, llm_flow/io/plot.py and llm_flow/io/text.py), checked without a browser."""
 
 from __future__ import annotations
 

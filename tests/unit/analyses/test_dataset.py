@@ -21,8 +21,6 @@ from llm_flow.analyses.dataset import (
 from llm_flow.analyses.faithfulness import head_mask
 from llm_flow.engine.routes import find_route
 from llm_flow.engine.trace import trace
-from llm_flow.errors import PromptError
-from llm_flow.io.prompts import read_prompt_file
 from llm_flow.models.bridge import BridgeLlm
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
@@ -136,22 +134,7 @@ def test_compare_prompts(llm: BridgeLlm) -> None:
     assert (result.a["n_prompts"] == 2).all() and (result.b["n_prompts"] == 2).all()
 
 
-# -- files ------------------------------------------------------------------------------------
-
-
-def test_read_prompt_file_formats(tmp_path: Path) -> None:
-    (tmp_path / "p.txt").write_text("one\n\ntwo\none\n  \n")
-    assert read_prompt_file(tmp_path / "p.txt") == ["one", "two"]
-    (tmp_path / "p.jsonl").write_text('{"sentence": "a"}\n\n{"sentence": "b"}\n')
-    assert read_prompt_file(tmp_path / "p.jsonl") == ["a", "b"]
-    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n')
-    with pytest.raises(PromptError, match="line 1"):
-        read_prompt_file(tmp_path / "bad.jsonl")
-    (tmp_path / "empty.txt").write_text("\n\n")
-    with pytest.raises(PromptError, match="holds no prompts"):
-        read_prompt_file(tmp_path / "empty.txt")
-    with pytest.raises(PromptError, match="cannot read"):
-        read_prompt_file(tmp_path / "missing.txt")
+# -- tables ------------------------------------------------------------------------------------
 
 
 def test_write_table_csv_and_parquet(table: pd.DataFrame, tmp_path: Path) -> None:
