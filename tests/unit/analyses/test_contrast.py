@@ -1,5 +1,5 @@
-"""Tests for llm_flow/contrast.py: target vs distractor, direct effects, act × grad attributions,
-the route's effect table, and ``llm-flow graph --target/--distractor``.
+"""Tests for llm_flow/analyses/contrast.py: target vs distractor, direct effects, act × grad
+attributions, the route's effect table, and ``llm-flow graph --target/--distractor``.
 
 Invariants on tiny random models of every architecture family: the direct effects of all parts
 at the output position sum to the final residual's logit difference (and, with the constant, to

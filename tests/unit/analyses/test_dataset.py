@@ -1,4 +1,4 @@
-"""Tests for llm_flow/dataset.py and ``llm-flow dataset``."""
+"""Tests for llm_flow/analyses/dataset.py and ``llm-flow dataset``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for llm_flow/faithfulness.py and ``llm-flow faithfulness``."""
+"""Tests for llm_flow/analyses/faithfulness.py and ``llm-flow faithfulness``."""
 
 from __future__ import annotations
 

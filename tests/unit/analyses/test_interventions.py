@@ -1,4 +1,4 @@
-"""Tests for llm_flow/interventions.py and ``llm-flow ablate``.
+"""Tests for llm_flow/analyses/interventions.py, analyses/ablation.py and ``llm-flow ablate``.
 
 Ablation through hooks is compared with independent hand computations: zeroing a head's or a
 neuron's output *weights* in a copy of the model, and the attention update minus the exact part

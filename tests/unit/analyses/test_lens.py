@@ -1,4 +1,5 @@
-"""Tests for llm_flow/lens.py: logit lens, block/head/neuron updates, promoted/suppressed tokens."""
+"""Tests for llm_flow/analyses/lens.py: logit lens, block/head/neuron updates, promoted and
+suppressed tokens."""
 
 from __future__ import annotations
 

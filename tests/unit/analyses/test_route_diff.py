@@ -1,4 +1,4 @@
-"""Tests for the ablated trace (``interventions.ablated_trace``), ``llm_flow/route_diff.py`` and
+"""Tests for the ablated trace (``ablation.ablated_trace``), ``llm_flow/analyses/route_diff.py`` and
 ``llm-flow ablate --graph-diff``.
 
 The ablated trace is checked against independent computations: the logits of the plain ablated

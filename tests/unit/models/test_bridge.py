@@ -442,3 +442,47 @@ def test_concurrent_runs_on_one_model_do_not_mix() -> None:
     # The same pass, at most summed in another order; runs that mixed would be off by O(1).
     for a, b in zip(alone, together, strict=True):
         assert rel_err(b, a) <= RTOL
+
+
+# -- what analyses ask of the model interface --------------------------------------------------
+
+
+def test_hook_names_read_what_each_site_holds(tiny: Tiny) -> None:
+    """Each HookSite's hook sees the activation the run captured under its own name (z: the
+    mixed values Σ_s A·v, pattern, neuron activations), in every layer."""
+    llm, run = tiny.llm, tiny.run
+    seen: dict[str, Tensor] = {}
+
+    def grab(name: str) -> Any:
+        def hook(tensor: Tensor, hook: Any) -> None:
+            seen[name] = tensor[0].detach().clone()
+
+        return hook
+
+    sites = ("z", "pattern", "neurons")
+    names = {(s, layer): llm.hook_name(s, layer) for s in sites for layer in range(run.n_layers)}
+    assert len(set(names.values())) == len(names)
+    llm.logits_with_hooks(run.token_ids, [(n, grab(n)) for n in names.values()])
+    for layer, captured in enumerate(run.layers):
+        assert captured.pattern is not None
+        assert torch.equal(seen[names["pattern", layer]], captured.pattern)
+        assert torch.equal(seen[names["neurons", layer]], captured.neuron_acts)
+        z = seen[names["z", layer]]  # [T, H, d_head]
+        mixed = torch.einsum("hts,shk->thk", captured.pattern, captured.values)
+        # float32 sums over T = 10 sources of |A·v| ≤ max|v|
+        torch.testing.assert_close(
+            z, mixed, rtol=0, atol=f32_tol(float(captured.values.abs().max()), terms=run.n_tokens)
+        )
+
+
+def test_hook_name_refuses_layers_the_model_lacks(tiny: Tiny) -> None:
+    llm, run = tiny.llm, tiny.run
+    with pytest.raises(ValueError, match=f"0..{run.n_layers - 1}"):
+        llm.hook_name("z", run.n_layers)
+
+
+def test_encode_and_decode_skip_special_tokens(tiny: Tiny) -> None:
+    llm = tiny.llm
+    ids = llm.encode("w3 w7")
+    assert len(ids) == 2 and llm.tokenize("w3 w7")[-2:] == ids  # tokenize adds the BOS
+    assert llm.decode(ids) == "w3 w7"
