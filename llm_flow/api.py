@@ -80,7 +80,9 @@ def from_hf(
     """Any already-loaded transformers causal LM (on its own device and dtype) and its
     tokenizer. ``prepend_bos=None`` follows the tokenizer (see ``config/local.json``)."""
     first = next(hf_model.parameters())
-    label = name or getattr(hf_model.config, "name_or_path", "") or type(hf_model).__name__
+    # A model loaded from a folder is named by the folder, not by a full server path.
+    source = Path(str(getattr(hf_model.config, "name_or_path", "") or "")).name
+    label = name or source or type(hf_model).__name__
     device = resolve_device(str(first.device))
     dtype = resolve_dtype(str(first.dtype).removeprefix("torch."))
     return wrap_hf(label, hf_model, tokenizer, device=device, dtype=dtype, prepend_bos=prepend_bos)
@@ -181,17 +183,34 @@ def trace(
     return Trace(**_fields(found))
 
 
-def mean_activations(model: TransparentLlm, prompts: Sequence[str]) -> MeanActivations:
-    """Mean head values and neuron activations over every position of ``prompts``, for
-    ``ablate(..., mode="mean")``."""
-    return _interventions.mean_activations(model, list(prompts))
+def mean_activations(
+    model: TransparentLlm,
+    prompts: Sequence[str],
+    *,
+    source: str = "",
+    on_prompt: Callable[[int, int], None] | None = None,
+) -> MeanActivations:
+    """Mean head values and neuron activations over every position of ``prompts`` (one forward
+    pass each; ``on_prompt(done, total)`` reports them), for ``ablate(..., mode="mean")``;
+    ``source`` names them in reports (e.g. the prompt file)."""
+    return _interventions.mean_activations(model, list(prompts), source=source, on_prompt=on_prompt)
+
+
+Units = str | Sequence[tuple[int, int]]
+
+
+def _units(units: Units) -> str:
+    """``"9.3,10.7"`` as given, or ``[(9, 3), (10, 7)]`` written that way."""
+    if isinstance(units, str):
+        return units
+    return ",".join(f"{int(layer)}.{int(unit)}" for layer, unit in units)
 
 
 def ablate(
     tr: _trace.Trace,
     *,
-    heads: str = "",
-    neurons: str = "",
+    heads: Units = "",
+    neurons: Units = "",
     edges: str = "",
     mode: Mode = "zero",
     means: MeanActivations | None = None,
@@ -201,13 +220,14 @@ def ablate(
     k: int = _ablation.TOP_K,
     traced: bool = False,
 ) -> _ablation.AblationResult:
-    """Zero- or mean-ablate heads (``"9.3,10.7"``), neurons (``"5.120"``) and attention edges
+    """Zero- or mean-ablate heads (``"9.3,10.7"`` or ``[(9, 3), (10, 7)]``), neurons
+    (``"5.120"`` or ``[(5, 120)]``) and attention edges
     (``"3:1>4"``, ``"3.2:1>4"``) and compare the prediction after ``position`` before and
     after (with ``target``, its log-prob; with ``distractor`` too, the logit difference).
     ``traced=True`` also traces the ablated run: ``.route_diff(threshold)`` compares routes."""
     ablation = _interventions.Ablation(
-        heads=_interventions.parse_heads(heads),
-        neurons=_interventions.parse_neurons(neurons),
+        heads=_interventions.parse_heads(_units(heads)),
+        neurons=_interventions.parse_neurons(_units(neurons)),
         edges=_interventions.parse_edges(edges),
         mode=mode,
     )

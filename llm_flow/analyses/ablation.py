@@ -17,7 +17,7 @@ from torch import Tensor
 
 from llm_flow.analyses.interventions import Ablation, MeanActivations, ablation_hooks, validate
 from llm_flow.analyses.route_diff import RouteDiff
-from llm_flow.engine.routes import find_route
+from llm_flow.engine.routes import DEFAULT_THRESHOLD, find_route
 from llm_flow.engine.trace import Trace, trace
 from llm_flow.errors import InterventionError
 from llm_flow.models.base import TransparentLlm
@@ -132,7 +132,9 @@ class AblationResult:
             "after": self.after.to_dict(),
         }
 
-    def route_diff(self, threshold: float, renormalize: bool = True) -> RouteDiff:
+    def route_diff(
+        self, threshold: float = DEFAULT_THRESHOLD, renormalize: bool = True
+    ) -> RouteDiff:
         """The routes to :attr:`position` at ``threshold`` before and after, edge by edge."""
         if self.traces is None:
             raise InterventionError(

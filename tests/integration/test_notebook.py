@@ -5,7 +5,8 @@ through jupyter_client, with the repository root as its working directory. ipyke
 kernelspec says ``python``, which jupyter_client replaces by ``sys.executable`` of this process;
 a probe cell appended to the in-memory copy checks that the kernel really is this interpreter
 (a user-level "python3" kernelspec pointing elsewhere would win otherwise) and that it imported
-this checkout's ``llm_flow``. ~1 min on 2 CPU cores.
+this checkout's ``llm_flow``. ~40 s on 2 idle CPU cores (2–3 min when another process
+shares them: mean_activations' 30 small forward passes suffer most).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def test_committed_notebook_is_valid_and_has_no_outputs() -> None:
         if c.cell_type == "code" and (c.outputs or c.execution_count is not None)
     ]
     assert not dirty, (
-        f"cells {dirty} of {NOTEBOOK.name} hold outputs or execution counts; clear them "
-        "(jupyter nbconvert --clear-output --inplace docs/quickstart.ipynb)"
+        f"cells {dirty} of {NOTEBOOK.name} hold outputs or execution counts; clear all "
+        "outputs in Jupyter (Edit → Clear Outputs of All Cells) and save before committing"
     )
 
 

@@ -122,8 +122,11 @@ def test_ablate_is_the_core_ablation(tr: lf.Trace) -> None:
     assert result.after.logit_diff != pytest.approx(result.before.logit_diff, abs=1e-6)
     with pytest.raises(InputError, match="route"):
         result.route_diff(0.04)  # not traced
+    pairs = lf.ablate(tr, heads=[(1, 2)], target="w3", distractor="w7", k=3)
+    assert pairs.to_dict() == result.to_dict()  # (layer, head) pairs mean the same heads
     traced = lf.ablate(tr, heads="1.2", traced=True)
-    diff = traced.route_diff(0.04)
+    diff = traced.route_diff()  # τ = 0.04 by default
+    assert diff.before.threshold == 0.04
     assert diff.before.graph is tr.graph and diff.after.graph is not tr.graph
     with pytest.raises(InputError, match="needs a target"):
         lf.ablate(tr, heads="1.2", distractor="w7")
