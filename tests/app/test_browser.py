@@ -239,7 +239,13 @@ def test_click_through_the_graph_in_chromium(server: tuple[str, str]) -> None:
 
             # Ablate a head: the expander must stay open through the reruns its widgets cause.
             page.get_by_text("Ablate components and check").click()
-            page.locator('[data-testid="stMultiSelect"] input').first.click(force=True)
+            # The heads picker of that expander (not the first multiselect of the page, which may
+            # sit in the hidden dataset tab), once the expander has opened.
+            expander = page.locator('[data-testid="stExpander"]', has_text="Ablate components")
+            heads = expander.locator('[data-testid="stMultiSelect"] input').first
+            heads.wait_for(state="visible", timeout=PANEL_MS)
+            heads.scroll_into_view_if_needed()
+            heads.click()
             page.keyboard.type("0.0")
             page.get_by_role("option", name="0.0", exact=True).click()
             page.keyboard.press("Escape")
