@@ -29,6 +29,11 @@ class OfflineError(ModelLoadError):
     """A hub model was asked for while the machine has no internet access."""
 
 
+class UnsupportedModelError(ModelLoadError):
+    """The model's design cannot be written as a sum of parts (state-space or linear-attention
+    layers, an encoder-decoder, …); the message names the architecture and what is missing."""
+
+
 class DeviceError(LlmFlowError):
     """The requested device or dtype is not available (e.g. CUDA on a CPU-only machine)."""
 

@@ -1,4 +1,5 @@
-"""Tiny random-weight models of each architecture family, built offline from transformers configs.
+"""Tiny random-weight models of the core architecture families, built offline from transformers
+configs (one model of every supported family: ``tests/families.py``).
 
 Norm weights and biases are randomized too, so a decomposition that ignored a gain or a bias
 would fail the tests instead of passing by accident (fresh HF norms are all ones, biases zeros).
@@ -64,6 +65,22 @@ CONFIGS = {
         bos_token_id=0,
         eos_token_id=1,
     ),
+    "qwen2-moe": lambda: tf.Qwen2MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    ),
 }
 ARCHS = tuple(CONFIGS)
 
@@ -93,15 +110,21 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return AutoTokenizer.from_pretrained(folder)
 
 
-def tiny_hf_model(arch: str, seed: int = 0) -> torch.nn.Module:
+def random_model(config: tf.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
+    """A random-weight causal LM of ``config`` whose norms, biases and attention sinks are
+    randomized too (fresh HF norms are all ones, biases and sinks zeros)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or "ln" in name or "bias" in name:
+            if any(key in name for key in ("norm", "ln", "bias", "sinks")):
                 param.add_(torch.randn_like(param) * 0.3)
     model.config.architectures = [type(model).__name__]
     return model
+
+
+def tiny_hf_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    return random_model(CONFIGS[arch](), seed)
 
 
 def tiny_llm(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> BridgeLlm:

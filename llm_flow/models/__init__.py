@@ -7,9 +7,11 @@ from typing import Any
 import torch
 
 from llm_flow.config import ModelSpec
+from llm_flow.errors import LlmFlowError
 from llm_flow.models.base import LayerRun, ModelInfo, ModelRun, TransparentLlm
 from llm_flow.models.bridge import BridgeLlm
 from llm_flow.models.loading import Progress, load_hf, resolve_device, resolve_dtype
+from llm_flow.models.support import check_supported, unsupported
 
 __all__ = [
     "BridgeLlm",
@@ -32,17 +34,29 @@ def wrap_hf(
     prepend_bos: bool | None = None,
 ) -> BridgeLlm:
     """A loaded Hugging Face causal LM and its tokenizer as a :class:`TransparentLlm`; prompts
-    longer than the model's ``max_position_embeddings`` are refused."""
-    max_tokens = getattr(hf_model.config, "max_position_embeddings", None)
-    return BridgeLlm(
-        name,
-        hf_model,
-        tokenizer,
-        device=device,
-        dtype=dtype,
-        prepend_bos=prepend_bos,
-        max_tokens=max_tokens,
-    )
+    longer than the model's ``max_position_embeddings`` are refused. A design llm-flow cannot
+    decompose raises :class:`~llm_flow.errors.UnsupportedModelError`, never a traceback."""
+    config = hf_model.config
+    if not getattr(config, "architectures", None):
+        # The bridge picks its adapter from it; models built from a config lack it.
+        config.architectures = [type(hf_model).__name__]
+    check_supported(config)
+    max_tokens = getattr(config, "max_position_embeddings", None)
+    try:
+        return BridgeLlm(
+            name,
+            hf_model,
+            tokenizer,
+            device=device,
+            dtype=dtype,
+            prepend_bos=prepend_bos,
+            max_tokens=max_tokens,
+        )
+    except LlmFlowError:
+        raise
+    except Exception as exc:  # a layout no adapter or decomposition here understands
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise unsupported(config, f"a layout llm-flow could not take apart ({reason})") from exc
 
 
 def load_model(

@@ -31,8 +31,10 @@ from llm_flow.validate import check_position
 Hook = tuple[str, Callable[..., Any]]
 # The activations interventions and attributions hook, by what they hold (see hook_name):
 # "z" the per-head mixed values before W_O [T, H, d_head], "pattern" the attention pattern
-# [H, T, S], "neurons" the FFN's post-activation neuron values [T, d_mlp].
-HookSite = Literal["z", "pattern", "neurons"]
+# [H, T, S], "neurons" a dense FFN's post-activation neuron values [T, d_mlp], "ffn" the FFN
+# block's update to the residual [T, D], "experts" an MoE layer's router weights [T, E] (zero
+# for the experts not chosen; a changed weight scales that expert's output, nothing re-routes).
+HookSite = Literal["z", "pattern", "neurons", "ffn", "experts"]
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,74 @@ class ModelInfo:
     device: str
     dtype: str
     prepends_bos: bool
+    n_experts: int = 0  # routed experts per MoE layer; 0 for a dense model
+    experts_per_token: int = 0
+    moe_layers: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExpertRun:
+    """What the experts of one MoE layer computed for one prompt (T tokens, k slots per token).
+
+    ``W_out`` / ``b_out`` carry the same folds as a dense FFN's (post-norm gain, residual
+    multiplier); the shared expert's per-token gate is folded into ``shared_acts``.
+    """
+
+    index: Tensor  # [T, k] the expert in each routing slot
+    weight: Tensor  # [T, k] its router weight g_e(t)
+    acts: Tensor  # [T, k, d_expert] the expert's neuron activations (router weight not applied)
+    W_out: Tensor  # [E, d_expert, D]
+    b_out: Tensor  # [E, D] zeros when the experts have no output bias
+    shared_acts: Tensor | None  # [T, d_shared] shared expert's activations × its gate
+    shared_W_out: Tensor | None  # [d_shared, D]
+    shared_b_out: Tensor | None  # [T, D] its output bias × its gate
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.W_out.shape[0])
+
+    def slot_outputs(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Each slot's weighted expert output ``g · (act @ W_out[e] + b_out[e])`` → [T, k, D]."""
+        n_tokens, k, _ = self.acts.shape
+        out = torch.zeros(n_tokens, k, self.W_out.shape[-1], dtype=dtype, device=self.acts.device)
+        for e in self.index.unique().tolist():
+            t, slot = (self.index == e).nonzero(as_tuple=True)
+            out[t, slot] = self.acts[t, slot].to(dtype) @ self.W_out[e].to(dtype)
+            out[t, slot] += self.b_out[e].to(dtype)
+        return out * self.weight.to(dtype)[..., None]
+
+    def shared_output(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """The shared expert's gated output → [T, D], or None without one."""
+        if self.shared_acts is None or self.shared_W_out is None or self.shared_b_out is None:
+            return None
+        return self.shared_acts.to(dtype) @ self.shared_W_out.to(dtype) + self.shared_b_out.to(
+            dtype
+        )
+
+    def total(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Σ of every expert part → [T, D] (before the post-norm scale)."""
+        routed = self.slot_outputs(dtype).sum(1)
+        shared = self.shared_output(dtype)
+        return routed if shared is None else routed + shared
+
+    def folded(self, scale: Tensor) -> ExpertRun:
+        """A copy with output weights multiplied by ``scale`` [D] (post-norm gain, multiplier)."""
+        s = scale.to(self.W_out.dtype)
+        shared_W = None if self.shared_W_out is None else self.shared_W_out * s
+        shared_b = None if self.shared_b_out is None else self.shared_b_out * s
+        return ExpertRun(
+            index=self.index,
+            weight=self.weight,
+            acts=self.acts,
+            W_out=self.W_out * s,
+            b_out=self.b_out * s,
+            shared_acts=self.shared_acts,
+            shared_W_out=shared_W,
+            shared_b_out=shared_b,
+        )
 
 
 @dataclass(frozen=True)
@@ -82,7 +149,8 @@ class LayerRun:
     W_O: Tensor  # [H, d_head, D] post-norm gain folded in
     b_O: Tensor  # [D] zeros when the model has no output bias; [T, D] in an intervened run
     W_out: Tensor  # [d_mlp, D] post-norm gain folded in
-    b_out: Tensor  # [D]
+    b_out: Tensor  # [D]; [T, D] in an intervened MoE run
+    experts: ExpertRun | None = None  # a mixture-of-experts FFN's parts (neuron_acts is [T, 0])
 
     @property
     def mlp_base(self) -> Tensor:
@@ -182,13 +250,13 @@ class TransparentLlm(ABC):
     @abstractmethod
     def run(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
         on_layer: LayerCallback | None = None,
         keep_patterns: bool = True,
         fwd_hooks: Sequence[Hook] = (),
     ) -> ModelRun:
-        """Run one forward pass.
+        """Run one forward pass over a prompt (or token ids used as they are).
 
         ``on_layer`` is called with each :class:`LayerRun` as soon as that layer has run, so a
         consumer can reduce it (e.g. to contributions) before the next layer starts; with

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -27,6 +28,9 @@ from llm_flow.models.base import (
     TransparentLlm,
 )
 from llm_flow.models.checks import check_layer
+from llm_flow.models.experts import MoeBlock, find_moe
+from llm_flow.models.experts import unwrapped as _unwrapped
+from llm_flow.models.support import unsupported
 
 # The hooks a run captures, per layer (key → hook name suffix after ``blocks.{l}.``).
 _LAYER_HOOKS = {
@@ -46,19 +50,22 @@ _SITE_HOOKS: dict[HookSite, str] = {
     "z": "attn.hook_z",
     "pattern": "attn.hook_pattern",
     "neurons": "mlp.hook_post",
+    "ffn": "hook_mlp_out",
 }
 
 
-def _norm_affine(module: Any, d_model: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _norm_affine(
+    module: Any, d_model: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """Gain and bias of a LayerNorm/RMSNorm-like module, read off its behaviour.
 
     Probing with x = (+1, −1, +1, …) — mean 0, mean square 1 — gives norm(±x) = ±x·g/√(1+ε) + b,
-    whatever the class stores (``w``, ``1 + w`` for Gemma, a bias or not).
+    whatever the class stores (``w``, ``1 + w`` for Gemma, a bias or not, or no parameters at
+    all, as OLMo's LayerNorm).
     """
     if d_model % 2:
         raise ValueError(f"d_model must be even to probe the norm, got {d_model}")
     eps = float(getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6)))
-    device = next(module.parameters()).device
     x = torch.ones(d_model, dtype=dtype, device=device)
     x[1::2] = -1
     with torch.no_grad():
@@ -94,6 +101,7 @@ class BridgeLlm(TransparentLlm):
         self._bridge = TransformerBridge.boot_transformers(
             name, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
         )
+        self._check_hooks(hf_model.config)
         cfg = self._bridge.cfg
         self._device = torch.device(device)
         # Hooks are attached to the shared modules for the length of a pass: two threads (app
@@ -103,14 +111,30 @@ class BridgeLlm(TransparentLlm):
         self._n_layers = int(cfg.n_layers)
         self._post_norm = hasattr(self._bridge.blocks[0], "ln1_post")
         self._parallel = bool(cfg.parallel_attn_mlp)
+        self._mla = hasattr(self._bridge.blocks[0].attn, "hook_kv_latent")
         self._centered_final_norm = str(cfg.normalization_type).upper().startswith("LN")
         d_model = int(cfg.d_model)
-        self._final_gain, _ = _norm_affine(self._bridge.ln_final, d_model, dtype)
+        self._final_gain, _ = _norm_affine(self._bridge.ln_final, d_model, dtype, self._device)
         self._final_eps = float(getattr(self._bridge.ln_final, "eps", getattr(cfg, "eps", 1e-5)))
+        hf_config = hf_model.config
+        # Granite scales every block's update by a constant: folded into the output weights so
+        # parts still sum to the whole.
+        self._residual_multiplier = float(getattr(hf_config, "residual_multiplier", 1.0) or 1.0)
+        self._moe = {
+            layer: MoeBlock(hf_mlp, experts, d_model)
+            for layer in range(self._n_layers)
+            if (experts := find_moe(hf_mlp := _unwrapped(self._bridge.blocks[layer].mlp)))
+            is not None
+        }
         self._weights = [self._layer_weights(layer, d_model) for layer in range(self._n_layers)]
-        self._W_U = self._bridge.W_U.detach()
+        # Logits multiplied (Cohere's logit_scale) or divided (Granite's logits_scaling).
+        logit_factor = float(getattr(hf_config, "logit_scale", 1.0) or 1.0) / float(
+            getattr(hf_config, "logits_scaling", 1.0) or 1.0
+        )
+        self._W_U = self._bridge.W_U.detach() * logit_factor
         b_U = self._bridge.b_U
-        self._b_U = torch.zeros_like(self._W_U[0]) if b_U is None else b_U.detach()
+        self._b_U = torch.zeros_like(self._W_U[0]) if b_U is None else b_U.detach() * logit_factor
+        moe = next(iter(self._moe.values()), None)
         self._info = ModelInfo(
             name=name,
             architecture=str(cfg.architecture),
@@ -128,22 +152,42 @@ class BridgeLlm(TransparentLlm):
             device=str(self._device),
             dtype=str(dtype).removeprefix("torch."),
             prepends_bos=self._adds_bos(),
+            n_experts=0 if moe is None else moe.n_experts,
+            experts_per_token=int(getattr(hf_config, "num_experts_per_tok", 0) or 0) if moe else 0,
+            moe_layers=tuple(self._moe),
         )
 
     def _layer_weights(self, layer: int, d_model: int) -> dict[str, Tensor]:
         block = self._bridge.blocks[layer]
-        W_O = block.attn.W_O.detach()  # [H, d_head, D]
-        W_out = block.mlp.W_out.detach()  # [d_mlp, D]
+        W_O = _output_weights(block.attn, int(self._bridge.cfg.n_heads))  # [H, d_head, D]
         zeros = torch.zeros(d_model, dtype=self._dtype, device=self._device)
         b_O = zeros if block.attn.b_O is None else block.attn.b_O.detach()
-        b_out = zeros if block.mlp.b_out is None else block.mlp.b_out.detach()
+        if layer in self._moe:  # the FFN's parts are its experts (see ExpertRun)
+            W_out, b_out = zeros[:0, None].expand(0, d_model), zeros
+        else:
+            W_out = block.mlp.W_out.detach()  # [d_mlp, D]
+            b_out = zeros if block.mlp.b_out is None else block.mlp.b_out.detach()
+        m = self._residual_multiplier
+        g_attn = g_mlp = torch.full_like(zeros, m)
         if self._post_norm:
             # The post-norm's gain is linear per dimension: fold it into the output weights.
-            g_attn, _ = _norm_affine(block.ln1_post, d_model, self._dtype)
-            g_mlp, _ = _norm_affine(block.ln2_post, d_model, self._dtype)
+            g_attn = _norm_affine(block.ln1_post, d_model, self._dtype, self._device)[0] * m
+            g_mlp = _norm_affine(block.ln2_post, d_model, self._dtype, self._device)[0] * m
+        if self._post_norm or m != 1.0:
             W_O, b_O = W_O * g_attn, b_O * g_attn
             W_out, b_out = W_out * g_mlp, b_out * g_mlp
-        return {"W_O": W_O, "b_O": b_O, "W_out": W_out, "b_out": b_out}
+        return {"W_O": W_O, "b_O": b_O, "W_out": W_out, "b_out": b_out, "g_mlp": g_mlp}
+
+    def _check_hooks(self, config: Any) -> None:
+        """Every layer must expose what a run captures, or the model cannot be decomposed."""
+        names = self._hook_names()
+        needed = ("hook_resid_pre", "hook_resid_post", "attn.hook_pattern", "attn.hook_v")
+        for layer in range(int(self._bridge.cfg.n_layers)):
+            missing = [s for s in needed if f"blocks.{layer}.{s}" not in names]
+            if missing:
+                raise unsupported(
+                    config, f"layers without softmax attention over tokens (layer {layer})"
+                )
 
     # -- TransparentLlm -------------------------------------------------------------------
 
@@ -194,6 +238,13 @@ class BridgeLlm(TransparentLlm):
     def hook_name(self, site: HookSite, layer: int) -> str:
         if not 0 <= layer < self._n_layers:
             raise ValueError(f"layer {layer} is outside 0..{self._n_layers - 1}")
+        moe = layer in self._moe
+        if site == "experts":
+            if not moe:
+                raise ValueError(f"layer {layer} has a dense FFN: it has no experts to route")
+            return _routing_name(layer)
+        if site == "neurons" and moe:
+            raise ValueError(f"layer {layer} is a mixture of experts: it has no dense neurons")
         return f"blocks.{layer}.{_SITE_HOOKS[site]}"
 
     @property
@@ -216,14 +267,14 @@ class BridgeLlm(TransparentLlm):
 
     def run(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
         on_layer: LayerCallback | None = None,
         keep_patterns: bool = True,
         fwd_hooks: Sequence[Hook] = (),
     ) -> ModelRun:
-        token_ids = self.tokenize(prompt)
-        self._check_hook_names(fwd_hooks)
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        tl_hooks, routing = self._split_hooks(fwd_hooks)
         # An intervention may replace a head's mixed values z; capture z to book what the
         # pattern does not explain as that token's bias (see _layer_run).
         layer_hooks = _LAYER_HOOKS | ({"z": _SITE_HOOKS["z"]} if fwd_hooks else {})
@@ -240,7 +291,7 @@ class BridgeLlm(TransparentLlm):
         def finish(layer: int) -> Callable[[Tensor, Any], None]:
             def hook(tensor: Tensor, hook: Any) -> None:
                 captured[layer]["resid_post"] = tensor[0].detach()
-                layer_run = self._layer_run(layer, captured.pop(layer))
+                layer_run = self._layer_run(layer, captured.pop(layer), bool(fwd_hooks))
                 check_layer(layer_run)
                 if on_layer is not None:
                     on_layer(layer_run)
@@ -254,17 +305,17 @@ class BridgeLlm(TransparentLlm):
         hook_names = self._hook_names()
         # Intervention hooks first: TransformerLens runs a hook point's hooks in the order they
         # were added, so the captures below see the activations the interventions wrote.
-        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = list(fwd_hooks)
+        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = list(tl_hooks)
         for layer in range(self._n_layers):
             for key, suffix in layer_hooks.items():
                 name = f"blocks.{layer}.{suffix}"
+                if key == "neuron_acts" and layer in self._moe:
+                    continue  # an MoE block's hook_post is its output, not neurons
                 if name in hook_names:
                     hook_fn = finish(layer) if key == "resid_post" else store(layer, key)
                     hooks.append((name, hook_fn))
         hooks.append(("ln_final.hook_scale", final_scale))
-        tokens = torch.tensor([token_ids], device=self._device)
-        with self._lock, torch.inference_mode():
-            logits = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+        logits = self._forward(token_ids, hooks, routing, grad=False)
         return ModelRun(
             model_name=self._name,
             token_ids=tuple(token_ids),
@@ -278,31 +329,76 @@ class BridgeLlm(TransparentLlm):
         self, token_ids: Sequence[int], fwd_hooks: Sequence[Hook], *, grad: bool = False
     ) -> Tensor:
         # Replacing hooks at every HookSite are checked by the ablation tests
-        # (tests/unit/analyses/test_interventions.py: heads, neurons, edges).
-        self._check_hook_names(fwd_hooks)
-        tokens = torch.tensor([list(token_ids)], device=self._device)
-        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = list(fwd_hooks)
-        if grad:
-            with self._lock, torch.inference_mode(False), torch.enable_grad():
-                logits: Tensor = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
-            return logits[0]
-        with self._lock, torch.inference_mode():
-            logits = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
-        return logits[0].float()
+        # (tests/unit/analyses/test_interventions.py: heads, neurons, edges, experts).
+        tl_hooks, routing = self._split_hooks(fwd_hooks)
+        logits = self._forward(list(token_ids), list(tl_hooks), routing, grad=grad)
+        return logits[0] if grad else logits[0].float()
+
+    def _forward(
+        self,
+        token_ids: list[int],
+        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]],
+        routing: dict[int, Callable[[Tensor], Tensor | None]],
+        *,
+        grad: bool,
+    ) -> Tensor:
+        tokens = torch.tensor([token_ids], device=self._device)
+        with self._lock, ExitStack() as stack:
+            if grad:
+                stack.enter_context(torch.inference_mode(False))
+                stack.enter_context(torch.enable_grad())
+            else:
+                stack.enter_context(torch.inference_mode())
+            for layer, moe in self._moe.items():
+                for handle in moe.attach(routing.get(layer)):
+                    stack.callback(handle.remove)
+            logits: Tensor = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+        return logits
 
     def _hook_names(self) -> set[str]:
         return set(self._bridge.hook_dict)
 
-    def _check_hook_names(self, fwd_hooks: Sequence[Hook]) -> None:
+    def _split_hooks(
+        self, fwd_hooks: Sequence[Hook]
+    ) -> tuple[list[Hook], dict[int, Callable[[Tensor], Tensor | None]]]:
+        """TransformerLens hooks (z hooks of MLA layers see [T, H, d_head] like every other
+        model's) and routing hooks of MoE layers (keyed by layer)."""
         known = self._hook_names()
-        unknown = sorted({name for name, _ in fwd_hooks if name not in known})
+        routing = {
+            layer: _routing_fn(fn)
+            for name, fn in fwd_hooks
+            for layer in self._moe
+            if name == _routing_name(layer)
+        }
+        tl_hooks = [
+            (name, self._z_view(fn) if self._mla and name.endswith(_SITE_HOOKS["z"]) else fn)
+            for name, fn in fwd_hooks
+            if not name.endswith(_ROUTING)
+        ]
+        unknown = sorted({name for name, _ in tl_hooks if name not in known})
+        unknown += sorted(
+            {name for name, _ in fwd_hooks if name.endswith(_ROUTING)}
+            - {_routing_name(layer) for layer in routing}
+        )
         if unknown:
             raise ValueError(f"unknown hook name(s) {unknown}; e.g. 'blocks.0.attn.hook_z'")
+        return tl_hooks, routing
 
-    def _layer_run(self, layer: int, act: dict[str, Tensor]) -> LayerRun:
+    def _z_view(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        n_heads = self._info.n_heads
+
+        def hook(tensor: Tensor, hook: Any) -> Tensor | None:
+            out = fn(tensor.unflatten(-1, (n_heads, -1)), hook)
+            return None if out is None else out.flatten(-2)
+
+        return hook
+
+    def _layer_run(self, layer: int, act: dict[str, Tensor], intervened: bool) -> LayerRun:
         pattern = act["pattern"]
         n_heads = pattern.shape[0]
-        values = act["values"]  # [T, n_kv_heads, d_head]
+        values = act["values"]  # [T, n_kv_heads, d_head]; MLA's hook_v is [H, T, d_head]
+        if self._mla:
+            values = values.transpose(0, 1)
         if values.shape[1] != n_heads:  # grouped-query attention: K/V heads are shared
             values = values.repeat_interleave(n_heads // values.shape[1], dim=1)
         n_tokens = values.shape[0]
@@ -310,11 +406,23 @@ class BridgeLlm(TransparentLlm):
         # Post-norm: update = x · g / rms(x); g is folded into the weights, 1/rms kept per token.
         attn_scale = 1 / act["attn_rms"][:, 0] if "attn_rms" in act else ones
         mlp_scale = 1 / act["mlp_rms"][:, 0] if "mlp_rms" in act else ones
-        weights = self._weights[layer]
+        weights = dict(self._weights[layer])
+        g_mlp = weights.pop("g_mlp")
         if "z" in act:  # an intervention ran: what z holds beyond Σ_s A v is written by no token
+            z = act["z"].unflatten(-1, (n_heads, -1)) if act["z"].dim() == 2 else act["z"]
             mixed = torch.einsum("hts,shk->thk", pattern, values)
-            unexplained = torch.einsum("thk,hkd->td", act["z"] - mixed, weights["W_O"])
-            weights = weights | {"b_O": weights["b_O"] + unexplained}
+            unexplained = torch.einsum("thk,hkd->td", z - mixed, weights["W_O"])
+            weights["b_O"] = weights["b_O"] + unexplained
+        experts, neuron_acts = None, act.get("neuron_acts")
+        if layer in self._moe:
+            experts = self._moe[layer].collect()
+            if self._post_norm or self._residual_multiplier != 1.0:
+                experts = experts.folded(g_mlp)
+            neuron_acts = torch.zeros(n_tokens, 0, dtype=self._dtype, device=self._device)
+            if intervened:  # e.g. a mean-ablated expert: its replacement is written by no part
+                written = act["mlp_update"].float() / mlp_scale.float()[:, None]
+                weights["b_out"] = (written - experts.total()).to(self._dtype)
+        assert neuron_acts is not None  # dense blocks always fire mlp.hook_post
         return LayerRun(
             index=layer,
             resid_pre=act["resid_pre"],
@@ -324,8 +432,40 @@ class BridgeLlm(TransparentLlm):
             mlp_update=act["mlp_update"],
             pattern=pattern,
             values=values,
-            neuron_acts=act["neuron_acts"],
+            neuron_acts=neuron_acts,
             attn_scale=attn_scale,
             mlp_scale=mlp_scale,
+            experts=experts,
             **weights,
         )
+
+
+# The pseudo hook of an MoE layer's routing (see HookSite "experts"): not a TransformerLens hook
+# point; BridgeLlm applies it to the router weights the experts module is called with.
+_ROUTING = "mlp.experts.hook_routing"
+
+
+def _routing_name(layer: int) -> str:
+    return f"blocks.{layer}.{_ROUTING}"
+
+
+def _routing_fn(fn: Callable[..., Any]) -> Callable[[Tensor], Tensor | None]:
+    def routing(dense: Tensor) -> Tensor | None:
+        out = fn(dense[None], None)  # the [1, T, E] layout of every other hook
+        return None if out is None else out[0]
+
+    return routing
+
+
+def _output_weights(attn: Any, n_heads: int) -> Tensor:
+    """Per-head output weights [H, d_head, D]. Multi-head latent attention (DeepSeek V2/V3) has
+    a value width unlike its query width, which TransformerLens cannot split: read ``o_proj``."""
+    from transformer_lens.model_bridge.generalized_components.attention import (
+        PerLayerGeometryError,
+    )
+
+    try:
+        return attn.W_O.detach()
+    except PerLayerGeometryError:
+        weight = _unwrapped(attn.o).weight.detach()  # [D, H · d_value]
+        return weight.T.unflatten(0, (n_heads, -1))

@@ -2,8 +2,9 @@
 
 The contribution graph is only as right as the decomposition it is built on, so each layer is
 checked before anything is computed from it: the residual identities, Σ per-head parts (+ bias) =
-the attention update, and Σ per-neuron parts (+ bias) = the FFN update. A failure raises
-:class:`~llm_flow.errors.SelfCheckError` naming the layer and the block.
+the attention update, and Σ per-neuron parts (+ bias) = the FFN update (for a mixture of experts,
+Σ expert parts = the FFN update). A failure raises :class:`~llm_flow.errors.SelfCheckError`
+naming the layer and the block.
 """
 
 from __future__ import annotations
@@ -50,9 +51,18 @@ def check_layer(layer: LayerRun) -> None:
             )
         )
     neurons = layer.neuron_acts.to(f32) @ layer.W_out.to(f32) + layer.b_out.to(f32)
-    checks.append(
-        ("FFN: Σ per-neuron parts + bias ≠ FFN update", neurons * scale_m, layer.mlp_update)
-    )
+    if layer.experts is None:
+        checks.append(
+            ("FFN: Σ per-neuron parts + bias ≠ FFN update", neurons * scale_m, layer.mlp_update)
+        )
+    else:
+        checks.append(
+            (
+                "FFN: Σ expert parts (routed and shared) ≠ FFN update",
+                (neurons + layer.experts.total()) * scale_m,
+                layer.mlp_update,
+            )
+        )
     if layer.resid_mid is None:
         checks.append(
             (

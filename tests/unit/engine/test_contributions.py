@@ -18,29 +18,9 @@ from llm_flow.engine.contributions import (
     proximity,
 )
 from llm_flow.engine.graph import contributions_of, layer_head_contributions
-from llm_flow.models.base import LayerRun
 from tests.conftest import f32_tol
+from tests.reference import layer_kwargs, layer_kwargs64, slow_attention_contributions
 from tests.tiny import ARCHS, prompt, tiny_llm
-
-
-def _layer_kwargs(layer: LayerRun) -> dict[str, torch.Tensor | None]:
-    return {
-        "resid_pre": layer.resid_pre,
-        "resid_mid": layer.resid_mid,
-        "resid_post": layer.resid_post,
-        "mlp_update": layer.mlp_update,
-        "pattern": layer.pattern,
-        "head_outputs": layer.head_outputs(),
-        "attn_scale": layer.attn_scale,
-        "attn_bias": layer.b_O,
-    }
-
-
-def _layer_kwargs64(layer: LayerRun) -> dict[str, torch.Tensor | None]:
-    """The same inputs in float64, head outputs computed in float64 too: the engine then
-    accumulates in float64 and only its final cast to float32 rounds."""
-    kwargs = {k: None if v is None else v.double() for k, v in _layer_kwargs(layer).items()}
-    return kwargs | {"head_outputs": layer.head_outputs(torch.float64)}
 
 
 def _parts_l1(
@@ -50,32 +30,6 @@ def _parts_l1(
     prox[t, s] is computed from, so its rounding error is a multiple of eps times this."""
     u_l1 = head_outputs.double().abs().sum(-1)  # [S, H]
     return torch.einsum("hts,sh->ts", pattern.double().abs(), u_l1) * scale.double().abs()[:, None]
-
-
-def slow_attention_contributions(layer: LayerRun) -> torch.Tensor:
-    """Row t: [c(s=0..T-1), c(residual), c(bias), c(ffn, parallel only)] by explicit loops."""
-    assert layer.pattern is not None
-    n = layer.resid_pre.shape[0]
-    parallel = layer.resid_mid is None
-    whole = (layer.resid_post if parallel else layer.resid_mid).double()
-    u = layer.head_outputs(torch.float64)  # [S, H, D]
-    out = torch.zeros(n, n + 3, dtype=torch.float64)
-    for t in range(n):
-        scale = float(layer.attn_scale[t])
-        parts = []
-        for s in range(n):
-            z = torch.zeros_like(whole[t])
-            for h in range(u.shape[1]):
-                z = z + float(layer.pattern[h, t, s]) * u[s, h]
-            parts.append(z * scale)
-        parts.append(layer.resid_pre[t].double())
-        parts.append(layer.b_O.double() * scale)
-        parts.append(layer.mlp_update[t].double() if parallel else torch.zeros_like(whole[t]))
-        y = whole[t]
-        prox = [max(float(y.abs().sum() - (y - z).abs().sum()), 0.0) for z in parts]
-        total = sum(prox)
-        out[t] = torch.tensor([p / total for p in prox], dtype=torch.float64)
-    return out
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -178,7 +132,7 @@ def test_engine_matches_slow_loop(tiny_run) -> None:  # type: ignore[no-untyped-
     """The math, in float64 on both sides; float32 rounding is tested on its own below."""
     tol = f32_tol()  # shares ≤ 1 computed in float64: only the engine's final float32 cast rounds
     for layer in tiny_run.layers:
-        c = layer_contributions(**_layer_kwargs64(layer))  # type: ignore[arg-type]
+        c = layer_contributions(**layer_kwargs64(layer))  # type: ignore[arg-type]
         slow = slow_attention_contributions(layer)
         n = c.attention.shape[0]
         torch.testing.assert_close(c.attention.double(), slow[:, :n], atol=tol, rtol=0)
@@ -210,7 +164,7 @@ def test_chunked_equals_unchunked(tiny_run) -> None:  # type: ignore[no-untyped-
     to float32 rounds: a missed or repeated tile would be off by a whole share."""
     tol = f32_tol()  # shares ≤ 1: two float32 roundings of nearly equal values, ≤ 1 eps apart
     for layer in tiny_run.layers:
-        kwargs = _layer_kwargs64(layer)
+        kwargs = layer_kwargs64(layer)
         one_row = layer_contributions(**kwargs, memory_budget=1, backend="torch")  # type: ignore[arg-type]
         everything = layer_contributions(**kwargs, memory_budget=2**34, backend="torch")  # type: ignore[arg-type]
         torch.testing.assert_close(one_row.attention, everything.attention, atol=tol, rtol=0)
@@ -222,7 +176,7 @@ def test_chunked_equals_unchunked(tiny_run) -> None:  # type: ignore[no-untyped-
 
 def test_fused_cpu_kernel_equals_the_torch_version(tiny_run) -> None:  # type: ignore[no-untyped-def]
     for layer in tiny_run.layers:
-        kwargs = _layer_kwargs(layer)
+        kwargs = layer_kwargs(layer)
         kernel = layer_contributions(**kwargs, backend="kernel")  # type: ignore[arg-type]
         reference = layer_contributions(**kwargs, backend="torch")  # type: ignore[arg-type]
         # float32 shares ≤ 1 from proximities summed over D terms in two orders: D eps.
@@ -253,7 +207,7 @@ def test_fused_kernel_handles_massive_dimensions_and_long_prompts() -> None:
 
 def test_float32_agrees_with_float64(tiny_run) -> None:  # type: ignore[no-untyped-def]
     for layer in tiny_run.layers:
-        kwargs = _layer_kwargs(layer)
+        kwargs = layer_kwargs(layer)
         as64 = {k: (v.double() if v is not None else None) for k, v in kwargs.items()}
         c32 = layer_contributions(**kwargs)  # type: ignore[arg-type]
         c64 = layer_contributions(**as64)  # type: ignore[arg-type]
@@ -300,7 +254,7 @@ def test_post_norm_scale_changes_the_parts() -> None:
     layer = llm.run(prompt(6)).layers[0]
     assert not torch.allclose(layer.attn_scale, torch.ones_like(layer.attn_scale))
     assert layer.pattern is not None
-    kwargs = _layer_kwargs(layer) | {"attn_scale": torch.ones_like(layer.attn_scale)}
+    kwargs = layer_kwargs(layer) | {"attn_scale": torch.ones_like(layer.attn_scale)}
     wrong = layer_contributions(**kwargs)  # type: ignore[arg-type]
     right = contributions_of(layer)
     assert not torch.allclose(wrong.attention, right.attention, atol=1e-3)

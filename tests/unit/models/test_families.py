@@ -1,0 +1,166 @@
+"""Every supported decoder family, as a tiny random model: the bridge runs exactly the HF model,
+every self-check identity holds, and the engine equals the slow reference.
+
+Mixture-of-experts families are also checked part by part against HF's own experts module,
+called with one routing slot at a time — an implementation independent of llm-flow's.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from llm_flow.engine.contributions import layer_contributions
+from llm_flow.models import wrap_hf
+from llm_flow.models.base import ModelRun
+from llm_flow.models.bridge import BridgeLlm
+from llm_flow.models.checks import relative_error
+from llm_flow.models.experts import find_moe, unwrapped
+from llm_flow.models.support import TESTED_ARCHITECTURES
+from tests.conftest import f32_tol
+from tests.families import FAMILIES
+from tests.reference import layer_kwargs64, slow_attention_contributions
+from tests.tiny import prompt, random_model, tiny_tokenizer
+
+PROMPT = prompt(9)  # 10 tokens with BOS: longer than the sliding windows of 4
+# float32 end to end through two small layers: a few hundred roundings of values of size ~1.
+RTOL = f32_tol(terms=3 * 128)
+
+
+@dataclass(frozen=True)
+class Case:
+    hf: Any
+    llm: BridgeLlm
+    run: ModelRun
+    hf_out: Any
+
+
+@functools.cache
+def _case(name: str) -> Case:
+    hf = random_model(FAMILIES[name].config())
+    llm = wrap_hf(name, hf, tiny_tokenizer(), device="cpu", dtype=torch.float32)
+    run = llm.run(PROMPT)
+    with torch.no_grad():
+        hf_out = hf(torch.tensor([run.token_ids]), output_hidden_states=True)
+    return Case(hf, llm, run, hf_out)
+
+
+@pytest.fixture(params=list(FAMILIES))
+def case(request: pytest.FixtureRequest) -> Case:
+    return _case(request.param)
+
+
+@pytest.fixture(params=[name for name, family in FAMILIES.items() if family.experts])
+def moe_case(request: pytest.FixtureRequest) -> Case:
+    return _case(request.param)
+
+
+def test_the_matrix_is_the_list_of_tested_architectures() -> None:
+    built = {type(random_model(f.config())).__name__ for f in FAMILIES.values()}
+    assert built == set(TESTED_ARCHITECTURES)
+
+
+def test_logits_and_residuals_are_the_hf_models(case: Case) -> None:
+    assert relative_error(case.run.logits, case.hf_out.logits[0]) <= RTOL
+    hidden = case.hf_out.hidden_states
+    for layer in case.run.layers:
+        assert relative_error(layer.resid_pre, hidden[layer.index][0]) <= RTOL
+    # The comparison can fail: logits differ between positions.
+    assert not torch.allclose(case.run.logits[0], case.run.logits[-1], atol=1e-3)
+
+
+def test_the_lens_of_the_last_residual_gives_the_logits(case: Case) -> None:
+    # Multipliers (Granite's logits_scaling) and softcaps (Gemma 2) live after the unembedding;
+    # compare where the model applies none.
+    final_softcap = getattr(case.hf.config, "final_logit_softcapping", None)
+    if final_softcap:
+        case.hf.config.final_logit_softcapping = None
+    try:
+        with torch.no_grad():
+            plain = case.hf(torch.tensor([case.run.token_ids])).logits[0]
+    finally:
+        case.hf.config.final_logit_softcapping = final_softcap
+    lens = case.llm.unembed(case.run.layers[-1].resid_post)
+    assert relative_error(lens, plain) <= RTOL
+
+
+def _heads(layer: Any) -> Tensor:
+    mixed = torch.einsum("hts,shk->thk", layer.pattern.double(), layer.values.double())
+    out = torch.einsum("thk,hkd->td", mixed, layer.W_O.double()) + layer.b_O.double()
+    return out * layer.attn_scale.double()[:, None]
+
+
+def test_every_self_check_identity_holds(case: Case) -> None:
+    for layer in case.run.layers:
+        assert relative_error(_heads(layer), layer.attn_update) <= RTOL
+        neurons = layer.neuron_acts.double() @ layer.W_out.double() + layer.b_out.double()
+        if layer.experts is not None:
+            neurons = neurons + layer.experts.total(torch.float64)
+        ffn = neurons * layer.mlp_scale.double()[:, None]
+        assert relative_error(ffn, layer.mlp_update) <= RTOL
+        base = layer.resid_pre.double() + layer.attn_update.double()
+        if layer.resid_mid is not None:
+            assert relative_error(base, layer.resid_mid) <= RTOL
+        assert relative_error(base + layer.mlp_update.double(), layer.resid_post) <= RTOL
+
+
+def test_engine_matches_the_slow_reference(case: Case) -> None:
+    tol = f32_tol()  # float64 on both sides; only the engine's final float32 cast rounds
+    for layer in case.run.layers:
+        c = layer_contributions(**layer_kwargs64(layer))  # type: ignore[arg-type]
+        slow = slow_attention_contributions(layer)
+        n = c.attention.shape[0]
+        torch.testing.assert_close(c.attention.double(), slow[:, :n], atol=tol, rtol=0)
+        torch.testing.assert_close(c.attn_residual.double(), slow[:, n], atol=tol, rtol=0)
+
+
+def test_moe_layers_are_exactly_the_blocks_with_experts(case: Case) -> None:
+    assert bool(case.llm.info.moe_layers) == FAMILIES[case.llm.info.name].experts
+    blocks = case.llm._bridge.blocks
+    expected = [i for i, b in enumerate(blocks) if find_moe(unwrapped(b.mlp)) is not None]
+    assert list(case.llm.info.moe_layers) == expected
+    for layer in case.run.layers:
+        assert (layer.experts is not None) == (layer.index in expected)
+        if layer.experts is not None:
+            assert layer.neuron_acts.shape[1] == 0
+            k = case.llm.info.experts_per_token
+            assert layer.experts.index.shape == (case.run.n_tokens, k)
+
+
+def test_each_expert_part_is_hf_experts_module_called_with_that_slot_alone(
+    moe_case: Case,
+) -> None:
+    case = moe_case
+    for layer in case.run.layers:
+        if layer.experts is None:
+            continue
+        module = find_moe(unwrapped(case.llm._bridge.blocks[layer.index].mlp))
+        assert module is not None
+        ex = layer.experts
+        x = _moe_input(case, layer.index)
+        scale = layer.mlp_scale.double()[:, None]
+        fold = case.llm._weights[layer.index]["g_mlp"].double()
+        parts = ex.slot_outputs(torch.float64)
+        for slot in range(ex.index.shape[1]):
+            with torch.no_grad():
+                hf_part = module(x, ex.index[:, slot : slot + 1], ex.weight[:, slot : slot + 1])
+            assert relative_error(parts[:, slot] * scale, hf_part.double() * fold) <= RTOL
+        assert (ex.weight >= 0).all()
+
+
+def _moe_input(case: Case, layer: int) -> Tensor:
+    """The normalized residual the MoE block of ``layer`` read, from a fresh HF pass."""
+    block = unwrapped(case.llm._bridge.blocks[layer].mlp)
+    seen: list[Tensor] = []
+    handle = block.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            case.hf(torch.tensor([case.run.token_ids]))
+    finally:
+        handle.remove()
+    return seen[0].reshape(-1, seen[0].shape[-1])
