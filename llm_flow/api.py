@@ -212,6 +212,7 @@ def ablate(
     heads: Units = "",
     neurons: Units = "",
     edges: str = "",
+    experts: Units = "",
     mode: Mode = "zero",
     means: MeanActivations | None = None,
     target: str | None = None,
@@ -221,15 +222,17 @@ def ablate(
     traced: bool = False,
 ) -> _ablation.AblationResult:
     """Zero- or mean-ablate heads (``"9.3,10.7"`` or ``[(9, 3), (10, 7)]``), neurons
-    (``"5.120"`` or ``[(5, 120)]``) and attention edges
-    (``"3:1>4"``, ``"3.2:1>4"``) and compare the prediction after ``position`` before and
-    after (with ``target``, its log-prob; with ``distractor`` too, the logit difference).
+    (``"5.120"`` or ``[(5, 120)]``), routed experts of mixture-of-experts layers (``"3.1"`` or
+    ``[(3, 1)]``) and attention edges (``"3:1>4"``, ``"3.2:1>4"``) and compare the prediction
+    after ``position`` before and after (with ``target``, its log-prob; with ``distractor`` too,
+    the logit difference).
     ``traced=True`` also traces the ablated run: ``.route_diff(threshold)`` compares routes."""
     ablation = _interventions.Ablation(
         heads=_interventions.parse_heads(_units(heads)),
         neurons=_interventions.parse_neurons(_units(neurons)),
         edges=_interventions.parse_edges(edges),
         mode=mode,
+        experts=_interventions.parse_experts(_units(experts)),
     )
     target_id = distractor_id = None
     if distractor is not None and target is None:

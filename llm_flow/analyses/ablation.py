@@ -50,7 +50,9 @@ def ablated_trace(
 
     Every self-check holds for the ablated pass: an ablated head reads from no token, and what
     it writes instead (the mean, under mean ablation) is booked as that token's bias, a part no
-    node writes; ablated neurons write their replacement value inside their FFN block.
+    node writes; ablated neurons write their replacement value inside their FFN block; what an
+    intervention writes into a mixture-of-experts block that no expert explains (an ablated
+    expert's mean part) is booked as the block's bias.
     """
     llm, n_tokens = before.llm, before.n_tokens
     hooks = ablation_hooks(llm, validate(ablation, llm.info, n_tokens), n_tokens, means)

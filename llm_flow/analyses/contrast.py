@@ -1,4 +1,4 @@
-"""Why the target and not the distractor? Contrastive effects of heads and neurons.
+"""Why the target and not the distractor? Contrastive effects of heads, neurons and experts.
 
 The question of OpenAI's Transformer Debugger ("why A instead of B?"), answered on an
 information-flow route with two standard estimates of each component's share of the *logit
@@ -35,18 +35,19 @@ from llm_flow.engine.nodes import node_id
 from llm_flow.engine.routes import Route, route_head_weights
 from llm_flow.engine.trace import Trace
 from llm_flow.errors import ContrastError
-from llm_flow.models.base import ModelRun, TransparentLlm
+from llm_flow.models.base import LayerRun, ModelRun, TransparentLlm
 
 if TYPE_CHECKING:
     import pandas as pd
 
-RowKind = Literal["head", "neuron", "ffn"]
+RowKind = Literal["head", "neuron", "ffn", "expert", "shared_expert"]
 NEURONS_PER_BLOCK = 10
 EFFECT_COLUMNS = (
     "kind",
     "layer",
     "head",
     "neuron",
+    "expert",
     "source",
     "target",
     "node",
@@ -167,10 +168,11 @@ class DirectEffects:
     embedding: float
     heads: Tensor  # [L, S, H] part z[p, s, h] of head h from source s
     attn_bias: Tensor  # [L] output bias (times the post-norm scale)
-    neurons: Tensor  # [L, N] act[p, n] · W_out[n]
+    neurons: Tensor  # [L, N] act[p, n] · W_out[n] (dense FFNs; zeros for MoE layers)
     mlp_bias: Tensor  # [L]
     total: float  # the final residual at p
     constant: float  # final-norm bias + unembedding bias
+    experts: Tensor  # [L, E + 1] routed experts' parts at p, then the shared expert's (MoE)
 
     @property
     def attention(self) -> Tensor:
@@ -179,8 +181,8 @@ class DirectEffects:
 
     @property
     def ffn(self) -> Tensor:
-        """Per layer, the whole FFN update at p (neurons + bias) → [L]."""
-        return self.neurons.sum(-1) + self.mlp_bias
+        """Per layer, the whole FFN update at p (neurons or experts + bias) → [L]."""
+        return self.neurons.sum(-1) + self.experts.sum(-1) + self.mlp_bias
 
     def parts_sum(self) -> float:
         """Σ of every part's direct effect; equals :attr:`total` up to rounding."""
@@ -189,6 +191,7 @@ class DirectEffects:
             + self.heads.sum()
             + self.attn_bias.sum()
             + self.neurons.sum()
+            + self.experts.sum()
             + self.mlp_bias.sum()
         )
 
@@ -202,7 +205,9 @@ def direct_effects(trace: Trace, c: Contrast) -> DirectEffects:
     llm, run, p = trace.llm, trace.run, c.position
     e = residual_direction(trace, c)
     f32 = torch.float32
-    heads, attn_bias, neurons, mlp_bias = [], [], [], []
+    heads, attn_bias, neurons, mlp_bias, experts = [], [], [], [], []
+    width = max(layer.neuron_acts.shape[1] for layer in run.layers)
+    n_experts = llm.info.n_experts
     for layer in run.layers:
         if layer.pattern is None:
             raise ContrastError(
@@ -216,8 +221,11 @@ def direct_effects(trace: Trace, c: Contrast) -> DirectEffects:
         heads.append(layer.pattern[:, p, :].to(f32).T * a_scale * per_source)  # [S, H]
         attn_bias.append(a_scale * (layer.token_b_O[p].to(f32) @ e_l))
         m_scale = layer.mlp_scale[p].to(f32)
-        neurons.append(layer.neuron_acts[p].to(f32) * m_scale * (layer.W_out.to(f32) @ e_l))
-        mlp_bias.append(m_scale * (layer.b_out.to(f32) @ e_l))
+        per_neuron = layer.neuron_acts[p].to(f32) * m_scale * (layer.W_out.to(f32) @ e_l)
+        neurons.append(torch.nn.functional.pad(per_neuron, (0, width - per_neuron.shape[0])))
+        b_out = layer.b_out.expand_as(layer.resid_pre)[p]  # [D] even in an intervened MoE run
+        mlp_bias.append(m_scale * (b_out.to(f32) @ e_l))
+        experts.append(_expert_effects(layer, p, e_l, n_experts) * m_scale)
     first, last = run.layers[0], run.layers[-1]
     embedding = float(first.resid_pre[p].to(f32) @ e.to(first.resid_pre.device))
     total = float(last.resid_post[p].to(f32) @ e.to(last.resid_post.device))
@@ -234,7 +242,23 @@ def direct_effects(trace: Trace, c: Contrast) -> DirectEffects:
         mlp_bias=torch.stack(mlp_bias).cpu(),
         total=total,
         constant=constant,
+        experts=torch.stack(experts).cpu(),
     )
+
+
+def _expert_effects(layer: LayerRun, p: int, e: Tensor, n_experts: int) -> Tensor:
+    """Direct effect of each routed expert's part at ``p`` and of the shared expert's (last
+    entry), before the post-norm scale → [E + 1]; zeros for a dense FFN."""
+    out = torch.zeros(n_experts + 1, device=e.device)
+    ex = layer.experts
+    if ex is None:
+        return out
+    slots = ex.slot_outputs()[p] @ e  # [k]
+    out.index_add_(0, ex.index[p].to(e.device), slots)
+    shared = ex.shared_output()
+    if shared is not None:
+        out[-1] = shared[p] @ e
+    return out
 
 
 @dataclass(frozen=True)
@@ -245,12 +269,14 @@ class Attributions:
     logit_diff: float  # LD of the gradient pass (equals the run's)
     head_values: Tensor  # [L, T, H] ⟨z[t, h], ∂LD/∂z[t, h]⟩, sources summed
     z_grads: Tensor  # [L, T, H, d_head] ∂LD/∂z
-    neurons: Tensor  # [L, T, N] act · ∂LD/∂act
+    neurons: Tensor  # [L, T, N] act · ∂LD/∂act (dense FFNs; zeros for MoE layers)
+    experts: Tensor  # [L, T, E + 1] routed experts, then the shared expert (MoE layers)
 
     @property
     def ffn(self) -> Tensor:
-        """Per FFN block and position, Σ over its neurons → [L, T] (the output bias excluded)."""
-        return self.neurons.sum(-1)
+        """Per FFN block and position, Σ over its neurons or experts → [L, T] (the output bias
+        excluded)."""
+        return self.neurons.sum(-1) + self.experts.sum(-1)
 
     def heads(self, run: ModelRun, layer: int) -> Tensor:
         """Per (query t, source s, head h) attribution of ``layer`` → [T, S, H]; Σ_s is
@@ -271,11 +297,15 @@ class Attributions:
 
 
 def attribute(trace: Trace, c: Contrast) -> Attributions:
-    """One forward + backward pass with hooks on every head's mixed values ``z`` and every
-    FFN's neurons: each activation gets a zero-valued leaf added, whose gradient is the
-    gradient with respect to the activation (later layers' paths stay connected)."""
+    """One forward + backward pass with hooks on every head's mixed values ``z``, every dense
+    FFN's neurons and, in mixture-of-experts layers, the router weights and the FFN update:
+    each activation gets a zero-valued leaf added, whose gradient is the gradient with respect
+    to the activation (later layers' paths stay connected). A routed expert's attribution is
+    ``g_e · ∂LD/∂g_e`` (its router weight: zeroing it removes exactly the expert's part); the
+    shared expert's is the block's ``⟨update, ∂LD/∂update⟩`` minus the routed experts'."""
     llm, run = trace.llm, trace.run
-    n_layers = run.n_layers
+    n_layers, info = run.n_layers, llm.info
+    moe = set(info.moe_layers)
     leaves: dict[str, Tensor] = {}
     values: dict[str, Tensor] = {}
 
@@ -287,29 +317,48 @@ def attribute(trace: Trace, c: Contrast) -> Attributions:
 
         return hook
 
-    names = [llm.hook_name("z", layer) for layer in range(n_layers)]
-    names += [llm.hook_name("neurons", layer) for layer in range(n_layers)]
+    z_names = [llm.hook_name("z", layer) for layer in range(n_layers)]
+    dense = {
+        layer: llm.hook_name("neurons", layer) for layer in range(n_layers) if layer not in moe
+    }
+    routing = {layer: llm.hook_name("experts", layer) for layer in sorted(moe)}
+    blocks = {layer: llm.hook_name("ffn", layer) for layer in sorted(moe)}
+    names = [*z_names, *dense.values(), *routing.values(), *blocks.values()]
     logits = llm.logits_with_hooks(run.token_ids, [(n, add_leaf(n)) for n in names], grad=True)
     with torch.inference_mode(False), torch.enable_grad():
         ld = logits[c.position, c.target_id] - logits[c.position, c.distractor_id]
-        grads = torch.autograd.grad(ld, [leaves[n] for n in names])
+        grads = dict(zip(names, torch.autograd.grad(ld, [leaves[n] for n in names]), strict=True))
     f32 = torch.float32
-    z = torch.stack([values[n][0].to(f32) for n in names[:n_layers]]).cpu()  # [L, T, H, dh]
-    gz = torch.stack([g[0].to(f32) for g in grads[:n_layers]]).cpu()
-    acts = torch.stack([values[n][0].to(f32) for n in names[n_layers:]]).cpu()  # [L, T, N]
-    g_acts = torch.stack([g[0].to(f32) for g in grads[n_layers:]]).cpu()
+
+    def product(name: str) -> Tensor:  # activation × gradient, batch removed → [T, …]
+        return (values[name][0].to(f32) * grads[name][0].to(f32)).cpu()
+
+    z = torch.stack([values[n][0].to(f32) for n in z_names]).cpu()  # [L, T, H, dh]
+    gz = torch.stack([grads[n][0].to(f32) for n in z_names]).cpu()
+    width = max((values[n].shape[-1] for n in dense.values()), default=0)
+    neurons = torch.zeros(n_layers, run.n_tokens, width)
+    for layer, name in dense.items():
+        per_neuron = product(name)
+        neurons[layer, :, : per_neuron.shape[1]] = per_neuron
+    experts = torch.zeros(n_layers, run.n_tokens, info.n_experts + 1)
+    for layer in sorted(moe):
+        routed = product(routing[layer])  # [T, E]
+        experts[layer, :, :-1] = routed
+        experts[layer, :, -1] = product(blocks[layer]).sum(-1) - routed.sum(-1)
     return Attributions(
         position=c.position,
         logit_diff=float(ld.detach()),
         head_values=(z * gz).sum(-1),
         z_grads=gz,
-        neurons=acts * g_acts,
+        neurons=neurons,
+        experts=experts,
     )
 
 
 @dataclass(frozen=True)
 class EffectRow:
-    """One component on the route: a head's part on one attention edge, a neuron, or an FFN.
+    """One component on the route: a head's part on one attention edge, a neuron, a routed or
+    shared expert, or an FFN block.
 
     ``source``/``target`` are token positions (the same for neurons and FFN blocks). ``weight``
     is the per-head contribution (LLM-TT normalization) for heads, the route's FFN edge weight for
@@ -326,6 +375,7 @@ class EffectRow:
     weight: float | None
     direct_effect: float
     attribution: float
+    expert: int | None = None
 
     @property
     def node(self) -> str:
@@ -342,7 +392,8 @@ def effect_rows(
     neurons_per_block: int = NEURONS_PER_BLOCK,
 ) -> tuple[EffectRow, ...]:
     """Rows for every head on every attention edge of ``route``, every FFN block on it and, per
-    FFN block, the ``neurons_per_block`` neurons with the largest ``max(|direct|, |attr|)``."""
+    FFN block, the ``neurons_per_block`` neurons with the largest ``max(|direct|, |attr|)`` (for
+    a mixture of experts: the experts routed to at that token and the shared expert)."""
     p, run = direct.position, trace.run
     rows: list[EffectRow] = []
     edges, head_weights = route_head_weights(run, route)  # [E, 3] (layer, t, s), [E, H]
@@ -377,9 +428,33 @@ def effect_rows(
             picked = torch.stack([top, n_de.gather(1, top), n_attr.gather(1, top)], dim=-1)
             for (layer, t), block in zip(ffn_idx.tolist(), picked.tolist(), strict=True):
                 rows += [
-                    EffectRow("neuron", layer, None, int(n), t, t, None, d, a) for n, d, a in block
+                    EffectRow("neuron", layer, None, int(n), t, t, None, d, a)
+                    for n, d, a in block
+                    if run.layers[layer].experts is None
                 ]
+        rows += _expert_rows(run, ffn_idx.tolist(), direct, attributions)
     return tuple(rows)
+
+
+def _expert_rows(
+    run: ModelRun, blocks: list[list[int]], direct: DirectEffects, attributions: Attributions
+) -> list[EffectRow]:
+    """Per mixture-of-experts block (layer, t) on the route: its routed experts at t, then its
+    shared expert."""
+    rows: list[EffectRow] = []
+    for layer, t in blocks:
+        ex = run.layers[layer].experts
+        if ex is None:
+            continue
+        de = direct.experts[layer] if t == direct.position else torch.zeros_like(direct.experts[0])
+        attr = attributions.experts[layer, t]
+        for e in sorted(set(ex.index[t].tolist())):
+            d, a = float(de[e]), float(attr[e])
+            rows.append(EffectRow("expert", layer, None, None, t, t, None, d, a, expert=e))
+        if ex.shared_acts is not None:
+            d, a = float(de[-1]), float(attr[-1])
+            rows.append(EffectRow("shared_expert", layer, None, None, t, t, None, d, a))
+    return rows
 
 
 def effects_frame(rows: tuple[EffectRow, ...] | list[EffectRow]) -> pd.DataFrame:
@@ -393,6 +468,7 @@ def effects_frame(rows: tuple[EffectRow, ...] | list[EffectRow]) -> pd.DataFrame
                 r.layer,
                 r.head,
                 r.neuron,
+                r.expert,
                 r.source,
                 r.target,
                 r.node,
@@ -404,7 +480,8 @@ def effects_frame(rows: tuple[EffectRow, ...] | list[EffectRow]) -> pd.DataFrame
         ],
         columns=list(EFFECT_COLUMNS),
     )
-    return frame.astype({"head": "Int64", "neuron": "Int64", "weight": "float64"})
+    nullable = {"head": "Int64", "neuron": "Int64", "expert": "Int64", "weight": "float64"}
+    return frame.astype(nullable)
 
 
 @dataclass(frozen=True)

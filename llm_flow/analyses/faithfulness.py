@@ -6,7 +6,8 @@ the full model's), applied to an information-flow route (Ferrando & Voita 2024).
 
 **Components** are attention heads and FFN blocks, *per token position*: head h of layer l at query
 position t (its value ``attn.hook_z[t, h]``, i.e. its whole output written into the residual
-stream at t) and the FFN block of layer l at position t (all its neurons ``mlp.hook_post[t]``).
+stream at t) and the FFN block of layer l at position t (all its neurons ``mlp.hook_post[t]``; a
+mixture-of-experts block: its whole update).
 Embeddings, residual connections, output biases and norms are never ablated.
 
 A component is **on the route** at threshold τ when
@@ -74,12 +75,12 @@ class Components:
 
     def hooks(self, llm: TransparentLlm, mode: Mode, means: MeanActivations | None) -> list[Any]:
         """Hooks that ablate exactly these components."""
-        d_mlp = llm.info.d_mlp
+        info = llm.info
         heads = {layer: self.heads[layer] for layer in range(self.heads.shape[0])}
-        neurons = {
-            layer: self.ffn[layer][:, None].expand(-1, d_mlp) for layer in range(self.ffn.shape[0])
-        }
-        return mask_hooks(llm, heads, neurons, mode, means)
+        dense = [layer for layer in range(self.ffn.shape[0]) if layer not in info.moe_layers]
+        neurons = {layer: self.ffn[layer][:, None].expand(-1, info.d_mlp) for layer in dense}
+        blocks = {layer: self.ffn[layer] for layer in info.moe_layers}
+        return mask_hooks(llm, heads, neurons, mode, means, blocks=blocks)
 
 
 def head_mask(run: ModelRun, route: Route, threshold: float) -> Tensor:

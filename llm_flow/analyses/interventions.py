@@ -1,4 +1,4 @@
-"""Interventions: zero- or mean-ablate heads, neurons, FFN blocks or attention edges and re-run.
+"""Interventions: zero- or mean-ablate heads, neurons, experts, FFN blocks or attention edges.
 
 Ablation replaces an activation during the forward pass and lets everything downstream react
 (activation patching / ablation as used for circuits, e.g. Wang et al. 2022, "Interpretability in
@@ -9,15 +9,19 @@ mean-ablates heads). The activations replaced, through TransformerLens hooks:
   head's output at t exactly (the attention update changes by ``−z[t, h] @ W_O[h]``, times the
   post-norm scale for pre-norm models; post-norm models renormalize the new sum);
 - a **neuron** (``L.N``): ``mlp.hook_post[t, n]``; an **FFN block**: all its neurons at t (the
-  output bias stays);
+  output bias stays); a mixture-of-experts FFN block: its whole update at t;
+- a routed **expert** (``L.E``) of a mixture-of-experts layer: its router weight at t becomes 0,
+  which removes exactly its part ``g_e(t) · E_e(x_t)``; the other experts keep their weights
+  (nothing is renormalized or re-routed). Mean ablation then adds the expert's mean part;
 - an **attention edge** (``L:S>T`` for all heads, ``L.H:S>T`` for one): the pattern entry
   ``A[h, T, S]`` is set to 0 without renormalizing the row, which removes exactly the part
   ``A[h, T, S] · v[S, h] @ W_O[h]`` of source S at query T. Edges are always zero-ablated.
 
-Mean ablation replaces a head's ``z`` (or a neuron's activation) by its mean over **every
-position of every prompt** of a reference prompt file (the CLI's default is ``factual.txt`` in the
-config's ``prompts_dir``), so a position-independent "typical" value stands in for the specific
-one. By default an ablation applies at every position; ``position`` restricts it to one.
+Mean ablation replaces a head's ``z`` (a neuron's activation, an expert's part) by its mean
+over **every position of every prompt** of a reference prompt file (the CLI's default is
+``factual.txt`` in the config's ``prompts_dir``), so a position-independent "typical" value
+stands in for the specific one. By default an ablation applies at every position; ``position``
+restricts it to one.
 
 Running an ablation and reporting before / after is :mod:`llm_flow.analyses.ablation`.
 """
@@ -34,7 +38,7 @@ import torch
 from torch import Tensor
 
 from llm_flow.errors import InterventionError, PositionError
-from llm_flow.models.base import Hook, ModelInfo, TransparentLlm
+from llm_flow.models.base import Hook, LayerRun, ModelInfo, TransparentLlm
 from llm_flow.validate import check_position
 
 Mode = Literal["zero", "mean"]
@@ -65,6 +69,20 @@ class NeuronRef:
     def __str__(self) -> str:
         at = "" if self.position is None else f"@{self.position}"
         return f"{self.layer}.{self.neuron}{at}"
+
+
+@dataclass(frozen=True)
+class ExpertRef:
+    """Routed expert ``expert`` of the mixture-of-experts FFN of ``layer``; at one ``position``
+    or (None) at all."""
+
+    layer: int
+    expert: int
+    position: int | None = None
+
+    def __str__(self) -> str:
+        at = "" if self.position is None else f"@{self.position}"
+        return f"{self.layer}.{self.expert}{at}"
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,7 @@ class Ablation:
     ffn: tuple[FfnRef, ...] = ()
     edges: tuple[EdgeRef, ...] = ()
     mode: Mode = "zero"
+    experts: tuple[ExpertRef, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -110,7 +129,7 @@ class Ablation:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.heads or self.neurons or self.ffn or self.edges)
+        return not (self.heads or self.neurons or self.ffn or self.edges or self.experts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,6 +138,7 @@ class Ablation:
             "neurons": [str(n) for n in self.neurons],
             "ffn": [str(f) for f in self.ffn],
             "edges": [str(e) for e in self.edges],
+            "experts": [str(e) for e in self.experts],
         }
 
 
@@ -156,6 +176,19 @@ def parse_neurons(text: str) -> tuple[NeuronRef, ...]:
     return tuple(refs)
 
 
+def parse_experts(text: str) -> tuple[ExpertRef, ...]:
+    """``"3.1,5.7"`` → routed experts (layer.expert)."""
+    refs = []
+    for item in _items(text):
+        match = _PAIR.fullmatch(item)
+        if match is None:
+            raise InterventionError(
+                f"bad expert {item!r}; write experts as LAYER.EXPERT, e.g. 3.1,5.7"
+            )
+        refs.append(ExpertRef(int(match.group(1)), int(match.group(2))))
+    return tuple(refs)
+
+
 def parse_edges(text: str) -> tuple[EdgeRef, ...]:
     """``"3:1>4,3.2:0>5"`` → edges LAYER:SOURCE>TARGET (all heads) or LAYER.HEAD:SOURCE>TARGET."""
     refs = []
@@ -174,10 +207,17 @@ def parse_edges(text: str) -> tuple[EdgeRef, ...]:
 
 
 def _ranges(info: ModelInfo) -> str:
-    return (
-        f"this model has layers 0..{info.n_layers - 1}, heads 0..{info.n_heads - 1} and "
-        f"neurons 0..{info.d_mlp - 1} per layer"
-    )
+    units = f"heads 0..{info.n_heads - 1} and neurons 0..{info.d_mlp - 1} per layer"
+    if info.moe_layers:
+        units = (
+            f"heads 0..{info.n_heads - 1} per layer, experts 0..{info.n_experts - 1} in the "
+            f"mixture-of-experts layers {_layer_list(info.moe_layers)}"
+        )
+    return f"this model has layers 0..{info.n_layers - 1}, {units}"
+
+
+def _layer_list(layers: Sequence[int]) -> str:
+    return ", ".join(str(layer) for layer in layers)
 
 
 def _check(what: str, value: int, size: int, item: object, info: ModelInfo) -> None:
@@ -204,6 +244,11 @@ def validate(ablation: Ablation, info: ModelInfo, n_tokens: int) -> Ablation:
         heads.append(HeadRef(h.layer, h.head, pos))
     for n in ablation.neurons:
         _check("layer", n.layer, layers, n, info)
+        if n.layer in info.moe_layers:
+            raise InterventionError(
+                f"layer {n.layer} in {str(n)!r} is a mixture of experts, which has no dense "
+                "neurons; ablate its experts (LAYER.EXPERT) or the whole FFN block"
+            )
         _check("neuron", n.neuron, info.d_mlp, n, info)
         pos = None if n.position is None else _position(n.position, n_tokens, n)
         neurons.append(NeuronRef(n.layer, n.neuron, pos))
@@ -211,6 +256,18 @@ def validate(ablation: Ablation, info: ModelInfo, n_tokens: int) -> Ablation:
         _check("layer", f.layer, layers, f, info)
         pos = None if f.position is None else _position(f.position, n_tokens, f)
         ffn.append(FfnRef(f.layer, pos))
+    experts = []
+    for x in ablation.experts:
+        _check("layer", x.layer, layers, x, info)
+        if x.layer not in info.moe_layers:
+            where = _layer_list(info.moe_layers) if info.moe_layers else "none: the model is dense"
+            raise InterventionError(
+                f"layer {x.layer} in {str(x)!r} has a dense FFN, not experts; "
+                f"mixture-of-experts layers: {where}"
+            )
+        _check("expert", x.expert, info.n_experts, x, info)
+        pos = None if x.position is None else _position(x.position, n_tokens, x)
+        experts.append(ExpertRef(x.layer, x.expert, pos))
     for e in ablation.edges:
         _check("layer", e.layer, layers, e, info)
         if e.head is not None:
@@ -222,7 +279,9 @@ def validate(ablation: Ablation, info: ModelInfo, n_tokens: int) -> Ablation:
                 "so SOURCE must be ≤ TARGET"
             )
         edges.append(EdgeRef(e.layer, source, target, e.head))
-    return Ablation(tuple(heads), tuple(neurons), tuple(ffn), tuple(edges), ablation.mode)
+    return Ablation(
+        tuple(heads), tuple(neurons), tuple(ffn), tuple(edges), ablation.mode, tuple(experts)
+    )
 
 
 # -- mean activations -------------------------------------------------------------------------
@@ -233,10 +292,12 @@ class MeanActivations:
     """Per-layer means over every position of every reference prompt."""
 
     z: Tensor  # [L, H, d_head] mean attn.hook_z per head
-    post: Tensor  # [L, N] mean mlp.hook_post per neuron
+    post: Tensor  # [L, N] mean neuron activation of dense FFNs (zero rows for MoE layers)
     n_prompts: int
     n_positions: int
     source: str = ""
+    ffn: Tensor | None = None  # [L, D] mean FFN update (for ablating a whole MoE block)
+    experts: Tensor | None = None  # [L, E, D] mean part of each routed expert (0 where unrouted)
 
 
 def mean_activations(
@@ -246,37 +307,47 @@ def mean_activations(
     source: str = "",
     on_prompt: Callable[[int, int], None] | None = None,
 ) -> MeanActivations:
-    """Mean ``attn.hook_z`` and ``mlp.hook_post`` over all positions of ``prompts`` (texts, or
-    token-id lists used as they are). One forward pass per prompt; ``on_prompt(done, total)``."""
+    """Mean per-head mixed values ``z``, dense-FFN neurons, FFN updates and routed-expert parts
+    over all positions of ``prompts`` (texts, or token-id lists used as they are). One forward
+    pass per prompt, reduced layer by layer; ``on_prompt(done, total)``."""
     if not prompts:
         raise InterventionError("mean ablation needs at least one reference prompt")
-    n_layers = llm.info.n_layers
-    sums: dict[str, Tensor] = {}
+    info = llm.info
+    f64 = torch.float64
+    z = torch.zeros(info.n_layers, info.n_heads, info.d_head, dtype=f64)
+    post = torch.zeros(info.n_layers, info.d_mlp, dtype=f64)
+    ffn = torch.zeros(info.n_layers, info.d_model, dtype=f64)
+    experts = torch.zeros(info.n_layers, info.n_experts, info.d_model, dtype=f64)
     n_positions = 0
 
-    def add(name: str) -> Callable[..., None]:
-        def hook(tensor: Tensor, hook: Any) -> None:
-            total = tensor[0].double().sum(0)
-            sums[name] = sums[name] + total if name in sums else total
+    def add(layer: LayerRun) -> None:
+        assert layer.pattern is not None  # on_layer sees every layer's pattern
+        mixed = torch.einsum("hts,shk->thk", layer.pattern.to(f64), layer.values.to(f64))
+        z[layer.index] += mixed.sum(0).cpu()
+        if layer.neuron_acts.shape[1]:
+            post[layer.index, : layer.neuron_acts.shape[1]] += (
+                layer.neuron_acts.sum(0).cpu().to(f64)
+            )
+        ffn[layer.index] += layer.mlp_update.sum(0).cpu().to(f64)
+        if layer.experts is not None:
+            parts = layer.experts.slot_outputs(f64) * layer.mlp_scale.to(f64)[:, None, None]
+            index = layer.experts.index.flatten().cpu()
+            experts[layer.index].index_add_(0, index, parts.flatten(0, 1).cpu())
 
-        return hook
-
-    z_names = [llm.hook_name("z", layer) for layer in range(n_layers)]
-    post_names = [llm.hook_name("neurons", layer) for layer in range(n_layers)]
-    hooks = [(n, add(n)) for n in z_names + post_names]
     for i, prompt in enumerate(prompts):
-        ids = llm.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        llm.logits_with_hooks(ids, hooks)
-        n_positions += len(ids)
+        run = llm.run(prompt, on_layer=add, keep_patterns=False)
+        n_positions += run.n_tokens
         if on_prompt is not None:
             on_prompt(i + 1, len(prompts))
-    dtype = torch.float32
+    f32 = torch.float32
     return MeanActivations(
-        z=torch.stack([sums[n] for n in z_names]).div(n_positions).to(dtype),
-        post=torch.stack([sums[n] for n in post_names]).div(n_positions).to(dtype),
+        z=z.div(n_positions).to(f32),
+        post=post.div(n_positions).to(f32),
         n_prompts=len(prompts),
         n_positions=n_positions,
         source=source,
+        ffn=ffn.div(n_positions).to(f32),
+        experts=experts.div(n_positions).to(f32),
     )
 
 
@@ -289,11 +360,18 @@ def mask_hooks(
     neurons: dict[int, Tensor],
     mode: Mode = "zero",
     means: MeanActivations | None = None,
+    *,
+    experts: dict[int, Tensor] | None = None,
+    blocks: dict[int, Tensor] | None = None,
 ) -> list[Hook]:
     """Hooks that replace, per layer, the ``attn.hook_z`` entries where ``heads[l]`` [T, H] is
-    True and the ``mlp.hook_post`` entries where ``neurons[l]`` [T, N] is True, by zero or by
-    ``means``. The dense-mask form of :func:`ablation_hooks`, for ablating many components."""
-    if mode == "mean" and means is None and (heads or neurons):
+    True and the dense-FFN neurons where ``neurons[l]`` [T, N] is True, by zero or by ``means``.
+    For mixture-of-experts layers, ``experts[l]`` [T, E] removes a routed expert's part at t
+    (its router weight becomes 0, the other experts' weights stay; mean mode then adds the
+    expert's mean part) and ``blocks[l]`` [T] replaces the whole FFN update at t. The dense-mask
+    form of :func:`ablation_hooks`, for ablating many components."""
+    experts, blocks = experts or {}, blocks or {}
+    if mode == "mean" and means is None and (heads or neurons or experts or blocks):
         raise InterventionError("mean ablation needs mean activations (a reference prompt file)")
 
     def replace(mask: Tensor, mean: Tensor | None) -> Callable[..., Tensor]:
@@ -320,7 +398,36 @@ def mask_hooks(
         for layer, mask in sorted(neurons.items())
         if bool(mask.any())
     ]
+    hooks += [
+        (llm.hook_name("experts", layer), replace(mask, None))
+        for layer, mask in sorted(experts.items())
+        if bool(mask.any())
+    ]
+    for layer in sorted(set(experts) | set(blocks)):
+        n_tokens = next(iter(experts.values() or blocks.values())).shape[0]
+        block = blocks.get(layer, torch.zeros(n_tokens, dtype=torch.bool))
+        added = None
+        if mode == "mean" and layer in experts and means is not None and means.experts is not None:
+            added = experts[layer].float() @ means.experts[layer]  # [T, D]
+        ffn_mean = mean_of(None if means is None else means.ffn, layer)
+        if bool(block.any()) or added is not None:
+            hooks.append((llm.hook_name("ffn", layer), _ffn_hook(block, ffn_mean, added)))
     return hooks
+
+
+def _ffn_hook(block: Tensor, mean: Tensor | None, added: Tensor | None) -> Callable[..., Tensor]:
+    """Replace the FFN update where ``block`` [T] is True (by 0 or ``mean`` [D]) and add
+    ``added`` [T, D] elsewhere."""
+
+    def hook(tensor: Tensor, hook: Any) -> Tensor:
+        out = tensor.clone()
+        m = block.to(tensor.device)
+        if added is not None:
+            out[0] = out[0] + torch.where(m[:, None], 0.0, added.to(tensor))
+        out[0][m] = 0 if mean is None else mean.to(tensor)
+        return out
+
+    return hook
 
 
 def ablation_hooks(
@@ -331,6 +438,8 @@ def ablation_hooks(
     info = llm.info
     heads: dict[int, Tensor] = {}
     neurons: dict[int, Tensor] = {}
+    experts: dict[int, Tensor] = {}
+    blocks: dict[int, Tensor] = {}
     cuts: dict[int, list[tuple[int | slice, int | slice, int | slice]]] = defaultdict(list)
     for h in ablation.heads:
         mask = heads.setdefault(h.layer, torch.zeros(n_tokens, info.n_heads, dtype=torch.bool))
@@ -343,8 +452,15 @@ def ablation_hooks(
         mask = neurons.setdefault(n.layer, torch.zeros(n_tokens, info.d_mlp, dtype=torch.bool))
         mask[slice(None) if n.position is None else n.position, n.neuron] = True
     for f in ablation.ffn:
-        mask = neurons.setdefault(f.layer, torch.zeros(n_tokens, info.d_mlp, dtype=torch.bool))
-        mask[slice(None) if f.position is None else f.position] = True
+        rows = slice(None) if f.position is None else f.position
+        if f.layer in info.moe_layers:
+            blocks.setdefault(f.layer, torch.zeros(n_tokens, dtype=torch.bool))[rows] = True
+        else:
+            mask = neurons.setdefault(f.layer, torch.zeros(n_tokens, info.d_mlp, dtype=torch.bool))
+            mask[rows] = True
+    for x in ablation.experts:
+        mask = experts.setdefault(x.layer, torch.zeros(n_tokens, info.n_experts, dtype=torch.bool))
+        mask[slice(None) if x.position is None else x.position, x.expert] = True
     for e in ablation.edges:
         cuts[e.layer].append((slice(None) if e.head is None else e.head, e.target, e.source))
 
@@ -357,6 +473,6 @@ def ablation_hooks(
 
         return hook
 
-    hooks = mask_hooks(llm, heads, neurons, ablation.mode, means)
+    hooks = mask_hooks(llm, heads, neurons, ablation.mode, means, experts=experts, blocks=blocks)
     hooks += [(llm.hook_name("pattern", layer), cut(p)) for layer, p in sorted(cuts.items())]
     return hooks

@@ -169,11 +169,36 @@ def neuron_update(run: ModelRun, layer: int, neuron: int, position: int) -> Tens
     ``b_out · mlp_scale[t]`` sum to the block's update.
     """
     layer_run = _layer(run, layer)
+    if layer_run.experts is not None:
+        raise LensError(
+            f"layer {layer_run.index} is a mixture of experts, which has no dense neurons; "
+            "read an expert's update instead"
+        )
     n = _index("neuron", neuron, layer_run.neuron_acts.shape[1])
     t = _index("position", position, run.n_tokens)
     f32 = torch.float32
     act = layer_run.neuron_acts[t, n].to(f32) * layer_run.mlp_scale[t].to(f32)
     return act * layer_run.W_out[n].to(f32)  # [D]
+
+
+def expert_update(run: ModelRun, layer: int, expert: int | None, position: int) -> Tensor:
+    """What one routed expert (``None``: the shared expert) of a mixture-of-experts layer wrote
+    at ``position`` → [D] float32: its router weight times its output (zero when it was not
+    routed to there), times the post-norm scale. The experts' updates sum to the block's."""
+    layer_run = _layer(run, layer)
+    ex = layer_run.experts
+    if ex is None:
+        raise LensError(f"layer {layer_run.index} has a dense FFN, not experts")
+    t = _index("position", position, run.n_tokens)
+    scale = layer_run.mlp_scale[t].float()
+    if expert is None:
+        shared = ex.shared_output()
+        if shared is None:
+            raise LensError(f"layer {layer_run.index} has no shared expert")
+        return shared[t] * scale
+    e = _index("expert", expert, ex.n_experts)
+    slots = ex.slot_outputs()[t]  # [k, D]
+    return (slots * (ex.index[t] == e).to(slots)[:, None]).sum(0) * scale
 
 
 # -- token tables -----------------------------------------------------------------------------

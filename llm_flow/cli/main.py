@@ -170,6 +170,7 @@ def _ablate(args: argparse.Namespace) -> None:
     from llm_flow.analyses.interventions import (
         Ablation,
         parse_edges,
+        parse_experts,
         parse_heads,
         parse_neurons,
         validate,
@@ -180,12 +181,13 @@ def _ablate(args: argparse.Namespace) -> None:
         neurons=parse_neurons(args.neurons),
         edges=parse_edges(args.edges),
         mode=args.mode,
+        experts=parse_experts(args.experts),
     )
 
     def checks() -> None:
         _contrast_pair(args)
         if ablation.is_empty:
-            raise InputError("nothing to ablate; pass --heads, --neurons and/or --edges")
+            raise InputError("nothing to ablate; pass --heads, --neurons, --experts and/or --edges")
         check_at_least("--top", args.top, 1)
         check_threshold(args.threshold)
 

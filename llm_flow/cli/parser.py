@@ -72,11 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--out", help="write here instead of stdout")
     _add_contrast_args(graph)
 
-    ablate = sub.add_parser("ablate", help="zero- or mean-ablate heads, neurons or edges")
+    ablate = sub.add_parser("ablate", help="zero- or mean-ablate heads, neurons, experts or edges")
     ablate.add_argument("--prompt", required=True, help="the text to analyse")
     _add_model_args(ablate)
     ablate.add_argument("--heads", default="", help="LAYER.HEAD[,…], e.g. 9.3,10.7")
     ablate.add_argument("--neurons", default="", help="LAYER.NEURON[,…], e.g. 5.120")
+    ablate.add_argument(
+        "--experts", default="", help="LAYER.EXPERT[,…] of mixture-of-experts layers, e.g. 3.1"
+    )
     ablate.add_argument(
         "--edges", default="", help="LAYER:SOURCE>TARGET or LAYER.HEAD:SOURCE>TARGET[,…]"
     )

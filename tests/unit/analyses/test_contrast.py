@@ -26,7 +26,7 @@ from llm_flow.analyses.contrast import (
     direct_effects,
     single_token,
 )
-from llm_flow.analyses.lens import direct_logits, head_update, neuron_update
+from llm_flow.analyses.lens import direct_logits, expert_update, head_update, neuron_update
 from llm_flow.engine.routes import find_route
 from llm_flow.engine.trace import Trace, trace
 from llm_flow.models.base import ModelRun
@@ -121,9 +121,16 @@ def test_head_and_neuron_direct_effects_match_the_lens_updates(
         for head in (0, 3):
             want = lens_diff(tr, head_update(run, layer, head, p), p, a, b)
             assert float(d.heads[layer, :, head].sum()) == pytest.approx(want, abs=1e-5)
-        for neuron in (0, 17):
-            want = lens_diff(tr, neuron_update(run, layer, neuron, p), p, a, b)
-            assert float(d.neurons[layer, neuron]) == pytest.approx(want, abs=1e-5)
+        if run.layers[layer].experts is None:
+            for neuron in (0, 17):
+                want = lens_diff(tr, neuron_update(run, layer, neuron, p), p, a, b)
+                assert float(d.neurons[layer, neuron]) == pytest.approx(want, abs=1e-5)
+        else:
+            assert torch.all(d.neurons[layer] == 0)
+            for expert in [*range(tr.llm.info.n_experts), None]:
+                want = lens_diff(tr, expert_update(run, layer, expert, p), p, a, b)
+                got = d.experts[layer, -1 if expert is None else expert]
+                assert float(got) == pytest.approx(want, abs=1e-5)
         whole_ffn = lens_diff(tr, run.layers[layer].mlp_update[p].float(), p, a, b)
         assert float(d.ffn[layer]) == pytest.approx(whole_ffn, abs=1e-4)
 
@@ -170,13 +177,19 @@ def test_attribution_is_activation_times_gradient(model: Trace) -> None:
     ) / (2 * eps)
     want = float(attr.head_values[layer, t, h])
     assert fd == pytest.approx(want, rel=0.03, abs=1e-6)
-    layer, t, n = torch.unravel_index(attr.neurons.abs().argmax(), attr.neurons.shape)
-    name, index = f"blocks.{int(layer)}.mlp.hook_post", (int(t), int(n))
+    if llm.info.moe_layers:  # the routed expert with the largest attribution: its router weight
+        routed = attr.experts[..., :-1]
+        layer, t, n = torch.unravel_index(routed.abs().argmax(), routed.shape)
+        name, want = llm.hook_name("experts", int(layer)), float(routed[layer, t, n])
+    else:
+        layer, t, n = torch.unravel_index(attr.neurons.abs().argmax(), attr.neurons.shape)
+        name, want = llm.hook_name("neurons", int(layer)), float(attr.neurons[layer, t, n])
+    index = (int(t), int(n))
     fd = (
         ld_with_scaled(llm, run, name, index, 1 + eps, *args)
         - ld_with_scaled(llm, run, name, index, 1 - eps, *args)
     ) / (2 * eps)
-    assert fd == pytest.approx(float(attr.neurons[layer, t, n]), rel=0.03, abs=1e-6)
+    assert fd == pytest.approx(want, rel=0.03, abs=1e-6)
 
 
 def test_head_attribution_splits_exactly_over_sources(model: Trace) -> None:

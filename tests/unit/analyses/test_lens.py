@@ -14,6 +14,7 @@ from llm_flow.analyses.lens import (
     TokenScore,
     block_update,
     direct_logits,
+    expert_update,
     head_update,
     logit_lens,
     neuron_update,
@@ -24,7 +25,7 @@ from llm_flow.analyses.lens import (
 )
 from llm_flow.engine.graph import FlowGraph
 from llm_flow.engine.trace import Trace, predictions_of, trace
-from llm_flow.errors import LlmFlowError
+from llm_flow.errors import LensError, LlmFlowError
 from llm_flow.models.base import Hook, HookSite, LayerRun, ModelInfo, ModelRun, TransparentLlm
 from tests.conftest import f32_tol
 from tests.tiny import ARCHS, VOCAB, prompt, tiny_llm
@@ -190,10 +191,15 @@ def test_neurons_plus_bias_reproduce_ffn_update(model: Trace) -> None:
     t = 3
     for layer in range(run.n_layers):
         lr = run.layers[layer]
-        n_neurons = lr.neuron_acts.shape[1]
-        neurons = torch.stack([neuron_update(run, layer, n, t) for n in range(n_neurons)])
         bias = lr.b_out.float() * lr.mlp_scale[t].float()
-        assert rel_err(neurons.sum(0) + bias, block_update(run, layer, "ffn", t)) < RTOL
+        if lr.experts is None:
+            n_neurons = lr.neuron_acts.shape[1]
+            parts = [neuron_update(run, layer, n, t) for n in range(n_neurons)]
+        else:  # a mixture of experts: each routed expert, then the shared one
+            experts = [*range(lr.experts.n_experts), None]
+            parts = [expert_update(run, layer, e, t) for e in experts]
+        total = torch.stack(parts).sum(0) + bias
+        assert rel_err(total, block_update(run, layer, "ffn", t)) < RTOL
 
 
 def test_neuron_update_keeps_the_sign_of_the_activation(
@@ -202,6 +208,10 @@ def test_neuron_update_keeps_the_sign_of_the_activation(
     run = model.run
     t, layer = 2, 1
     lr = run.layers[layer]
+    if lr.experts is not None:
+        with pytest.raises(LensError, match="no dense neurons"):
+            neuron_update(run, layer, 0, t)
+        return
     acts = lr.neuron_acts[t]
     negative = (acts < -1e-3).nonzero().flatten().tolist()
     assert negative, "the tiny model should have a neuron with a negative activation"

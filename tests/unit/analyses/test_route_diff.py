@@ -17,6 +17,7 @@ from llm_flow.analyses.ablation import ablated_logits, ablated_trace
 from llm_flow.analyses.interventions import (
     Ablation,
     EdgeRef,
+    ExpertRef,
     HeadRef,
     MeanActivations,
     NeuronRef,
@@ -40,12 +41,15 @@ def model(request: pytest.FixtureRequest) -> tuple[BridgeLlm, MeanActivations]:
     return llm, mean_activations(llm, [prompt(7, seed) for seed in (1, 2, 3)])
 
 
-def everything(mode: str) -> Ablation:
+def everything(mode: str, llm: BridgeLlm) -> Ablation:
+    """Heads, an edge and a neuron (for a mixture of experts: an expert) of layer 0."""
+    moe = bool(llm.info.moe_layers)
     return Ablation(
         heads=(HeadRef(1, 2), HeadRef(2, 0, position=5)),
-        neurons=(NeuronRef(0, 3),),
+        neurons=() if moe else (NeuronRef(0, 3),),
         edges=(EdgeRef(1, 2, 7),),
         mode="mean" if mode == "mean" else "zero",
+        experts=(ExpertRef(0, 1),) if moe else (),
     )
 
 
@@ -55,7 +59,7 @@ def test_ablated_trace_is_the_ablated_pass(
 ) -> None:
     llm, means = model
     text = prompt(N_TOKENS)
-    ablation = everything(mode)
+    ablation = everything(mode, llm)
     # Self-checks run on every layer of the traced run: passing them is part of this test.
     after = ablated_trace(trace(llm, text), ablation, means)
     run, graph = after.run, after.graph
@@ -72,7 +76,7 @@ def test_an_ablated_head_reads_from_no_token(
 ) -> None:
     llm, means = model
     plain = trace(llm, prompt(N_TOKENS)).run
-    run = ablated_trace(trace(llm, prompt(N_TOKENS)), everything(mode), means).run
+    run = ablated_trace(trace(llm, prompt(N_TOKENS)), everything(mode, llm), means).run
     rows = torch.arange(run.n_tokens)
     heads, _ = layer_head_contributions(run.layers[1], rows)  # [R, S, H], head 2 ablated
     assert float(heads[:, :, 2].abs().max()) == 0.0
@@ -80,7 +84,7 @@ def test_an_ablated_head_reads_from_no_token(
     assert float(plain_heads[:, :, 2].sum()) > 0  # it did read before
     # Ablated at position 5 only, a head still reads at the layer's other rows, exactly as in
     # the plain run (nothing upstream changed).
-    only = Ablation(heads=(HeadRef(2, 0, position=5),), mode=everything(mode).mode)
+    only = Ablation(heads=(HeadRef(2, 0, position=5),), mode=everything(mode, llm).mode)
     at_five, _ = layer_head_contributions(
         ablated_trace(trace(llm, prompt(N_TOKENS)), only, means).run.layers[2], rows
     )
@@ -95,7 +99,7 @@ def test_mean_ablation_books_the_mean_output_as_bias(
 ) -> None:
     llm, means = model
     plain = trace(llm, prompt(N_TOKENS)).run
-    run = ablated_trace(trace(llm, prompt(N_TOKENS)), everything("mean"), means).run
+    run = ablated_trace(trace(llm, prompt(N_TOKENS)), everything("mean", llm), means).run
     layer = run.layers[1]
     mean_output = means.z[1, 2].to(layer.W_O) @ layer.W_O[2]  # [D]
     extra = layer.token_b_O - plain.layers[1].token_b_O  # [T, D]

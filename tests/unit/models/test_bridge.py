@@ -38,7 +38,16 @@ EXPECTED_INFO: dict[str, dict[str, Any]] = {
     "gpt2-bias": {"n_kv_heads": 4, "d_mlp": 128, "post_norm": False, "parallel_blocks": False},
     "gemma3-postnorm": {"n_kv_heads": 1, "d_mlp": 48, "post_norm": True, "parallel_blocks": False},
     "neox-parallel": {"n_kv_heads": 4, "d_mlp": 48, "post_norm": False, "parallel_blocks": True},
+    "qwen2-moe": {
+        "n_kv_heads": 2,
+        "post_norm": False,
+        "parallel_blocks": False,
+        "n_experts": 4,
+        "experts_per_token": 2,
+        "moe_layers": (0, 1, 2),
+    },
 }
+DENSE_INFO = {"n_experts": 0, "experts_per_token": 0, "moe_layers": ()}
 
 
 @dataclasses.dataclass
@@ -173,10 +182,13 @@ def test_heads_sum_to_the_attention_update_on_every_layer(tiny: Tiny) -> None:
         assert rel_err(per_head * scale + layer.b_O.double() * scale, layer.attn_update) <= RTOL
 
 
-def test_neurons_sum_to_the_mlp_update_on_every_layer(tiny: Tiny) -> None:
+def test_neurons_or_experts_sum_to_the_mlp_update_on_every_layer(tiny: Tiny) -> None:
     for layer in tiny.run.layers:
         scale = layer.mlp_scale.double()[:, None]
         parts = layer.neuron_acts.double() @ layer.W_out.double() * scale
+        if layer.experts is not None:
+            assert layer.neuron_acts.shape[1] == 0
+            parts = parts + layer.experts.total(torch.float64) * scale
         assert rel_err(parts + layer.b_out.double() * scale, layer.mlp_update) <= RTOL
 
 
@@ -185,8 +197,9 @@ def test_layer_shapes(tiny: Tiny) -> None:
     for layer in tiny.run.layers:
         assert layer.values.shape == (n_tokens, info.n_heads, info.d_head)
         assert layer.W_O.shape == (info.n_heads, info.d_head, info.d_model)
-        assert layer.W_out.shape == (info.d_mlp, info.d_model)
-        assert layer.neuron_acts.shape == (n_tokens, info.d_mlp)
+        d_mlp = 0 if layer.experts is not None else info.d_mlp  # an MoE layer's parts: experts
+        assert layer.W_out.shape == (d_mlp, info.d_model)
+        assert layer.neuron_acts.shape == (n_tokens, d_mlp)
         assert layer.attn_scale.shape == layer.mlp_scale.shape == (n_tokens,)
         for bias in (layer.b_O, layer.b_out):
             assert isinstance(bias, Tensor)
@@ -296,6 +309,7 @@ def test_model_info(tiny: Tiny) -> None:
         "device": "cpu",
         "dtype": "float32",
         "prepends_bos": True,
+        **DENSE_INFO,
         **EXPECTED_INFO[tiny.arch],
     }
     info = tiny.llm.info.to_dict()
@@ -449,7 +463,8 @@ def test_concurrent_runs_on_one_model_do_not_mix() -> None:
 
 def test_hook_names_read_what_each_site_holds(tiny: Tiny) -> None:
     """Each HookSite's hook sees the activation the run captured under its own name (z: the
-    mixed values Σ_s A·v, pattern, neuron activations), in every layer."""
+    mixed values Σ_s A·v, pattern, neuron activations, FFN update, router weights), in every
+    layer."""
     llm, run = tiny.llm, tiny.run
     seen: dict[str, Tensor] = {}
 
@@ -459,14 +474,29 @@ def test_hook_names_read_what_each_site_holds(tiny: Tiny) -> None:
 
         return hook
 
-    sites = ("z", "pattern", "neurons")
-    names = {(s, layer): llm.hook_name(s, layer) for s in sites for layer in range(run.n_layers)}
+    moe = set(llm.info.moe_layers)
+    names = {
+        (s, layer): llm.hook_name(s, layer)
+        for layer in range(run.n_layers)
+        for s in ("z", "pattern", "ffn", "experts" if layer in moe else "neurons")
+    }
     assert len(set(names.values())) == len(names)
     llm.logits_with_hooks(run.token_ids, [(n, grab(n)) for n in names.values()])
     for layer, captured in enumerate(run.layers):
         assert captured.pattern is not None
         assert torch.equal(seen[names["pattern", layer]], captured.pattern)
-        assert torch.equal(seen[names["neurons", layer]], captured.neuron_acts)
+        assert torch.equal(seen[names["ffn", layer]], captured.mlp_update)
+        if captured.experts is None:
+            assert torch.equal(seen[names["neurons", layer]], captured.neuron_acts)
+            with pytest.raises(ValueError, match="dense FFN"):
+                llm.hook_name("experts", layer)
+        else:  # the router weights, dense over the experts: zero where none was chosen
+            ex = captured.experts
+            weights = seen[names["experts", layer]]  # [T, E]
+            assert torch.equal(weights.gather(-1, ex.index.long()), ex.weight)
+            assert int((weights != 0).sum()) == ex.index.numel()
+            with pytest.raises(ValueError, match="no dense neurons"):
+                llm.hook_name("neurons", layer)
         z = seen[names["z", layer]]  # [T, H, d_head]
         mixed = torch.einsum("hts,shk->thk", captured.pattern, captured.values)
         # float32 sums over T = 10 sources of |A·v| ≤ max|v|
