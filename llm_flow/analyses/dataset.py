@@ -9,6 +9,10 @@ The head-frequency analysis of Ferrando & Voita 2024 ("Information Flow Routes",
   (per-head parts normalized together with the residual, as the LLM Transparency Tool does; raw
   weights, no renormalization).
 - An **FFN block** l appears in class c when some ``M{l}_t`` with t in c is on the route.
+- A routed **expert** (l, e) of a mixture-of-experts layer appears in class c when some
+  ``M{l}_t`` on the route with t in c has an expert contribution of e of at least τ (expert parts
+  normalized together with the FFN bias and the residual, like neurons); the **shared expert**
+  of such a layer is counted the same way (kind ``shared_expert``).
 - Position classes: ``last`` (t is the last token, the route's output position) and ``other``.
 
 Per (kind, layer, head, position_class): ``count`` = prompts in which it appears, ``frequency``
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from llm_flow.engine.graph import layer_expert_contributions
 from llm_flow.engine.routes import DEFAULT_THRESHOLD, Route, find_route, route_head_weights
 from llm_flow.engine.trace import trace
 from llm_flow.errors import DatasetError
@@ -40,6 +45,7 @@ COLUMNS = (
     "kind",
     "layer",
     "head",
+    "expert",
     "position_class",
     "count",
     "n_prompts",
@@ -48,7 +54,17 @@ COLUMNS = (
     "mean_weight",
 )
 TABLE_SUFFIXES = (".csv", ".parquet")
-KEYS = ["kind", "layer", "head", "position_class"]
+_ROW_COLUMNS = (
+    "kind",
+    "layer",
+    "head",
+    "expert",
+    "position_class",
+    "count",
+    "appearances",
+    "weight_sum",
+)
+KEYS = ["kind", "layer", "head", "expert", "position_class"]
 
 
 @dataclass(frozen=True)
@@ -61,9 +77,22 @@ class Appearances:
     ffn: Tensor  # [L, 2] bool
     ffn_hits: Tensor  # [L, 2] number of FFN nodes on the route
     ffn_weight: Tensor  # [L, 2] sum of their edge weights
+    experts: Tensor  # [L, 2, E + 1] bool; the last column is the shared expert
+    expert_hits: Tensor  # [L, 2, E + 1] number of route FFN nodes where it reached τ
+    expert_weight: Tensor  # [L, 2, E + 1] sum of its contributions there
 
 
-_FIELDS = ("heads", "head_hits", "head_weight", "ffn", "ffn_hits", "ffn_weight")
+_FIELDS = (
+    "heads",
+    "head_hits",
+    "head_weight",
+    "ffn",
+    "ffn_hits",
+    "ffn_weight",
+    "experts",
+    "expert_hits",
+    "expert_weight",
+)
 
 
 def route_appearances(run: ModelRun, route: Route, threshold: float) -> Appearances:
@@ -82,6 +111,7 @@ def route_appearances(run: ModelRun, route: Route, threshold: float) -> Appearan
     ffn_cls = torch.stack([ffn_at[:, last], ffn_at.sum(1) - ffn_at[:, last]], 1)  # [L, 2]
     ffn_w = route.ffn_weights * route.ffn  # [L, T]
     ffn_weight = torch.stack([ffn_w[:, last], ffn_w.sum(1) - ffn_w[:, last]], 1)
+    expert_hits, expert_weight = _expert_appearances(run, route, threshold)
     return Appearances(
         heads=hits > 0,
         head_hits=hits,
@@ -89,7 +119,32 @@ def route_appearances(run: ModelRun, route: Route, threshold: float) -> Appearan
         ffn=ffn_cls > 0,
         ffn_hits=ffn_cls.float(),
         ffn_weight=ffn_weight,
+        experts=expert_hits > 0,
+        expert_hits=expert_hits,
+        expert_weight=expert_weight,
     )
+
+
+def _expert_appearances(run: ModelRun, route: Route, threshold: float) -> tuple[Tensor, Tensor]:
+    """(hits, weight sums) [L, 2, E + 1] of the experts of every MoE block on ``route``."""
+    n_experts = max((lr.experts.n_experts for lr in run.layers if lr.experts), default=0)
+    hits = torch.zeros(run.n_layers, 2, n_experts + 1)
+    weight = torch.zeros_like(hits)
+    last = route.positions[0]
+    for lr in run.layers:
+        rows = route.ffn[lr.index].nonzero().flatten()
+        if lr.experts is None or not len(rows):
+            continue
+        shares, _ = layer_expert_contributions(lr, rows.to(lr.resid_post.device))
+        shares = shares.cpu()  # [R, E + 1]
+        routed = torch.zeros_like(shares, dtype=torch.bool)  # unrouted experts are no part
+        routed.scatter_(1, lr.experts.index[rows].long().cpu(), True)
+        routed[:, -1] = lr.experts.shared_acts is not None
+        strong = routed & (shares >= threshold)
+        cls = (rows != last).long()  # 0 last, 1 other
+        hits[lr.index].index_add_(0, cls, strong.float())
+        weight[lr.index].index_add_(0, cls, torch.where(strong, shares, 0.0))
+    return hits, weight
 
 
 def dataset_frequencies(
@@ -125,6 +180,7 @@ def dataset_frequencies(
             "kind": "head",
             "layer": layer_idx[:, None, None].expand(-1, 2, n_heads).flatten().tolist(),
             "head": torch.arange(n_heads).expand(n_layers, 2, -1).flatten().tolist(),
+            "expert": None,
             "position_class": [POSITION_CLASSES[c] for c in [0, 1] for _ in range(n_heads)]
             * n_layers,
             "count": total.heads.long().flatten().tolist(),
@@ -137,19 +193,48 @@ def dataset_frequencies(
             "kind": "ffn",
             "layer": layer_idx[:, None].expand(-1, 2).flatten().tolist(),
             "head": None,
+            "expert": None,
             "position_class": list(POSITION_CLASSES) * n_layers,
             "count": total.ffn.long().flatten().tolist(),
             "appearances": total.ffn_hits.long().flatten().tolist(),
             "weight_sum": total.ffn_weight.flatten().tolist(),
         }
     )
-    frame = pd.concat([head_rows, ffn_rows], ignore_index=True)
+    parts = [head_rows, ffn_rows, _expert_rows(total, tr.run)]
+    frame = pd.concat([p for p in parts if len(p)], ignore_index=True)
     frame["n_prompts"] = n
     frame["frequency"] = frame["count"] / n
     hits = frame["appearances"].where(frame["appearances"] > 0, 1)
     frame["mean_weight"] = frame["weight_sum"].where(frame["appearances"] > 0, 0.0) / hits
-    frame = frame.astype({"head": "Int64"})
+    frame = frame.astype({"head": "Int64", "expert": "Int64", "layer": "int64"})
     return frame[list(COLUMNS)]
+
+
+def _expert_rows(total: Appearances, run: ModelRun) -> pd.DataFrame:
+    """Rows of the routed experts (and the shared expert, where the model has one) of every
+    mixture-of-experts layer."""
+    import pandas as pd
+
+    moe = [lr for lr in run.layers if lr.experts is not None]
+    shared = any(lr.experts is not None and lr.experts.shared_acts is not None for lr in moe)
+    rows = []
+    for lr in moe:
+        n_experts = total.experts.shape[-1] - 1
+        for e in range(n_experts + (1 if shared else 0)):
+            for c, cls in enumerate(POSITION_CLASSES):
+                rows.append(
+                    {
+                        "kind": "expert" if e < n_experts else "shared_expert",
+                        "layer": lr.index,
+                        "head": None,
+                        "expert": e if e < n_experts else None,
+                        "position_class": cls,
+                        "count": int(total.experts[lr.index, c, e]),
+                        "appearances": int(total.expert_hits[lr.index, c, e]),
+                        "weight_sum": float(total.expert_weight[lr.index, c, e]),
+                    }
+                )
+    return pd.DataFrame(rows, columns=list(_ROW_COLUMNS))
 
 
 @dataclass(frozen=True)

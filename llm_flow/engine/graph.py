@@ -20,6 +20,8 @@ from llm_flow.engine.contributions import (
     LayerContributions,
     head_contributions,
     layer_contributions,
+    normalize,
+    proximity,
 )
 from llm_flow.models.base import LayerRun, ModelRun
 
@@ -89,3 +91,30 @@ def layer_head_contributions(
     Σ_h differs from the token-level edge weight of :class:`FlowGraph`.
     """
     return head_contributions(**_attention_sum(layer), rows=rows, memory_budget=memory_budget)  # type: ignore[arg-type]
+
+
+def layer_expert_contributions(layer: LayerRun, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-expert contributions of a mixture-of-experts layer at ``rows`` [R] to the residual
+    after its FFN → (experts [R, E + 1], residual [R]); the last expert column is the shared
+    expert (0 without one).
+
+    The parts of ``resid_post[t]`` are each routed expert's part ``g_e(t) · E_e(x_t)``, the
+    shared expert's, the FFN bias and the residual the FFN wrote into, normalized together —
+    as the neurons of a dense FFN are. Experts not routed to at t get 0.
+    """
+    ex = layer.experts
+    if ex is None:
+        raise ValueError(f"layer {layer.index} has a dense FFN, not experts")
+    scale = layer.mlp_scale[rows].float()[:, None, None]
+    slots = ex.slot_outputs()[rows]  # [R, k, D]
+    shared = ex.shared_output()
+    shared_part = torch.zeros_like(slots[:, :1]) if shared is None else shared[rows, None]
+    bias = layer.b_out.expand_as(layer.resid_pre)[rows].float()[:, None]
+    base = layer.mlp_base[rows].float()[:, None]
+    parts = torch.cat([slots * scale, shared_part * scale, bias * scale, base], 1)
+    share = normalize(proximity(layer.resid_post[rows].float(), parts))  # [R, k + 3]
+    n_slots = slots.shape[1]
+    experts = torch.zeros(len(rows), ex.n_experts + 1, dtype=share.dtype, device=share.device)
+    experts.scatter_add_(1, ex.index[rows].long(), share[:, :n_slots])
+    experts[:, -1] = share[:, n_slots]
+    return experts, share[:, -1]

@@ -25,7 +25,8 @@ import torch
 from platformdirs import user_cache_dir
 
 from llm_flow.config import PACKAGED_MODEL_NAMES, PACKAGED_MODELS, ModelSpec
-from llm_flow.errors import DeviceError, ModelLoadError, OfflineError
+from llm_flow.errors import DeviceError, ModelLoadError, OfflineError, UnsupportedModelError
+from llm_flow.models.support import check_supported
 
 Progress = Callable[[str], None]
 
@@ -93,6 +94,8 @@ def _from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file is None:
+        _check_config(folder, what, **kw)
     say(f"Loading weights of {what}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra, **kw)
@@ -103,6 +106,17 @@ def _from_pretrained(
         # GGUF-loaded configs can lack it, and the bridge picks its adapter from it.
         model.config.architectures = [type(model).__name__]
     return model.eval(), tokenizer
+
+
+def _check_config(folder: Path | str, what: str, **kw: Any) -> None:
+    """Refuse a design llm-flow cannot decompose before its weights are read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, **kw)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model '{what}' from {folder}: {exc}") from exc
+    check_supported(config)
 
 
 def _packaged_folder(package: str, say: Progress) -> Path:
@@ -161,6 +175,8 @@ def _packaged_gguf(package: str, scratch: Path, say: Progress) -> Path:
 def _load_hub(name: str, say: Progress) -> tuple[Any, Any]:
     try:
         return _from_pretrained(name, say=say, what=name, local_files_only=True)
+    except UnsupportedModelError:
+        raise
     except ModelLoadError:
         pass
     if not _hub_reachable():

@@ -21,10 +21,11 @@ from llm_flow.analyses.dataset import (
 from llm_flow.analyses.faithfulness import head_mask
 from llm_flow.engine.routes import find_route
 from llm_flow.engine.trace import trace
+from llm_flow.models.base import LayerRun
 from llm_flow.models.bridge import BridgeLlm
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
-from tests.tiny import prompt, tiny_llm
+from tests.tiny import prompt, tiny_hf_model, tiny_llm, tiny_tokenizer
 
 TAU = 0.01
 PROMPTS = [prompt(n, seed=s) for s, n in enumerate((4, 6, 5, 7))]
@@ -195,3 +196,75 @@ def test_cli_errors_are_one_line(
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("llm-flow: error: ")
     assert needle in err
+
+
+# -- mixture of experts -----------------------------------------------------------------------
+
+
+def slow_expert_shares(layer: LayerRun, t: int) -> dict[int | None, float]:
+    """Each expert's share at t (None: the shared expert), from the definition in float64:
+    proximity of every part of resid_post[t] — routed expert parts, the shared expert's, the
+    bias, the residual — normalized over all of them."""
+    ex = layer.experts
+    assert ex is not None
+    y = layer.resid_post[t].double()
+    scale = float(layer.mlp_scale[t])
+    parts: dict[object, torch.Tensor] = {}
+    for slot in range(ex.index.shape[1]):
+        e = int(ex.index[t, slot])
+        out = ex.acts[t, slot].double() @ ex.W_out[e].double() + ex.b_out[e].double()
+        parts[e] = float(ex.weight[t, slot]) * out * scale
+    shared = ex.shared_output(torch.float64)
+    if shared is not None:
+        parts[None] = shared[t] * scale
+    parts["bias"] = layer.b_out.expand_as(layer.resid_pre)[t].double() * scale
+    parts["base"] = layer.mlp_base[t].double()
+    prox = {k: max(float(y.abs().sum() - (y - z).abs().sum()), 0.0) for k, z in parts.items()}
+    total = sum(prox.values())
+    return {k: v / total for k, v in prox.items() if k not in ("bias", "base")}  # type: ignore[misc]
+
+
+def loud_moe() -> BridgeLlm:
+    """The tiny MoE with expert outputs 30× larger, so experts carry route-sized shares."""
+    hf = tiny_hf_model("qwen2-moe")
+    with torch.no_grad():
+        for block in hf.model.layers:
+            block.mlp.experts.down_proj.mul_(30)
+            block.mlp.shared_expert.down_proj.weight.mul_(30)
+    return BridgeLlm("loud-moe", hf, tiny_tokenizer())
+
+
+def test_experts_are_counted_on_routes_as_heads_are() -> None:
+    moe = loud_moe()
+    tau = 0.02
+    table = dataset_frequencies(moe, PROMPTS, threshold=tau)
+    experts = table[table["kind"] == "expert"]
+    shared = table[table["kind"] == "shared_expert"]
+    assert len(experts) == L * 4 * 2 and len(shared) == L * 2
+    assert experts["expert"].notna().all() and experts["head"].isna().all()
+    assert table[table["kind"] == "ffn"]["expert"].isna().all()
+    want: dict[tuple[object, int, str], int] = {}
+    for text in PROMPTS:
+        tr = trace(moe, text)
+        route = find_route(tr.graph, [-1], tau, renormalize=False)
+        seen: set[tuple[object, int, str]] = set()
+        for layer, t in route.ffn.nonzero().tolist():
+            cls = "last" if t == tr.n_tokens - 1 else "other"
+            for e, share in slow_expert_shares(tr.run.layers[layer], t).items():
+                if share >= tau:
+                    seen.add((e, layer, cls))
+        for key in seen:
+            want[key] = want.get(key, 0) + 1
+    got = {
+        (None if kind == "shared_expert" else int(e), int(layer), cls): int(count)
+        for kind, e, layer, cls, count in zip(
+            table["kind"],
+            table["expert"],
+            table["layer"],
+            table["position_class"],
+            table["count"],
+            strict=True,
+        )
+        if kind in ("expert", "shared_expert") and count
+    }
+    assert got == want and sum(want.values()) > 0
