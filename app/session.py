@@ -40,6 +40,7 @@ DISTRACTOR = "distractor"
 EFFECTS_TABLE = "effects_table"
 ABLATE_HEADS = "ablate_heads"
 ABLATE_NEURONS = "ablate_neurons"
+ABLATE_EXPERTS = "ablate_experts"
 ABLATE_EDGE = "ablate_edge"
 ABLATION_MODE = "ablation_mode"
 MEAN_FILE = "mean_file"
@@ -129,6 +130,7 @@ def init_session(cfg: AppConfig) -> None:
     ss[DISTRACTOR] = params.get("distractor", "")
     ss[ABLATE_HEADS] = []
     ss[ABLATE_NEURONS] = ""
+    ss[ABLATE_EXPERTS] = []
     ss[ABLATE_EDGE] = False
     ss[ABLATION_MODE] = "zero"
     ss[_NOTICES] = notices

@@ -209,3 +209,15 @@ FAMILIES: dict[str, Family] = {
         ),
     ]
 }
+
+
+def mamba_config() -> Any:
+    """A tiny Mamba: the unsupported design the error tests load (state-space layers)."""
+    return tf.MambaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        state_size=4,
+        bos_token_id=0,
+        eos_token_id=1,
+    )

@@ -145,3 +145,33 @@ def neurons_figure(
         bargap=0.25,
     )
     return fig
+
+
+def experts_figure(
+    labels: Sequence[str],
+    contributions: Sequence[float],
+    router_weights: Sequence[float],
+    selected: str | None = None,
+) -> go.Figure:
+    """The experts of an MoE block at one token by contribution; hover: the router weight."""
+    outline = [3 if label == selected else 0 for label in labels]
+    fig = go.Figure(
+        go.Bar(
+            x=list(labels),
+            y=list(contributions),
+            marker={"color": POSITIVE, "line": {"width": outline, "color": HIGHLIGHT}},
+            customdata=np.array(list(router_weights))[:, None],
+            hovertemplate=(
+                "%{x}<br>contribution %{y:.4f}<br>router weight %{customdata[0]:.3f}<extra></extra>"
+            ),
+            showlegend=False,
+        )
+    )
+    fig.update_layout(
+        height=260,
+        margin=_MARGIN,
+        yaxis={"title": "contribution"},
+        xaxis={"type": "category"},
+        bargap=0.25,
+    )
+    return fig

@@ -1,5 +1,5 @@
-"""Interventions: ablate heads, neurons or the selected edge, compare the route before and after,
-and check the route's faithfulness.
+"""Interventions: ablate heads, neurons, experts or the selected edge, compare the route before
+and after, and check the route's faithfulness.
 
 Wiring only: :func:`llm_flow.analyses.ablation.ablate` (traced, so that
 :meth:`~llm_flow.analyses.ablation.AblationResult.route_diff` compares the routes at any τ) and
@@ -28,6 +28,7 @@ from llm_flow.analyses.interventions import (
     EdgeRef,
     MeanActivations,
     Mode,
+    parse_experts,
     parse_heads,
     parse_neurons,
 )
@@ -122,7 +123,9 @@ def _means(ctx: Context, name: str | None) -> tuple[MeansKey | None, MeanActivat
     return key, means
 
 
-def _ablation(heads: list[str], neurons: str, edge: Selection | None, mode: Mode) -> Ablation:
+def _ablation(
+    heads: list[str], neurons: str, experts: list[str], edge: Selection | None, mode: Mode
+) -> Ablation:
     edges: tuple[EdgeRef, ...] = ()
     if edge is not None and edge.source is not None:
         edges = (EdgeRef(edge.layer, edge.source, edge.token),)
@@ -131,10 +134,11 @@ def _ablation(heads: list[str], neurons: str, edge: Selection | None, mode: Mode
         neurons=parse_neurons(neurons),
         edges=edges,
         mode=mode,
+        experts=parse_experts(",".join(experts)),
     )
     if ablation.is_empty:
         raise InterventionError(
-            "nothing to ablate; choose heads, type neurons or tick the selected edge"
+            "nothing to ablate; choose heads or experts, type neurons or tick the selected edge"
         )
     return ablation
 
@@ -149,7 +153,8 @@ def _shown(shown: AblationKey | FaithfulnessKey | None, ctx: Context) -> bool:
 
 def ablation_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
     info = ctx.model.llm.info
-    st.markdown("**Ablate** heads, neurons or the selected attention edge, and re-run")
+    units = "heads, experts, neurons" if info.moe_layers else "heads, neurons"
+    st.markdown(f"**Ablate** {units} or the selected attention edge, and re-run")
     left, middle, right = st.columns([3, 2, 2])  # room for a few head tags
     heads = left.multiselect(
         "Heads (layer.head)",
@@ -157,11 +162,23 @@ def ablation_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
         key=session.ABLATE_HEADS,
         placeholder="e.g. 23.0",
     )
-    neurons = middle.text_input(
-        "Neurons (layer.neuron, …)",
-        key=session.ABLATE_NEURONS,
-        placeholder=f"e.g. 5.120, 7.3 (0 … {info.d_mlp - 1})",
-    )
+    experts: list[str] = []
+    if info.moe_layers:
+        experts = middle.multiselect(
+            "Experts (layer.expert)",
+            [f"{layer}.{e}" for layer in info.moe_layers for e in range(info.n_experts)],
+            key=session.ABLATE_EXPERTS,
+            placeholder="e.g. 3.1",
+            help="A routed expert's router weight becomes 0 at every token (mean: its mean "
+            "part is added instead); the other experts keep theirs.",
+        )
+    neurons = ""
+    if len(info.moe_layers) < info.n_layers:  # some layers have dense FFNs
+        neurons = middle.text_input(
+            "Neurons (layer.neuron, …)",
+            key=session.ABLATE_NEURONS,
+            placeholder=f"e.g. 5.120, 7.3 (0 … {info.d_mlp - 1})",
+        )
     selection = ctx.selection
     edge = selection if selection is not None and selection.kind == "attention" else None
     with right:
@@ -172,7 +189,7 @@ def ablation_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
             use_edge = st.checkbox(f"the selected edge {edge.id}", key=session.ABLATE_EDGE)
     if st.button("Run ablation", key="run_ablation"):
         try:
-            ablation = _ablation(heads, neurons, edge if use_edge else None, mode)
+            ablation = _ablation(heads, neurons, experts, edge if use_edge else None, mode)
             means_key, means = _means(ctx, mean_file)
             key = AblationKey(ctx.cached.key, ctx.position, ablation, means_key, ctx.pair)
             bar = st.progress(0.0, text="Running the model with the ablation…")
@@ -184,7 +201,7 @@ def ablation_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
             bar.empty()
             session.show_ablation(key)
         except LlmFlowError as exc:
-            show_error(exc, "Fix the heads or neurons above and run the ablation again.")
+            show_error(exc, "Fix the components above and run the ablation again.")
     shown = session.shown_ablation()
     result = cache.cached_ablation(shown) if shown is not None and _shown(shown, ctx) else None
     if result is not None:
@@ -195,7 +212,9 @@ def ablation_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
 def _before_after(result: AblationResult, pair: tuple[str, str] | None) -> None:
     what = result.ablation.to_dict()
     parts = [
-        f"{name} {', '.join(what[name])}" for name in ("heads", "neurons", "edges") if what[name]
+        f"{name} {', '.join(what[name])}"
+        for name in ("heads", "neurons", "experts", "edges")
+        if what[name]
     ]
     how = f"mean over {result.means_source}" if result.means_source else what["mode"]
     st.caption(f"Ablated ({how}): {'; '.join(parts)}.")

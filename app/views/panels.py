@@ -3,7 +3,8 @@
 - attention edge → heads panel: each head's share of the edge, the chosen head's attention and
   contribution maps, and the tokens it promotes or suppresses at the target position;
 - FFN block → neuron panel: the top neurons by contribution (activation sign shown), and the
-  chosen neuron's (or the whole block's) promoted and suppressed tokens;
+  chosen neuron's (or the whole block's) promoted and suppressed tokens; for a mixture of
+  experts, the experts panel (``app/views/experts.py``);
 - residual node → logit lens with rank changes, and what the block just below it wrote.
 
 The math is llm-flow's (``engine.graph``, ``engine.contributions``, ``analyses.lens``); this
@@ -22,6 +23,7 @@ from app.cache import CachedTrace
 from app.figures import panels as panel_figures
 from app.figures import tables
 from app.selection import Selection
+from app.views.experts import experts_panel
 from llm_flow.analyses.lens import (
     block_update,
     head_update,
@@ -207,6 +209,11 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
         f"Layer {layer} at {_token(tokens, t)}. Share of {node_id('I', layer, t)}: FFN "
         f"**{float(graph.ffn[layer, t]):.3f}**, residual {float(graph.ffn_residual[layer, t]):.3f}."
     )
+    if layer_run.experts is not None:
+        experts_panel(
+            selection, run, _token(tokens, t), lambda update, at: _token_tables(ctx, update, at)
+        )
+        return
     neurons, bias, residual = neuron_contributions(
         layer_run.resid_post[t],
         layer_run.mlp_base[t],

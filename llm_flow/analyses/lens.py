@@ -201,6 +201,25 @@ def expert_update(run: ModelRun, layer: int, expert: int | None, position: int) 
     return (slots * (ex.index[t] == e).to(slots)[:, None]).sum(0) * scale
 
 
+def expert_neuron_update(
+    run: ModelRun, layer: int, expert: int | None, neuron: int, position: int
+) -> Tensor:
+    """What one neuron of a routed expert (``None``: the shared expert) wrote at ``position`` →
+    [D] float32: router weight × activation × its output row × the post-norm scale, the sign
+    kept. Zero when the expert was not routed to there."""
+    layer_run = _layer(run, layer)
+    ex = layer_run.experts
+    if ex is None:
+        raise LensError(f"layer {layer_run.index} has a dense FFN, not experts")
+    t = _index("position", position, run.n_tokens)
+    parts = ex.neurons(t, None if expert is None else _index("expert", expert, ex.n_experts))
+    if parts is None:
+        return torch.zeros(layer_run.resid_post.shape[-1], device=layer_run.resid_post.device)
+    acts, W_out, _ = parts
+    n = _index("neuron", neuron, acts.shape[0])
+    return acts[n].float() * layer_run.mlp_scale[t].float() * W_out[n].float()
+
+
 # -- token tables -----------------------------------------------------------------------------
 
 

@@ -104,6 +104,20 @@ class ExpertRun:
             dtype
         )
 
+    def neurons(self, t: int, expert: int | None) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The neurons of ``expert`` (None: the shared expert) at token t, router weight folded
+        into the activations: (acts [d], W_out [d, D], b_out [D]) with ``acts @ W_out + b_out``
+        its part; None when the expert was not routed to at t (or there is no shared one)."""
+        if expert is None:
+            if self.shared_acts is None or self.shared_W_out is None or self.shared_b_out is None:
+                return None
+            return self.shared_acts[t], self.shared_W_out, self.shared_b_out[t]
+        slots = (self.index[t] == expert).nonzero().flatten().tolist()
+        if not slots:
+            return None
+        g = self.weight[t, slots[0]]
+        return self.acts[t, slots[0]] * g, self.W_out[expert], self.b_out[expert] * g
+
     def total(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Σ of every expert part → [T, D] (before the post-norm scale)."""
         routed = self.slot_outputs(dtype).sum(1)

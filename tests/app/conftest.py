@@ -12,7 +12,10 @@ import pytest
 from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
-from tests.tiny import prompt, tiny_hf_model, tiny_tokenizer
+from tests.families import mamba_config
+from tests.tiny import prompt, random_model, tiny_hf_model, tiny_tokenizer
+
+ARCHS_IN_APP = ("llama-gqa", "neox-parallel", "qwen2-moe")
 
 PROMPT_LIMIT = 120
 # Tiny-model prompts (its vocabulary is w0 … w60); the first is the default.
@@ -22,11 +25,13 @@ FILE_PROMPTS = [prompt(5, seed=4), prompt(7, seed=5)]
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny models saved like downloaded weights: one sequential, one with parallel blocks."""
+    """Tiny models saved like downloaded weights: sequential, parallel blocks, a mixture of
+    experts, and a Mamba (unsupported)."""
     dirs = {}
-    for arch in ("llama-gqa", "neox-parallel"):
+    models: dict[str, Any] = {arch: tiny_hf_model(arch) for arch in ARCHS_IN_APP}
+    models["mamba"] = random_model(mamba_config())  # a design llm-flow refuses
+    for arch, model in models.items():  # transformers PreTrainedModels
         folder = tmp_path_factory.mktemp(f"model-{arch}")
-        model: Any = tiny_hf_model(arch)  # a transformers PreTrainedModel
         model.save_pretrained(folder)
         tiny_tokenizer().save_pretrained(folder)
         dirs[arch] = folder
@@ -43,6 +48,8 @@ def write_config(folder: Path, model_dirs: dict[str, Path], *, demo_mode: bool =
         "models": {
             "tiny": {"source": "local", "path": str(model_dirs["llama-gqa"])},
             "tiny-parallel": {"source": "local", "path": str(model_dirs["neox-parallel"])},
+            "tiny-moe": {"source": "local", "path": str(model_dirs["qwen2-moe"])},
+            "tiny-mamba": {"source": "local", "path": str(model_dirs["mamba"])},
         },
         "default_model": "tiny",
         "demo_mode": demo_mode,

@@ -28,6 +28,15 @@ def test_unknown_and_broken_models_show_an_error_and_the_app_keeps_serving() -> 
     assert_serving(at)
 
 
+def test_an_unsupported_design_is_one_error_line_and_the_app_keeps_serving() -> None:
+    at = start({"model": "tiny-mamba"})
+    assert not at.exception
+    assert "MambaForCausalLM is not supported" in errors(at)
+    assert "state-space" in errors(at) and "supported families" in errors(at)
+    at.selectbox(key=session.MODEL).set_value("tiny").run()
+    assert_serving(at)
+
+
 def test_a_broken_config_file_is_reported(tmp_path: Path) -> None:
     broken = tmp_path / "broken.json"
     broken.write_text('{"models": {"m": {"source": "nowhere"}}}', encoding="utf-8")

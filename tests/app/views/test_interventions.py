@@ -203,3 +203,17 @@ def test_demo_mode_offers_zero_ablation_only(demo_config_path: Any) -> None:
         at = start()
     assert_serving(at)
     assert at.radio(key=session.ABLATION_MODE).options == ["zero"]
+
+
+def test_a_mixture_of_experts_offers_experts_instead_of_neurons() -> None:
+    at = start({"model": "tiny-moe", "threshold": "0"})
+    assert_serving(at)
+    experts = at.multiselect(key=session.ABLATE_EXPERTS)
+    assert "2.3" in experts.options and len(experts.options) == 3 * 4  # 3 MoE layers × 4
+    assert not [t for t in at.text_input if t.key == session.ABLATE_NEURONS]  # no dense FFN
+    at.radio(key=session.ABLATION_MODE).set_value("mean").run()
+    at.multiselect(key=session.ABLATE_EXPERTS).set_value(["0.1", "2.3"])
+    at.button(key="run_ablation").click().run()
+    assert_serving(at)
+    caption = next(c.value for c in at.caption if c.value.startswith("Ablated"))
+    assert "experts 0.1, 2.3" in caption and "mean over more.txt" in caption

@@ -80,3 +80,36 @@ def test_panels_work_for_parallel_blocks() -> None:
         assert_serving(at)
         assert subheaders(at)
     assert "The embedding at" in markdown(at)
+
+
+def test_the_ffn_panel_of_a_mixture_of_experts_shows_experts_then_neurons() -> None:
+    from app.views.experts import SHARED, WHOLE
+
+    at = start({"model": "tiny-moe", "threshold": "0"})
+    assert_serving(at)
+    block = next(i for i in graph_ids(at) if i.startswith("M"))
+    at.session_state[session.SELECTION] = block
+    at.run()
+    assert_serving(at)
+    assert subheaders(at)[-1] == f"FFN block {block}"
+    expert = at.selectbox(key=f"expert|{block}")
+    assert expert.value.startswith("e")  # the expert that contributes most
+    # The whole block, the 2 routed experts (by their router weights), the shared one.
+    assert expert.options[0] == WHOLE and expert.options[-1] == "shared expert (always on)"
+    assert len(expert.options) == 1 + 2 + 1
+    assert all("router weight" in o for o in expert.options[1:3])
+    assert any("router weight" in c.value for c in at.caption)
+    chosen = int(expert.value[1:])
+    neuron = at.selectbox(key=f"expert_neuron|{block}|{chosen}")
+    assert neuron.value == -1  # all of the expert first
+    top = int(neuron.options[1].removeprefix("neuron "))
+    neuron.set_value(top).run()
+    assert_serving(at)
+    assert any(f"of expert {chosen} promotes" in m for m in markdown(at).split(" | "))
+    at.selectbox(key=f"expert|{block}").set_value(SHARED).run()
+    assert_serving(at)
+    assert "Tokens the shared expert promotes" in markdown(at)
+    at.selectbox(key=f"expert|{block}").set_value(WHOLE).run()
+    assert_serving(at)
+    assert "whole FFN block promotes" in markdown(at)
+    assert len(at.dataframe) >= 2

@@ -16,13 +16,10 @@ from llm_flow.errors import UnsupportedModelError
 from llm_flow.models import load_model, wrap_hf
 from llm_flow.models.support import TESTED_ARCHITECTURES, check_supported
 from tests.cli_runner import run_cli
+from tests.families import mamba_config
 from tests.tiny import prompt, random_model, tiny_tokenizer
 
 SMALL = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2}
-
-
-def mamba() -> tf.PretrainedConfig:
-    return tf.MambaConfig(**SMALL, state_size=4, bos_token_id=0, eos_token_id=1)
 
 
 def qwen3_next() -> tf.PretrainedConfig:
@@ -43,7 +40,7 @@ def qwen3_next() -> tf.PretrainedConfig:
 @pytest.mark.parametrize(
     ("config", "what"),
     [
-        (mamba, "state-space"),
+        (mamba_config, "state-space"),
         (qwen3_next, "gated-delta-net"),
         (lambda: tf.JambaConfig(**SMALL), "Mamba"),
         (lambda: tf.T5Config(vocab_size=64, d_model=32), "an encoder and a decoder"),
@@ -66,7 +63,7 @@ def test_supported_configs_pass() -> None:
 
 
 def test_wrapping_a_mamba_model_is_an_unsupported_model_error() -> None:
-    model = random_model(mamba())
+    model = random_model(mamba_config())
     with pytest.raises(UnsupportedModelError, match="MambaForCausalLM is not supported"):
         wrap_hf("mamba", model, tiny_tokenizer(), device="cpu", dtype=torch.float32)
     with pytest.raises(UnsupportedModelError, match="state-space"):
@@ -90,7 +87,7 @@ def test_a_layout_the_bridge_trips_on_is_an_error_too(monkeypatch: pytest.Monkey
 @pytest.fixture(scope="module")
 def mamba_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("mamba")
-    random_model(mamba()).save_pretrained(folder)
+    random_model(mamba_config()).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
@@ -115,6 +112,6 @@ def test_the_cli_prints_one_line_and_exits_2(
 
 def test_the_tested_architectures_are_listed_in_the_message() -> None:
     with pytest.raises(UnsupportedModelError) as err:
-        check_supported(mamba())
+        check_supported(mamba_config())
     for name in TESTED_ARCHITECTURES:
         assert name.removesuffix("ForCausalLM") in str(err.value)
