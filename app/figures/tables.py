@@ -79,10 +79,10 @@ def effect_ids(table: pd.DataFrame) -> tuple[str, ...]:
 
 
 def effect_units(table: pd.DataFrame) -> tuple[int | None, ...]:
-    """Each row's head (head rows) or neuron (neuron rows); ``None`` for FFN blocks."""
+    """Each row's head, neuron or routed expert; ``None`` for FFN blocks and shared experts."""
+    column = {"head": "head", "neuron": "neuron", "expert": "expert"}
     return tuple(
-        int(h) if k == "head" else int(n) if k == "neuron" else None
-        for k, h, n in zip(table["kind"], table["head"], table["neuron"], strict=True)
+        int(table[column[k]].iloc[i]) if k in column else None for i, k in enumerate(table["kind"])
     )
 
 

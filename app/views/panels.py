@@ -46,6 +46,7 @@ TOP_NEURONS = 20
 # when asked for: it costs a per-head pass over T² (source, query) pairs.
 HEAD_MAP_AUTO_TOKENS = 256
 ALL = -1  # the "all heads" / "whole block" choice
+SINK_SHOWN = 1e-3  # attention-sink shares below this are rounding, not a sink
 PLOTLY_CONFIG = {
     "displaylogo": False,
     "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"],
@@ -143,9 +144,18 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
             st.caption("This run kept no attention patterns.")
         else:
             attention = pattern.mean(0) if head is None else pattern[head]
+            sinks = layer_run.sink_share()
+            assert sinks is not None  # the pattern is there
+            sink = float(sinks[:, t].mean() if head is None else sinks[head, t])
             st.caption(
                 ("Mean attention over heads" if head is None else f"Attention of head {head}")
                 + " (query rows, source columns); the edge's cell is outlined."
+                + (
+                    f" At {_token(tokens, t)} a share of {sink:.3f} goes to the attention "
+                    "sink (no token: it writes nothing), so the row sums to less than 1."
+                    if sink > SINK_SHOWN
+                    else ""
+                )
             )
             st.plotly_chart(
                 panel_figures.heatmap_figure(

@@ -185,6 +185,15 @@ class LayerRun:
         """
         return torch.einsum("shk,hkd->shd", self.values.to(dtype), self.W_O.to(dtype))
 
+    def sink_share(self) -> Tensor | None:
+        """Each head's share of attention given to no token, ``1 − Σ_s pattern`` → [H, T]:
+        the attention sink of GPT-OSS-style heads (a softmax logit without a value), kept as
+        its own part of the pattern rather than renormalized away; ≈ 0 without sinks. None
+        once the pattern is dropped."""
+        if self.pattern is None:
+            return None
+        return (1 - self.pattern.float().sum(-1)).clamp_min(0)
+
     def without_pattern(self) -> LayerRun:
         """A copy that no longer holds the [H, T, T] attention pattern."""
         return replace(self, pattern=None)

@@ -133,3 +133,16 @@ def test_route_diff_table_names_the_tokens_each_edge_connects() -> None:
     assert list(table["edge"]) == ["I0_1 → A1_3", "A1_3 → M1_3"]
     assert list(table["tokens"]) == ["␣a → ␣c", "␣c"]
     assert list(table["change"]) == pytest.approx([-0.5, 0.1])
+
+
+def test_expert_rows_map_to_their_expert() -> None:
+    traced = trace(tiny_llm("qwen2-moe"), prompt(6))
+    route = find_route(traced.graph, [-1], threshold=0.0, renormalize=True)
+    table = effect_table(analyse_contrast(traced, route, "w3", "w4").frame(), traced.tokens)
+    units = effect_units(table)
+    kinds = set(table["kind"])
+    assert {"expert", "shared_expert"} <= kinds and "neuron" not in kinds
+    for kind, expert, unit in zip(table["kind"], table["expert"], units, strict=True):
+        assert unit == (int(expert) if kind == "expert" else unit)
+        if kind == "shared_expert":
+            assert unit is None

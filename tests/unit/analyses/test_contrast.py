@@ -400,3 +400,24 @@ def test_graph_contrast_errors_are_one_line(
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("llm-flow: error: ")
     assert needle in err
+
+
+def test_moe_effect_rows_are_the_routed_and_shared_experts_of_each_block() -> None:
+    tr = trace(tiny_llm("qwen2-moe"), prompt(6, seed=2))
+    route = find_route(tr.graph, [-1], 0.0)
+    analysis = analyse_contrast(tr, route, TARGET, DISTRACTOR)
+    rows = [r for r in analysis.rows if r.kind in ("expert", "shared_expert")]
+    p = analysis.direct.position
+    for layer, t in route.ffn.nonzero().tolist():
+        ex = tr.run.layers[layer].experts
+        assert ex is not None
+        at = [r for r in rows if (r.layer, r.target) == (layer, t)]
+        assert sorted(r.expert for r in at if r.kind == "expert") == sorted(ex.index[t].tolist())
+        assert sum(r.kind == "shared_expert" for r in at) == 1
+        # The block's direct effect and attribution are exactly its experts' (no bias here).
+        block = next(r for r in analysis.rows if (r.kind, r.layer, r.target) == ("ffn", layer, t))
+        assert block.direct_effect == pytest.approx(sum(r.direct_effect for r in at), abs=1e-6)
+        assert block.attribution == pytest.approx(sum(r.attribution for r in at), abs=1e-6)
+        if t != p:
+            assert all(r.direct_effect == 0 for r in at)
+    assert analysis.frame()["expert"].notna().sum() == sum(r.kind == "expert" for r in rows)

@@ -6,6 +6,9 @@ HF model, and the first layer's FFN update minus (or plus) the exact expert part
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,7 +26,8 @@ from llm_flow.analyses.interventions import (
 )
 from llm_flow.engine.trace import trace
 from llm_flow.models.bridge import BridgeLlm
-from tests.conftest import f32_tol
+from tests.cli_runner import run_cli
+from tests.conftest import SavedTiny, f32_tol
 from tests.tiny import prompt, tiny_hf_model, tiny_llm, tiny_tokenizer
 
 TEXT = prompt(9, seed=4)
@@ -120,3 +124,23 @@ def test_a_dense_model_has_no_experts_to_ablate() -> None:
     dense = tiny_llm("llama-gqa")
     with pytest.raises(InterventionError, match="dense FFN.*the model is dense"):
         validate(Ablation(experts=(ExpertRef(0, 1),)), dense.info, 5)
+
+
+def test_cli_ablates_experts_and_reports_bad_ones_in_one_line(
+    capsys: pytest.CaptureFixture[str], saved_tiny: SavedTiny, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.json"
+    models = {"moe": {"source": "local", "path": str(saved_tiny("qwen2-moe"))}}
+    config.write_text(json.dumps({"models": models}), encoding="utf-8")
+    base = ("ablate", "--config", str(config), "--prompt", TEXT)
+    code, out, err = run_cli(capsys, *base, "--experts", "1.2,2.0")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["ablated"]["experts"] == ["1.2", "2.0"]
+    assert data["before"]["top"] != data["after"]["top"]
+    for bad, message in (("1.9", "experts 0..3"), ("x", "LAYER.EXPERT")):
+        code, out, err = run_cli(capsys, *base, "--experts", bad)
+        assert code == 2 and out == "" and message in err
+        assert len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, *base, "--neurons", "0.3")
+    assert code == 2 and "no dense neurons" in err

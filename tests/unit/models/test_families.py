@@ -164,3 +164,21 @@ def _moe_input(case: Case, layer: int) -> Tensor:
     finally:
         handle.remove()
     return seen[0].reshape(-1, seen[0].shape[-1])
+
+
+def test_attention_sinks_keep_their_share_of_the_softmax() -> None:
+    """GPT-OSS: each head's sink takes part of the softmax and writes nothing; the pattern
+    keeps exactly HF's probabilities of the tokens, so its rows sum to 1 − the sink's share."""
+    case = _case("GPT-OSS")
+    sinks = [layer.sink_share() for layer in case.run.layers]
+    assert all(s is not None and float(s.min()) > 0.01 for s in sinks)  # randomized sinks
+    hf = random_model(FAMILIES["GPT-OSS"].config())
+    hf.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = hf(torch.tensor([case.run.token_ids]), output_attentions=True)
+    for layer, probs in zip(case.run.layers, out.attentions, strict=True):
+        assert layer.pattern is not None
+        n = case.run.n_tokens
+        torch.testing.assert_close(layer.pattern, probs[0, :, :, :n], rtol=0, atol=RTOL)
+    dense = _case("Llama 3").run.layers[0].sink_share()
+    assert dense is not None and float(dense.max()) <= f32_tol(terms=case.run.n_tokens + 1)
