@@ -436,6 +436,12 @@ def ablation_hooks(
     """Forward hooks that apply ``ablation`` (already validated) to a prompt of ``n_tokens``
     tokens: one boolean mask per hooked layer, replaced in one step."""
     info = llm.info
+    if ablation.edges and not llm.edits_pattern():
+        raise InterventionError(
+            f"{info.architecture}'s attention computes its pattern inside a module "
+            "TransformerLens cannot edit, so attention edges cannot be ablated in this model; "
+            "ablate heads instead"
+        )
     heads: dict[int, Tensor] = {}
     neurons: dict[int, Tensor] = {}
     experts: dict[int, Tensor] = {}

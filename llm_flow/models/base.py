@@ -308,6 +308,11 @@ class TransparentLlm(ABC):
         """The final norm as a linear map with a frozen per-token ``scale`` [...]: centring (for
         LayerNorm) and gain, without the bias. Used to read an update's direct effect on logits."""
 
+    def edits_pattern(self) -> bool:
+        """Whether a hook on the ``pattern`` site changes what the model computes (some
+        attention implementations compute it inside a module the hook cannot reach)."""
+        return True
+
     def unembed(self, resid: Tensor, *, normalize: bool = True) -> Tensor:
         """Logits [..., V] of residual states [..., D], through the final norm or not."""
         x = self.final_norm(resid) if normalize else resid

@@ -8,8 +8,10 @@ own hooks.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -143,7 +145,7 @@ class BridgeLlm(TransparentLlm):
             n_heads=int(cfg.n_heads),
             n_kv_heads=int(cfg.n_key_value_heads or cfg.n_heads),
             d_model=d_model,
-            d_head=int(cfg.d_head),
+            d_head=int(self._weights[0]["W_O"].shape[1]),  # the value width (MLA: not Q/K's)
             d_mlp=int(cfg.d_mlp or 0),
             d_vocab=int(cfg.d_vocab),
             post_norm=self._post_norm,
@@ -343,7 +345,7 @@ class BridgeLlm(TransparentLlm):
         grad: bool,
     ) -> Tensor:
         tokens = torch.tensor([token_ids], device=self._device)
-        with self._lock, ExitStack() as stack:
+        with self._lock, ExitStack() as stack, warnings.catch_warnings():
             if grad:
                 stack.enter_context(torch.inference_mode(False))
                 stack.enter_context(torch.enable_grad())
@@ -352,8 +354,19 @@ class BridgeLlm(TransparentLlm):
             for layer, moe in self._moe.items():
                 for handle in moe.attach(routing.get(layer)):
                     stack.callback(handle.remove)
+            # Said once, in words, by edits_pattern's callers: not per pass on stderr.
+            warnings.filterwarnings("ignore", message=".*hook_pattern returned a modified tensor")
             logits: Tensor = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
         return logits
+
+    @functools.cache  # noqa: B019 (one probe per model; models live as long as the process)
+    def edits_pattern(self) -> bool:
+        # TransformerLens fires hook_pattern after the fact for attention it delegates to the
+        # HF module, and discards edits: probe once with a pattern that attends nowhere.
+        ids = self.tokenize_unchecked("a b")[:2] or [0, 0]
+        plain = self.logits_with_hooks(ids, [])
+        cut = self.logits_with_hooks(ids, [(self.hook_name("pattern", 0), _no_attention)])
+        return not torch.equal(plain, cut)
 
     def _hook_names(self) -> set[str]:
         return set(self._bridge.hook_dict)
@@ -388,8 +401,9 @@ class BridgeLlm(TransparentLlm):
         n_heads = self._info.n_heads
 
         def hook(tensor: Tensor, hook: Any) -> Tensor | None:
-            out = fn(tensor.unflatten(-1, (n_heads, -1)), hook)
-            return None if out is None else out.flatten(-2)
+            # [B, T, H·d] (or split by the query width TransformerLens assumes) → [B, T, H, d]
+            out = fn(tensor.flatten(2).unflatten(-1, (n_heads, -1)), hook)
+            return None if out is None else out.flatten(2).view(tensor.shape)
 
         return hook
 
@@ -409,7 +423,7 @@ class BridgeLlm(TransparentLlm):
         weights = dict(self._weights[layer])
         g_mlp = weights.pop("g_mlp")
         if "z" in act:  # an intervention ran: what z holds beyond Σ_s A v is written by no token
-            z = act["z"].unflatten(-1, (n_heads, -1)) if act["z"].dim() == 2 else act["z"]
+            z = act["z"].flatten(1).unflatten(-1, (n_heads, -1))  # MLA's z comes flat
             mixed = torch.einsum("hts,shk->thk", pattern, values)
             unexplained = torch.einsum("thk,hkd->td", z - mixed, weights["W_O"])
             weights["b_O"] = weights["b_O"] + unexplained
@@ -447,6 +461,10 @@ _ROUTING = "mlp.experts.hook_routing"
 
 def _routing_name(layer: int) -> str:
     return f"blocks.{layer}.{_ROUTING}"
+
+
+def _no_attention(tensor: Tensor, hook: Any) -> Tensor:
+    return torch.zeros_like(tensor)
 
 
 def _routing_fn(fn: Callable[..., Any]) -> Callable[[Tensor], Tensor | None]:

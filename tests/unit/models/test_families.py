@@ -15,7 +15,12 @@ import pytest
 import torch
 from torch import Tensor
 
+from llm_flow.analyses.ablation import ablated_logits, ablated_trace
+from llm_flow.analyses.interventions import Ablation, EdgeRef, ExpertRef, HeadRef
+from llm_flow.analyses.lens import expert_update, head_update
 from llm_flow.engine.contributions import layer_contributions
+from llm_flow.engine.trace import trace
+from llm_flow.errors import InterventionError
 from llm_flow.models import wrap_hf
 from llm_flow.models.base import ModelRun
 from llm_flow.models.bridge import BridgeLlm
@@ -30,6 +35,9 @@ from tests.tiny import prompt, random_model, tiny_tokenizer
 PROMPT = prompt(9)  # 10 tokens with BOS: longer than the sliding windows of 4
 # float32 end to end through two small layers: a few hundred roundings of values of size ~1.
 RTOL = f32_tol(terms=3 * 128)
+# Families whose attention TransformerLens delegates to the HF module, firing hook_pattern after
+# the fact: a pattern edit cannot reach the output (measured; see edits_pattern).
+PATTERN_NOT_EDITABLE = {"GPT-J", "OPT"}
 
 
 @dataclass(frozen=True)
@@ -182,3 +190,60 @@ def test_attention_sinks_keep_their_share_of_the_softmax() -> None:
         torch.testing.assert_close(layer.pattern, probs[0, :, :, :n], rtol=0, atol=RTOL)
     dense = _case("Llama 3").run.layers[0].sink_share()
     assert dense is not None and float(dense.max()) <= f32_tol(terms=case.run.n_tokens + 1)
+
+
+def test_zero_ablating_a_head_removes_exactly_its_part(case: Case) -> None:
+    """Through the z hook of every family (MLA's flat z included): in the first layer, whose
+    input the ablation cannot change, the attention sum loses exactly head 1's part (a
+    post-norm then rescales the new sum: its new 1/rms is the ablated run's attn_scale)."""
+    llm, plain = case.llm, case.run
+    after = ablated_trace(trace(llm, PROMPT), Ablation(heads=(HeadRef(0, 1),))).run
+    first, ablated = plain.layers[0], after.layers[0]
+    head = torch.stack([head_update(plain, 0, 1, t) for t in range(plain.n_tokens)])
+    old_scale, new_scale = first.attn_scale.float()[:, None], ablated.attn_scale.float()[:, None]
+    want = (first.attn_update.float() - head) / old_scale * new_scale
+    tol = f32_tol(float(first.attn_update.abs().max()), terms=128)
+    torch.testing.assert_close(ablated.attn_update.float(), want, rtol=0, atol=tol)
+    assert float(head.abs().max()) > 10 * tol
+
+
+def test_zero_ablating_an_expert_removes_exactly_its_part(moe_case: Case) -> None:
+    """Through the routing hook of every MoE family: in the first MoE layer the FFN update
+    loses exactly the ablated expert's part (upstream of it nothing changed)."""
+    llm, plain = moe_case.llm, moe_case.run
+    layer = llm.info.moe_layers[0]
+    ex = plain.layers[layer].experts
+    assert ex is not None
+    expert = int(ex.index[-1, 0])
+    after = ablated_trace(trace(llm, PROMPT), Ablation(experts=(ExpertRef(layer, expert),))).run
+    want = plain.layers[layer].mlp_update.float() - torch.stack(
+        [expert_update(plain, layer, expert, t) for t in range(plain.n_tokens)]
+    )
+    tol = f32_tol(float(plain.layers[layer].mlp_update.abs().max()), terms=128)
+    torch.testing.assert_close(after.layers[layer].mlp_update.float(), want, rtol=0, atol=tol)
+    assert float((want - plain.layers[layer].mlp_update.float()).abs().max()) > 10 * tol
+
+
+def test_an_edge_cut_removes_exactly_the_edge_part_or_is_refused(case: Case) -> None:
+    """Edge ablation edits the pattern. Where TransformerLens cannot feed an edited pattern
+    back into the model (its generic attention: GPT-J, OPT), it is refused in words instead of
+    silently doing nothing."""
+    llm, plain = case.llm, case.run
+    ablation = Ablation(edges=(EdgeRef(0, 4, 6),))  # inside every sliding window of 4
+    if not llm.edits_pattern():
+        assert case.llm.info.name in PATTERN_NOT_EDITABLE
+        with pytest.raises(InterventionError, match="edges cannot be ablated"):
+            ablated_logits(llm, list(plain.token_ids), ablation)
+        return
+    assert case.llm.info.name not in PATTERN_NOT_EDITABLE
+    after = ablated_trace(trace(llm, PROMPT), ablation).run
+    first, ablated = plain.layers[0], after.layers[0]
+    assert first.pattern is not None
+    part = torch.einsum(
+        "h,hk,hkd->d", first.pattern[:, 6, 4].float(), first.values[4].float(), first.W_O.float()
+    )
+    old_scale, new_scale = first.attn_scale.float(), ablated.attn_scale.float()
+    want = (first.attn_update[6].float() - part * old_scale[6]) / old_scale[6] * new_scale[6]
+    tol = f32_tol(float(first.attn_update.abs().max()), terms=128)
+    torch.testing.assert_close(ablated.attn_update[6].float(), want, rtol=0, atol=tol)
+    assert float(part.abs().max()) > 10 * tol
