@@ -45,12 +45,11 @@ import streamlit as st
 import torch
 
 from llm_flow.analyses.ablation import AblationResult, ablate
+from llm_flow.analyses.attribution import Attributions, attribute
 from llm_flow.analyses.contrast import (
-    Attributions,
     Contrast,
     ContrastAnalysis,
     DirectEffects,
-    attribute,
     contrast,
     contrast_ids,
     direct_effects,

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
+from llm_flow.analyses.attribution import attribute
 from llm_flow.analyses.contrast import (
     EFFECT_COLUMNS,
     ContrastError,
     analyse_contrast,
-    attribute,
     contrast,
     contrast_ids,
     direct_effects,
