@@ -72,6 +72,41 @@ FAMILIES: dict[str, Family] = {
     family.name: family
     for family in [
         Family(
+            "GLM-4-MoE",
+            "shared experts, a dense first layer",
+            _cfg(
+                tf.Glm4MoeConfig,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=24,
+                n_shared_experts=1,
+                first_k_dense_replace=1,
+                n_group=1,
+                topk_group=1,
+                head_dim=8,
+            ),
+            experts=True,
+        ),
+        Family(
+            "ERNIE 4.5 MoE",
+            "experts plus shared experts",
+            _cfg(
+                tf.Ernie4_5_MoeConfig,
+                moe_num_experts=4,
+                moe_k=2,
+                moe_intermediate_size=24,
+                moe_num_shared_experts=1,
+                moe_layer_start_index=0,
+            ),
+            experts=True,
+        ),
+        Family(
+            "MiniMax-M2",
+            "experts, sigmoid routing",
+            _cfg(tf.MiniMaxM2Config, **_MOE, head_dim=8),
+            experts=True,
+        ),
+        Family(
             "Llama 3",
             "grouped-query attention, llama3 rope scaling",
             _cfg(
@@ -148,6 +183,15 @@ FAMILIES: dict[str, Family] = {
         Family("Starcoder2", "biases, sliding window", _cfg(tf.Starcoder2Config, sliding_window=4)),
         Family("GLM-4", "post-norms, partial rotary", _cfg(tf.Glm4Config, head_dim=8)),
         Family("EXAONE 4", "post-norms, q/k norms", _cfg(tf.Exaone4Config, sliding_window=4)),
+        Family(
+            "Gemma", "Gemma's (1 + w) norms, scaled embeddings", _cfg(tf.GemmaConfig, head_dim=8)
+        ),
+        Family(
+            "Cohere 2", "parallel blocks, sliding windows", _cfg(tf.Cohere2Config, sliding_window=4)
+        ),
+        Family("Seed-OSS", "q/k/v biases", _cfg(tf.SeedOssConfig, head_dim=8)),
+        Family("HunYuan", "q/k norms after rotary", _cfg(tf.HunYuanDenseV1Config, head_dim=8)),
+        Family("Apertus", "xIELU activation, q/k norms", _cfg(tf.ApertusConfig)),
         Family(
             "Granite",
             "embedding, residual, attention and logit multipliers",

@@ -1,5 +1,5 @@
-"""Dataset mode's figures: how often each head and FFN block is on the routes of a prompt file,
-as layer × head heatmaps (the last token beside the other tokens)."""
+"""Dataset mode's figures: how often each head, FFN block and expert is on the routes of a prompt
+file, as layer × head heatmaps (the last token beside the other tokens)."""
 
 from __future__ import annotations
 
@@ -17,17 +17,28 @@ _CLASS_TITLES = {"last": "last token", "other": "other tokens"}
 def frequency_matrix(
     frame: pd.DataFrame, position_class: str, value: str = "frequency"
 ) -> tuple[np.ndarray, list[str]]:
-    """``value`` per layer (rows) × head (columns) of a dataset table, the FFN block as the last
-    column → (matrix [L, H + 1], column labels)."""
+    """``value`` per layer (rows) × head (columns) of a dataset table, then the FFN block and,
+    for a mixture of experts, each routed expert and the shared expert → (matrix [L, columns],
+    column labels: heads ``0 …``, ``FFN``, experts ``e0 …``, ``shared``)."""
     rows = frame[frame["position_class"] == position_class]
     heads = rows[rows["kind"] == "head"]
     ffn = rows[rows["kind"] == "ffn"]
+    experts = rows[rows["kind"] == "expert"]
+    shared = rows[rows["kind"] == "shared_expert"]
     n_layers = int(frame["layer"].max()) + 1
     n_heads = int(heads["head"].max()) + 1 if len(heads) else 0
-    matrix = np.full((n_layers, n_heads + 1), np.nan)
+    n_experts = int(experts["expert"].max()) + 1 if len(experts) else 0
+    labels = [str(h) for h in range(n_heads)] + ["FFN"] + [f"e{e}" for e in range(n_experts)]
+    labels += ["shared"] if len(shared) else []
+    matrix = np.full((n_layers, len(labels)), np.nan)
     matrix[heads["layer"].to_numpy(int), heads["head"].to_numpy(int)] = heads[value].to_numpy(float)
     matrix[ffn["layer"].to_numpy(int), n_heads] = ffn[value].to_numpy(float)
-    return matrix, [str(h) for h in range(n_heads)] + ["FFN"]
+    if len(experts):
+        columns = n_heads + 1 + experts["expert"].to_numpy(int)
+        matrix[experts["layer"].to_numpy(int), columns] = experts[value].to_numpy(float)
+    if len(shared):
+        matrix[shared["layer"].to_numpy(int), len(labels) - 1] = shared[value].to_numpy(float)
+    return matrix, labels
 
 
 def frequency_figure(frame: pd.DataFrame, *, value: str = "frequency") -> go.Figure:
@@ -51,7 +62,7 @@ def frequency_figure(frame: pd.DataFrame, *, value: str = "frequency") -> go.Fig
                 y=list(range(matrix.shape[0])),
                 coloraxis="coloraxis",
                 hovertemplate=(
-                    f"{_CLASS_TITLES[position_class]}<br>layer %{{y}}, head %{{x}}<br>"
+                    f"{_CLASS_TITLES[position_class]}<br>layer %{{y}}, %{{x}}<br>"
                     f"{value.replace('_', ' ')} %{{z:.2f}}<extra></extra>"
                 ),
                 xgap=1,

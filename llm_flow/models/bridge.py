@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_flow.errors import PromptError
+from llm_flow.errors import PromptError, UnsupportedModelError
 from llm_flow.models.base import (
     Hook,
     HookSite,
@@ -122,12 +122,15 @@ class BridgeLlm(TransparentLlm):
         # Granite scales every block's update by a constant: folded into the output weights so
         # parts still sum to the whole.
         self._residual_multiplier = float(getattr(hf_config, "residual_multiplier", 1.0) or 1.0)
-        self._moe = {
-            layer: MoeBlock(hf_mlp, experts, d_model)
-            for layer in range(self._n_layers)
-            if (experts := find_moe(hf_mlp := _unwrapped(self._bridge.blocks[layer].mlp)))
-            is not None
-        }
+        try:
+            self._moe = {
+                layer: MoeBlock(hf_mlp, experts, d_model)
+                for layer in range(self._n_layers)
+                if (experts := find_moe(hf_mlp := _unwrapped(self._bridge.blocks[layer].mlp)))
+                is not None
+            }
+        except UnsupportedModelError as exc:
+            raise unsupported(hf_config, str(exc)) from exc
         self._weights = [self._layer_weights(layer, d_model) for layer in range(self._n_layers)]
         # Logits multiplied (Cohere's logit_scale) or divided (Granite's logits_scaling).
         logit_factor = float(getattr(hf_config, "logit_scale", 1.0) or 1.0) / float(

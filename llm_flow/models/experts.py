@@ -16,6 +16,7 @@ proves Σ parts = the FFN update on every run.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from llm_flow.errors import UnsupportedModelError
+
+# UnsupportedModelError messages here are noun phrases ("experts … that …"): BridgeLlm words
+# them as "ARCH is not supported: it has …".
 from llm_flow.models.base import ExpertRun
 
 # A hook on the experts' routing: fn(weights [T, E] dense router weights) → new weights or None.
@@ -42,8 +46,8 @@ def find_moe(block: nn.Module) -> nn.Module | None:
         return experts
     if isinstance(experts, nn.ModuleList):
         raise UnsupportedModelError(
-            f"{type(block).__name__} keeps its experts as a list of modules, a layout "
-            "transformers 5 no longer uses; llm-flow decomposes batched (3-D) expert weights"
+            f"experts kept as a list of modules ({type(block).__name__}; llm-flow reads the "
+            "batched 3-D expert weights transformers 5 uses)"
         )
     return None
 
@@ -80,10 +84,16 @@ class MoeBlock:
         self.shared = _shared_expert(block)
         self.n_experts = int(hf.down_proj.shape[0])
         self.transposed = self._layout(d_model)
+        if len(inspect.signature(hf.forward).parameters) < 3:
+            raise UnsupportedModelError(
+                f"experts ({type(experts).__name__}) called with tokens already routed and "
+                "scaled, not with (tokens, expert indices, router weights), so their routing "
+                "cannot be read"
+            )
         if getattr(experts, "has_post_expert_norm", False):
             raise UnsupportedModelError(
-                f"{type(experts).__name__} normalizes each expert's output, which is not a sum "
-                "of per-neuron parts; llm-flow cannot decompose it"
+                f"experts ({type(experts).__name__}) that normalize each expert's output, which "
+                "is not a sum of per-neuron parts"
             )
         self._captured: dict[str, Any] = {}
 
@@ -94,8 +104,8 @@ class MoeBlock:
         down = self.experts.down_proj  # [E, D, d] or transposed [E, d, D]
         if down.shape[1] == down.shape[2]:
             raise UnsupportedModelError(
-                f"{type(self.experts).__name__} declares no weight layout and its square expert "
-                "weights do not reveal one"
+                f"experts ({type(self.experts).__name__}) with no declared weight layout and "
+                "square weights that do not reveal one"
             )
         return int(down.shape[2]) == d_model
 

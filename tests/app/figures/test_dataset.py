@@ -41,3 +41,19 @@ def test_frequency_figure_has_last_and_other_side_by_side() -> None:
     diverging = frequency_figure(diff, value="frequency_diff")
     assert diverging.layout.coloraxis.cmin == -1.0
     json.loads(fig.to_json())  # serializable for st.plotly_chart
+
+
+def test_experts_follow_the_ffn_column_of_a_mixture_of_experts() -> None:
+    from llm_flow.analyses.dataset import dataset_frequencies
+    from tests.tiny import prompt, tiny_llm
+
+    frame = dataset_frequencies(tiny_llm("qwen2-moe"), [prompt(5), prompt(6, 1)], threshold=0.0)
+    matrix, labels = frequency_matrix(frame, "last")
+    assert labels == ["0", "1", "2", "3", "FFN", "e0", "e1", "e2", "e3", "shared"]
+    rows = frame[(frame["position_class"] == "last") & (frame["kind"] == "expert")]
+    for layer, expert, frequency in zip(
+        rows["layer"], rows["expert"], rows["frequency"], strict=True
+    ):
+        assert matrix[layer, 5 + expert] == pytest.approx(frequency)
+    # At τ = 0 the last token's FFN node is on every route, and 2 experts per token are routed.
+    assert (matrix[:, 4] == 1).all() and (matrix[:, 5:9].sum(1) >= 1).all()

@@ -115,3 +115,20 @@ def test_the_tested_architectures_are_listed_in_the_message() -> None:
         check_supported(mamba_config())
     for name in TESTED_ARCHITECTURES:
         assert name.removesuffix("ForCausalLM") in str(err.value)
+
+
+def test_experts_fed_pre_routed_tokens_are_refused_with_the_reason() -> None:
+    """Llama 4's experts module receives tokens already scaled by their router weights, so
+    the routing cannot be read from its call."""
+    config = tf.Llama4TextConfig(
+        **SMALL,
+        intermediate_size=48,
+        intermediate_size_mlp=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+    )
+    with pytest.raises(UnsupportedModelError, match="Llama4ForCausalLM is not supported.*routing"):
+        wrap_hf("llama4", random_model(config), tiny_tokenizer(), device="cpu", dtype=torch.float32)
