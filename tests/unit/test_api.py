@@ -143,6 +143,17 @@ def test_mean_ablation_needs_and_uses_means(tr: lf.Trace) -> None:
         lf.ablate(tr, heads="0.1", mode="mean")
 
 
+def test_experts_are_ablated_from_strings_or_pairs() -> None:
+    moe = lf.trace(lf.from_hf(tiny_hf_model("qwen2-moe"), tiny_tokenizer()), prompt(6))
+    as_text = lf.ablate(moe, experts="0.1,2.3")
+    as_pairs = lf.ablate(moe, experts=[(0, 1), (2, 3)])
+    assert [str(e) for e in as_pairs.ablation.experts] == ["0.1", "2.3"]
+    assert as_text.after.top == as_pairs.after.top
+    assert [t.prob for t in as_text.after.top] != [t.prob for t in as_text.before.top]
+    with pytest.raises(InputError, match="no dense neurons"):
+        lf.ablate(moe, neurons="0.3")
+
+
 def test_faithfulness_takes_the_trace(tr: lf.Trace) -> None:
     report = lf.faithfulness(tr, threshold=0.0, mode="zero", seeds=[0])
     assert report.route.share == pytest.approx(1.0, abs=1e-4)  # τ = 0: the route is everything

@@ -118,3 +118,17 @@ def test_bad_contrast_tokens_show_an_error_and_the_app_keeps_serving() -> None:
     at.text_input(key=session.DISTRACTOR).input("w5").run()
     assert_serving(at)
     assert "logit difference" in metrics(at)
+
+
+def test_an_expert_row_opens_its_block_with_that_expert_chosen() -> None:
+    at = start({**CONTRAST, "model": "tiny-moe", "threshold": "0"})
+    assert_serving(at)
+    table = effects(at)
+    assert {"expert", "shared_expert"} <= set(table["kind"]) and "neuron" not in set(table["kind"])
+    ids = effect_ids(table)
+    row = [i for i, k in enumerate(table["kind"]) if k == "expert"][-1]  # the weakest expert
+    select_row(at, row)
+    assert_serving(at)
+    assert at.subheader[-1].value == f"FFN block {ids[row]}"
+    # The panel preselects the row's expert (not the block's strongest one).
+    assert at.selectbox(key=f"expert|{ids[row]}").value == f"e{table['expert'][row]}"
