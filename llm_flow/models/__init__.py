@@ -10,7 +10,8 @@ from llm_flow.config import ModelSpec
 from llm_flow.errors import LlmFlowError
 from llm_flow.models.base import LayerRun, ModelInfo, ModelRun, TransparentLlm
 from llm_flow.models.bridge import BridgeLlm
-from llm_flow.models.loading import Progress, load_hf, resolve_device, resolve_dtype
+from llm_flow.models.loading import Progress, cache_dir, load_hf, resolve_device, resolve_dtype
+from llm_flow.models.random import byte_tokenizer, random_model, shape_config
 from llm_flow.models.support import check_supported, unsupported
 
 __all__ = [
@@ -68,7 +69,10 @@ def load_model(
 ) -> BridgeLlm:
     """Load ``spec``'s weights and wrap them; device/dtype problems are reported before loading."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    hf_model, tokenizer = load_hf(spec, progress=progress)
+    if spec.source == "random":
+        hf_model, tokenizer = _random(spec, torch_device, torch_dtype, progress)
+    else:
+        hf_model, tokenizer = load_hf(spec, progress=progress)
     if progress is not None:
         progress("Wrapping the model in TransformerLens")
     return wrap_hf(
@@ -79,3 +83,15 @@ def load_model(
         dtype=torch_dtype,
         prepend_bos=spec.prepend_bos,
     )
+
+
+def _random(
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, progress: Progress | None
+) -> tuple[Any, Any]:
+    """A random-weight model of ``spec.shape``, built where it will run, and a byte tokenizer."""
+    assert spec.shape is not None  # ModelSpec requires it for source "random"
+    check_supported(shape_config(spec.shape))
+    if progress is not None:
+        progress(f"Building random weights of shape {spec.shape} on {device}")
+    model = random_model(spec.shape, device, dtype)
+    return model, byte_tokenizer(cache_dir() / "tokenizers" / "bytes")
