@@ -4,11 +4,15 @@ Per token count: ``forward_s`` (one forward pass capturing what the engine needs
 (all contributions + the dense graph), ``routes_s`` (one threshold change: re-prune and walk the
 route), ``peak_rss_mb`` (the process's peak resident memory so far) and ``graph_extra_mb`` (peak
 resident memory while building the graph, above what the process held just before it: the
-engine's own working memory beyond the model and the run).
+engine's own working memory beyond the model and the run); ``peak_cuda_mb`` (peak CUDA memory
+allocated during the row, null on a CPU), the proximity ``kernel`` the engine used and the
+``device`` it ran on.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import resource
 import threading
 import time
@@ -17,6 +21,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
+from llm_flow.engine.contributions import kernel_for
 from llm_flow.engine.graph import FlowGraph, contributions_of
 from llm_flow.engine.routes import find_route
 from llm_flow.errors import InputError, LlmFlowError
@@ -35,8 +42,11 @@ class BenchRow:
     graph_over_forward: float
     peak_rss_mb: float
     graph_extra_mb: float
+    peak_cuda_mb: float | None
+    kernel: str
+    device: str
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | str | None]:
         return asdict(self)
 
 
@@ -81,6 +91,14 @@ def prompt_of_length(llm: TransparentLlm, n_tokens: int, text_path: Path = BENCH
     return llm.decode(ids[:body])
 
 
+def device_name(device: torch.device) -> str:
+    """What the numbers were measured on: the GPU's name, or the CPU's and its core count."""
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu} ({os.cpu_count()} cores)"
+
+
 def parse_token_counts(text: str) -> list[int]:
     """``"64,256,1024"`` → token counts, each at least 2."""
     try:
@@ -99,6 +117,8 @@ def bench(
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
     rows = []
+    device = torch.device(llm.info.device)
+    cuda = device.type == "cuda"
     # Warm-up: kernels, the compiled contribution kernel's load from its cache, allocator pools.
     warm = llm.run("Warm up the kernels.")
     contributions_of(warm.layers[0])
@@ -106,6 +126,8 @@ def bench(
         if progress is not None:
             progress(f"bench: {n} tokens")
         prompt = prompt_of_length(llm, n)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         run = llm.run(prompt)
         forward_s = time.perf_counter() - start
@@ -128,6 +150,11 @@ def bench(
                 graph_over_forward=round(graph_s / forward_s, 2),
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 graph_extra_mb=round(peak[0] - before, 1),
+                peak_cuda_mb=(
+                    round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None
+                ),
+                kernel=kernel_for(device),
+                device=device_name(device),
             )
         )
         del run, graph
@@ -143,8 +170,11 @@ def format_table(rows: Sequence[BenchRow]) -> str:
         "routes_ms",
         "peak_rss_mb",
         "graph_extra_mb",
+        "peak_cuda_mb",
     )
-    lines = ["  ".join(f"{h:>12}" for h in header)]
+    first = rows[0] if rows else None
+    lines = [] if first is None else [f"{first.device}; proximity kernel: {first.kernel}"]
+    lines.append("  ".join(f"{h:>12}" for h in header))
     for r in rows:
         cells = (
             r.tokens,
@@ -154,6 +184,7 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             f"{r.routes_s * 1000:.2f}",
             f"{r.peak_rss_mb:.0f}",
             f"{r.graph_extra_mb:.0f}",
+            "-" if r.peak_cuda_mb is None else f"{r.peak_cuda_mb:.0f}",
         )
         lines.append("  ".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)

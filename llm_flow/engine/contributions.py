@@ -75,6 +75,12 @@ def normalize(prox: Tensor, dim: int = -1) -> Tensor:
     return torch.where(total > 0, prox / total.clamp_min(torch.finfo(prox.dtype).tiny), 0.0)
 
 
+def kernel_for(device: torch.device, accumulation: torch.dtype = torch.float32) -> str:
+    """The token-level proximity kernel "auto" picks: ``numba`` (the fused CPU kernel) for
+    float32 work on a CPU, ``torch`` (the tiled reference) otherwise."""
+    return "numba" if device.type == "cpu" and accumulation == torch.float32 else "torch"
+
+
 def default_memory_budget(device: torch.device) -> int:
     """Bytes of part vectors alive at once. On CPUs small tiles stay in cache (16 MB measured
     ~3.5× faster than 256 MB at 256 tokens); GPUs want large tiles to fill the device."""
@@ -112,9 +118,7 @@ def attention_proximity(
     on a CPU and the tiled torch version otherwise (GPUs, float64).
     """
     acc = accumulation_dtype(whole, head_outputs)
-    if backend == "kernel" or (
-        backend == "auto" and whole.device.type == "cpu" and acc == torch.float32
-    ):
+    if backend == "kernel" or (backend == "auto" and kernel_for(whole.device, acc) == "numba"):
         from llm_flow.engine.kernels import attention_proximity_cpu
 
         f32 = torch.float32

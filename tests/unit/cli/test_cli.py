@@ -480,6 +480,9 @@ def test_bench_json_rows(capsys: pytest.CaptureFixture[str], config_file: Path) 
             assert isinstance(row[field], int | float) and row[field] >= 0, field
         assert row["peak_rss_mb"] > 0
         assert abs(row["tokens"] - requested) <= 1
+        # On a CPU in float32: the fused CPU kernel, no CUDA memory, the CPU and its cores named.
+        assert row["kernel"] == "numba" and row["peak_cuda_mb"] is None
+        assert row["device"].startswith("CPU ") and "cores" in row["device"]
 
 
 def test_bench_table(capsys: pytest.CaptureFixture[str], config_file: Path) -> None:
@@ -487,5 +490,6 @@ def test_bench_table(capsys: pytest.CaptureFixture[str], config_file: Path) -> N
     assert (code, err) == (0, "")
     lines = out.strip().splitlines()
     assert "tiny" in lines[0]
-    assert "forward_s" in lines[1] and "peak_rss_mb" in lines[1]
-    assert lines[2].split()[0] == "4"
+    assert lines[1].startswith("CPU ") and lines[1].endswith("proximity kernel: numba")
+    assert "forward_s" in lines[2] and "peak_cuda_mb" in lines[2]
+    assert lines[3].split()[0] == "4" and lines[3].split()[-1] == "-"
