@@ -417,6 +417,8 @@ def spec_from_name(name_or_path: str, *, allow_paths: bool = True) -> ModelSpec:
     if text in PACKAGED_MODELS:
         return ModelSpec(name=text, source="packaged", package=text)
     if text.startswith(RANDOM_PREFIX):
+        if not allow_paths:  # a shared server: no arbitrary config files, no 70B allocations
+            raise ConfigError(f"{text!r}: random-weight models are disabled on this server")
         return random_spec(text)
     path = Path(text).expanduser()
     looks_like_path = text.startswith(("/", ".", "~")) or text.lower().endswith(".gguf")

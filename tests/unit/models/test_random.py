@@ -88,6 +88,8 @@ def test_bad_shapes_and_specs_say_what_is_valid(tiny_shape: Path, tmp_path: Path
     with pytest.raises(ConfigError, match="name a shape"):
         spec_from_name("random:")
     assert spec_from_name(f"random:{tiny_shape}").shape == str(tiny_shape)
+    with pytest.raises(ConfigError, match="disabled on this server"):
+        spec_from_name("random:Llama-3.1-70B", allow_paths=False)  # demo mode
 
 
 def test_config_entries_cli_and_api_take_random_shapes(
