@@ -254,11 +254,12 @@ def _expert_effects(layer: LayerRun, p: int, e: Tensor, n_experts: int) -> Tenso
     ex = layer.experts
     if ex is None:
         return out
-    slots = ex.slot_outputs()[p] @ e  # [k]
+    at = torch.tensor([p], device=ex.index.device)
+    slots = ex.slot_outputs(rows=at)[0] @ e  # [k]
     out.index_add_(0, ex.index[p].to(e.device), slots)
-    shared = ex.shared_output()
+    shared = ex.shared_output(rows=at)
     if shared is not None:
-        out[-1] = shared[p] @ e
+        out[-1] = shared[0] @ e
     return out
 
 

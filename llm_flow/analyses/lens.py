@@ -191,13 +191,14 @@ def expert_update(run: ModelRun, layer: int, expert: int | None, position: int) 
         raise LensError(f"layer {layer_run.index} has a dense FFN, not experts")
     t = _index("position", position, run.n_tokens)
     scale = layer_run.mlp_scale[t].float()
+    at = torch.tensor([t], device=ex.index.device)
     if expert is None:
-        shared = ex.shared_output()
+        shared = ex.shared_output(rows=at)
         if shared is None:
             raise LensError(f"layer {layer_run.index} has no shared expert")
-        return shared[t] * scale
+        return shared[0] * scale
     e = _index("expert", expert, ex.n_experts)
-    slots = ex.slot_outputs()[t]  # [k, D]
+    slots = ex.slot_outputs(rows=at)[0]  # [k, D]
     return (slots * (ex.index[t] == e).to(slots)[:, None]).sum(0) * scale
 
 

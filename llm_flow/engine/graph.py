@@ -106,9 +106,9 @@ def layer_expert_contributions(layer: LayerRun, rows: Tensor) -> tuple[Tensor, T
     if ex is None:
         raise ValueError(f"layer {layer.index} has a dense FFN, not experts")
     scale = layer.mlp_scale[rows].float()[:, None, None]
-    slots = ex.slot_outputs()[rows]  # [R, k, D]
-    shared = ex.shared_output()
-    shared_part = torch.zeros_like(slots[:, :1]) if shared is None else shared[rows, None]
+    slots = ex.slot_outputs(rows=rows)  # [R, k, D]
+    shared = ex.shared_output(rows=rows)
+    shared_part = torch.zeros_like(slots[:, :1]) if shared is None else shared[:, None]
     bias = layer.b_out.expand_as(layer.resid_pre)[rows].float()[:, None]
     base = layer.mlp_base[rows].float()[:, None]
     parts = torch.cat([slots * scale, shared_part * scale, bias * scale, base], 1)

@@ -86,23 +86,33 @@ class ExpertRun:
     def n_experts(self) -> int:
         return int(self.W_out.shape[0])
 
-    def slot_outputs(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Each slot's weighted expert output ``g · (act @ W_out[e] + b_out[e])`` → [T, k, D]."""
-        n_tokens, k, _ = self.acts.shape
-        out = torch.zeros(n_tokens, k, self.W_out.shape[-1], dtype=dtype, device=self.acts.device)
-        for e in self.index.unique().tolist():
-            t, slot = (self.index == e).nonzero(as_tuple=True)
-            out[t, slot] = self.acts[t, slot].to(dtype) @ self.W_out[e].to(dtype)
+    def slot_outputs(
+        self, dtype: torch.dtype = torch.float32, rows: Tensor | None = None
+    ) -> Tensor:
+        """Each slot's weighted expert output ``g · (act @ W_out[e] + b_out[e])`` → [T, k, D]
+        (or [R, k, D] for the token positions ``rows`` [R] alone)."""
+        index, weight, acts = self.index, self.weight, self.acts
+        if rows is not None:
+            index, weight, acts = index[rows], weight[rows], acts[rows]
+        n_tokens, k, _ = acts.shape
+        out = torch.zeros(n_tokens, k, self.W_out.shape[-1], dtype=dtype, device=acts.device)
+        for e in index.unique().tolist():
+            t, slot = (index == e).nonzero(as_tuple=True)
+            out[t, slot] = acts[t, slot].to(dtype) @ self.W_out[e].to(dtype)
             out[t, slot] += self.b_out[e].to(dtype)
-        return out * self.weight.to(dtype)[..., None]
+        return out * weight.to(dtype)[..., None]
 
-    def shared_output(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
-        """The shared expert's gated output → [T, D], or None without one."""
+    def shared_output(
+        self, dtype: torch.dtype = torch.float32, rows: Tensor | None = None
+    ) -> Tensor | None:
+        """The shared expert's gated output → [T, D] (or [R, D] at ``rows``), or None without
+        one."""
         if self.shared_acts is None or self.shared_W_out is None or self.shared_b_out is None:
             return None
-        return self.shared_acts.to(dtype) @ self.shared_W_out.to(dtype) + self.shared_b_out.to(
-            dtype
-        )
+        acts, bias = self.shared_acts, self.shared_b_out
+        if rows is not None:
+            acts, bias = acts[rows], bias[rows]
+        return acts.to(dtype) @ self.shared_W_out.to(dtype) + bias.to(dtype)
 
     def neurons(self, t: int, expert: int | None) -> tuple[Tensor, Tensor, Tensor] | None:
         """The neurons of ``expert`` (None: the shared expert) at token t, router weight folded
@@ -123,22 +133,6 @@ class ExpertRun:
         routed = self.slot_outputs(dtype).sum(1)
         shared = self.shared_output(dtype)
         return routed if shared is None else routed + shared
-
-    def folded(self, scale: Tensor) -> ExpertRun:
-        """A copy with output weights multiplied by ``scale`` [D] (post-norm gain, multiplier)."""
-        s = scale.to(self.W_out.dtype)
-        shared_W = None if self.shared_W_out is None else self.shared_W_out * s
-        shared_b = None if self.shared_b_out is None else self.shared_b_out * s
-        return ExpertRun(
-            index=self.index,
-            weight=self.weight,
-            acts=self.acts,
-            W_out=self.W_out * s,
-            b_out=self.b_out * s,
-            shared_acts=self.shared_acts,
-            shared_W_out=shared_W,
-            shared_b_out=shared_b,
-        )
 
 
 @dataclass(frozen=True)

@@ -122,16 +122,21 @@ class BridgeLlm(TransparentLlm):
         # Granite scales every block's update by a constant: folded into the output weights so
         # parts still sum to the whole.
         self._residual_multiplier = float(getattr(hf_config, "residual_multiplier", 1.0) or 1.0)
+        # Per block, what the attention and FFN outputs are multiplied by on their way into the
+        # residual (post-norm gains, the residual multiplier), folded into the output weights.
+        folds = [self._output_folds(block, d_model) for block in self._bridge.blocks]
         try:
             self._moe = {
-                layer: MoeBlock(hf_mlp, experts, d_model)
+                layer: MoeBlock(hf_mlp, experts, d_model, folds[layer][1])
                 for layer in range(self._n_layers)
                 if (experts := find_moe(hf_mlp := _unwrapped(self._bridge.blocks[layer].mlp)))
                 is not None
             }
         except UnsupportedModelError as exc:
             raise unsupported(hf_config, str(exc)) from exc
-        self._weights = [self._layer_weights(layer, d_model) for layer in range(self._n_layers)]
+        self._weights = [
+            self._layer_weights(layer, d_model, *folds[layer]) for layer in range(self._n_layers)
+        ]
         # Logits multiplied (Cohere's logit_scale) or divided (Granite's logits_scaling).
         logit_factor = float(getattr(hf_config, "logit_scale", 1.0) or 1.0) / float(
             getattr(hf_config, "logits_scaling", 1.0) or 1.0
@@ -162,7 +167,25 @@ class BridgeLlm(TransparentLlm):
             moe_layers=tuple(self._moe),
         )
 
-    def _layer_weights(self, layer: int, d_model: int) -> dict[str, Tensor]:
+    def _output_folds(self, block: Any, d_model: int) -> tuple[Tensor | None, Tensor | None]:
+        """(attention, FFN) factors [D] of a block's outputs, or None where it is 1: a post-norm's
+        gain (linear per dimension) times the residual multiplier."""
+        m = self._residual_multiplier
+        if not self._post_norm:
+            fold = (
+                None
+                if m == 1.0
+                else torch.full((d_model,), m, dtype=self._dtype, device=self._device)
+            )
+            return fold, fold
+        return tuple(  # type: ignore[return-value]
+            _norm_affine(norm, d_model, self._dtype, self._device)[0] * m
+            for norm in (block.ln1_post, block.ln2_post)
+        )
+
+    def _layer_weights(
+        self, layer: int, d_model: int, g_attn: Tensor | None, g_mlp: Tensor | None
+    ) -> dict[str, Tensor]:
         block = self._bridge.blocks[layer]
         W_O = _output_weights(block.attn, int(self._bridge.cfg.n_heads))  # [H, d_head, D]
         zeros = torch.zeros(d_model, dtype=self._dtype, device=self._device)
@@ -172,16 +195,11 @@ class BridgeLlm(TransparentLlm):
         else:
             W_out = block.mlp.W_out.detach()  # [d_mlp, D]
             b_out = zeros if block.mlp.b_out is None else block.mlp.b_out.detach()
-        m = self._residual_multiplier
-        g_attn = g_mlp = torch.full_like(zeros, m)
-        if self._post_norm:
-            # The post-norm's gain is linear per dimension: fold it into the output weights.
-            g_attn = _norm_affine(block.ln1_post, d_model, self._dtype, self._device)[0] * m
-            g_mlp = _norm_affine(block.ln2_post, d_model, self._dtype, self._device)[0] * m
-        if self._post_norm or m != 1.0:
-            W_O, b_O = W_O * g_attn, b_O * g_attn
-            W_out, b_out = W_out * g_mlp, b_out * g_mlp
-        return {"W_O": W_O, "b_O": b_O, "W_out": W_out, "b_out": b_out, "g_mlp": g_mlp}
+        if g_attn is not None:
+            W_O, b_O = W_O * g_attn.to(W_O), b_O * g_attn.to(b_O)
+        if g_mlp is not None:
+            W_out, b_out = W_out * g_mlp.to(W_out), b_out * g_mlp.to(b_out)
+        return {"W_O": W_O, "b_O": b_O, "W_out": W_out, "b_out": b_out}
 
     def _check_hooks(self, config: Any) -> None:
         """Every layer must expose what a run captures, or the model cannot be decomposed."""
@@ -320,7 +338,7 @@ class BridgeLlm(TransparentLlm):
                     hook_fn = finish(layer) if key == "resid_post" else store(layer, key)
                     hooks.append((name, hook_fn))
         hooks.append(("ln_final.hook_scale", final_scale))
-        logits = self._forward(token_ids, hooks, routing, grad=False)
+        logits = self._forward(token_ids, hooks, routing, grad=False, capture=True)
         return ModelRun(
             model_name=self._name,
             token_ids=tuple(token_ids),
@@ -336,7 +354,7 @@ class BridgeLlm(TransparentLlm):
         # Replacing hooks at every HookSite are checked by the ablation tests
         # (tests/unit/analyses/test_interventions.py: heads, neurons, edges, experts).
         tl_hooks, routing = self._split_hooks(fwd_hooks)
-        logits = self._forward(list(token_ids), list(tl_hooks), routing, grad=grad)
+        logits = self._forward(list(token_ids), list(tl_hooks), routing, grad=grad, capture=False)
         return logits[0] if grad else logits[0].float()
 
     def _forward(
@@ -346,7 +364,10 @@ class BridgeLlm(TransparentLlm):
         routing: dict[int, Callable[[Tensor], Tensor | None]],
         *,
         grad: bool,
+        capture: bool,
     ) -> Tensor:
+        """One pass; ``capture`` attaches what a run's MoE decomposition reads (else the MoE
+        blocks are hooked only where ``routing`` intervenes)."""
         tokens = torch.tensor([token_ids], device=self._device)
         with self._lock, ExitStack() as stack, warnings.catch_warnings():
             if grad:
@@ -355,8 +376,9 @@ class BridgeLlm(TransparentLlm):
             else:
                 stack.enter_context(torch.inference_mode())
             for layer, moe in self._moe.items():
-                for handle in moe.attach(routing.get(layer)):
-                    stack.callback(handle.remove)
+                if capture or layer in routing:
+                    for handle in moe.attach(routing.get(layer), capture=capture):
+                        stack.callback(handle.remove)
             # Said once, in words, by edits_pattern's callers: not per pass on stderr.
             warnings.filterwarnings("ignore", message=".*hook_pattern returned a modified tensor")
             logits: Tensor = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
@@ -380,22 +402,18 @@ class BridgeLlm(TransparentLlm):
         """TransformerLens hooks (z hooks of MLA layers see [T, H, d_head] like every other
         model's) and routing hooks of MoE layers (keyed by layer)."""
         known = self._hook_names()
+        routing_layers = {_routing_name(layer): layer for layer in self._moe}
         routing = {
-            layer: _routing_fn(fn)
+            routing_layers[name]: _routing_fn(fn)
             for name, fn in fwd_hooks
-            for layer in self._moe
-            if name == _routing_name(layer)
+            if name in routing_layers
         }
         tl_hooks = [
             (name, self._z_view(fn) if self._mla and name.endswith(_SITE_HOOKS["z"]) else fn)
             for name, fn in fwd_hooks
-            if not name.endswith(_ROUTING)
+            if name not in routing_layers
         ]
         unknown = sorted({name for name, _ in tl_hooks if name not in known})
-        unknown += sorted(
-            {name for name, _ in fwd_hooks if name.endswith(_ROUTING)}
-            - {_routing_name(layer) for layer in routing}
-        )
         if unknown:
             raise ValueError(f"unknown hook name(s) {unknown}; e.g. 'blocks.0.attn.hook_z'")
         return tl_hooks, routing
@@ -424,7 +442,6 @@ class BridgeLlm(TransparentLlm):
         attn_scale = 1 / act["attn_rms"][:, 0] if "attn_rms" in act else ones
         mlp_scale = 1 / act["mlp_rms"][:, 0] if "mlp_rms" in act else ones
         weights = dict(self._weights[layer])
-        g_mlp = weights.pop("g_mlp")
         if "z" in act:  # an intervention ran: what z holds beyond Σ_s A v is written by no token
             z = act["z"].flatten(1).unflatten(-1, (n_heads, -1))  # MLA's z comes flat
             mixed = torch.einsum("hts,shk->thk", pattern, values)
@@ -433,8 +450,6 @@ class BridgeLlm(TransparentLlm):
         experts, neuron_acts = None, act.get("neuron_acts")
         if layer in self._moe:
             experts = self._moe[layer].collect()
-            if self._post_norm or self._residual_multiplier != 1.0:
-                experts = experts.folded(g_mlp)
             neuron_acts = torch.zeros(n_tokens, 0, dtype=self._dtype, device=self._device)
             if intervened:  # e.g. a mean-ablated expert: its replacement is written by no part
                 written = act["mlp_update"].float() / mlp_scale.float()[:, None]

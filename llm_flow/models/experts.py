@@ -77,7 +77,11 @@ def _down_projection(module: nn.Module) -> nn.Linear | None:
 class MoeBlock:
     """Hooks on one MoE FFN block's HF modules that capture what its decomposition needs."""
 
-    def __init__(self, block: nn.Module, experts: nn.Module, d_model: int) -> None:
+    def __init__(
+        self, block: nn.Module, experts: nn.Module, d_model: int, fold: Tensor | None = None
+    ) -> None:
+        """``fold`` [D]: what the block's output is multiplied by on its way into the residual
+        (a post-norm's gain, a residual multiplier), folded into the output weights once here."""
         self.block = block
         hf: Any = experts  # HF's class: 3-D parameters and layout flags
         self.experts = hf
@@ -95,7 +99,19 @@ class MoeBlock:
                 f"experts ({type(experts).__name__}) that normalize each expert's output, which "
                 "is not a sum of per-neuron parts"
             )
+        self.fold = fold
+        down, bias = self._down_weights(), self._down_bias()
+        self.W_out = down if fold is None else down * fold  # [E, d_expert, D]
+        self.b_out = bias if fold is None else bias * fold  # [E, D]
+        shared_down = None if self.shared is None else _down_projection(self.shared)
+        self._shared_down = shared_down
+        self._shared_W = (
+            None if shared_down is None else self._folded(shared_down.weight.detach().T)
+        )
         self._captured: dict[str, Any] = {}
+
+    def _folded(self, x: Tensor) -> Tensor:
+        return x if self.fold is None else x * self.fold
 
     def _layout(self, d_model: int) -> bool:
         flag = getattr(self.experts, "is_transposed", None)
@@ -109,33 +125,31 @@ class MoeBlock:
             )
         return int(down.shape[2]) == d_model
 
-    @property
-    def down_weights(self) -> Tensor:
+    def _down_weights(self) -> Tensor:
         """Every expert's output weights as [E, d_expert, D] (a view of the parameter)."""
         down = self.experts.down_proj.detach()
         return down if self.transposed else down.transpose(1, 2)
 
-    @property
-    def down_bias(self) -> Tensor:
+    def _down_bias(self) -> Tensor:
         bias = getattr(self.experts, "down_proj_bias", None)
+        down = self.experts.down_proj
         if bias is None or not getattr(self.experts, "has_bias", True):
-            down = self.experts.down_proj
-            return torch.zeros(down.shape[0], self.down_weights.shape[-1], dtype=down.dtype)
+            d_model = down.shape[2] if self.transposed else down.shape[1]
+            return torch.zeros(down.shape[0], d_model, dtype=down.dtype, device=down.device)
         return bias.detach()
 
     # -- capturing a pass --------------------------------------------------------------------
 
-    def attach(self, routing: RoutingHook | None = None) -> list[Any]:
-        """Register the capture hooks (and an optional routing intervention); returns handles."""
+    def attach(self, routing: RoutingHook | None = None, *, capture: bool = True) -> list[Any]:
+        """Register the capture hooks (``capture``) and an optional routing intervention;
+        returns the handles."""
         self._captured = {}
-        handles = [
-            self.experts.register_forward_pre_hook(self._pre(routing), with_kwargs=True),
-            self.block.register_forward_hook(self._block_out),
-        ]
-        if self.shared is not None:
-            down = _down_projection(self.shared)
-            assert down is not None  # _shared_expert only returns modules that have one
-            handles.append(down.register_forward_pre_hook(self._shared_in))
+        handles = [self.experts.register_forward_pre_hook(self._pre(routing), with_kwargs=True)]
+        if not capture:
+            return handles
+        handles.append(self.block.register_forward_hook(self._block_out))
+        if self.shared is not None and self._shared_down is not None:
+            handles.append(self._shared_down.register_forward_pre_hook(self._shared_in))
             handles.append(self.shared.register_forward_hook(self._shared_out))
         return handles
 
@@ -168,23 +182,28 @@ class MoeBlock:
         got = self._captured
         x, index, weight = got["x"], got["index"], got["weight"]
         acts = self._acts(x, index)
-        W_out, b_out = self.down_weights, self.down_bias.to(x.device)
-        run = ExpertRun(index, weight, acts, W_out, b_out, None, None, None)
-        if self.shared is None:
+        run = ExpertRun(index, weight, acts, self.W_out, self.b_out, None, None, None)
+        down = self._shared_down
+        if down is None or self._shared_W is None:
             return run
-        down = _down_projection(self.shared)
-        assert down is not None
-        h, shared_raw = got["shared_acts"], got["shared_out"]
         # What the block added beyond the routed experts is the shared expert times a per-token
-        # gate (sigmoid for Qwen2-MoE, 1 for DeepSeek): read the gate off by least squares; the
-        # self-check proves the fit exact.
-        rest = got["out"].double() - run.total(torch.float64)
-        gate = (rest * shared_raw.double()).sum(-1) / shared_raw.double().pow(2).sum(-1).clamp_min(
-            1e-30
-        )
+        # gate (sigmoid for Qwen2-MoE, 1 for DeepSeek): read the gate off by least squares (in
+        # folded units, the same gate); the self-check proves the fit exact.
+        shared = self._folded(got["shared_out"]).double()
+        rest = self._folded(got["out"]).double() - run.total(torch.float64)
+        gate = (rest * shared).sum(-1) / shared.pow(2).sum(-1).clamp_min(1e-30)
         bias = torch.zeros_like(x) if down.bias is None else down.bias.detach().expand_as(x)
         g = gate.to(x.dtype)[:, None]
-        return ExpertRun(index, weight, acts, W_out, b_out, h * g, down.weight.detach().T, bias * g)
+        return ExpertRun(
+            index,
+            weight,
+            acts,
+            self.W_out,
+            self.b_out,
+            got["shared_acts"] * g,
+            self._shared_W,
+            self._folded(bias * g),
+        )
 
     def _acts(self, x: Tensor, index: Tensor) -> Tensor:
         """Each selected expert's neuron activations at its tokens → [T, k, d_expert]."""
@@ -194,7 +213,8 @@ class MoeBlock:
         b_in = getattr(experts, "gate_up_proj_bias" if gated else "up_proj_bias", None)
         if not getattr(experts, "has_bias", b_in is not None):
             b_in = None
-        d_expert = self.down_weights.shape[1]
+        d_expert = self.W_out.shape[1]
+        apply_gate = getattr(experts, "_apply_gate", None) if gated else None
         acts = torch.zeros(*index.shape, d_expert, dtype=x.dtype, device=x.device)
         with torch.no_grad():
             for e in index.unique().tolist():
@@ -203,7 +223,6 @@ class MoeBlock:
                 if b_in is not None:
                     proj = proj + b_in[e]
                 if gated:
-                    apply_gate = getattr(experts, "_apply_gate", None)
                     acts[t, slot] = apply_gate(proj) if apply_gate else _swiglu(experts, proj)
                 else:
                     acts[t, slot] = experts.act_fn(proj)

@@ -152,7 +152,8 @@ def test_each_expert_part_is_hf_experts_module_called_with_that_slot_alone(
         ex = layer.experts
         x = _moe_input(case, layer.index)
         scale = layer.mlp_scale.double()[:, None]
-        fold = case.llm._weights[layer.index]["g_mlp"].double()
+        moe = case.llm._moe[layer.index]
+        fold = 1.0 if moe.fold is None else moe.fold.double()
         parts = ex.slot_outputs(torch.float64)
         for slot in range(ex.index.shape[1]):
             with torch.no_grad():
