@@ -167,6 +167,8 @@ def dataset_frequencies(
         tr = trace(llm, prompt)
         route = find_route(tr.graph, [-1], threshold, renormalize=False)
         counts.append(route_appearances(tr.run, route, threshold))
+        experts = [lr.experts for lr in tr.run.layers if lr.experts is not None]
+        shared = any(x.shared_acts is not None for x in experts)
         if on_prompt is not None:
             on_prompt(i + 1, len(prompts))
     total = Appearances(
@@ -200,7 +202,7 @@ def dataset_frequencies(
             "weight_sum": total.ffn_weight.flatten().tolist(),
         }
     )
-    parts = [head_rows, ffn_rows, _expert_rows(total, tr.run)]
+    parts = [head_rows, ffn_rows, _expert_rows(total, llm.info.moe_layers, shared)]
     frame = pd.concat([p for p in parts if len(p)], ignore_index=True)
     frame["n_prompts"] = n
     frame["frequency"] = frame["count"] / n
@@ -210,28 +212,26 @@ def dataset_frequencies(
     return frame[list(COLUMNS)]
 
 
-def _expert_rows(total: Appearances, run: ModelRun) -> pd.DataFrame:
+def _expert_rows(total: Appearances, moe_layers: Sequence[int], shared: bool) -> pd.DataFrame:
     """Rows of the routed experts (and the shared expert, where the model has one) of every
     mixture-of-experts layer."""
     import pandas as pd
 
-    moe = [lr for lr in run.layers if lr.experts is not None]
-    shared = any(lr.experts is not None and lr.experts.shared_acts is not None for lr in moe)
+    n_experts = total.experts.shape[-1] - 1
     rows = []
-    for lr in moe:
-        n_experts = total.experts.shape[-1] - 1
+    for layer in moe_layers:
         for e in range(n_experts + (1 if shared else 0)):
             for c, cls in enumerate(POSITION_CLASSES):
                 rows.append(
                     {
                         "kind": "expert" if e < n_experts else "shared_expert",
-                        "layer": lr.index,
+                        "layer": layer,
                         "head": None,
                         "expert": e if e < n_experts else None,
                         "position_class": cls,
-                        "count": int(total.experts[lr.index, c, e]),
-                        "appearances": int(total.expert_hits[lr.index, c, e]),
-                        "weight_sum": float(total.expert_weight[lr.index, c, e]),
+                        "count": int(total.experts[layer, c, e]),
+                        "appearances": int(total.expert_hits[layer, c, e]),
+                        "weight_sum": float(total.expert_weight[layer, c, e]),
                     }
                 )
     return pd.DataFrame(rows, columns=list(_ROW_COLUMNS))

@@ -152,41 +152,32 @@ def _items(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def parse_heads(text: str) -> tuple[HeadRef, ...]:
-    """``"3.1,12.0"`` → heads (layer.head)."""
-    refs = []
+def _pairs(text: str, unit: str, example: str) -> list[tuple[int, int]]:
+    """``"3.1,12.0"`` → [(3, 1), (12, 0)]; a bad item names the ``LAYER.UNIT`` form."""
+    pairs = []
     for item in _items(text):
         match = _PAIR.fullmatch(item)
         if match is None:
-            raise InterventionError(f"bad head {item!r}; write heads as LAYER.HEAD, e.g. 9.3,10.7")
-        refs.append(HeadRef(int(match.group(1)), int(match.group(2))))
-    return tuple(refs)
+            raise InterventionError(
+                f"bad {unit} {item!r}; write {unit}s as LAYER.{unit.upper()}, e.g. {example}"
+            )
+        pairs.append((int(match.group(1)), int(match.group(2))))
+    return pairs
+
+
+def parse_heads(text: str) -> tuple[HeadRef, ...]:
+    """``"3.1,12.0"`` → heads (layer.head)."""
+    return tuple(HeadRef(layer, head) for layer, head in _pairs(text, "head", "9.3,10.7"))
 
 
 def parse_neurons(text: str) -> tuple[NeuronRef, ...]:
     """``"5.120,7.3"`` → neurons (layer.neuron)."""
-    refs = []
-    for item in _items(text):
-        match = _PAIR.fullmatch(item)
-        if match is None:
-            raise InterventionError(
-                f"bad neuron {item!r}; write neurons as LAYER.NEURON, e.g. 5.120,7.3"
-            )
-        refs.append(NeuronRef(int(match.group(1)), int(match.group(2))))
-    return tuple(refs)
+    return tuple(NeuronRef(layer, n) for layer, n in _pairs(text, "neuron", "5.120,7.3"))
 
 
 def parse_experts(text: str) -> tuple[ExpertRef, ...]:
     """``"3.1,5.7"`` → routed experts (layer.expert)."""
-    refs = []
-    for item in _items(text):
-        match = _PAIR.fullmatch(item)
-        if match is None:
-            raise InterventionError(
-                f"bad expert {item!r}; write experts as LAYER.EXPERT, e.g. 3.1,5.7"
-            )
-        refs.append(ExpertRef(int(match.group(1)), int(match.group(2))))
-    return tuple(refs)
+    return tuple(ExpertRef(layer, e) for layer, e in _pairs(text, "expert", "3.1,5.7"))
 
 
 def parse_edges(text: str) -> tuple[EdgeRef, ...]:
@@ -404,8 +395,7 @@ def mask_hooks(
         if bool(mask.any())
     ]
     for layer in sorted(set(experts) | set(blocks)):
-        n_tokens = next(iter(experts.values() or blocks.values())).shape[0]
-        block = blocks.get(layer, torch.zeros(n_tokens, dtype=torch.bool))
+        block = blocks[layer] if layer in blocks else experts[layer].new_zeros(len(experts[layer]))
         added = None
         if mode == "mean" and layer in experts and means is not None and means.experts is not None:
             added = experts[layer].float() @ means.experts[layer]  # [T, D]
