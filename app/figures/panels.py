@@ -15,6 +15,11 @@ from llm_flow.io.text import plotly_text
 HEATMAP_WINDOW = 48  # longer prompts open a heatmap zoomed on the edge's cell
 HEATMAP_HOVER_TOKENS = 128  # above this, hover shows indices only (labels would be T² strings)
 _MARGIN = {"l": 10, "r": 10, "t": 10, "b": 10}
+# The plotly toolbar of the panel charts (no selection tools: clicks select in the graph).
+PLOTLY_CONFIG = {
+    "displaylogo": False,
+    "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"],
+}
 
 
 def heads_figure(contributions: Sequence[float], selected: int | None = None) -> go.Figure:

@@ -63,7 +63,7 @@ def experts_panel(
     st.plotly_chart(
         panel_figures.experts_figure(labels, values, weights, None if choice == WHOLE else choice),
         key=f"expert_bars|{selection.id}",
-        config={"displaylogo": False},
+        config=panel_figures.PLOTLY_CONFIG,
     )
     st.caption(
         f"The {len(routed)} experts routed to at this token (of {ex.n_experts})"
@@ -121,7 +121,7 @@ def _expert_neurons(
     st.plotly_chart(
         panel_figures.neurons_figure(ids, values, neuron_acts, None if choice == -1 else choice),
         key=f"expert_neuron_bars|{selection.id}|{expert}",
-        config={"displaylogo": False},
+        config=panel_figures.PLOTLY_CONFIG,
     )
     st.caption(
         f"Top {k} neurons of {name} by contribution to {node_id('I', layer, t)}: router weight × "

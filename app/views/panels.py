@@ -47,10 +47,6 @@ TOP_NEURONS = 20
 HEAD_MAP_AUTO_TOKENS = 256
 ALL = -1  # the "all heads" / "whole block" choice
 SINK_SHOWN = 1e-3  # attention-sink shares below this are rounding, not a sink
-PLOTLY_CONFIG = {
-    "displaylogo": False,
-    "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"],
-}
 
 
 @dataclass(frozen=True)
@@ -127,7 +123,7 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
     st.plotly_chart(
         panel_figures.heads_figure(per_head.tolist(), head),
         key=f"heads_bars|{selection.id}",
-        config=PLOTLY_CONFIG,
+        config=panel_figures.PLOTLY_CONFIG,
     )
     st.caption(
         f"Per-head contributions to {node_id('A', layer, t)}, normalized LLM-TT's way over "
@@ -166,7 +162,7 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
                     mark=(t, s),
                 ),
                 key=f"attention_map|{selection.id}|{choice}",
-                config=PLOTLY_CONFIG,
+                config=panel_figures.PLOTLY_CONFIG,
             )
     with contribution_tab:
         contribution: torch.Tensor | None
@@ -194,7 +190,7 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
                     mark=(t, s),
                 ),
                 key=f"contribution_map|{selection.id}|{choice}",
-                config=PLOTLY_CONFIG,
+                config=panel_figures.PLOTLY_CONFIG,
             )
 
     who = "all heads" if head is None else f"head {head}"
@@ -253,7 +249,7 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
     st.plotly_chart(
         panel_figures.neurons_figure(ids, values, acts, neuron),
         key=f"neuron_bars|{selection.id}",
-        config=PLOTLY_CONFIG,
+        config=panel_figures.PLOTLY_CONFIG,
     )
     st.caption(
         f"Top {k} neurons by contribution to {node_id('I', layer, t)}: each neuron's part "
