@@ -149,13 +149,22 @@ def head_proximity(
     rows: Tensor,
     *,
     memory_budget: int | None = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     """Proximity of every per-head part ``z[t, s, h]`` for the query ``rows`` [R] → [R, S, H].
 
     Per-head parts are 9-32× more numerous than token-level ones, so they are computed on demand
-    for the rows a view needs (e.g. the targets of edges on a route, or one layer).
+    for the rows a view needs (e.g. the targets of edges on a route, or one layer). ``backend``
+    as :func:`attention_proximity`.
     """
     acc = accumulation_dtype(whole, head_outputs)
+    if backend == "kernel" or (backend == "auto" and kernel_for(whole.device, acc) == "numba"):
+        from llm_flow.engine.kernels import head_proximity_cpu
+
+        f32 = torch.float32
+        return head_proximity_cpu(
+            whole.to(f32), pattern.to(f32), head_outputs.to(f32), scale.to(f32), rows.cpu()
+        )
     n_heads, _, n_s = pattern.shape
     d_model = whole.shape[-1]
     u = head_outputs.to(acc)  # [S, H, D]
@@ -258,6 +267,7 @@ def head_contributions(
     attn_bias: Tensor,
     rows: Tensor,
     memory_budget: int | None = None,
+    backend: Backend = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Per-head contributions for the query ``rows`` [R], LLM-TT's way: every (source, head)
     part normalized together with the residual (and bias) parts.
@@ -268,7 +278,13 @@ def head_contributions(
     attn_whole = resid_post if resid_mid is None else resid_mid
     fixed = _fixed_attention_parts(resid_pre, resid_mid, mlp_update, attn_scale, attn_bias)
     heads = head_proximity(
-        attn_whole, pattern, head_outputs, attn_scale, rows, memory_budget=memory_budget
+        attn_whole,
+        pattern,
+        head_outputs,
+        attn_scale,
+        rows,
+        memory_budget=memory_budget,
+        backend=backend,
     )
     n_r, n_s, n_h = heads.shape
     fixed_prox = proximity(attn_whole[rows], fixed[rows])  # [R, K]
