@@ -29,7 +29,7 @@ QUERY_TILE = 16  # query rows sharing each source's head outputs: 16 rows' sign/
 
 # fastmath lets LLVM vectorize the reductions; inputs are finite (the run's self-checks passed).
 @njit(fastmath=True, cache=True, inline="always")
-def _four(w: np.ndarray, u_s: np.ndarray, h: int) -> tuple:  # type: ignore[type-arg]
+def _four(w: np.ndarray, u_s: np.ndarray, h: int) -> tuple:
     """Weights and rows of heads h … h + 3; heads past the last get weight 0 (and row 0)."""
     n_h = u_s.shape[0]
     zero = np.float32(0.0)
