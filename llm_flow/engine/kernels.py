@@ -189,13 +189,13 @@ def attention_proximity_cpu(
 def head_proximity_cpu(
     whole: Tensor, pattern: Tensor, head_outputs: Tensor, scale: Tensor, rows: Tensor
 ) -> Tensor:
-    """float32 CPU tensors as :func:`attention_proximity_cpu`, query ``rows`` [R] → per-head
-    prox [R, S, H] (zero for s > t)."""
+    """float32 CPU tensors as :func:`attention_proximity_cpu`, but ``pattern`` [H, R, S] holds
+    the attention at the query ``rows`` [R] → per-head prox [R, S, H] (zero for s > t)."""
     sign, y_abs = _signs_and_abs(whole)
     n_s, n_h = pattern.shape[-1], pattern.shape[0]
     out = np.zeros((len(rows), n_s, n_h), dtype=np.float32)
     u = head_outputs.contiguous().numpy()
     index = rows.to(torch.int64).contiguous()
-    a = _query_major(pattern[:, index], scale[index])  # (R, S, H)
+    a = _query_major(pattern, scale[index])  # (R, S, H)
     _head_prox(a, u, sign, y_abs, index.numpy(), out, QUERY_TILE)
     return torch.from_numpy(out)
