@@ -173,12 +173,13 @@ def trace(
     model: TransparentLlm,
     prompt: str,
     *,
-    keep_patterns: bool = True,
+    keep_patterns: bool | None = None,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> Trace:
     """Run ``prompt`` once and compute every contribution (``on_layer(done, total)`` reports
-    progress). ``keep_patterns=False`` saves memory on long prompts; per-head views, contrast
-    and faithfulness then need a trace that kept them."""
+    progress). Attention patterns are kept while every layer's fit in 2 GiB (``keep_patterns``
+    True / False forces it); per-head views, contrast and faithfulness recompute the rows they
+    need of a dropped pattern in one forward pass."""
     found = _trace.trace(model, prompt, keep_patterns=keep_patterns, on_layer=on_layer)
     return Trace(**_fields(found))
 

@@ -43,7 +43,7 @@ def ablated_trace(
     ablation: Ablation,
     means: MeanActivations | None = None,
     *,
-    keep_patterns: bool = True,
+    keep_patterns: bool | None = None,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> Trace:
     """The trace of ``before``'s prompt with ``ablation`` applied (validated here).

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from llm_flow.engine.trace import Trace
-from llm_flow.errors import ContrastError
 from llm_flow.models.base import ModelRun
 
 if TYPE_CHECKING:
@@ -37,21 +36,18 @@ class Attributions:
         excluded)."""
         return self.neurons.sum(-1) + self.experts.sum(-1)
 
-    def heads(self, run: ModelRun, layer: int) -> Tensor:
-        """Per (query t, source s, head h) attribution of ``layer`` → [T, S, H]; Σ_s is
-        :attr:`head_values`."""
-        lr = run.layers[layer]
-        if lr.pattern is None:
-            raise ContrastError(
-                f"layer {layer} of this run holds no attention pattern; "
-                "run the model with keep_patterns=True"
-            )
+    def heads(self, run: ModelRun, layer: int, rows: Tensor | None = None) -> Tensor:
+        """Per (query t, source s, head h) attribution of ``layer`` at query ``rows`` (None:
+        every position) → [R, S, H]; Σ_s is :attr:`head_values`. Attention patterns the run
+        dropped are recomputed."""
+        rows = torch.arange(run.n_tokens) if rows is None else rows
+        lr = run.with_attention({layer: rows}).layers[layer]
         f32 = torch.float32
         return torch.einsum(
             "hts,shk,thk->tsh",
-            lr.pattern.to(f32).cpu(),
+            lr.attention_at(rows).to(f32).cpu(),
             lr.values.to(f32).cpu(),
-            self.z_grads[layer],
+            self.z_grads[layer][rows.cpu()],
         )
 
 

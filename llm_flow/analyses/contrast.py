@@ -200,26 +200,23 @@ class DirectEffects:
 def direct_effects(trace: Trace, c: Contrast) -> DirectEffects:
     """Direct logit attribution of every head part, neuron and bias at ``c.position``.
 
-    Needs a run that kept its attention patterns. Vectorized: per layer two small matrix
-    products (``W_O @ e``, ``W_out @ e``); no [S, H, D] tensor is built.
+    Attention patterns the run dropped are recomputed at ``c.position``. Vectorized: per layer
+    two small matrix products (``W_O @ e``, ``W_out @ e``); no [S, H, D] tensor is built.
     """
-    llm, run, p = trace.llm, trace.run, c.position
+    llm, p = trace.llm, c.position
+    run = trace.run.with_attention({layer: [p] for layer in range(trace.n_layers)})
     e = residual_direction(trace, c)
     f32 = torch.float32
     heads, attn_bias, neurons, mlp_bias, experts = [], [], [], [], []
     width = max(layer.neuron_acts.shape[1] for layer in run.layers)
     n_experts = llm.info.n_experts
     for layer in run.layers:
-        if layer.pattern is None:
-            raise ContrastError(
-                f"layer {layer.index} of this run holds no attention pattern; "
-                "run the model with keep_patterns=True"
-            )
         e_l = e.to(layer.values.device)
         head_dir = layer.W_O.to(f32) @ e_l  # [H, d_head]
         per_source = torch.einsum("shk,hk->sh", layer.values.to(f32), head_dir)  # [S, H]
         a_scale = layer.attn_scale[p].to(f32)
-        heads.append(layer.pattern[:, p, :].to(f32).T * a_scale * per_source)  # [S, H]
+        pattern = layer.attention_at(torch.tensor([p]))[:, 0]  # [H, S]
+        heads.append(pattern.to(f32).T * a_scale * per_source)  # [S, H]
         attn_bias.append(a_scale * (layer.token_b_O[p].to(f32) @ e_l))
         m_scale = layer.mlp_scale[p].to(f32)
         per_neuron = layer.neuron_acts[p].to(f32) * m_scale * (layer.W_out.to(f32) @ e_l)
@@ -302,14 +299,18 @@ def effect_rows(
     """Rows for every head on every attention edge of ``route``, every FFN block on it and, per
     FFN block, the ``neurons_per_block`` neurons with the largest ``max(|direct|, |attr|)`` (for
     a mixture of experts: the experts routed to at that token and the shared expert)."""
-    p, run = direct.position, trace.run
+    p = direct.position
     rows: list[EffectRow] = []
+    idx, _ = route.attention_edges()  # [E, 3] (layer, t, s)
+    on_route = idx[:, 0].unique().tolist()
+    run = trace.run.with_attention({layer: idx[idx[:, 0] == layer, 1] for layer in on_route})
     edges, head_weights = route_head_weights(run, route)  # [E, 3] (layer, t, s), [E, H]
-    for layer in edges[:, 0].unique().tolist():
+    for layer in on_route:
         at_layer = edges[:, 0] == layer
         sel, weights = edges[at_layer], head_weights[at_layer]  # [E_l, 3], [E_l, H]
         targets, sources = sel[:, 1], sel[:, 2]
-        attr = attributions.heads(run, layer)[targets, sources]  # [E_l, H]
+        per_source = attributions.heads(run, layer, targets)  # [E_l, S, H]
+        attr = per_source[torch.arange(len(sel)), sources]  # [E_l, H]
         de = torch.where((targets == p)[:, None], direct.heads[layer, sources], 0.0)
         table = torch.stack([weights, de, attr], dim=-1).tolist()  # [E_l, H, 3]
         for (t, s), per_head in zip(sel[:, 1:].tolist(), table, strict=True):

@@ -148,17 +148,14 @@ def head_update(run: ModelRun, layer: int, head: int, position: int) -> Tensor:
     ``attn_scale[t] · Σ_s pattern[h, t, s] · (values[s, h] @ W_O[h])``; the heads plus
     ``b_O · attn_scale[t]`` sum to the block's update.
     """
-    layer_run = _layer(run, layer)
-    if layer_run.pattern is None:
-        raise LensError(
-            f"layer {layer_run.index} of this run holds no attention pattern, so per-head updates "
-            "cannot be computed; run the model with keep_patterns=True"
-        )
-    h = _index("head", head, layer_run.pattern.shape[0])
+    index = _layer(run, layer).index
+    h = _index("head", head, run.layers[index].values.shape[1])
     t = _index("position", position, run.n_tokens)
+    layer_run = run.with_attention({index: [t]}).layers[index]
     f32 = torch.float32
     # Mix the values first so nothing is [T, D]: [S] @ [S, d_head] → [d_head].
-    mixed = layer_run.pattern[h, t].to(f32) @ layer_run.values[:, h].to(f32)
+    pattern = layer_run.attention_at(torch.tensor([t]))[h, 0]  # [S]
+    mixed = pattern.to(f32) @ layer_run.values[:, h].to(f32)
     return layer_run.attn_scale[t].to(f32) * (mixed @ layer_run.W_O[h].to(f32))  # [D]
 
 

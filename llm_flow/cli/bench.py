@@ -1,12 +1,15 @@
 """``llm-flow bench``: time the engine's stages and measure memory at several prompt lengths.
 
-Per token count: ``forward_s`` (one forward pass capturing what the engine needs), ``graph_s``
-(all contributions + the dense graph), ``routes_s`` (one threshold change: re-prune and walk the
-route), ``peak_rss_mb`` (the process's peak resident memory so far) and ``graph_extra_mb`` (peak
-resident memory while building the graph, above what the process held just before it: the
-engine's own working memory beyond the model and the run); ``peak_cuda_mb`` (peak CUDA memory
-allocated during the row, null on a CPU), the proximity ``kernel`` the engine used and the
-``device`` it ran on.
+Per token count, one forward pass builds the graph as the engine does (each layer's
+contributions computed as soon as the layer has run, no attention pattern kept): ``graph_s`` is
+the time spent in those contributions and the dense graph, ``forward_s`` the rest of the pass
+(the model plus capturing what the engine needs); ``routes_s`` is one threshold change (re-prune
+and walk the route), ``peak_rss_mb`` the process's peak resident memory so far and
+``graph_extra_mb`` the peak resident memory during the pass above what the process held just
+before it (activations, the engine's working memory and the graph, beyond the model);
+``peak_cuda_mb`` the peak CUDA memory allocated during the row (null on a CPU); with ``heads``,
+``heads_s`` is the per-head contributions of every query of the middle layer (what the app's
+head map computes). ``kernel`` and ``device`` say what the numbers were measured with.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from llm_flow.engine.contributions import kernel_for
-from llm_flow.engine.graph import FlowGraph, contributions_of
+from llm_flow.engine.contributions import LayerContributions, kernel_for
+from llm_flow.engine.graph import FlowGraph, contributions_of, layer_head_contributions
 from llm_flow.engine.routes import find_route
 from llm_flow.errors import InputError, LlmFlowError
-from llm_flow.models.base import TransparentLlm
+from llm_flow.models.base import LayerRun, TransparentLlm
 
 BENCH_TEXT = Path(__file__).resolve().parents[2] / "sample_inputs" / "bench_text.txt"
 ROUTE_THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.1)
@@ -45,6 +48,7 @@ class BenchRow:
     peak_cuda_mb: float | None
     kernel: str
     device: str
+    heads_s: float | None = None
 
     def to_dict(self) -> dict[str, float | int | str | None]:
         return asdict(self)
@@ -114,51 +118,74 @@ def bench(
     llm: TransparentLlm,
     token_counts: Sequence[int],
     *,
+    heads: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
-    rows = []
     device = torch.device(llm.info.device)
-    cuda = device.type == "cuda"
-    # Warm-up: kernels, the compiled contribution kernel's load from its cache, allocator pools.
+    # Warm-up: kernels, the compiled contribution kernels' load from their cache, allocators.
     warm = llm.run("Warm up the kernels.")
     contributions_of(warm.layers[0])
+    layer_head_contributions(warm.layers[0], torch.arange(warm.n_tokens, device=device))
+    rows = []
     for n in token_counts:
         if progress is not None:
             progress(f"bench: {n} tokens")
-        prompt = prompt_of_length(llm, n)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        run = llm.run(prompt)
-        forward_s = time.perf_counter() - start
-        before = _rss_mb()
-        peak: list[float] = []
-        with _peak_rss(peak):
-            start = time.perf_counter()
-            graph = FlowGraph.from_layers(run, [contributions_of(layer) for layer in run.layers])
-            graph_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for threshold in ROUTE_THRESHOLDS:
-            find_route(graph, [-1], threshold=threshold, renormalize=True)
-        routes_s = (time.perf_counter() - start) / len(ROUTE_THRESHOLDS)
-        rows.append(
-            BenchRow(
-                tokens=run.n_tokens,
-                forward_s=round(forward_s, 4),
-                graph_s=round(graph_s, 4),
-                routes_s=round(routes_s, 5),
-                graph_over_forward=round(graph_s / forward_s, 2),
-                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                graph_extra_mb=round(peak[0] - before, 1),
-                peak_cuda_mb=(
-                    round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None
-                ),
-                kernel=kernel_for(device),
-                device=device_name(device),
-            )
-        )
-        del run, graph
+        rows.append(_bench_row(llm, prompt_of_length(llm, n), device, heads))
     return rows
+
+
+def _bench_row(llm: TransparentLlm, prompt: str, device: torch.device, heads: bool) -> BenchRow:
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    middle = llm.info.n_layers // 2
+    done: list[LayerContributions] = []
+    spent = {"graph": 0.0, "heads": 0.0}
+
+    def reduce(layer: LayerRun) -> None:
+        start = time.perf_counter()
+        done.append(contributions_of(layer))
+        _sync(device)
+        spent["graph"] += time.perf_counter() - start
+        if heads and layer.index == middle:
+            start = time.perf_counter()
+            layer_head_contributions(layer, torch.arange(layer.resid_pre.shape[0], device=device))
+            _sync(device)
+            spent["heads"] = time.perf_counter() - start
+
+    before = _rss_mb()
+    peak: list[float] = []
+    with _peak_rss(peak):
+        start = time.perf_counter()
+        run = llm.run(prompt, on_layer=reduce, keep_patterns=False)
+        graph_start = time.perf_counter()
+        graph = FlowGraph.from_layers(run, done)
+        end = time.perf_counter()
+    graph_s = spent["graph"] + (end - graph_start)
+    forward_s = end - start - graph_s - spent["heads"]
+    start = time.perf_counter()
+    for threshold in ROUTE_THRESHOLDS:
+        find_route(graph, [-1], threshold=threshold, renormalize=True)
+    routes_s = (time.perf_counter() - start) / len(ROUTE_THRESHOLDS)
+    return BenchRow(
+        tokens=run.n_tokens,
+        forward_s=round(forward_s, 4),
+        graph_s=round(graph_s, 4),
+        routes_s=round(routes_s, 5),
+        graph_over_forward=round(graph_s / forward_s, 2),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        graph_extra_mb=round(peak[0] - before, 1),
+        peak_cuda_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None,
+        kernel=kernel_for(device),
+        device=device_name(device),
+        heads_s=round(spent["heads"], 4) if heads else None,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a stage's time is its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def format_table(rows: Sequence[BenchRow]) -> str:
@@ -171,6 +198,7 @@ def format_table(rows: Sequence[BenchRow]) -> str:
         "peak_rss_mb",
         "graph_extra_mb",
         "peak_cuda_mb",
+        "heads_s",
     )
     first = rows[0] if rows else None
     lines = [] if first is None else [f"{first.device}; proximity kernel: {first.kernel}"]
@@ -185,6 +213,7 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             f"{r.peak_rss_mb:.0f}",
             f"{r.graph_extra_mb:.0f}",
             "-" if r.peak_cuda_mb is None else f"{r.peak_cuda_mb:.0f}",
+            "-" if r.heads_s is None else f"{r.heads_s:.3f}",
         )
         lines.append("  ".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)

@@ -67,7 +67,7 @@ def _trace(
     args: argparse.Namespace,
     config: AppConfig,
     *,
-    keep_patterns: bool,
+    keep_patterns: bool | None = None,
     checks: Callable[[], None] = lambda: None,
 ) -> Trace:
     """Check the prompt (and ``checks``) before loading the model, then trace the prompt."""
@@ -111,9 +111,7 @@ def _graph(args: argparse.Namespace) -> None:
         _contrast_pair(args)
 
     want_contrast = args.target is not None
-    tr = _trace(
-        args, _config(args.config), keep_patterns=args.heads or want_contrast, checks=checks
-    )
+    tr = _trace(args, _config(args.config), checks=checks)
     position = tr.position(args.position)
     renormalize = not args.no_renormalize
     if args.threshold == 0 and not renormalize:
@@ -136,7 +134,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     counts = parse_token_counts(args.tokens)
     llm = _load(args, _config(args.config))
-    rows = bench(llm, counts, progress=_progress())
+    rows = bench(llm, counts, heads=args.heads, progress=_progress())
     if args.json:
         _write(json.dumps([r.to_dict() for r in rows], indent=2), None)
     else:
@@ -225,7 +223,7 @@ def _faithfulness(args: argparse.Namespace) -> None:
             raise InputError("--distractor needs --target too (or pass only --target)")
 
     config = _config(args.config)
-    tr = _trace(args, config, keep_patterns=True, checks=checks)
+    tr = _trace(args, config, checks=checks)
     tr.position(args.position)
     means = _means(args, config, tr)
     report = faithfulness(

@@ -138,5 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time forward / graph / routes and measure memory")
     _add_model_args(bench)
     bench.add_argument("--tokens", default="64,256,1024", help="comma-separated token counts")
+    bench.add_argument(
+        "--heads",
+        action="store_true",
+        help="also time the per-head contributions of every query of the middle layer",
+    )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     return parser

@@ -181,18 +181,26 @@ def head_proximity(
     memory_budget: int | None = None,
     backend: Backend = "auto",
 ) -> Tensor:
-    """Proximity of every per-head part ``z[t, s, h]`` for the query ``rows`` [R] → [R, S, H].
+    """Proximity of every per-head part ``z[t, s, h]`` for the query ``rows`` [R] → [R, S, H];
+    ``pattern`` [H, R, S] is the attention at those rows (whole [T, D] and scale [T] are
+    indexed by ``rows``).
 
     Per-head parts are 9-32× more numerous than token-level ones, so they are computed on demand
-    for the rows a view needs (e.g. the targets of edges on a route, or one layer).
-    ``backend`` as for :func:`attention_proximity`; there is no CPU kernel for per-head parts, so
-    "kernel" runs the torch path.
+    for the rows a view needs (e.g. the targets of edges on a route, or one layer). ``backend``
+    as :func:`attention_proximity`.
     """
     acc = accumulation_dtype(whole, head_outputs)
     if backend == "triton" or (backend == "auto" and kernel_for(whole.device, acc) == "triton"):
         from llm_flow.engine.gpu_kernels import head_proximity_triton
 
         return head_proximity_triton(whole, pattern, head_outputs, scale, rows)
+    if backend == "kernel" or (backend == "auto" and kernel_for(whole.device, acc) == "numba"):
+        from llm_flow.engine.kernels import head_proximity_cpu
+
+        f32 = torch.float32
+        return head_proximity_cpu(
+            whole.to(f32), pattern.to(f32), head_outputs.to(f32), scale.to(f32), rows.cpu()
+        )
     n_heads, _, n_s = pattern.shape
     d_model = whole.shape[-1]
     u = head_outputs.to(acc)  # [S, H, D]
@@ -203,7 +211,7 @@ def head_proximity(
     for i in range(0, len(rows), step):
         idx = rows[i : i + step]
         y = whole[idx].to(acc)[:, None, None, :]  # (R, 1, 1, D)
-        a = pattern[:, idx, :].to(acc) * scale[idx].to(acc)[None, :, None]  # (H, R, S)
+        a = pattern[:, i : i + step].to(acc) * scale[idx].to(acc)[None, :, None]  # (H, R, S)
         z = a.permute(1, 2, 0)[..., None] * u[None]  # (R, S, H, D)
         out[i : i + step] = _prox_(z, _signs(y), y.abs())
     return out
@@ -298,7 +306,8 @@ def head_contributions(
     backend: Backend = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Per-head contributions for the query ``rows`` [R], LLM-TT's way: every (source, head)
-    part normalized together with the residual (and bias) parts.
+    part normalized together with the residual (and bias) parts. ``pattern`` [H, R, S] is the
+    attention at those rows; the other tensors cover every position.
 
     Returns (heads [R, S, H], residual [R]). Σ_h heads[r, s] is *not* the token-level edge
     weight (proximity is not additive over heads); views must say which one they show.

@@ -61,16 +61,14 @@ class FlowGraph:
         )
 
 
-def _attention_sum(layer: LayerRun) -> dict[str, Tensor | None]:
+def _attention_sum(layer: LayerRun, pattern: Tensor) -> dict[str, Tensor | None]:
     """The tensors of a layer's attention sum, as the contribution functions take them."""
-    if layer.pattern is None:
-        raise ValueError(f"layer {layer.index} holds no attention pattern; run with patterns")
     return {
         "resid_pre": layer.resid_pre,
         "resid_mid": layer.resid_mid,
         "resid_post": layer.resid_post,
         "mlp_update": layer.mlp_update,
-        "pattern": layer.pattern,
+        "pattern": pattern,
         "head_outputs": layer.head_outputs(),
         "attn_scale": layer.attn_scale,
         "attn_bias": layer.b_O,
@@ -78,19 +76,26 @@ def _attention_sum(layer: LayerRun) -> dict[str, Tensor | None]:
 
 
 def contributions_of(layer: LayerRun, *, memory_budget: int | None = None) -> LayerContributions:
-    """Token-level contributions of one layer of a run (needs the layer's attention pattern)."""
-    return layer_contributions(**_attention_sum(layer), memory_budget=memory_budget)  # type: ignore[arg-type]
+    """Token-level contributions of one layer of a run (needs the layer's whole pattern)."""
+    if layer.pattern is None or layer.pattern_rows is not None:
+        raise ValueError(
+            f"layer {layer.index} holds no attention pattern of every row; run with patterns"
+        )
+    tensors = _attention_sum(layer, layer.pattern)
+    return layer_contributions(**tensors, memory_budget=memory_budget)  # type: ignore[arg-type]
 
 
 def layer_head_contributions(
     layer: LayerRun, rows: Tensor, *, memory_budget: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Per-head contributions of ``layer`` for query ``rows`` → (heads [R, S, H], residual [R]).
+    """Per-head contributions of ``layer`` for query ``rows`` → (heads [R, S, H], residual [R]);
+    the layer must hold its pattern at those rows (see ``ModelRun.with_attention``).
 
     Normalized over every (source, head) part + residual + bias, as LLM-TT does; note that
     Σ_h differs from the token-level edge weight of :class:`FlowGraph`.
     """
-    return head_contributions(**_attention_sum(layer), rows=rows, memory_budget=memory_budget)  # type: ignore[arg-type]
+    tensors = _attention_sum(layer, layer.attention_at(rows))
+    return head_contributions(**tensors, rows=rows, memory_budget=memory_budget)  # type: ignore[arg-type]
 
 
 def layer_expert_contributions(layer: LayerRun, rows: Tensor) -> tuple[Tensor, Tensor]:

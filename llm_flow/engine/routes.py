@@ -168,11 +168,14 @@ def route_head_weights(run: ModelRun, route: Route) -> tuple[Tensor, Tensor]:
 
     Normalized LLM-TT's way over every (source, head) part and the residual
     (:func:`~llm_flow.engine.graph.layer_head_contributions`), computed for the route's query
-    rows only; Σ_h is not the token-level edge weight. ``run`` must hold attention patterns.
+    rows only; Σ_h is not the token-level edge weight. Patterns the run dropped are recomputed
+    for those rows in one pass.
     """
     idx = route.attention.nonzero()  # [E, 3]
     weights = torch.zeros(len(idx), run.layers[0].values.shape[1])
-    for layer in idx[:, 0].unique().tolist():
+    layers = idx[:, 0].unique().tolist()
+    run = run.with_attention({layer: idx[idx[:, 0] == layer, 1] for layer in layers})
+    for layer in layers:
         sel = (idx[:, 0] == layer).nonzero().flatten()
         rows, inverse = idx[sel, 1].unique(return_inverse=True)
         device = run.layers[layer].values.device

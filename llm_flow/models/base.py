@@ -16,14 +16,16 @@ Architecture differences are resolved here so the numeric core never branches on
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from llm_flow.errors import InputError
 from llm_flow.validate import check_position
 
 # A forward hook: (hook name, fn(activation, hook)); a fn that returns a tensor replaces the
@@ -159,6 +161,9 @@ class LayerRun:
     W_out: Tensor  # [d_mlp, D] post-norm gain folded in
     b_out: Tensor  # [D]; [T, D] in an intervened MoE run
     experts: ExpertRun | None = None  # a mixture-of-experts FFN's parts (neuron_acts is [T, 0])
+    # The query positions ``pattern`` holds, sorted: it is then [H, R, T_source] (a pattern
+    # recomputed for the rows a view needs, see ModelRun.with_attention). None: every position.
+    pattern_rows: Tensor | None = None
 
     @property
     def mlp_base(self) -> Tensor:
@@ -179,8 +184,30 @@ class LayerRun:
         """
         return torch.einsum("shk,hkd->shd", self.values.to(dtype), self.W_O.to(dtype))
 
+    def holds_attention(self, rows: Tensor | None) -> bool:
+        """Whether the pattern is here for the query ``rows`` (None: every row)."""
+        if self.pattern is None:
+            return False
+        if self.pattern_rows is None:
+            return True
+        return rows is not None and bool(torch.isin(rows.cpu(), self.pattern_rows).all())
+
+    def attention_at(self, rows: Tensor) -> Tensor:
+        """The attention pattern at query positions ``rows`` [R] → [H, R, T_source]."""
+        if not self.holds_attention(rows):
+            raise InputError(
+                f"layer {self.index} holds no attention pattern for these rows; "
+                "get them with ModelRun.with_attention"
+            )
+        assert self.pattern is not None
+        if self.pattern_rows is None:
+            return self.pattern[:, rows.to(self.pattern.device)]
+        index = torch.searchsorted(self.pattern_rows, rows.cpu())
+        return self.pattern[:, index.to(self.pattern.device)]
+
     def sink_share(self) -> Tensor | None:
-        """Each head's share of attention given to no token, ``1 − Σ_s pattern`` → [H, T]:
+        """Each head's share of attention given to no token, ``1 − Σ_s pattern`` → [H, T]
+        (or [H, R] for the rows of a recomputed pattern):
         the attention sink of GPT-OSS-style heads (a softmax logit without a value), kept as
         its own part of the pattern rather than renormalized away; ≈ 0 without sinks. None
         once the pattern is dropped."""
@@ -190,7 +217,12 @@ class LayerRun:
 
     def without_pattern(self) -> LayerRun:
         """A copy that no longer holds the [H, T, T] attention pattern."""
-        return replace(self, pattern=None)
+        return replace(self, pattern=None, pattern_rows=None)
+
+
+# Recomputes attention patterns of a run: {layer: query rows [R] sorted, or None for every row}
+# → {layer: pattern [H, R or T, T]} from one forward pass (see TransparentLlm.attention_rows).
+PatternSource = Callable[[Mapping[int, Tensor | None]], dict[int, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -203,10 +235,36 @@ class ModelRun:
     logits: Tensor  # [T, V] float32
     layers: tuple[LayerRun, ...]
     final_scale: Tensor  # [T] scale the final norm divided each last residual by
+    # How to recompute dropped attention patterns (the model and the run's interventions).
+    patterns: PatternSource | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def with_attention(self, rows: Mapping[int, Tensor | Sequence[int] | None]) -> ModelRun:
+        """This run with the attention pattern of each listed layer at query ``rows`` (None:
+        every row). Layers that kept their pattern are used as they are; the patterns of the
+        others are recomputed, all in one forward pass that stops after the last of them, and
+        hold just those rows (``LayerRun.pattern_rows``): memory stays O(R · T) per layer."""
+        wanted = {
+            layer: None if r is None else torch.as_tensor(r, dtype=torch.long).cpu().unique()
+            for layer, r in rows.items()
+        }
+        missing = {
+            layer: r for layer, r in wanted.items() if not self.layers[layer].holds_attention(r)
+        }
+        if not missing:
+            return self
+        if self.patterns is None:
+            raise InputError(
+                f"layer {min(missing)} of this run holds no attention pattern and the run cannot "
+                "recompute it; run the model with keep_patterns=True"
+            )
+        layers = list(self.layers)
+        for layer, pattern in self.patterns(missing).items():
+            layers[layer] = replace(layers[layer], pattern=pattern, pattern_rows=missing[layer])
+        return replace(self, layers=tuple(layers))
 
     @property
     def n_tokens(self) -> int:
@@ -222,6 +280,10 @@ class ModelRun:
 
 
 LayerCallback = Callable[[LayerRun], None]
+
+
+class _PatternsFound(Exception):
+    """Stops a pass once every attention pattern asked for is captured."""
 
 
 class TransparentLlm(ABC):
@@ -306,6 +368,32 @@ class TransparentLlm(ABC):
         """Whether a hook on the ``pattern`` site changes what the model computes (some
         attention implementations compute it inside a module the hook cannot reach)."""
         return True
+
+    def attention_rows(
+        self,
+        token_ids: Sequence[int],
+        rows: Mapping[int, Tensor | None],
+        fwd_hooks: Sequence[Hook] = (),
+    ) -> dict[int, Tensor]:
+        """The attention pattern of each layer in ``rows`` at its query rows [R] (None: every
+        row) → {layer: [H, R, T]}, from one pass over ``token_ids`` with ``fwd_hooks`` (a run's
+        interventions) that stops once the last listed layer's attention has run."""
+        found: dict[int, Tensor] = {}
+        last = max(rows)
+
+        def grab(layer: int, wanted: Tensor | None) -> Callable[..., None]:
+            def hook(tensor: Tensor, hook: Any) -> None:
+                pattern = tensor[0].detach()
+                found[layer] = pattern if wanted is None else pattern[:, wanted.to(tensor.device)]
+                if layer == last:
+                    raise _PatternsFound
+
+            return hook
+
+        grabs = [(self.hook_name("pattern", layer), grab(layer, r)) for layer, r in rows.items()]
+        with contextlib.suppress(_PatternsFound):  # raised once the later layers are not needed
+            self.logits_with_hooks(token_ids, [*fwd_hooks, *grabs])
+        return found
 
     def unembed(self, resid: Tensor, *, normalize: bool = True) -> Tensor:
         """Logits [..., V] of residual states [..., D], through the final norm or not."""

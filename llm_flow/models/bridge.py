@@ -346,6 +346,7 @@ class BridgeLlm(TransparentLlm):
             logits=logits[0].float(),
             layers=tuple(layers),
             final_scale=final["scale"].float(),
+            patterns=functools.partial(self.attention_rows, token_ids, fwd_hooks=fwd_hooks),
         )
 
     def logits_with_hooks(

@@ -135,11 +135,16 @@ def test_head_and_neuron_direct_effects_match_the_lens_updates(
         assert float(d.ffn[layer]) == pytest.approx(whole_ffn, abs=1e-4)
 
 
-def test_direct_effects_need_patterns() -> None:
+def test_direct_effects_recompute_dropped_patterns() -> None:
     llm = tiny_llm("llama-gqa")
-    tr = trace(llm, prompt(4), keep_patterns=False)
-    with pytest.raises(ContrastError, match="keep_patterns=True"):
-        direct_effects(tr, contrast(tr, TARGET, DISTRACTOR))
+    kept, dropped = trace(llm, prompt(5)), trace(llm, prompt(5), keep_patterns=False)
+    assert all(layer.pattern is None for layer in dropped.run.layers)
+    want = direct_effects(kept, contrast(kept, TARGET, DISTRACTOR))
+    got = direct_effects(dropped, contrast(dropped, TARGET, DISTRACTOR))
+    torch.testing.assert_close(
+        got.heads, want.heads, rtol=0, atol=0
+    )  # the same pattern, bit for bit
+    torch.testing.assert_close(got.neurons, want.neurons, rtol=0, atol=0)
 
 
 # -- attributions -----------------------------------------------------------------------------

@@ -223,13 +223,15 @@ def test_neuron_update_keeps_the_sign_of_the_activation(
     assert not torch.allclose(neuron_update(run, layer, n, t), magnitude, atol=1e-6)
 
 
-def test_head_update_needs_patterns(model: Trace) -> None:
+def test_head_update_recomputes_a_dropped_pattern(model: Trace) -> None:
     run = model.run
     stripped = dataclasses.replace(run, layers=tuple(lr.without_pattern() for lr in run.layers))
+    assert torch.equal(head_update(stripped, 0, 0, 1), head_update(run, 0, 0, 1))
+    cannot = dataclasses.replace(stripped, patterns=None)
     with pytest.raises(ValueError, match="keep_patterns=True"):
-        head_update(stripped, 0, 0, 1)
-    # Everything else still works without patterns.
-    assert block_update(stripped, 0, "attention", 1).shape == (run.layers[0].W_O.shape[-1],)
+        head_update(cannot, 0, 0, 1)
+    # Everything else works without patterns.
+    assert block_update(cannot, 0, "attention", 1).shape == (run.layers[0].W_O.shape[-1],)
 
 
 # -- hand-built run: exact rank changes ---------------------------------------------------------

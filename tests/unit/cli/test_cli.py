@@ -483,6 +483,18 @@ def test_bench_json_rows(capsys: pytest.CaptureFixture[str], config_file: Path) 
         # On a CPU in float32: the fused CPU kernel, no CUDA memory, the CPU and its cores named.
         assert row["kernel"] == "numba" and row["peak_cuda_mb"] is None
         assert row["device"].startswith("CPU ") and "cores" in row["device"]
+        assert row["heads_s"] is None  # only with --heads
+
+
+def test_bench_times_the_per_head_map_with_heads(
+    capsys: pytest.CaptureFixture[str], config_file: Path
+) -> None:
+    code, out, err = cli(
+        capsys, "bench", "--config", str(config_file), "--tokens", "8", "--heads", "--json"
+    )
+    assert (code, err) == (0, "")
+    (row,) = json.loads(out)
+    assert isinstance(row["heads_s"], float) and row["heads_s"] > 0
 
 
 def test_bench_table(capsys: pytest.CaptureFixture[str], config_file: Path) -> None:

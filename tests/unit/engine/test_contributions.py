@@ -13,6 +13,7 @@ from llm_flow.engine.contributions import (
     attention_proximity,
     causal_tiles,
     head_contributions,
+    head_proximity,
     kernel_for,
     layer_contributions,
     neuron_contributions,
@@ -205,6 +206,54 @@ def test_fused_kernel_handles_massive_dimensions_and_long_prompts() -> None:
     bound = f32_tol(terms=h + 2 * d) * _parts_l1(pattern, u, scale)  # [T, S]
     assert ((kernel.double() - exact).abs() <= bound).all()
     assert (kernel.triu(1) == 0).all()
+
+
+def _random_layer(
+    n: int, h: int, d: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """whole [T, D] with one massive dimension and exact zeros, a causal pattern [H, T, T],
+    head outputs [T, H, D], a post-norm scale [T]."""
+    gen = torch.Generator().manual_seed(seed)
+    causal = torch.full((n, n), float("-inf")).triu(1)
+    pattern = torch.softmax(3 * torch.randn(h, n, n, generator=gen) + causal, -1)
+    whole = torch.randn(n, d, generator=gen)
+    whole[:, 1] = 2_000.0
+    whole[:, 2] = 0.0  # sign(0) = +1 and |y| = 0: every part overshoots here
+    u = 4 * torch.randn(n, h, d, generator=gen)
+    scale = torch.rand(n, generator=gen) + 0.5
+    return whole, pattern, u, scale
+
+
+@pytest.mark.parametrize(("n", "h"), [(1, 1), (17, 3), (33, 4), (40, 5), (16, 8), (70, 9)])
+def test_fused_kernel_equals_float64_for_any_tile_and_head_count(n: int, h: int) -> None:
+    """Query tiles of 16 (one, partial, several) and heads added four at a time (H below,
+    at and just past a multiple of four): every (query, source) pair exactly once."""
+    whole, pattern, u, scale = _random_layer(n, h, 24, seed=n + h)
+    kernel = attention_proximity(whole, pattern, u, scale, backend="kernel")
+    exact = attention_proximity(
+        whole.double(), pattern.double(), u.double(), scale.double(), backend="torch"
+    )
+    bound = f32_tol(terms=h + 2 * 24) * _parts_l1(pattern, u, scale)
+    assert ((kernel.double() - exact).abs() <= bound).all()
+    assert (kernel.triu(1) == 0).all()
+
+
+@pytest.mark.parametrize("h", [1, 4, 9])
+def test_fused_per_head_kernel_equals_float64(h: int) -> None:
+    n, d = 37, 24
+    whole, pattern, u, scale = _random_layer(n, h, d, seed=h)
+    rows = torch.tensor([36, 0, 5, 20, 17, 36])  # unsorted, repeated, first and last
+    kernel = head_proximity(whole, pattern, u, scale, rows, backend="kernel")
+    exact = head_proximity(
+        whole.double(), pattern.double(), u.double(), scale.double(), rows, backend="torch"
+    )
+    # One part per (row, source, head): a weight times D products, two D-term sums.
+    part_l1 = pattern.double().permute(1, 2, 0)[rows] * u.double().abs().sum(-1)[None]
+    bound = f32_tol(terms=2 * d + 1) * part_l1 * scale.double()[rows, None, None]
+    assert kernel.shape == (len(rows), n, h)
+    assert ((kernel.double() - exact).abs() <= bound).all()
+    causal = torch.arange(n)[None, :] <= rows[:, None]
+    assert (kernel[~causal] == 0).all()
 
 
 def test_kernel_choice_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
