@@ -55,7 +55,8 @@ def token_bound(inputs: AttentionInputs) -> torch.Tensor:
 
 
 def head_bound(inputs: AttentionInputs, rows: torch.Tensor) -> torch.Tensor:
-    """[R, S, H]: as :func:`token_bound` for per-head parts (one product per z_d, 1 + 2D)."""
+    """[R, S, H]: as :func:`token_bound` for per-head parts (one product per z_d, 1 + 2D);
+    ``inputs`` hold the whole pattern [H, T, S]."""
     _, pattern, u, scale = (x.double() for x in inputs)
     d_model = u.shape[2]
     rows = rows.to(pattern.device)

@@ -109,7 +109,7 @@ def _attention_prox_kernel(
 @triton.jit
 def _head_prox_kernel(
     y_ptr: Arg,  # whole [T, D]
-    a_ptr: Arg,  # pattern [H, T, S]
+    a_ptr: Arg,  # pattern at the rows [H, R, S]
     u_ptr: Arg,  # head outputs [S, H, D]
     scale_ptr: Arg,  # [T]
     rows_ptr: Arg,  # query positions [R], int64
@@ -121,7 +121,7 @@ def _head_prox_kernel(
     y_st: Arg,
     y_sd: Arg,
     a_sh: Arg,
-    a_st: Arg,
+    a_sr: Arg,
     a_ss: Arg,
     u_ss: Arg,
     u_sh: Arg,
@@ -143,8 +143,9 @@ def _head_prox_kernel(
         s_ok = s < n_s
         live = r_ok[:, None] & s_ok[None, :] & (s[None, :] <= t[:, None])  # (R, S)
         w = tl.load(scale_ptr + t, mask=r_ok, other=0.0).to(tl.float32)
-        a_ptrs = a_ptr + t[:, None] * a_st + s64[None, :] * a_ss  # (R, S), head 0
-        out_ptrs = out_ptr + r.to(tl.int64)[:, None] * out_sr + s64[None, :] * out_ss
+        r64 = r.to(tl.int64)
+        a_ptrs = a_ptr + r64[:, None] * a_sr + s64[None, :] * a_ss  # (R, S), head 0
+        out_ptrs = out_ptr + r64[:, None] * out_sr + s64[None, :] * out_ss
         u_h = u_ptr + s64[:, None] * u_ss  # (S, 1), head 0
         for _ in range(n_heads):  # pointers step by a stride: h·stride could pass 2³¹
             # pattern·scale first, as the torch path does: the same products.
@@ -222,8 +223,9 @@ def attention_proximity_triton(
 def head_proximity_triton(
     whole: Tensor, pattern: Tensor, head_outputs: Tensor, scale: Tensor, rows: Tensor
 ) -> Tensor:
-    """As :func:`attention_proximity_triton`, per head, for the query ``rows`` [R] (any order)
-    → prox [R, S, H] float32 (zero for s > rows[r])."""
+    """As :func:`attention_proximity_triton`, per head, for the query ``rows`` [R] (any order),
+    with ``pattern`` [H, R, S] the attention at those rows → prox [R, S, H] float32 (zero for
+    s > rows[r])."""
     n_heads, _, n_s = pattern.shape
     d_model = whole.shape[-1]
     rows = rows.to(device=whole.device, dtype=torch.int64)

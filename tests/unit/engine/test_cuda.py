@@ -75,6 +75,8 @@ def test_triton_head_kernel_equals_the_torch_path_on_cuda(
     pytest.importorskip("triton")
     inputs = attention_inputs(n, n_heads, d_model, dtype=dtype, device="cuda", seed=n + 1)
     rows = torch.tensor(sorted({n - 1, 0, n // 2, n // 3}, reverse=True), device="cuda")
-    kernel = head_proximity(*inputs, rows, backend="triton")
-    reference = head_proximity(*inputs, rows, backend="torch")
+    whole, pattern, u, scale = inputs
+    at_rows = pattern[:, rows]  # [H, R, S]
+    kernel = head_proximity(whole, at_rows, u, scale, rows, backend="triton")
+    reference = head_proximity(whole, at_rows, u, scale, rows, backend="torch")
     assert ((kernel.double() - reference.double()).abs() <= head_bound(inputs, rows)).all()

@@ -134,8 +134,10 @@ def test_head_kernel_equals_the_torch_path(
 ) -> None:
     inputs = attention_inputs(n, n_heads, d_model, dtype=dtype, device=DEVICE, seed=n + 1)
     idx = torch.tensor(rows, device=DEVICE)
-    kernel = head_proximity(*inputs, idx, backend="triton")
-    reference = head_proximity(*inputs, idx, backend="torch")
+    whole, pattern, u, scale = inputs
+    at_rows = pattern[:, idx]  # [H, R, S]: the attention at the rows, as views pass it
+    kernel = head_proximity(whole, at_rows, u, scale, idx, backend="triton")
+    reference = head_proximity(whole, at_rows, u, scale, idx, backend="torch")
     assert kernel.dtype == torch.float32 and kernel.shape == (len(rows), n, n_heads)
     assert ((kernel.double() - reference.double()).abs() <= head_bound(inputs, idx)).all()
     for i, t in enumerate(rows):
@@ -145,16 +147,17 @@ def test_head_kernel_equals_the_torch_path(
 @runs_kernels
 def test_head_contributions_pass_the_backend_through() -> None:
     whole, pattern, u, scale = attention_inputs(17, 3, 24, device=DEVICE)
+    rows = torch.tensor([16, 2], device=DEVICE)
     kwargs = {
         "resid_pre": whole * 0.5,
         "resid_mid": whole,
         "resid_post": whole * 1.1,
         "mlp_update": whole * 0.1,
-        "pattern": pattern,
         "head_outputs": u,
         "attn_scale": scale,
         "attn_bias": torch.full_like(whole[0], 0.01),
-        "rows": torch.tensor([16, 2], device=DEVICE),
+        "rows": rows,
+        "pattern": pattern[:, rows],  # [H, R, S]
     }
     heads, residual = head_contributions(**kwargs, backend="triton")
     ref_heads, ref_residual = head_contributions(**kwargs, backend="torch")
