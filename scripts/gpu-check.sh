@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Check llm-flow on a CUDA machine in one command: install it beside the machine's own CUDA torch,
 # run the GPU tests (compiled Triton kernels = torch path, the engine on CUDA = on the CPU), then
-# time `llm-flow bench` on a random-weight Llama-3.1-8B in bfloat16.
+# time `llm-flow bench` on a random-weight Llama-3.1-8B in bfloat16 (with the per-head map).
 #
 #   scripts/gpu-check.sh [WHEELS_DIR]        (run from anywhere inside a source checkout)
 #
@@ -115,7 +115,7 @@ failed=()
 IFS=',' read -r -a counts <<<"$TOKENS"
 for n in "${counts[@]}"; do
     if PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m llm_flow.cli.main bench \
-        --device cuda --model random:Llama-3.1-8B --dtype bfloat16 --tokens "$n" --json \
+        --device cuda --model random:Llama-3.1-8B --dtype bfloat16 --tokens "$n" --heads --json \
         >"$OUT/bench-$n.json" 2>"$OUT/bench-$n.err"; then
         cat "$OUT/bench-$n.json"
     else
