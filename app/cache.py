@@ -4,6 +4,8 @@ browser session, holding bounded LRU caches keyed by every argument that changes
 - ``models``: loaded models by :class:`ModelKey` (spec, device, dtype);
 - ``traces``: the engine's :class:`~llm_flow.engine.trace.Trace` (forward pass, full contribution
   graph, predictions) by :class:`TraceKey` (model key, prompt);
+- ``layer_runs``: one layer of a trace with its whole attention pattern, recomputed when the trace
+  did not keep it (long prompts), by (trace key, layer);
 - ``head_maps``: per-head contribution maps by (trace key, layer);
 - ``contrast_effects``: "why A instead of B?" — the contrast, direct effects and attributions
   (one backward pass) by :class:`ContrastKey` (trace key, position, target, distractor);
@@ -64,12 +66,14 @@ from llm_flow.engine.routes import Route
 from llm_flow.engine.trace import Trace, trace
 from llm_flow.io.prompts import read_prompt_file
 from llm_flow.models import BridgeLlm, load_model
+from llm_flow.models.base import LayerRun
 
 # Bounds of the process-wide caches. Two models: switching back and forth stays instant while
 # a 7B model in bf16 (~14 GB) cannot pile up; traces are small next to a model.
 MAX_MODELS = 2
 MAX_TRACES = 16
 MAX_HEAD_MAPS = 32
+MAX_LAYER_RUNS = 2  # recomputed [H, T, T] patterns: 0.6 GB each for SmolLM2 at 4096 tokens
 # Attributions keep ∂LD/∂z for every head and position ([L, T, H, d_head]): few of them.
 MAX_CONTRAST_EFFECTS = 4
 MAX_CONTRAST_TABLES = 16
@@ -239,6 +243,7 @@ class Store:
     def __init__(self) -> None:
         self.models: BoundedCache[ModelKey, LoadedModel] = BoundedCache(MAX_MODELS)
         self.traces: BoundedCache[TraceKey, CachedTrace] = BoundedCache(MAX_TRACES)
+        self.layer_runs: BoundedCache[tuple[TraceKey, int], LayerRun] = BoundedCache(MAX_LAYER_RUNS)
         self.head_maps: BoundedCache[tuple[TraceKey, int], torch.Tensor] = BoundedCache(
             MAX_HEAD_MAPS
         )
@@ -287,26 +292,34 @@ def get_trace(
     key: TraceKey, model: LoadedModel, on_layer: Callable[[int, int], None] | None = None
 ) -> CachedTrace:
     """The trace for ``key``, running the model only when it is not cached. Attention patterns
-    are kept: the heads panel, the contrast and faithfulness read per-head parts."""
+    are kept while they fit the engine's budget; past it, views recompute what they read
+    (:func:`layer_run`)."""
 
     def compute() -> CachedTrace:
         start = time.perf_counter()
-        traced = trace(model.llm, key.prompt, keep_patterns=True, on_layer=on_layer)
+        traced = trace(model.llm, key.prompt, on_layer=on_layer)
         return CachedTrace(key, traced, time.perf_counter() - start)
 
     return store().traces.get(key, compute)
 
 
-def head_map(cached: CachedTrace, layer: int) -> torch.Tensor:
-    """Per-head contributions of every query of ``layer`` → [T, S, H] (CPU, float32).
+def layer_run(cached: CachedTrace, layer: int) -> LayerRun:
+    """``layer`` of the trace's run with its whole attention pattern: the run's own when it kept
+    it, else recomputed (one pass up to that layer)."""
+    run = cached.trace.run
+    if run.layers[layer].holds_attention(None):
+        return run.layers[layer]
+    return store().layer_runs.get(
+        (cached.key, layer), lambda: run.with_attention({layer: None}).layers[layer]
+    )
 
-    Pure math on the immutable run, so no model lock is needed.
-    """
+
+def head_map(cached: CachedTrace, layer: int) -> torch.Tensor:
+    """Per-head contributions of every query of ``layer`` → [T, S, H] (CPU, float32)."""
 
     def compute() -> torch.Tensor:
-        run = cached.trace.run
-        rows = torch.arange(run.n_tokens, device=run.logits.device)
-        heads, _ = layer_head_contributions(run.layers[layer], rows)
+        rows = torch.arange(cached.trace.n_tokens, device=cached.trace.run.logits.device)
+        heads, _ = layer_head_contributions(layer_run(cached, layer), rows)
         return heads.cpu()
 
     return store().head_maps.get((cached.key, layer), compute)

@@ -105,7 +105,7 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
         + ")."
     )
 
-    layer_run = run.layers[layer]
+    layer_run = cache.layer_run(ctx.cached, layer)  # with its pattern, recomputed if dropped
     rows = torch.tensor([t], device=run.logits.device)
     heads, _ = layer_head_contributions(layer_run, rows)  # [1, S, H]
     per_head = heads[0, s].cpu()  # [H]

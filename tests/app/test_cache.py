@@ -104,3 +104,23 @@ def test_sessions_share_the_model_but_not_results() -> None:
         first.selectbox(key=session.POSITION).options
         != second.selectbox(key=session.POSITION).options
     )
+
+
+def test_a_trace_without_patterns_gets_one_layer_recomputed_once() -> None:
+    from llm_flow.config import ModelSpec
+    from llm_flow.engine.trace import trace
+    from tests.tiny import prompt, tiny_llm
+
+    llm = tiny_llm("llama-gqa")
+    text = prompt(6)
+    kept, dropped = trace(llm, text), trace(llm, text, keep_patterns=False)
+    key = cache.TraceKey(cache.ModelKey(ModelSpec("tiny", "hub"), "cpu", "float32"), text)
+    cached = cache.CachedTrace(key, dropped, 0.0)
+    before = cache.store().layer_runs.computed
+    layer = cache.layer_run(cached, 1)
+    assert layer.pattern is not None and layer.pattern_rows is None
+    assert layer.pattern.equal(kept.run.layers[1].pattern)  # type: ignore[arg-type]
+    assert cache.layer_run(cached, 1) is layer  # cached: no second pass
+    assert cache.store().layer_runs.computed == before + 1
+    other = cache.TraceKey(cache.ModelKey(ModelSpec("tiny-kept", "hub"), "cpu", "float32"), text)
+    assert cache.head_map(cache.CachedTrace(other, kept, 0.0), 1).equal(cache.head_map(cached, 1))

@@ -1,0 +1,59 @@
+"""Tests for ``llm-flow bench``: its rows (JSON and table) on a tiny local model. Times are
+reported, never asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.cli_runner import run_cli as cli
+from tests.conftest import SavedTiny
+
+
+@pytest.fixture(scope="module")
+def config_file(saved_tiny: SavedTiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = {"models": {"tiny": {"source": "local", "path": str(saved_tiny("llama-gqa"))}}}
+    path = tmp_path_factory.mktemp("bench") / "config.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def test_bench_json_rows(capsys: pytest.CaptureFixture[str], config_file: Path) -> None:
+    code, out, err = cli(
+        capsys, "bench", "--config", str(config_file), "--tokens", "8,16", "--json"
+    )
+    assert (code, err) == (0, "")
+    rows = json.loads(out)
+    assert isinstance(rows, list) and len(rows) == 2
+    for row, requested in zip(rows, (8, 16), strict=True):
+        for field in ("forward_s", "graph_s", "routes_s", "peak_rss_mb"):
+            assert isinstance(row[field], int | float) and row[field] >= 0, field
+        assert row["peak_rss_mb"] > 0
+        assert abs(row["tokens"] - requested) <= 1
+        # On a CPU in float32: the fused CPU kernel, no CUDA memory, the CPU and its cores named.
+        assert row["kernel"] == "numba" and row["peak_cuda_mb"] is None
+        assert row["device"].startswith("CPU ") and "cores" in row["device"]
+        assert row["heads_s"] is None  # only with --heads
+
+
+def test_bench_times_the_per_head_map_with_heads(
+    capsys: pytest.CaptureFixture[str], config_file: Path
+) -> None:
+    code, out, err = cli(
+        capsys, "bench", "--config", str(config_file), "--tokens", "8", "--heads", "--json"
+    )
+    assert (code, err) == (0, "")
+    (row,) = json.loads(out)
+    assert isinstance(row["heads_s"], float) and row["heads_s"] > 0
+
+
+def test_bench_table(capsys: pytest.CaptureFixture[str], config_file: Path) -> None:
+    code, out, err = cli(capsys, "bench", "--config", str(config_file), "--tokens", "4")
+    assert (code, err) == (0, "")
+    lines = out.strip().splitlines()
+    assert "tiny" in lines[0]
+    assert lines[1].startswith("CPU ") and lines[1].endswith("proximity kernel: numba")
+    assert "forward_s" in lines[2] and "peak_cuda_mb" in lines[2]
+    assert lines[3].split()[0] == "4" and lines[3].split()[-1] == "-"
