@@ -26,14 +26,16 @@ Everything here is pure tensor math: no model, no I/O.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-Backend = Literal["auto", "torch", "kernel"]
+Backend = Literal["auto", "torch", "kernel", "triton"]
 QUERY_TILE = 64  # query rows per tile: enough rows for the batched products to run well
 
 
@@ -75,10 +77,32 @@ def normalize(prox: Tensor, dim: int = -1) -> Tensor:
     return torch.where(total > 0, prox / total.clamp_min(torch.finfo(prox.dtype).tiny), 0.0)
 
 
+@cache
+def triton_installed() -> bool:
+    """Whether triton can be imported (the ``gpu`` extra); checked without importing it."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton is installed and compiles for ``device``: a CUDA GPU of compute capability 7.0 or
+    newer (older ones are below Triton's minimum; CUDA torch wheels bring triton along)."""
+    return (
+        device.type == "cuda"
+        and triton_installed()
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability(device) >= (7, 0)
+    )
+
+
 def kernel_for(device: torch.device, accumulation: torch.dtype = torch.float32) -> str:
-    """The token-level proximity kernel "auto" picks: ``numba`` (the fused CPU kernel) for
-    float32 work on a CPU, ``torch`` (the tiled reference) otherwise."""
-    return "numba" if device.type == "cpu" and accumulation == torch.float32 else "torch"
+    """The proximity kernel "auto" picks: for float32 work ``numba`` (the fused CPU kernel) on a
+    CPU and ``triton`` (:mod:`llm_flow.engine.gpu_kernels`) where :func:`triton_runs_on`;
+    ``torch`` (the tiled reference) otherwise, float64 always."""
+    if accumulation != torch.float32:
+        return "torch"
+    if device.type == "cpu":
+        return "numba"
+    return "triton" if triton_runs_on(device) else "torch"
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -114,10 +138,16 @@ def attention_proximity(
 
     whole [T, D] (the residual after the block), pattern [H, T, S], head_outputs [S, H, D],
     scale [T] (post-norm 1/rms, ones otherwise) → prox [T, S]. Row t is zero for s > t.
-    ``backend``: "auto" uses the fused CPU kernel (:mod:`llm_flow.engine.kernels`) for float32 work
-    on a CPU and the tiled torch version otherwise (GPUs, float64).
+    ``backend``: "auto" picks :func:`kernel_for`'s kernel: the fused CPU kernel
+    (:mod:`llm_flow.engine.kernels`, "kernel") or the Triton kernel ("triton", CUDA; on CPU
+    tensors only in Triton's interpreter) for float32 work, the tiled torch version otherwise.
+    The kernels accumulate in float32 and allocate no parts (``memory_budget`` is the torch path's).
     """
     acc = accumulation_dtype(whole, head_outputs)
+    if backend == "triton" or (backend == "auto" and kernel_for(whole.device, acc) == "triton"):
+        from llm_flow.engine.gpu_kernels import attention_proximity_triton
+
+        return attention_proximity_triton(whole, pattern, head_outputs, scale)
     if backend == "kernel" or (backend == "auto" and kernel_for(whole.device, acc) == "numba"):
         from llm_flow.engine.kernels import attention_proximity_cpu
 
@@ -160,6 +190,10 @@ def head_proximity(
     as :func:`attention_proximity`.
     """
     acc = accumulation_dtype(whole, head_outputs)
+    if backend == "triton" or (backend == "auto" and kernel_for(whole.device, acc) == "triton"):
+        from llm_flow.engine.gpu_kernels import head_proximity_triton
+
+        return head_proximity_triton(whole, pattern, head_outputs, scale, rows)
     if backend == "kernel" or (backend == "auto" and kernel_for(whole.device, acc) == "numba"):
         from llm_flow.engine.kernels import head_proximity_cpu
 

@@ -8,11 +8,13 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from llm_flow.engine import contributions
 from llm_flow.engine.contributions import (
     attention_proximity,
     causal_tiles,
     head_contributions,
     head_proximity,
+    kernel_for,
     layer_contributions,
     neuron_contributions,
     normalize,
@@ -254,6 +256,15 @@ def test_fused_per_head_kernel_equals_float64(h: int) -> None:
     assert ((kernel.double() - exact).abs() <= bound).all()
     causal = torch.arange(n)[None, :] <= rows[:, None]
     assert (kernel[~causal] == 0).all()
+
+
+def test_kernel_choice_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA without the gpu extra keeps the torch path (the package never needs triton)."""
+    monkeypatch.setattr(contributions, "triton_installed", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert kernel_for(torch.device("cuda")) == "torch"
+    assert kernel_for(torch.device("cpu")) == "numba"
+    assert kernel_for(torch.device("cpu"), torch.float64) == "torch"
 
 
 def test_float32_agrees_with_float64(tiny_run) -> None:  # type: ignore[no-untyped-def]

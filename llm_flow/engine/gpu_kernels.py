@@ -1,0 +1,257 @@
+"""Triton kernels for the attention proximities of :mod:`llm_flow.engine.contributions` on CUDA.
+
+The same math as the torch path (tests hold them equal): for the part ``z`` of a whole ``y``,
+``prox = max(Σ_d a_d − 2·max(a_d − |y_d|, 0), 0)`` with ``a_d = sign(y_d)·z_d``, ``sign(0) = +1``
+(Ferrando & Voita 2024, arXiv 2403.00824, §3, written without cancellation). Token-level parts
+are ``z[t, s] = scale[t]·Σ_h A[h, t, s]·u[s, h]``, per-head parts ``scale[t]·A[h, t, s]·u[s, h]``.
+
+One program per (query block, source block) tile builds its parts in registers, D block by D
+block, and reduces them at once: no part vector ever reaches memory, where the torch path writes
+every one of them (T²/2 · D floats per layer) before reducing it. Tiles above the causal
+diagonal exit at once and leave their zeros. Whatever the input dtype, values are upcast to
+float32 as they are loaded and every sum accumulates in float32 (half-precision sums changed
+contributions by up to 0.3).
+
+The kernels are compiled for CUDA tensors. With ``TRITON_INTERPRET=1`` set before triton is first
+imported, Triton's interpreter runs them on CPU tensors instead: that is how they are tested
+without a GPU (the mode is fixed for the whole process at that import, triton's standard library
+included). This module imports triton: import it only once triton is known to be installed
+(:func:`llm_flow.engine.contributions.kernel_for` checks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from llm_flow.errors import DeviceError
+
+# Tile sizes: a [Q, S, D] float32 block of parts lives in registers (16·16·32 = 8192 floats,
+# 64 per thread with 4 warps). Not tuned on hardware yet; scripts/gpu-check.sh times them.
+BLOCK_Q = 16
+BLOCK_S = 16
+BLOCK_D = 32
+NUM_WARPS = 4
+
+# Triton reads a parameter's annotation ("constexpr" marks compile-time constants); other
+# parameters are pointers or integers, typed ``Any`` for mypy (triton ships no type hints).
+Arg = Any
+
+
+@triton.jit
+def _attention_prox_kernel(
+    y_ptr: Arg,  # whole [T, D]
+    a_ptr: Arg,  # pattern [H, T, S]
+    u_ptr: Arg,  # head outputs [S, H, D]
+    scale_ptr: Arg,  # [T]
+    out_ptr: Arg,  # prox [T, S], float32, zero-filled
+    n_q: Arg,
+    n_s: Arg,
+    n_heads: Arg,
+    d_model: Arg,
+    y_st: Arg,
+    y_sd: Arg,
+    a_sh: Arg,
+    a_st: Arg,
+    a_ss: Arg,
+    u_ss: Arg,
+    u_sh: Arg,
+    u_sd: Arg,
+    out_st: Arg,
+    out_ss: Arg,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+) -> None:
+    q0 = tl.program_id(0) * BLOCK_Q
+    s0 = tl.program_id(1) * BLOCK_S
+    if s0 < q0 + BLOCK_Q:  # causal: a tile wholly above the diagonal has no parts
+        t = q0 + tl.arange(0, BLOCK_Q)
+        s = s0 + tl.arange(0, BLOCK_S)
+        t64 = t.to(tl.int64)  # offsets in int64: H·T·S passes 2³¹ at 8k tokens
+        s64 = s.to(tl.int64)
+        t_ok = t < n_q
+        s_ok = s < n_s
+        live = t_ok[:, None] & s_ok[None, :] & (s[None, :] <= t[:, None])  # (Q, S)
+        w = tl.load(scale_ptr + t64, mask=t_ok, other=0.0).to(tl.float32)
+        a_ptrs = a_ptr + t64[:, None] * a_st + s64[None, :] * a_ss  # (Q, S), head 0
+        linear = tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32)
+        overshoot = tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32)
+        for d0 in range(0, d_model, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d64 = d.to(tl.int64)
+            d_ok = d < d_model
+            y_ptrs = y_ptr + t64[:, None] * y_st + d64[None, :] * y_sd
+            y = tl.load(y_ptrs, mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            u_ptrs = u_ptr + s64[:, None] * u_ss + d64[None, :] * u_sd  # (S, D), head 0
+            u_ok = s_ok[:, None] & d_ok[None, :]
+            a_h = a_ptrs
+            z = tl.zeros((BLOCK_Q, BLOCK_S, BLOCK_D), dtype=tl.float32)
+            for _ in range(n_heads):  # pointers step by a stride: h·stride could pass 2³¹
+                # pattern·scale first, as the torch path does: the same products.
+                a = tl.load(a_h, mask=live, other=0.0).to(tl.float32) * w[:, None]
+                u = tl.load(u_ptrs, mask=u_ok, other=0.0).to(tl.float32)
+                z += a[:, :, None] * u[None, :, :]
+                a_h += a_sh
+                u_ptrs += u_sh
+            along = z * tl.where(y >= 0, 1.0, -1.0)[:, None, :]  # a_d = sign(y_d)·z_d
+            linear += tl.sum(along, axis=2)
+            overshoot += tl.sum(tl.maximum(along - tl.abs(y)[:, None, :], 0.0), axis=2)
+        prox = tl.where(live, tl.maximum(linear - 2.0 * overshoot, 0.0), 0.0)
+        out_ptrs = out_ptr + t64[:, None] * out_st + s64[None, :] * out_ss
+        tl.store(out_ptrs, prox, mask=t_ok[:, None] & s_ok[None, :])
+
+
+@triton.jit
+def _head_prox_kernel(
+    y_ptr: Arg,  # whole [T, D]
+    a_ptr: Arg,  # pattern at the rows [H, R, S]
+    u_ptr: Arg,  # head outputs [S, H, D]
+    scale_ptr: Arg,  # [T]
+    rows_ptr: Arg,  # query positions [R], int64
+    out_ptr: Arg,  # prox [R, S, H], float32, zero-filled
+    n_rows: Arg,
+    n_s: Arg,
+    n_heads: Arg,
+    d_model: Arg,
+    y_st: Arg,
+    y_sd: Arg,
+    a_sh: Arg,
+    a_sr: Arg,
+    a_ss: Arg,
+    u_ss: Arg,
+    u_sh: Arg,
+    u_sd: Arg,
+    out_sr: Arg,
+    out_ss: Arg,
+    out_sh: Arg,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+) -> None:
+    r = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    s0 = tl.program_id(1) * BLOCK_S
+    r_ok = r < n_rows
+    t = tl.load(rows_ptr + r, mask=r_ok, other=0)  # int64 positions, in any order
+    if s0 <= tl.max(tl.where(r_ok, t, -1), axis=0):  # causal: no source after the last row
+        s = s0 + tl.arange(0, BLOCK_S)
+        s64 = s.to(tl.int64)
+        s_ok = s < n_s
+        live = r_ok[:, None] & s_ok[None, :] & (s[None, :] <= t[:, None])  # (R, S)
+        w = tl.load(scale_ptr + t, mask=r_ok, other=0.0).to(tl.float32)
+        r64 = r.to(tl.int64)
+        a_ptrs = a_ptr + r64[:, None] * a_sr + s64[None, :] * a_ss  # (R, S), head 0
+        out_ptrs = out_ptr + r64[:, None] * out_sr + s64[None, :] * out_ss
+        u_h = u_ptr + s64[:, None] * u_ss  # (S, 1), head 0
+        for _ in range(n_heads):  # pointers step by a stride: h·stride could pass 2³¹
+            # pattern·scale first, as the torch path does: the same products.
+            a = tl.load(a_ptrs, mask=live, other=0.0).to(tl.float32) * w[:, None]
+            linear = tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32)
+            overshoot = tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32)
+            for d0 in range(0, d_model, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d64 = d.to(tl.int64)
+                d_ok = d < d_model
+                y_ptrs = y_ptr + t[:, None] * y_st + d64[None, :] * y_sd
+                y = tl.load(y_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+                y = y.to(tl.float32)
+                u_ptrs = u_h + d64[None, :] * u_sd
+                u = tl.load(u_ptrs, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+                z = a[:, :, None] * u.to(tl.float32)[None, :, :]  # (R, S, D)
+                along = z * tl.where(y >= 0, 1.0, -1.0)[:, None, :]  # a_d = sign(y_d)·z_d
+                linear += tl.sum(along, axis=2)
+                overshoot += tl.sum(tl.maximum(along - tl.abs(y)[:, None, :], 0.0), axis=2)
+            prox = tl.where(live, tl.maximum(linear - 2.0 * overshoot, 0.0), 0.0)
+            tl.store(out_ptrs, prox, mask=r_ok[:, None] & s_ok[None, :])
+            a_ptrs += a_sh
+            u_h += u_sh
+            out_ptrs += out_sh
+
+
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` when triton was
+    first imported): then they take CPU tensors; compiled, they take CUDA tensors only."""
+    return not isinstance(_attention_prox_kernel, triton.runtime.JITFunction)
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type != "cuda" and not interpreted():
+        raise DeviceError(
+            f"the Triton kernels need CUDA tensors, not {device.type} ones (on a CPU they run "
+            "only in Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported)"
+        )
+
+
+def attention_proximity_triton(
+    whole: Tensor, pattern: Tensor, head_outputs: Tensor, scale: Tensor
+) -> Tensor:
+    """whole [T, D], pattern [H, T, S], head_outputs [S, H, D], scale [T], on one device, any
+    float dtype → prox [T, S] float32 (zero for s > t)."""
+    n_q, d_model = whole.shape
+    n_heads, _, n_s = pattern.shape
+    out = torch.zeros(n_q, n_s, dtype=torch.float32, device=whole.device)
+    if out.numel() == 0 or d_model == 0:
+        return out
+    grid = (triton.cdiv(n_q, BLOCK_Q), triton.cdiv(n_s, BLOCK_S))
+    _check_device(whole.device)
+    _attention_prox_kernel[grid](
+        whole,
+        pattern,
+        head_outputs,
+        scale,
+        out,
+        n_q,
+        n_s,
+        n_heads,
+        d_model,
+        *whole.stride(),
+        *pattern.stride(),
+        *head_outputs.stride(),
+        *out.stride(),
+        BLOCK_Q=BLOCK_Q,
+        BLOCK_S=BLOCK_S,
+        BLOCK_D=BLOCK_D,
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def head_proximity_triton(
+    whole: Tensor, pattern: Tensor, head_outputs: Tensor, scale: Tensor, rows: Tensor
+) -> Tensor:
+    """As :func:`attention_proximity_triton`, per head, for the query ``rows`` [R] (any order),
+    with ``pattern`` [H, R, S] the attention at those rows → prox [R, S, H] float32 (zero for
+    s > rows[r])."""
+    n_heads, _, n_s = pattern.shape
+    d_model = whole.shape[-1]
+    rows = rows.to(device=whole.device, dtype=torch.int64)
+    out = torch.zeros(len(rows), n_s, n_heads, dtype=torch.float32, device=whole.device)
+    if out.numel() == 0 or d_model == 0:
+        return out
+    grid = (triton.cdiv(len(rows), BLOCK_Q), triton.cdiv(n_s, BLOCK_S))
+    _check_device(whole.device)
+    _head_prox_kernel[grid](
+        whole,
+        pattern,
+        head_outputs,
+        scale,
+        rows,
+        out,
+        len(rows),
+        n_s,
+        n_heads,
+        d_model,
+        *whole.stride(),
+        *pattern.stride(),
+        *head_outputs.stride(),
+        *out.stride(),
+        BLOCK_Q=BLOCK_Q,
+        BLOCK_S=BLOCK_S,
+        BLOCK_D=BLOCK_D,
+        num_warps=NUM_WARPS,
+    )
+    return out
