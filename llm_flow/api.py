@@ -16,8 +16,8 @@ everything in ``llm_flow.engine`` and ``llm_flow.analyses`` accepts them as they
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,9 @@ from llm_flow.errors import InputError
 from llm_flow.io import export
 from llm_flow.io.figure import flow_figure
 from llm_flow.models import TransparentLlm, load_model, wrap_hf
+from llm_flow.models.dispatch import is_dispatched
 from llm_flow.models.loading import Progress, resolve_device, resolve_dtype
+from llm_flow.placement import parse_device_map, parse_max_memory
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -58,15 +60,29 @@ def load(
     name: str | None = None,
     *,
     config: str | Path | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str = "float32",
+    device_map: str | Mapping[str, int | str] | None = None,
+    max_memory: Mapping[str | int, int | str] | None = None,
     progress: Progress | None = None,
 ) -> TransparentLlm:
     """The model ``name`` of ``config`` (default: the repository's config/local.json and its
-    default model, the packaged SmolLM2), on ``device`` in ``dtype``. ``progress(message)``
-    hears about slow steps (the first load of a packaged model dequantizes it, ~20 s)."""
+    default model, the packaged SmolLM2), on ``device`` (default: the CPU) in ``dtype``.
+    ``progress(message)`` hears about slow steps (the first load of a packaged model dequantizes
+    it, ~20 s).
+
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"``, or module name → device, as
+    transformers takes it) splits a model too large for one GPU over several, within
+    ``max_memory`` (device → size such as ``"70GiB"``); it overrides the config entry's. The
+    contributions are then computed on ``device``, by default the embedding's device."""
     cfg = default_config() if config is None else load_config(config)
     spec = cfg.model(cfg.default_model if name is None else name)
+    if device_map is not None or max_memory is not None:
+        spec = replace(
+            spec,
+            device_map=spec.device_map if device_map is None else parse_device_map(device_map),
+            max_memory=spec.max_memory if max_memory is None else parse_max_memory(max_memory),
+        )
     return load_model(spec, device=device, dtype=dtype, progress=progress)
 
 
@@ -77,13 +93,15 @@ def from_hf(
     name: str | None = None,
     prepend_bos: bool | None = None,
 ) -> TransparentLlm:
-    """Any already-loaded transformers causal LM (on its own device and dtype) and its
-    tokenizer. ``prepend_bos=None`` follows the tokenizer (see ``config/local.json``)."""
+    """Any already-loaded transformers causal LM (on its own device and dtype, or dispatched
+    over several with a ``device_map``: contributions are then computed on the embedding's
+    device) and its tokenizer. ``prepend_bos=None`` follows the tokenizer (see
+    ``config/local.json``)."""
     first = next(hf_model.parameters())
     # A model loaded from a folder is named by the folder, not by a full server path.
     source = Path(str(getattr(hf_model.config, "name_or_path", "") or "")).name
     label = name or source or type(hf_model).__name__
-    device = resolve_device(str(first.device))
+    device = None if is_dispatched(hf_model) else resolve_device(str(first.device))
     dtype = resolve_dtype(str(first.dtype).removeprefix("torch."))
     return wrap_hf(label, hf_model, tokenizer, device=device, dtype=dtype, prepend_bos=prepend_bos)
 

@@ -13,7 +13,8 @@ LLM-TT config file works unchanged:
 
 A model value is ``null`` (the name is a Hugging Face hub id), a string (a local path: a
 ``*.gguf`` file or a folder of HF weights) or an object ``{"source", "path"?, "package"?,
-"prepend_bos"?}``. LLM-TT's ``"": null`` placeholder entry is skipped.
+"prepend_bos"?, "shape"?, "device_map"?, "max_memory"?}``. LLM-TT's ``"": null`` placeholder
+entry is skipped.
 
 Relative paths resolve against the *base directory*: the parent of the config file's folder when
 that folder is named ``config`` (``config/local.json`` → the repository root, where LLM-TT
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 from llm_flow.errors import ConfigError, PromptError, UnknownModelError
+from llm_flow.placement import DeviceMap, MaxMemory, parse_device_map, parse_max_memory
 from llm_flow.validate import check_prompt
 
 Source = Literal["hub", "local", "gguf", "packaged", "random"]
@@ -62,7 +64,15 @@ _TOP_LEVEL_KEYS: tuple[str, ...] = (
     "preloaded_dataset_filename",
     "prompts_dir",
 )
-_MODEL_KEYS: tuple[str, ...] = ("source", "path", "package", "prepend_bos", "shape")
+_MODEL_KEYS: tuple[str, ...] = (
+    "source",
+    "path",
+    "package",
+    "prepend_bos",
+    "shape",
+    "device_map",
+    "max_memory",
+)
 # ``random:SHAPE`` names a random-weight model of a shipped shape (config/shapes/SHAPE.json) or of
 # a config.json path, with no config entry needed.
 RANDOM_PREFIX = "random:"
@@ -80,7 +90,9 @@ class ModelSpec:
     """Where one model's weights come from. Hashable, so it can be part of a cache key.
 
     ``prepend_bos``: ``None`` follows the model's own tokenizer (SmolLM2's adds no BOS);
-    ``True``/``False`` overrides it.
+    ``True``/``False`` overrides it. ``device_map`` (a strategy such as ``"auto"``, or module
+    name → device) splits the model over several devices, within ``max_memory`` (device → size)
+    if given; see :mod:`llm_flow.placement`. Mappings are kept as tuples of pairs (hashable).
     """
 
     name: str
@@ -89,12 +101,25 @@ class ModelSpec:
     package: str | None = None
     prepend_bos: bool | None = None
     shape: str | None = None  # source "random": a shape name in config/shapes, or a config.json
+    device_map: DeviceMap | None = None
+    max_memory: MaxMemory | None = None
 
     def __post_init__(self) -> None:
         # Checked here, not only in load_config, so a spec built in code is just as valid.
         if not self.name:
             raise ConfigError("model name is empty; give every model a non-empty name")
         where = f"model {self.name!r}"
+        # Normalized in place (a frozen dataclass): a dict given in code becomes hashable pairs.
+        object.__setattr__(
+            self, "device_map", parse_device_map(self.device_map, f"{where}: device_map")
+        )
+        object.__setattr__(
+            self, "max_memory", parse_max_memory(self.max_memory, f"{where}: max_memory")
+        )
+        if self.max_memory is not None and self.device_map is None:
+            raise ConfigError(
+                f"{where}: 'max_memory' only applies with a 'device_map' (e.g. \"auto\")"
+            )
         if self.source not in SOURCES:
             raise ConfigError(
                 f"{where}: unknown source {self.source!r}; valid sources are {_choices(SOURCES)}"
@@ -302,7 +327,8 @@ def _model_spec(name: str, value: Any, base: Path) -> ModelSpec:
         raise ConfigError(
             f"{where}.prepend_bos: expected true, false or null, got {json.dumps(bos)}"
         )
-    # Which keys each source needs (package, path) is ModelSpec's rule, checked there.
+    # Which keys each source needs (package, path) is ModelSpec's rule, checked there, as are
+    # device_map and max_memory.
     return ModelSpec(
         name=name,
         source=cast(Source, src),
@@ -310,6 +336,8 @@ def _model_spec(name: str, value: Any, base: Path) -> ModelSpec:
         package=package,
         prepend_bos=bos,
         shape=shape,
+        device_map=value.get("device_map"),
+        max_memory=value.get("max_memory"),
     )
 
 

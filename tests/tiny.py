@@ -131,6 +131,28 @@ def tiny_llm(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Br
     return BridgeLlm(arch, tiny_hf_model(arch, seed), tiny_tokenizer(), dtype=dtype)
 
 
+def layer_split_map(model: torch.nn.Module, devices: list[int | str]) -> dict[str, int | str]:
+    """A device map (module name → device) that splits the decoder layers evenly over
+    ``devices``, in order, and puts everything else (embeddings, final norm, unembedding, rotary
+    tables) on the first: tied embeddings stay together, and the last layer hands its output
+    back across devices to the final norm."""
+    n_layers = model.config.num_hidden_layers
+    layers = next(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers
+    )
+    placed: dict[str, int | str] = {}
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+    for key, _ in tensors:
+        if key.startswith(f"{layers}."):
+            index = int(key[len(layers) + 1 :].split(".")[0])
+            placed[f"{layers}.{index}"] = devices[index * len(devices) // n_layers]
+        else:
+            placed.setdefault(key.rsplit(".", 1)[0], devices[0])
+    return placed
+
+
 def prompt(n_tokens: int, seed: int = 0) -> str:
     """A prompt of exactly ``n_tokens`` words (``n_tokens + 1`` tokens with BOS)."""
     gen = torch.Generator().manual_seed(seed)

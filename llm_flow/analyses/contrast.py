@@ -212,14 +212,14 @@ def direct_effects(trace: Trace, c: Contrast) -> DirectEffects:
     n_experts = llm.info.n_experts
     for layer in run.layers:
         e_l = e.to(layer.values.device)
-        head_dir = layer.W_O.to(f32) @ e_l  # [H, d_head]
+        head_dir = _weights_times(layer.W_O, e_l)  # [H, d_head]
         per_source = torch.einsum("shk,hk->sh", layer.values.to(f32), head_dir)  # [S, H]
         a_scale = layer.attn_scale[p].to(f32)
         pattern = layer.attention_at(torch.tensor([p]))[:, 0]  # [H, S]
         heads.append(pattern.to(f32).T * a_scale * per_source)  # [S, H]
         attn_bias.append(a_scale * (layer.token_b_O[p].to(f32) @ e_l))
         m_scale = layer.mlp_scale[p].to(f32)
-        per_neuron = layer.neuron_acts[p].to(f32) * m_scale * (layer.W_out.to(f32) @ e_l)
+        per_neuron = layer.neuron_acts[p].to(f32) * m_scale * _weights_times(layer.W_out, e_l)
         neurons.append(torch.nn.functional.pad(per_neuron, (0, width - per_neuron.shape[0])))
         b_out = layer.b_out.expand_as(layer.resid_pre)[p]  # [D] even in an intervened MoE run
         mlp_bias.append(m_scale * (b_out.to(f32) @ e_l))
@@ -242,6 +242,12 @@ def direct_effects(trace: Trace, c: Contrast) -> DirectEffects:
         constant=constant,
         experts=torch.stack(experts).cpu(),
     )
+
+
+def _weights_times(w: Tensor, e: Tensor) -> Tensor:
+    """``w @ e`` in float32, computed where the weights are (a layer of a model split over devices
+    keeps them on its device) and returned where ``e`` is."""
+    return (w.float() @ e.to(w.device)).to(e.device)
 
 
 def _expert_effects(layer: LayerRun, p: int, e: Tensor, n_experts: int) -> Tensor:

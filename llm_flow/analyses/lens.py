@@ -156,7 +156,8 @@ def head_update(run: ModelRun, layer: int, head: int, position: int) -> Tensor:
     # Mix the values first so nothing is [T, D]: [S] @ [S, d_head] → [d_head].
     pattern = layer_run.attention_at(torch.tensor([t]))[h, 0]  # [S]
     mixed = pattern.to(f32) @ layer_run.values[:, h].to(f32)
-    return layer_run.attn_scale[t].to(f32) * (mixed @ layer_run.W_O[h].to(f32))  # [D]
+    W_O = layer_run.W_O[h].to(device=mixed.device, dtype=f32)  # [d_head, D]
+    return layer_run.attn_scale[t].to(f32) * (mixed @ W_O)  # [D]
 
 
 def neuron_update(run: ModelRun, layer: int, neuron: int, position: int) -> Tensor:
@@ -175,7 +176,7 @@ def neuron_update(run: ModelRun, layer: int, neuron: int, position: int) -> Tens
     t = _index("position", position, run.n_tokens)
     f32 = torch.float32
     act = layer_run.neuron_acts[t, n].to(f32) * layer_run.mlp_scale[t].to(f32)
-    return act * layer_run.W_out[n].to(f32)  # [D]
+    return act * layer_run.W_out[n].to(device=act.device, dtype=f32)  # [D]
 
 
 def expert_update(run: ModelRun, layer: int, expert: int | None, position: int) -> Tensor:

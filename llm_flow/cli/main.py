@@ -14,12 +14,14 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_flow.cli.parser import DEFAULT_MEAN_PROMPTS, EXIT_USAGE, build_parser
 from llm_flow.config import AppConfig, default_config, load_config
 from llm_flow.errors import InputError, LlmFlowError
+from llm_flow.placement import DeviceMap, parse_device_map
 from llm_flow.validate import check_at_least, check_threshold
 
 if TYPE_CHECKING:
@@ -60,7 +62,24 @@ def _load(args: argparse.Namespace, config: AppConfig) -> BridgeLlm:
     from llm_flow.models import load_model
 
     spec = config.model(args.model or config.default_model)
+    if args.device_map is not None:
+        spec = replace(spec, device_map=_device_map(args.device_map))
     return load_model(spec, device=args.device, dtype=args.dtype, progress=_progress())
+
+
+def _device_map(text: str) -> DeviceMap:
+    """``--device-map``: a strategy name, or a JSON object module name → device."""
+    value: Any = text
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"--device-map is not valid JSON: {exc.msg} (column {exc.colno})"
+            ) from None
+    parsed = parse_device_map(value, "--device-map")
+    assert parsed is not None  # a string or an object is never None
+    return parsed
 
 
 def _trace(

@@ -26,7 +26,16 @@ def _add_model_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
     p.add_argument("--config", help="JSON config (default: the repo's config/local.json)")
     p.add_argument("--model", help="model name from the config (default: its default_model)")
     if device:
-        p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+        p.add_argument(
+            "--device",
+            help="cpu or cuda (default: cpu); with --device-map, where contributions are "
+            "computed (default: the device of the model's embedding)",
+        )
+        p.add_argument(
+            "--device-map",
+            help="split the model over several devices: auto, balanced, balanced_low_0, "
+            "sequential, or a JSON object module name -> device (overrides the config entry's)",
+        )
         p.add_argument(
             "--dtype",
             default="float32",

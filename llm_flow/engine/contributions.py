@@ -341,7 +341,7 @@ def neuron_contributions(
     residual, normalized together. Returns (neurons [N], bias, residual).
     """
     acc = accumulation_dtype(whole, W_out)
-    parts = acts.to(acc)[:, None] * W_out.to(acc) * scale.to(acc)
+    parts = acts.to(acc)[:, None] * W_out.to(device=acts.device, dtype=acc) * scale.to(acc)
     extra = torch.stack([b_out.to(acc) * scale.to(acc), base.to(acc)])
     c = normalize(proximity(whole, torch.cat([parts, extra])))
     return c[:-2], c[-2], c[-1]

@@ -39,6 +39,13 @@ Hook = tuple[str, Callable[..., Any]]
 HookSite = Literal["z", "pattern", "neurons", "ffn", "experts"]
 
 
+def at_weights(x: Tensor, w: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``x @ w`` in ``dtype``, computed on the weights' device and returned on x's: in a model
+    split over devices only the activations travel (e.g. a few tokens' expert activations, not
+    the expert's weights)."""
+    return (x.to(device=w.device, dtype=dtype) @ w.to(dtype)).to(x.device)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Static facts about a loaded model, as ``llm-flow info`` prints them."""
@@ -56,12 +63,13 @@ class ModelInfo:
     post_norm: bool
     parallel_blocks: bool
     normalization: str
-    device: str
+    device: str  # where runs are captured and contributions computed
     dtype: str
     prepends_bos: bool
     n_experts: int = 0  # routed experts per MoE layer; 0 for a dense model
     experts_per_token: int = 0
     moe_layers: tuple[int, ...] = ()
+    weight_devices: tuple[str, ...] = ()  # where the weights are (several with a device map)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -72,7 +80,9 @@ class ExpertRun:
     """What the experts of one MoE layer computed for one prompt (T tokens, k slots per token).
 
     ``W_out`` / ``b_out`` carry the same folds as a dense FFN's (post-norm gain, residual
-    multiplier); the shared expert's per-token gate is folded into ``shared_acts``.
+    multiplier); the shared expert's per-token gate is folded into ``shared_acts``. The weights
+    ``W_out`` and ``shared_W_out`` stay on their layer's device (a model split over devices);
+    everything else is on the device of the run.
     """
 
     index: Tensor  # [T, k] the expert in each routing slot
@@ -100,7 +110,7 @@ class ExpertRun:
         out = torch.zeros(n_tokens, k, self.W_out.shape[-1], dtype=dtype, device=acts.device)
         for e in index.unique().tolist():
             t, slot = (index == e).nonzero(as_tuple=True)
-            out[t, slot] = acts[t, slot].to(dtype) @ self.W_out[e].to(dtype)
+            out[t, slot] = at_weights(acts[t, slot], self.W_out[e], dtype)
             out[t, slot] += self.b_out[e].to(dtype)
         return out * weight.to(dtype)[..., None]
 
@@ -114,21 +124,24 @@ class ExpertRun:
         acts, bias = self.shared_acts, self.shared_b_out
         if rows is not None:
             acts, bias = acts[rows], bias[rows]
-        return acts.to(dtype) @ self.shared_W_out.to(dtype) + bias.to(dtype)
+        return at_weights(acts, self.shared_W_out, dtype) + bias.to(dtype)
 
     def neurons(self, t: int, expert: int | None) -> tuple[Tensor, Tensor, Tensor] | None:
         """The neurons of ``expert`` (None: the shared expert) at token t, router weight folded
         into the activations: (acts [d], W_out [d, D], b_out [D]) with ``acts @ W_out + b_out``
-        its part; None when the expert was not routed to at t (or there is no shared one)."""
+        its part, all on the run's device; None when the expert was not routed to at t (or there
+        is no shared one)."""
         if expert is None:
             if self.shared_acts is None or self.shared_W_out is None or self.shared_b_out is None:
                 return None
-            return self.shared_acts[t], self.shared_W_out, self.shared_b_out[t]
+            acts = self.shared_acts[t]
+            return acts, self.shared_W_out.to(acts.device), self.shared_b_out[t]
         slots = (self.index[t] == expert).nonzero().flatten().tolist()
         if not slots:
             return None
         g = self.weight[t, slots[0]]
-        return self.acts[t, slots[0]] * g, self.W_out[expert], self.b_out[expert] * g
+        acts = self.acts[t, slots[0]] * g
+        return acts, self.W_out[expert].to(acts.device), self.b_out[expert] * g
 
     def total(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Σ of every expert part → [T, D] (before the post-norm scale)."""
@@ -136,13 +149,33 @@ class ExpertRun:
         shared = self.shared_output(dtype)
         return routed if shared is None else routed + shared
 
+    def to(self, device: torch.device) -> ExpertRun:
+        """A copy whose activations, routing and biases are on ``device``; the weights stay
+        where they are."""
+
+        def there(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.to(device)
+
+        return replace(
+            self,
+            index=self.index.to(device),
+            weight=self.weight.to(device),
+            acts=self.acts.to(device),
+            b_out=self.b_out.to(device),
+            shared_acts=there(self.shared_acts),
+            shared_b_out=there(self.shared_b_out),
+        )
+
 
 @dataclass(frozen=True)
 class LayerRun:
     """Everything one layer computed for one prompt (T tokens), batch dimension removed.
 
     Activations keep the model's dtype; weights are views of the model's parameters (with the
-    post-norm gain folded in where the block has one), never copies of the whole model.
+    post-norm gain folded in where the block has one), never copies of the whole model. In a
+    model split over devices the weights ``W_O`` and ``W_out`` stay on the layer's device and
+    everything else (activations, biases) is on the run's device; the products here move the
+    weights for the computation.
     """
 
     index: int
@@ -182,7 +215,10 @@ class LayerRun:
         The attention part of source s at query t is ``Σ_h pattern[h, t, s] · attn_scale[t] ·
         head_outputs[s, h]``.
         """
-        return torch.einsum("shk,hkd->shd", self.values.to(dtype), self.W_O.to(dtype))
+        # W_O ([H, d_head, D]) travels rather than the [T, H, D] result: smaller past a few
+        # tokens.
+        W_O = self.W_O.to(device=self.values.device, dtype=dtype)
+        return torch.einsum("shk,hkd->shd", self.values.to(dtype), W_O)
 
     def holds_attention(self, rows: Tensor | None) -> bool:
         """Whether the pattern is here for the query ``rows`` (None: every row)."""
@@ -380,11 +416,13 @@ class TransparentLlm(ABC):
         interventions) that stops once the last listed layer's attention has run."""
         found: dict[int, Tensor] = {}
         last = max(rows)
+        home = torch.device(self.info.device)
 
         def grab(layer: int, wanted: Tensor | None) -> Callable[..., None]:
             def hook(tensor: Tensor, hook: Any) -> None:
                 pattern = tensor[0].detach()
-                found[layer] = pattern if wanted is None else pattern[:, wanted.to(tensor.device)]
+                pattern = pattern if wanted is None else pattern[:, wanted.to(tensor.device)]
+                found[layer] = pattern.to(home)  # a model split over devices: the run's device
                 if layer == last:
                     raise _PatternsFound
 

@@ -4,12 +4,16 @@ The bridge wraps an already-loaded Hugging Face model without touching its weigh
 compatibility mode, which rewrites them in place), so what runs is exactly the HF model. Masks,
 rotary embeddings and sliding windows are never recomputed here: patterns come from the model's
 own hooks.
+
+A model dispatched over several devices (accelerate's ``device_map``) is wrapped as it is: the
+bridge accepts it (TransformerLens 4 reads the placement from ``hf_device_map``), every captured
+tensor is moved to the contribution device (see :mod:`llm_flow.models.dispatch`), and the
+weights stay on their layers' devices.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,11 +32,14 @@ from llm_flow.models.base import (
     ModelInfo,
     ModelRun,
     TransparentLlm,
+    at_weights,
 )
 from llm_flow.models.checks import check_layer
+from llm_flow.models.dispatch import embedding_device, module_device, moved, place, weight_devices
 from llm_flow.models.experts import MoeBlock, find_moe
 from llm_flow.models.experts import unwrapped as _unwrapped
 from llm_flow.models.support import unsupported
+from llm_flow.models.weights import layer_weights, norm_affine, output_folds
 
 # The hooks a run captures, per layer (key → hook name suffix after ``blocks.{l}.``).
 _LAYER_HOOKS = {
@@ -56,29 +63,13 @@ _SITE_HOOKS: dict[HookSite, str] = {
 }
 
 
-def _norm_affine(
-    module: Any, d_model: int, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Gain and bias of a LayerNorm/RMSNorm-like module, read off its behaviour.
-
-    Probing with x = (+1, −1, +1, …) — mean 0, mean square 1 — gives norm(±x) = ±x·g/√(1+ε) + b,
-    whatever the class stores (``w``, ``1 + w`` for Gemma, a bias or not, or no parameters at
-    all, as OLMo's LayerNorm).
-    """
-    if d_model % 2:
-        raise ValueError(f"d_model must be even to probe the norm, got {d_model}")
-    eps = float(getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6)))
-    x = torch.ones(d_model, dtype=dtype, device=device)
-    x[1::2] = -1
-    with torch.no_grad():
-        plus, minus = module(x[None].clone())[0], module(-x[None])[0]
-    gain = (plus - minus).double() / (2 * x.double()) * math.sqrt(1 + eps)
-    bias = (plus + minus).double() / 2
-    return gain.to(dtype), bias.to(dtype)
-
-
 class BridgeLlm(TransparentLlm):
-    """A Hugging Face causal LM exposed through TransformerLens's ``TransformerBridge``."""
+    """A Hugging Face causal LM exposed through TransformerLens's ``TransformerBridge``.
+
+    ``device`` is where runs are captured and contributions computed. A plain model is moved
+    there (default: the CPU) and cast to ``dtype``; a model dispatched over devices stays where
+    it is, in the dtype it was loaded in, and ``device`` defaults to its embedding's.
+    """
 
     def __init__(
         self,
@@ -86,7 +77,7 @@ class BridgeLlm(TransparentLlm):
         hf_model: Any,
         tokenizer: Any,
         *,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         prepend_bos: bool | None = None,
         max_tokens: int | None = None,
@@ -97,15 +88,18 @@ class BridgeLlm(TransparentLlm):
         self._tokenizer = tokenizer
         self._prepend_bos = prepend_bos
         self._max_tokens = max_tokens
-        hf_model = hf_model.to(device=device, dtype=dtype)
+        hf_model, self._device = place(hf_model, device, dtype)
+        # Token ids go where the embedding is, which with a device map need not be self._device.
+        self._input_device = embedding_device(hf_model)
         # Counted before booting: the bridge registers split q/k/v copies of fused projections.
         n_params = sum(p.numel() for p in hf_model.parameters())
+        devices = weight_devices(hf_model)
+        # A dispatched model is never moved: the bridge takes its placement from hf_device_map.
         self._bridge = TransformerBridge.boot_transformers(
-            name, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
+            name, hf_model=hf_model, tokenizer=tokenizer, device=str(self._device), dtype=dtype
         )
         self._check_hooks(hf_model.config)
         cfg = self._bridge.cfg
-        self._device = torch.device(device)
         # Hooks are attached to the shared modules for the length of a pass: two threads (app
         # sessions) running at once would see each other's hooks. One pass at a time per model.
         self._lock = threading.RLock()
@@ -116,15 +110,25 @@ class BridgeLlm(TransparentLlm):
         self._mla = hasattr(self._bridge.blocks[0].attn, "hook_kv_latent")
         self._centered_final_norm = str(cfg.normalization_type).upper().startswith("LN")
         d_model = int(cfg.d_model)
-        self._final_gain, _ = _norm_affine(self._bridge.ln_final, d_model, dtype, self._device)
+        self._final_gain, _ = norm_affine(self._bridge.ln_final, d_model, dtype, self._device)
         self._final_eps = float(getattr(self._bridge.ln_final, "eps", getattr(cfg, "eps", 1e-5)))
         hf_config = hf_model.config
         # Granite scales every block's update by a constant: folded into the output weights so
         # parts still sum to the whole.
-        self._residual_multiplier = float(getattr(hf_config, "residual_multiplier", 1.0) or 1.0)
+        multiplier = float(getattr(hf_config, "residual_multiplier", 1.0) or 1.0)
         # Per block, what the attention and FFN outputs are multiplied by on their way into the
         # residual (post-norm gains, the residual multiplier), folded into the output weights.
-        folds = [self._output_folds(block, d_model) for block in self._bridge.blocks]
+        folds = [
+            output_folds(
+                block,
+                d_model,
+                post_norm=self._post_norm,
+                multiplier=multiplier,
+                dtype=dtype,
+                device=self._device,
+            )
+            for block in self._bridge.blocks
+        ]
         try:
             self._moe = {
                 layer: MoeBlock(hf_mlp, experts, d_model, folds[layer][1])
@@ -135,15 +139,30 @@ class BridgeLlm(TransparentLlm):
         except UnsupportedModelError as exc:
             raise unsupported(hf_config, str(exc)) from exc
         self._weights = [
-            self._layer_weights(layer, d_model, *folds[layer]) for layer in range(self._n_layers)
+            layer_weights(
+                block,
+                int(cfg.n_heads),
+                d_model,
+                folds[layer],
+                experts=layer in self._moe,
+                dtype=dtype,
+                device=self._device,
+            )
+            for layer, block in enumerate(self._bridge.blocks)
         ]
         # Logits multiplied (Cohere's logit_scale) or divided (Granite's logits_scaling).
         logit_factor = float(getattr(hf_config, "logit_scale", 1.0) or 1.0) / float(
             getattr(hf_config, "logits_scaling", 1.0) or 1.0
         )
-        self._W_U = self._bridge.W_U.detach() * logit_factor
+        # The unembedding is the one weight copied to the contribution device (when it is not
+        # there already): every logit-lens reading multiplies by it.
+        self._W_U = self._bridge.W_U.detach().to(self._device) * logit_factor
         b_U = self._bridge.b_U
-        self._b_U = torch.zeros_like(self._W_U[0]) if b_U is None else b_U.detach() * logit_factor
+        self._b_U = (
+            torch.zeros_like(self._W_U[0])
+            if b_U is None
+            else b_U.detach().to(self._device) * logit_factor
+        )
         moe = next(iter(self._moe.values()), None)
         self._info = ModelInfo(
             name=name,
@@ -165,41 +184,8 @@ class BridgeLlm(TransparentLlm):
             n_experts=0 if moe is None else moe.n_experts,
             experts_per_token=int(getattr(hf_config, "num_experts_per_tok", 0) or 0) if moe else 0,
             moe_layers=tuple(self._moe),
+            weight_devices=devices,
         )
-
-    def _output_folds(self, block: Any, d_model: int) -> tuple[Tensor | None, Tensor | None]:
-        """(attention, FFN) factors [D] of a block's outputs, or None where it is 1: a post-norm's
-        gain (linear per dimension) times the residual multiplier."""
-        m = self._residual_multiplier
-        if not self._post_norm:
-            fold = (
-                None
-                if m == 1.0
-                else torch.full((d_model,), m, dtype=self._dtype, device=self._device)
-            )
-            return fold, fold
-        return tuple(  # type: ignore[return-value]
-            _norm_affine(norm, d_model, self._dtype, self._device)[0] * m
-            for norm in (block.ln1_post, block.ln2_post)
-        )
-
-    def _layer_weights(
-        self, layer: int, d_model: int, g_attn: Tensor | None, g_mlp: Tensor | None
-    ) -> dict[str, Tensor]:
-        block = self._bridge.blocks[layer]
-        W_O = _output_weights(block.attn, int(self._bridge.cfg.n_heads))  # [H, d_head, D]
-        zeros = torch.zeros(d_model, dtype=self._dtype, device=self._device)
-        b_O = zeros if block.attn.b_O is None else block.attn.b_O.detach()
-        if layer in self._moe:  # the FFN's parts are its experts (see ExpertRun)
-            W_out, b_out = zeros[:0, None].expand(0, d_model), zeros
-        else:
-            W_out = block.mlp.W_out.detach()  # [d_mlp, D]
-            b_out = zeros if block.mlp.b_out is None else block.mlp.b_out.detach()
-        if g_attn is not None:
-            W_O, b_O = W_O * g_attn.to(W_O), b_O * g_attn.to(b_O)
-        if g_mlp is not None:
-            W_out, b_out = W_out * g_mlp.to(W_out), b_out * g_mlp.to(b_out)
-        return {"W_O": W_O, "b_O": b_O, "W_out": W_out, "b_out": b_out}
 
     def _check_hooks(self, config: Any) -> None:
         """Every layer must expose what a run captures, or the model cannot be decomposed."""
@@ -279,8 +265,11 @@ class BridgeLlm(TransparentLlm):
         return self._b_U
 
     def final_norm(self, resid: Tensor) -> Tensor:
+        norm = self._bridge.ln_final
         with self._lock, torch.inference_mode():
-            return self._bridge.ln_final(resid.to(device=self._device, dtype=self._dtype))
+            x = resid.to(device=module_device(norm, self._device), dtype=self._dtype)
+            out: Tensor = norm(x).to(self._device)
+            return out
 
     def final_norm_linear(self, update: Tensor, scale: Tensor) -> Tensor:
         x = update.to(device=self._device, dtype=torch.float32)
@@ -307,13 +296,13 @@ class BridgeLlm(TransparentLlm):
 
         def store(layer: int, key: str) -> Callable[[Tensor, Any], None]:
             def hook(tensor: Tensor, hook: Any) -> None:
-                captured[layer][key] = tensor[0].detach()
+                captured[layer][key] = moved(tensor[0], self._device)
 
             return hook
 
         def finish(layer: int) -> Callable[[Tensor, Any], None]:
             def hook(tensor: Tensor, hook: Any) -> None:
-                captured[layer]["resid_post"] = tensor[0].detach()
+                captured[layer]["resid_post"] = moved(tensor[0], self._device)
                 layer_run = self._layer_run(layer, captured.pop(layer), bool(fwd_hooks))
                 check_layer(layer_run)
                 if on_layer is not None:
@@ -323,7 +312,7 @@ class BridgeLlm(TransparentLlm):
             return hook
 
         def final_scale(tensor: Tensor, hook: Any) -> None:
-            final["scale"] = tensor[0, :, 0].detach()
+            final["scale"] = moved(tensor[0, :, 0], self._device)
 
         hook_names = self._hook_names()
         # Intervention hooks first: TransformerLens runs a hook point's hooks in the order they
@@ -369,7 +358,7 @@ class BridgeLlm(TransparentLlm):
     ) -> Tensor:
         """One pass; ``capture`` attaches what a run's MoE decomposition reads (else the MoE
         blocks are hooked only where ``routing`` intervenes)."""
-        tokens = torch.tensor([token_ids], device=self._device)
+        tokens = torch.tensor([token_ids], device=self._input_device)
         with self._lock, ExitStack() as stack, warnings.catch_warnings():
             if grad:
                 stack.enter_context(torch.inference_mode(False))
@@ -383,7 +372,7 @@ class BridgeLlm(TransparentLlm):
             # Said once, in words, by edits_pattern's callers: not per pass on stderr.
             warnings.filterwarnings("ignore", message=".*hook_pattern returned a modified tensor")
             logits: Tensor = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
-        return logits
+        return logits.to(self._device)
 
     @functools.cache  # noqa: B019 (one probe per model; models live as long as the process)
     def edits_pattern(self) -> bool:
@@ -446,11 +435,11 @@ class BridgeLlm(TransparentLlm):
         if "z" in act:  # an intervention ran: what z holds beyond Σ_s A v is written by no token
             z = act["z"].flatten(1).unflatten(-1, (n_heads, -1))  # MLA's z comes flat
             mixed = torch.einsum("hts,shk->thk", pattern, values)
-            unexplained = torch.einsum("thk,hkd->td", z - mixed, weights["W_O"])
+            unexplained = at_weights((z - mixed).flatten(1), weights["W_O"].flatten(0, 1), z.dtype)
             weights["b_O"] = weights["b_O"] + unexplained
         experts, neuron_acts = None, act.get("neuron_acts")
         if layer in self._moe:
-            experts = self._moe[layer].collect()
+            experts = self._moe[layer].collect().to(self._device)
             neuron_acts = torch.zeros(n_tokens, 0, dtype=self._dtype, device=self._device)
             if intervened:  # e.g. a mean-ablated expert: its replacement is written by no part
                 written = act["mlp_update"].float() / mlp_scale.float()[:, None]
@@ -492,17 +481,3 @@ def _routing_fn(fn: Callable[..., Any]) -> Callable[[Tensor], Tensor | None]:
         return None if out is None else out[0]
 
     return routing
-
-
-def _output_weights(attn: Any, n_heads: int) -> Tensor:
-    """Per-head output weights [H, d_head, D]. Multi-head latent attention (DeepSeek V2/V3) has
-    a value width unlike its query width, which TransformerLens cannot split: read ``o_proj``."""
-    from transformer_lens.model_bridge.generalized_components.attention import (
-        PerLayerGeometryError,
-    )
-
-    try:
-        return attn.W_O.detach()
-    except PerLayerGeometryError:
-        weight = _unwrapped(attn.o).weight.detach()  # [D, H · d_value]
-        return weight.T.unflatten(0, (n_heads, -1))

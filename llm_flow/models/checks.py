@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from llm_flow.errors import SelfCheckError
-from llm_flow.models.base import LayerRun
+from llm_flow.models.base import LayerRun, at_weights
 
 # Relative tolerance per activation dtype: fp32 must reproduce the whole within 1e-4; half
 # precision activations carry their own rounding (the residual additions happen in that dtype).
@@ -42,7 +42,7 @@ def check_layer(layer: LayerRun) -> None:
     if layer.pattern is not None:
         # Σ_s Σ_h A[h,t,s] v[s,h] W_O[h]: mix values first so nothing is [T, T, D] here.
         mixed = torch.einsum("hts,shk->thk", layer.pattern.to(f32), layer.values.to(f32))
-        heads = torch.einsum("thk,hkd->td", mixed, layer.W_O.to(f32))
+        heads = at_weights(mixed.flatten(1), layer.W_O.flatten(0, 1), f32)
         checks.append(
             (
                 "attention: Σ per-head parts + bias ≠ attention update",
@@ -50,7 +50,7 @@ def check_layer(layer: LayerRun) -> None:
                 layer.attn_update,
             )
         )
-    neurons = layer.neuron_acts.to(f32) @ layer.W_out.to(f32) + layer.b_out.to(f32)
+    neurons = at_weights(layer.neuron_acts, layer.W_out, f32) + layer.b_out.to(f32)
     if layer.experts is None:
         checks.append(
             ("FFN: Σ per-neuron parts + bias ≠ FFN update", neurons * scale_m, layer.mlp_update)

@@ -101,8 +101,10 @@ class MoeBlock:
             )
         self.fold = fold
         down, bias = self._down_weights(), self._down_bias()
-        self.W_out = down if fold is None else down * fold  # [E, d_expert, D]
-        self.b_out = bias if fold is None else bias * fold  # [E, D]
+        # On the experts' device (a model split over devices keeps them there); ExpertRun.to
+        # moves a run's activations and biases, never these.
+        self.W_out = self._folded(down)  # [E, d_expert, D]
+        self.b_out = self._folded(bias)  # [E, D]
         shared_down = None if self.shared is None else _down_projection(self.shared)
         self._shared_down = shared_down
         self._shared_W = (
@@ -111,7 +113,7 @@ class MoeBlock:
         self._captured: dict[str, Any] = {}
 
     def _folded(self, x: Tensor) -> Tensor:
-        return x if self.fold is None else x * self.fold
+        return x if self.fold is None else x * self.fold.to(x)
 
     def _layout(self, d_model: int) -> bool:
         flag = getattr(self.experts, "is_transposed", None)
@@ -178,7 +180,8 @@ class MoeBlock:
         self._captured["shared_out"] = output.detach().reshape(-1, output.shape[-1])
 
     def collect(self) -> ExpertRun:
-        """The :class:`ExpertRun` of the pass the hooks just watched (batch of one)."""
+        """The :class:`ExpertRun` of the pass the hooks just watched (batch of one), on the
+        experts' device."""
         got = self._captured
         x, index, weight = got["x"], got["index"], got["weight"]
         acts = self._acts(x, index)

@@ -8,6 +8,10 @@ Sources:
   weights that run, never a hub model of the same name.
 - ``hub``: a Hugging Face hub name; uses the local HF cache first and the network only if
   reachable, otherwise raises :class:`~llm_flow.errors.OfflineError`.
+
+A spec with a ``device_map`` is loaded in its final dtype straight onto the devices of the map
+(accelerate's big-model dispatch, ``from_pretrained(device_map=…, max_memory=…)``): a 70B model
+never passes through CPU memory in float32.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from platformdirs import user_cache_dir
 from llm_flow.config import PACKAGED_MODEL_NAMES, PACKAGED_MODELS, ModelSpec
 from llm_flow.errors import DeviceError, ModelLoadError, OfflineError, UnsupportedModelError
 from llm_flow.models.support import check_supported
+from llm_flow.placement import as_dict, device_map_arg
 
 Progress = Callable[[str], None]
 
@@ -67,19 +72,32 @@ def resolve_dtype(dtype: str) -> torch.dtype:
         raise DeviceError(f"unknown dtype '{dtype}'; valid choices: {', '.join(DTYPES)}") from None
 
 
-def load_hf(spec: ModelSpec, *, progress: Progress | None = None) -> tuple[Any, Any]:
-    """Return ``(hf_model, tokenizer)`` in float32 on the CPU for ``spec``."""
+def load_hf(
+    spec: ModelSpec, *, dtype: torch.dtype = torch.float32, progress: Progress | None = None
+) -> tuple[Any, Any]:
+    """Return ``(hf_model, tokenizer)`` for ``spec``: in float32 on the CPU, or with a
+    ``spec.device_map`` in ``dtype`` on the map's devices."""
     say = progress or (lambda _msg: None)
+    placement: dict[str, Any] = {}
+    if spec.device_map is not None:
+        placement = {
+            "device_map": device_map_arg(spec.device_map),
+            "max_memory": as_dict(spec.max_memory),
+            "dtype": dtype,
+        }
     if spec.source == "packaged":
         folder = _packaged_folder(spec.package or "", say)
-        return _from_pretrained(folder, say=say, what=spec.name)
+        return _from_pretrained(folder, say=say, what=spec.name, placement=placement)
     if spec.source == "gguf":
         path = _existing(spec.path, spec.name)
         say(f"Loading GGUF {path.name} (dequantizing; can take a while)")
-        return _from_pretrained(path.parent, say=say, what=spec.name, gguf_file=path.name)
+        return _from_pretrained(
+            path.parent, say=say, what=spec.name, gguf_file=path.name, placement=placement
+        )
     if spec.source == "local":
-        return _from_pretrained(_existing(spec.path, spec.name), say=say, what=spec.name)
-    return _load_hub(spec.name, say)
+        folder = _existing(spec.path, spec.name)
+        return _from_pretrained(folder, say=say, what=spec.name, placement=placement)
+    return _load_hub(spec.name, say, placement)
 
 
 def _existing(path: Path | None, name: str) -> Path:
@@ -89,19 +107,34 @@ def _existing(path: Path | None, name: str) -> Path:
 
 
 def _from_pretrained(
-    folder: Path | str, *, say: Progress, what: str, gguf_file: str | None = None, **kw: Any
+    folder: Path | str,
+    *,
+    say: Progress,
+    what: str,
+    gguf_file: str | None = None,
+    placement: dict[str, Any] | None = None,
+    **kw: Any,
 ) -> tuple[Any, Any]:
+    """``placement``: the device_map, max_memory and dtype of a dispatched load (the model only;
+    the config and tokenizer take ``kw``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     if gguf_file is None:
         _check_config(folder, what, **kw)
-    say(f"Loading weights of {what}")
+    load = {"dtype": torch.float32} | (placement or {})
+    where = " over the devices of its device map" if placement else ""
+    say(f"Loading weights of {what}{where}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra, **kw)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra, **kw)
+        model = AutoModelForCausalLM.from_pretrained(folder, **load, **extra, **kw)
     except (OSError, ValueError) as exc:  # transformers raises ValueError for a bad folder too
         raise ModelLoadError(f"could not load model '{what}' from {folder}: {exc}") from exc
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(
+            f"model '{what}' does not fit in the memory of its devices; use a device_map over "
+            "more GPUs (or a smaller max_memory on the fullest one), or a smaller dtype"
+        ) from exc
     if not getattr(model.config, "architectures", None):
         # GGUF-loaded configs can lack it, and the bridge picks its adapter from it.
         model.config.architectures = [type(model).__name__]
@@ -172,9 +205,11 @@ def _packaged_gguf(package: str, scratch: Path, say: Progress) -> Path:
     return Path(chunks.assemble(output_path=scratch / "gguf" / chunks.MODEL_NAME))
 
 
-def _load_hub(name: str, say: Progress) -> tuple[Any, Any]:
+def _load_hub(name: str, say: Progress, placement: dict[str, Any]) -> tuple[Any, Any]:
     try:
-        return _from_pretrained(name, say=say, what=name, local_files_only=True)
+        return _from_pretrained(
+            name, say=say, what=name, placement=placement, local_files_only=True
+        )
     except UnsupportedModelError:
         raise
     except ModelLoadError:
@@ -189,7 +224,7 @@ def _load_hub(name: str, say: Progress) -> tuple[Any, Any]:
             )
         )
     say(f"Downloading {name} from the Hugging Face hub")
-    return _from_pretrained(name, say=say, what=name)
+    return _from_pretrained(name, say=say, what=name, placement=placement)
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:

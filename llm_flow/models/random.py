@@ -4,8 +4,10 @@ A shape is a Hugging Face ``config.json`` shipped under ``config/shapes/`` (``Ll
 ``Qwen2.5-7B``, ``Gemma-2-9B``, ``Mixtral-8x7B``, ``Qwen3-30B-A3B``, ``Llama-3.1-70B``,
 ``Qwen2.5-0.5B``) or any config.json path. The model is built directly on the target device in
 the target dtype (never materialized on the CPU first) with transformers' own initialization
-from a fixed seed, and paired with a byte-level tokenizer (one token per UTF-8 byte, plus a BOS),
-whose ids are valid in every vocabulary.
+from a fixed seed, and paired with a byte-level tokenizer (one token per UTF-8 byte, plus a
+BOS), whose ids are valid in every vocabulary. With a device map the model is built on the meta
+device and each module is allocated and initialized on the device it is mapped to (see
+:mod:`llm_flow.models.dispatch`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 import torch
 
 from llm_flow.errors import ModelLoadError
+from llm_flow.models.dispatch import check_fits, dispatch, infer_device_map, materialize
+from llm_flow.placement import Device
 
 SHAPES_DIR = Path(__file__).resolve().parents[2] / "config" / "shapes"
 SEED = 0
@@ -77,12 +81,22 @@ def byte_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
-def random_model(shape: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """A random-weight causal LM of ``shape``, built on ``device`` in ``dtype``."""
+def random_model(
+    shape: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    device_map: str | dict[str, Device] | None = None,
+    max_memory: dict[Device, int | str] | None = None,
+) -> Any:
+    """A random-weight causal LM of ``shape``, built on ``device`` in ``dtype`` — or, with a
+    ``device_map``, split over the devices it names (within ``max_memory``)."""
     from transformers import AutoModelForCausalLM
 
     config = shape_config(shape)
     torch.manual_seed(SEED)
+    if device_map is not None:
+        return _dispatched(config, dtype, device_map, max_memory)
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -92,3 +106,29 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype) -> Any:
             "choose a smaller shape or dtype, or another device"
         ) from exc
     return model.eval()
+
+
+def _dispatched(
+    config: Any,
+    dtype: torch.dtype,
+    device_map: str | dict[str, Device],
+    max_memory: dict[Device, int | str] | None,
+) -> Any:
+    """Build on the meta device (no memory), place the modules as accelerate would, then
+    allocate and initialize each module's weights on its own device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():  # parameters on meta; the small buffers (rotary) computed
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    placement = infer_device_map(model, device_map, max_memory)
+    check_fits(placement)
+    materialize(model, placement)
+    for module in model.modules():
+        # transformers marks modules built under init_empty_weights as initialized; their
+        # storage holds whatever was in memory until initialize_weights runs.
+        module.__dict__.pop("_is_hf_initialized", None)
+    with torch.no_grad():
+        model.initialize_weights()  # transformers' own init, run where each weight lives
+    model.tie_weights()
+    return dispatch(model, placement).eval()

@@ -1,4 +1,5 @@
-"""The engine on a GPU gives the CPU's contributions (skipped on machines without CUDA).
+"""The engine on a GPU gives the CPU's contributions, and a model split over two GPUs gives the
+single GPU's (skipped on machines without CUDA, or with one GPU).
 
 With triton installed (the gpu extra) the engine's CUDA proximities are the Triton kernels, so
 the graph checks below go through them too; scripts/gpu-check.sh runs this file on a GPU box.
@@ -6,14 +7,17 @@ the graph checks below go through them too; scripts/gpu-check.sh runs this file 
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import pytest
 import torch
 
+import llm_flow as lf
 from llm_flow.engine.contributions import attention_proximity, head_proximity, kernel_for
 from llm_flow.engine.trace import trace
 from llm_flow.models.bridge import BridgeLlm
 from tests.kernel_cases import attention_inputs, head_bound, token_bound
-from tests.tiny import ARCHS, prompt, tiny_hf_model, tiny_tokenizer
+from tests.tiny import ARCHS, layer_split_map, prompt, tiny_hf_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -80,3 +84,57 @@ def test_triton_head_kernel_equals_the_torch_path_on_cuda(
     kernel = head_proximity(whole, at_rows, u, scale, rows, backend="triton")
     reference = head_proximity(whole, at_rows, u, scale, rows, backend="torch")
     assert ((kernel.double() - reference.double()).abs() <= head_bound(inputs, rows)).all()
+
+
+def _split(arch: str) -> BridgeLlm:
+    """``arch`` with its first half of layers (and the embeddings, final norm and unembedding)
+    on cuda:0 and the rest on cuda:1, dispatched by accelerate."""
+    from accelerate import dispatch_model
+
+    model = tiny_hf_model(arch)
+    model = dispatch_model(model, device_map=layer_split_map(model, [0, 1]))
+    return BridgeLlm(arch, model, tiny_tokenizer())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_model_split_over_two_gpus_gives_the_single_gpu_graph(arch: str) -> None:
+    text = prompt(20, seed=7)
+    one = trace(BridgeLlm(arch, tiny_hf_model(arch), tiny_tokenizer(), device="cuda:0"), text)
+    split = _split(arch)
+    assert split.info.weight_devices == ("cuda:0", "cuda:1")
+    assert split.info.device == "cuda:0"
+    two = trace(split, text)
+    assert {layer.values.device for layer in two.run.layers} == {torch.device("cuda:0")}
+    assert any(layer.W_O.device == torch.device("cuda:1") for layer in two.run.layers)
+    torch.testing.assert_close(two.run.logits, one.run.logits, atol=1e-5, rtol=0)
+    for field in ("attention", "attn_residual", "attn_bias", "ffn"):
+        torch.testing.assert_close(
+            getattr(two.graph, field), getattr(one.graph, field), atol=1e-5, rtol=0
+        )
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-moe"])
+def test_analyses_of_a_split_model_match_the_single_gpu_ones(arch: str) -> None:
+    """Direct effects, attributions, the logit lens and ablations multiply activations (on
+    cuda:0) by weights of layers on cuda:1."""
+    text = prompt(12, seed=5)
+    single = lf.from_hf(tiny_hf_model(arch).to("cuda:0"), tiny_tokenizer(), name=arch)
+    results = []
+    for llm in (single, _split(arch)):
+        tr = lf.trace(llm, text)
+        analysis = tr.contrast("w3", "w7")
+        ablated = lf.ablate(tr, heads="2.1", target="w3", distractor="w7")
+        lens = tr.lens(f"A2_{tr.n_tokens - 1}", k=3)
+        results.append((analysis, ablated, lens))
+    (a1, b1, l1), (a2, b2, l2) = results
+    assert a2.contrast.logit_diff == pytest.approx(a1.contrast.logit_diff, abs=1e-4)
+    torch.testing.assert_close(a2.direct.heads, a1.direct.heads, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a2.direct.neurons, a1.direct.neurons, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a2.direct.experts, a1.direct.experts, atol=1e-4, rtol=0)
+    assert [astuple(row)[:7] for row in a2.rows] == [astuple(row)[:7] for row in a1.rows]
+    got, want = ([row.attribution for row in a.rows] for a in (a2, a1))
+    assert got == pytest.approx(want, abs=1e-4)
+    assert b2.after.logit_diff == pytest.approx(b1.after.logit_diff, abs=1e-4)
+    assert [t.token_id for t in l2] == [t.token_id for t in l1]
