@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from llm_flow.engine.contributions import kernel_for
-from llm_flow.engine.graph import FlowGraph, contributions_of
+from llm_flow.engine.graph import FlowGraph, contributions_of, sparse_layer
 from llm_flow.engine.routes import find_route
 from llm_flow.errors import InputError, LlmFlowError
 from llm_flow.models.base import TransparentLlm
@@ -135,7 +135,8 @@ def bench(
         peak: list[float] = []
         with _peak_rss(peak):
             start = time.perf_counter()
-            graph = FlowGraph.from_layers(run, [contributions_of(layer) for layer in run.layers])
+            layers = [sparse_layer(contributions_of(layer)) for layer in run.layers]
+            graph = FlowGraph.from_layers(run, layers)
             graph_s = time.perf_counter() - start
         start = time.perf_counter()
         for threshold in ROUTE_THRESHOLDS:
