@@ -29,6 +29,7 @@ from llm_flow.analyses.lens import TokenScore, logit_lens
 from llm_flow.config import default_config, load_config
 from llm_flow.engine import routes as _routes
 from llm_flow.engine import trace as _trace
+from llm_flow.engine.graph import ATTENTION_FLOOR
 from llm_flow.engine.routes import DEFAULT_THRESHOLD
 from llm_flow.errors import InputError
 from llm_flow.io import export
@@ -192,13 +193,22 @@ def trace(
     prompt: str,
     *,
     keep_patterns: bool | None = None,
+    attention_floor: float = ATTENTION_FLOOR,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> Trace:
     """Run ``prompt`` once and compute every contribution (``on_layer(done, total)`` reports
     progress). Attention patterns are kept while every layer's fit in 2 GiB (``keep_patterns``
     True / False forces it); per-head views, contrast and faithfulness recompute the rows they
-    need of a dropped pattern in one forward pass."""
-    found = _trace.trace(model, prompt, keep_patterns=keep_patterns, on_layer=on_layer)
+    need of a dropped pattern in one forward pass. Attention edges below ``attention_floor`` are
+    not stored, so routes are exact for thresholds at or above it (0 keeps every edge, at
+    [L, T, T] memory)."""
+    found = _trace.trace(
+        model,
+        prompt,
+        keep_patterns=keep_patterns,
+        attention_floor=attention_floor,
+        on_layer=on_layer,
+    )
     return Trace(**_fields(found))
 
 

@@ -26,6 +26,15 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
+def check_attention_floor(floor: float) -> float:
+    """The floor ε below which attention edges are not stored, in [0, 1) (0 keeps them all)."""
+    if not 0.0 <= floor < 1.0:
+        raise InputError(
+            f"the attention floor must be at least 0 and below 1 (e.g. 1e-4), got {floor}"
+        )
+    return floor
+
+
 def check_prompt(prompt: str, limit: int | None = None) -> str:
     """A prompt with some text, and at most ``limit`` characters when a limit is set (the
     config's ``max_user_string_length``)."""

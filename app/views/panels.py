@@ -96,8 +96,8 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
     s = selection.source if selection.source is not None else t
     tokens = run.tokens
     st.subheader(f"Attention {source_id(layer, s)} → {node_id('A', layer, t)}")
-    token_weight = float(graph.attention[layer, t, s])
-    on_route = bool(ctx.route.attention[layer, t, s])
+    token_weight = float(graph.attention_at(layer, t, s))
+    on_route = bool(ctx.route.contains(torch.tensor([[layer, t, s]]))[0])
     st.markdown(
         f"Layer {layer}: {_token(tokens, s)} → {_token(tokens, t)}. Edge weight "
         f"**{token_weight:.3f}** (token level, as drawn"
@@ -168,9 +168,11 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
         contribution: torch.Tensor | None
         if head is None:
             st.caption(
-                f"Token-level contributions of layer {layer}'s attention edges (the graph's)."
+                f"Token-level contributions of layer {layer}'s attention edges (the graph's). "
+                f"Edges below {graph.attention_floor:g} are not stored (0 here); at "
+                f"{_token(tokens, t)} they carry {float(graph.attn_dropped[layer, t]):.2g}."
             )
-            contribution = graph.attention[layer]
+            contribution = graph.attention_rows(layer)
         else:
             st.caption(
                 f"Head {head}'s contribution to each query's residual after attention "

@@ -57,7 +57,12 @@ def ablated_trace(
     llm, n_tokens = before.llm, before.n_tokens
     hooks = ablation_hooks(llm, validate(ablation, llm.info, n_tokens), n_tokens, means)
     return trace(
-        llm, before.prompt, keep_patterns=keep_patterns, on_layer=on_layer, fwd_hooks=hooks
+        llm,
+        before.prompt,
+        keep_patterns=keep_patterns,
+        attention_floor=before.graph.attention_floor,  # routes compare like with like
+        on_layer=on_layer,
+        fwd_hooks=hooks,
     )
 
 

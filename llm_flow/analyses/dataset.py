@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from llm_flow.engine.graph import layer_expert_contributions
+from llm_flow.engine.graph import exact_floor, layer_expert_contributions
 from llm_flow.engine.routes import DEFAULT_THRESHOLD, Route, find_route, route_head_weights
 from llm_flow.engine.trace import trace
 from llm_flow.errors import DatasetError
@@ -164,7 +164,7 @@ def dataset_frequencies(
     check_threshold(threshold)
     counts: list[Appearances] = []
     for i, prompt in enumerate(prompts):
-        tr = trace(llm, prompt)
+        tr = trace(llm, prompt, attention_floor=exact_floor(threshold))
         route = find_route(tr.graph, [-1], threshold, renormalize=False)
         counts.append(route_appearances(tr.run, route, threshold))
         experts = [lr.experts for lr in tr.run.layers if lr.experts is not None]

@@ -69,9 +69,12 @@ class RouteDiff:
             source, other, keep = b, a, False
         else:
             source, other, keep = a, b, status == "kept"
+        on_other = other.contains(source.attention_idx)
+        attention = on_other if keep else ~on_other  # [E] of the source route's edges
         return replace(
             source,
-            attention=source.attention & (other.attention if keep else ~other.attention),
+            attention_idx=source.attention_idx[attention],
+            attention_weights=source.attention_weights[attention],
             attn_residual=source.attn_residual
             & (other.attn_residual if keep else ~other.attn_residual),
             ffn=source.ffn & (other.ffn if keep else ~other.ffn),

@@ -26,8 +26,14 @@ from pathlib import Path
 
 import torch
 
-from llm_flow.engine.contributions import LayerContributions, kernel_for
-from llm_flow.engine.graph import FlowGraph, contributions_of, layer_head_contributions
+from llm_flow.engine.contributions import kernel_for
+from llm_flow.engine.graph import (
+    FlowGraph,
+    SparseLayer,
+    contributions_of,
+    layer_head_contributions,
+    sparse_layer,
+)
 from llm_flow.engine.routes import find_route
 from llm_flow.errors import InputError, LlmFlowError
 from llm_flow.models.base import LayerRun, TransparentLlm
@@ -139,12 +145,12 @@ def _bench_row(llm: TransparentLlm, prompt: str, device: torch.device, heads: bo
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     middle = llm.info.n_layers // 2
-    done: list[LayerContributions] = []
+    done: list[SparseLayer] = []
     spent = {"graph": 0.0, "heads": 0.0}
 
     def reduce(layer: LayerRun) -> None:
         start = time.perf_counter()
-        done.append(contributions_of(layer))
+        done.append(sparse_layer(contributions_of(layer)))
         _sync(device)
         spent["graph"] += time.perf_counter() - start
         if heads and layer.index == middle:

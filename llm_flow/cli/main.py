@@ -89,12 +89,17 @@ def _trace(
     keep_patterns: bool | None = None,
     checks: Callable[[], None] = lambda: None,
 ) -> Trace:
-    """Check the prompt (and ``checks``) before loading the model, then trace the prompt."""
+    """Check the prompt (and ``checks``) before loading the model, then trace the prompt, storing
+    the attention edges that routes at ``args.threshold`` need (all of them at τ = 0)."""
+    from llm_flow.engine.graph import exact_floor
     from llm_flow.engine.trace import trace
 
     config.check_prompt(args.prompt)
     checks()
-    return trace(_load(args, config), args.prompt, keep_patterns=keep_patterns)
+    floor = exact_floor(args.threshold)
+    return trace(
+        _load(args, config), args.prompt, keep_patterns=keep_patterns, attention_floor=floor
+    )
 
 
 def _write(text: str, out: str | None) -> None:

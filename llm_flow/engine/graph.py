@@ -1,8 +1,16 @@
 """The layer × token contribution graph of one prompt (Ferrando & Voita 2024, §3-4).
 
-A :class:`FlowGraph` stores every edge weight of the information-flow graph as dense per-layer
-arrays — attention edges [L, T, T], residual and FFN edges [L, T] — so thresholds and routes are
-boolean masks over them, never Python loops over edges.
+A :class:`FlowGraph` stores the residual and FFN edge weights as dense [L, T] arrays and the
+attention edges sparsely: every edge of weight ≥ a floor ε (:data:`ATTENTION_FLOOR`) in CSR
+rows, one row per (layer l, query t), plus each row's dropped share (Σ of its edges below ε), so
+
+    Σ_s stored c[l, t, s] + dropped[l, t] + attn_residual[l, t] + attn_bias[l, t] = 1
+
+(+ ffn[l, t] for parallel attention + MLP blocks) still holds. Dense [L, T, T] edges are 2 GB at
+4096 tokens × 32 layers and 34 GB at 16k; most of them are tiny, and a route at τ ≥ ε never
+uses one below ε, so routes stay exact while memory grows with the edges kept, about linearly in
+T. Each layer is sparsified as soon as its contributions are computed (:func:`sparse_layer`),
+so one dense [T, T] layer is alive at a time.
 
 Edge kinds: ``attention`` (``X0_s``/``I{l-1}_s`` → ``A{l}_t``, s ≤ t), ``residual``
 (``I{l-1}_t`` → ``A{l}_t`` and ``A{l}_t`` → ``I{l}_t``) and ``ffn`` (``A{l}_t`` → ``M{l}_t``
@@ -11,6 +19,7 @@ and ``M{l}_t`` → ``I{l}_t``, the same weight); node names are in :mod:`llm_flo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,16 +33,65 @@ from llm_flow.engine.contributions import (
     proximity,
 )
 from llm_flow.models.base import LayerRun, ModelRun
+from llm_flow.validate import check_attention_floor
+
+# Attention edges below it are not stored: far below any useful τ (the default is 0.04), and a
+# row keeps at most Σ c / ε ≤ 10⁴ of them however long the prompt.
+ATTENTION_FLOOR = 1e-4
+
+
+def exact_floor(threshold: float) -> float:
+    """The attention floor that keeps routes at ``threshold`` exact: ε, or τ when smaller (τ = 0
+    stores every edge). For callers that know τ before tracing (a command, a dataset pass)."""
+    return min(ATTENTION_FLOOR, threshold)
+
+
+@dataclass(frozen=True)
+class SparseLayer:
+    """One layer's contributions with its attention edges ≥ ``floor`` in CSR rows (CPU)."""
+
+    floor: float
+    counts: Tensor  # [T] int64 stored edges of each query row
+    sources: Tensor  # [n] int32 source s of each stored edge, ascending within a row
+    weights: Tensor  # [n] float32 c[t, s] ≥ floor
+    dropped: Tensor  # [T] Σ of the row's weights below the floor
+    attn_residual: Tensor  # [T]
+    attn_bias: Tensor  # [T]
+    ffn: Tensor  # [T]
+    ffn_residual: Tensor  # [T]
+
+
+def sparse_layer(c: LayerContributions, floor: float = ATTENTION_FLOOR) -> SparseLayer:
+    """``c`` with every causal attention edge of weight ≥ ``floor`` kept (all of them at 0) and
+    the rest summed per row; the dense [T, T] is sparsified where it was computed."""
+    check_attention_floor(floor)
+    keep = (c.attention >= floor).tril_()  # causal also at floor 0
+    return SparseLayer(
+        floor=floor,
+        counts=keep.sum(1).cpu(),
+        sources=keep.nonzero()[:, 1].to(torch.int32).cpu(),  # row-major
+        weights=c.attention[keep].cpu(),
+        dropped=torch.where(keep, 0.0, c.attention).sum(1).cpu(),
+        attn_residual=c.attn_residual.cpu(),
+        attn_bias=c.attn_bias.cpu(),
+        ffn=c.ffn.cpu(),
+        ffn_residual=c.ffn_residual.cpu(),
+    )
 
 
 @dataclass(frozen=True)
 class FlowGraph:
-    """Dense edge weights of the full contribution graph (float32, CPU)."""
+    """Edge weights of the full contribution graph (float32, CPU); attention edges below
+    ``attention_floor`` are absent (their sum per row is ``attn_dropped``)."""
 
     model_name: str
     tokens: tuple[str, ...]
     token_ids: tuple[int, ...]
-    attention: Tensor  # [L, T, T] c[l, t, s]; zero for s > t
+    attention_floor: float
+    attn_offsets: Tensor  # [L·T + 1] int64: row (l, t) holds edges offsets[l·T + t] up to the next
+    attn_sources: Tensor  # [N] int32 source s of each stored edge, ascending within a row
+    attn_weights: Tensor  # [N] float32 c[l, t, s] ≥ attention_floor
+    attn_dropped: Tensor  # [L, T] Σ of the weights of row (l, t) below attention_floor
     attn_residual: Tensor  # [L, T] I{l-1}_t → A{l}_t
     attn_bias: Tensor  # [L, T] share of the output bias (not an edge: no node writes it)
     ffn: Tensor  # [L, T] A{l}_t → M{l}_t → I{l}_t
@@ -41,24 +99,76 @@ class FlowGraph:
 
     @property
     def n_layers(self) -> int:
-        return int(self.attention.shape[0])
+        return int(self.attn_residual.shape[0])
 
     @property
     def n_tokens(self) -> int:
-        return int(self.attention.shape[1])
+        return int(self.attn_residual.shape[1])
 
     @classmethod
-    def from_layers(cls, run: ModelRun, layers: list[LayerContributions]) -> FlowGraph:
+    def from_layers(cls, run: ModelRun, layers: Sequence[SparseLayer]) -> FlowGraph:
+        counts = torch.cat([layer.counts for layer in layers])  # [L·T]
         return cls(
             model_name=run.model_name,
             tokens=run.tokens,
             token_ids=run.token_ids,
-            attention=torch.stack([c.attention for c in layers]).cpu(),
-            attn_residual=torch.stack([c.attn_residual for c in layers]).cpu(),
-            attn_bias=torch.stack([c.attn_bias for c in layers]).cpu(),
-            ffn=torch.stack([c.ffn for c in layers]).cpu(),
-            ffn_residual=torch.stack([c.ffn_residual for c in layers]).cpu(),
+            attention_floor=layers[0].floor,
+            attn_offsets=torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
+            attn_sources=torch.cat([layer.sources for layer in layers]),
+            attn_weights=torch.cat([layer.weights for layer in layers]),
+            attn_dropped=torch.stack([layer.dropped for layer in layers]),
+            attn_residual=torch.stack([layer.attn_residual for layer in layers]),
+            attn_bias=torch.stack([layer.attn_bias for layer in layers]),
+            ffn=torch.stack([layer.ffn for layer in layers]),
+            ffn_residual=torch.stack([layer.ffn_residual for layer in layers]),
         )
+
+    def row_edges(self, layer: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The stored attention edges into ``A{layer}_t`` for t in ``rows`` [R], row after row:
+        (row [n], the index into ``rows`` of each edge's target; edge [n], its index into
+        ``attn_sources`` / ``attn_weights``). Work is proportional to the edges gathered."""
+        start = self.attn_offsets[layer * self.n_tokens + rows]  # [R]
+        counts = self.attn_offsets[layer * self.n_tokens + rows + 1] - start
+        row = torch.repeat_interleave(torch.arange(len(rows)), counts)  # [n]
+        first = counts.cumsum(0) - counts  # where each row's edges begin in the output
+        edge = torch.arange(len(row)) - first[row] + start[row]
+        return row, edge
+
+    def attention_rows(self, layer: int, rows: Tensor | None = None) -> Tensor:
+        """Dense [R, T] attention weights into ``A{layer}_t`` for t in ``rows`` (all rows when
+        None: [T, T]); 0 where no edge is stored."""
+        rows = torch.arange(self.n_tokens) if rows is None else rows
+        row, edge = self.row_edges(layer, rows)
+        out = torch.zeros(len(rows), self.n_tokens)
+        out[row, self.attn_sources[edge].long()] = self.attn_weights[edge]
+        return out
+
+    def attention_at(
+        self, layer: Tensor | int, target: Tensor | int, source: Tensor | int
+    ) -> Tensor:
+        """c[l, t, s] for broadcastable indices; 0 where no edge is stored (below the floor, or
+        s > t). A vectorized binary search in each edge's row."""
+        ls, ts, ss = torch.broadcast_tensors(
+            *(torch.as_tensor(i, dtype=torch.long) for i in (layer, target, source))
+        )
+        row = ls * self.n_tokens + ts
+        lo, end = self.attn_offsets[row], self.attn_offsets[row + 1]
+        hi, n_edges = end, len(self.attn_sources)
+        if n_edges == 0:
+            return torch.zeros(row.shape)
+        for _ in range(self.n_tokens.bit_length()):  # a row holds at most T edges
+            mid = (lo + hi) // 2
+            below = self.attn_sources[mid.clamp_max(n_edges - 1)] < ss
+            searching = lo < hi
+            lo = torch.where(searching & below, mid + 1, lo)
+            hi = torch.where(searching & ~below, mid, hi)
+        at = lo.clamp_max(n_edges - 1)
+        found = (lo < end) & (self.attn_sources[at] == ss)
+        return torch.where(found, self.attn_weights[at], 0.0)
+
+    def dense_attention(self) -> Tensor:
+        """[L, T, T] every attention weight, 0 where none is stored (small prompts, tests)."""
+        return torch.stack([self.attention_rows(layer) for layer in range(self.n_layers)])
 
 
 def _attention_sum(layer: LayerRun, pattern: Tensor) -> dict[str, Tensor | None]:

@@ -3,11 +3,17 @@ Algorithm 1).
 
 Starting from the output node(s) ``I{L-1}_p``, each layer keeps the edges into active nodes
 whose weight is at least τ, and the sources of kept edges become active — layer by layer, as
-boolean masks over the dense arrays of a :class:`~llm_flow.engine.graph.FlowGraph`. A threshold
-change only re-runs this (milliseconds); contributions are never recomputed.
+boolean masks over the [L, T] arrays and gathers of the active rows' stored attention edges
+(:meth:`~llm_flow.engine.graph.FlowGraph.row_edges`), so the work follows the route, not T². A
+threshold change only re-runs this (milliseconds); contributions are never recomputed.
 
 With ``renormalize``, the parts of each whole that survive τ are rescaled to sum to 1 (the
 output-bias share, which no node writes, is dropped).
+
+The graph holds no attention edge below its floor ε (``FlowGraph.attention_floor``). For τ ≥ ε
+no such edge could survive τ, so routes are exact; for τ < ε (e.g. :func:`full_graph` at τ = 0)
+they hold every stored edge ≥ τ, and the edges below ε are absent as if pruned (renormalizing
+then leaves out their tiny share, at most ``FlowGraph.attn_dropped``).
 """
 
 from __future__ import annotations
@@ -26,20 +32,27 @@ from llm_flow.validate import check_position, check_threshold
 DEFAULT_THRESHOLD = 0.04
 
 
+def _edge_keys(idx: Tensor, n_tokens: int) -> Tensor:
+    """One int64 per attention edge (layer, target t, source s) of ``idx`` [E, 3], increasing in
+    row-major order: what sorting, searching and set operations on edges compare."""
+    return (idx[:, 0] * n_tokens + idx[:, 1]) * n_tokens + idx[:, 2]
+
+
 @dataclass(frozen=True)
 class Route:
     """The sub-graph that reaches ``positions`` through edges of weight ≥ ``threshold``.
 
-    Edge masks say which edges are on the route, node masks which nodes are. Weights of route
-    edges are the graph's weights times a per-whole factor (1, or 1/Σ survivors when
-    renormalizing); :meth:`attention_edges` reads them for the route's edges only.
+    Attention edges are a sparse set (``attention_idx``, row-major, with their route weights);
+    masks say which [L, T] edges and nodes are on the route. Weights of route edges are the
+    graph's weights times a per-whole factor (1, or 1/Σ survivors when renormalizing).
     """
 
     graph: FlowGraph
     threshold: float
     renormalize: bool
     positions: tuple[int, ...]
-    attention: Tensor  # [L, T, T] bool, edge I{l-1}_s → A{l}_t
+    attention_idx: Tensor  # [E, 3] int64 (layer, target t, source s): I{l-1}_s → A{l}_t
+    attention_weights: Tensor  # [E] float32 their weights on the route
     attn_residual: Tensor  # [L, T] bool, I{l-1}_t → A{l}_t
     ffn: Tensor  # [L, T] bool, A{l}_t → M{l}_t → I{l}_t
     ffn_residual: Tensor  # [L, T] bool, A{l}_t → I{l}_t
@@ -51,15 +64,31 @@ class Route:
 
     @property
     def n_edges(self) -> int:
-        counts = [self.attention, self.attn_residual, self.ffn, self.ffn, self.ffn_residual]
-        return int(sum(int(m.sum()) for m in counts))
+        masks = [self.attn_residual, self.ffn, self.ffn, self.ffn_residual]
+        return len(self.attention_idx) + int(sum(int(m.sum()) for m in masks))
 
     def attention_edges(self) -> tuple[Tensor, Tensor]:
         """Attention edges on the route: (idx [E, 3] rows of (layer, target t, source s),
-        weights [E]), in row-major order of the mask."""
-        idx = self.attention.nonzero()
-        layer, t, s = idx[:, 0], idx[:, 1], idx[:, 2]
-        return idx, self.graph.attention[layer, t, s] * self.attn_factor[layer, t]
+        weights [E]), in row-major order."""
+        return self.attention_idx, self.attention_weights
+
+    def _find(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(on the route [Q] bool, position in ``attention_idx`` [Q]) of the edges ``idx``."""
+        keys = _edge_keys(self.attention_idx, self.graph.n_tokens)
+        if not len(keys):
+            return torch.zeros(len(idx), dtype=torch.bool), torch.zeros(len(idx), dtype=torch.long)
+        wanted = _edge_keys(idx, self.graph.n_tokens)
+        at = torch.searchsorted(keys, wanted).clamp_max(len(keys) - 1)
+        return keys[at] == wanted, at
+
+    def contains(self, idx: Tensor) -> Tensor:
+        """[Q] bool: which attention edges of ``idx`` [Q, 3] (layer, t, s) are on the route."""
+        return self._find(idx)[0]
+
+    def attention_weights_at(self, idx: Tensor) -> Tensor:
+        """[Q] route weights of the attention edges ``idx`` [Q, 3]; 0 for edges not on it."""
+        found, at = self._find(idx)
+        return torch.where(found, self.attention_weights[at], 0.0)
 
     @property
     def attn_residual_weights(self) -> Tensor:
@@ -83,10 +112,6 @@ def _inverse(total: Tensor) -> Tensor:
     return torch.where(total > 0, 1 / total.clamp_min(1e-30), 0.0)
 
 
-def _causal(n_tokens: int) -> Tensor:
-    return torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril()
-
-
 def find_route(
     graph: FlowGraph,
     positions: Sequence[int],
@@ -95,8 +120,8 @@ def find_route(
 ) -> Route:
     """The route to the output nodes at ``positions`` (negative indices count from the end).
 
-    Work per layer is proportional to the route's attention nodes × T, not to T²: only rows of
-    nodes on the route are thresholded and renormalized.
+    Work per layer is proportional to the stored attention edges of the route's attention
+    nodes, not to T²: only their rows are gathered, thresholded and renormalized.
     """
     n_layers, n_tokens = graph.n_layers, graph.n_tokens
     check_threshold(threshold)
@@ -112,13 +137,13 @@ def find_route(
         ffn_factor = torch.ones_like(ffn_factor)
     attn_factor = torch.ones(n_layers, n_tokens)
 
-    attention = torch.zeros(n_layers, n_tokens, n_tokens, dtype=torch.bool)
+    edges: list[Tensor] = []  # per layer, top-down: [E_l, 3] (layer, t, s)
+    weights: list[Tensor] = []
     attn_residual = torch.zeros(n_layers, n_tokens, dtype=torch.bool)
     ffn = torch.zeros_like(attn_residual)
     ffn_residual = torch.zeros_like(attn_residual)
     after_attention = torch.zeros_like(attn_residual)
     after_layer = torch.zeros_like(attn_residual)
-    columns = torch.arange(n_tokens)
 
     active = torch.zeros(n_tokens, dtype=torch.bool)  # I{l}_t on the route
     active[outputs] = True
@@ -129,22 +154,28 @@ def find_route(
         attn_node = ffn[layer] | ffn_residual[layer]
         after_attention[layer] = attn_node
         rows = attn_node.nonzero().flatten()
-        values = graph.attention[layer, rows]  # (R, T)
-        kept = (values >= threshold) & (columns[None, :] <= rows[:, None])  # causal
-        attention[layer, rows] = kept
+        row, edge = graph.row_edges(layer, rows)
+        kept = graph.attn_weights[edge] >= threshold
+        row, edge = row[kept], edge[kept]
+        weight = graph.attn_weights[edge]
+        sources = graph.attn_sources[edge].long()
         attn_residual[layer] = attn_node & keep_attn_res[layer]
         if renormalize:
-            total = (values * kept).sum(-1) + graph.attn_residual[layer, rows] * keep_attn_res[
-                layer, rows
-            ]
+            residual = graph.attn_residual[layer, rows] * keep_attn_res[layer, rows]
+            total = torch.zeros(len(rows)).index_add_(0, row, weight) + residual
             attn_factor[layer, rows] = _inverse(total)
-        active = kept.any(0) | attn_residual[layer]
+            weight = weight * attn_factor[layer, rows][row]
+        edges.append(torch.stack([torch.full_like(sources, layer), rows[row], sources], 1))
+        weights.append(weight)
+        active = attn_residual[layer].clone()
+        active[sources] = True
     return Route(
         graph=graph,
         threshold=threshold,
         renormalize=renormalize,
         positions=tuple(outputs),
-        attention=attention,
+        attention_idx=torch.cat(edges[::-1]),
+        attention_weights=torch.cat(weights[::-1]),
         attn_residual=attn_residual,
         ffn=ffn,
         ffn_residual=ffn_residual,
@@ -157,21 +188,22 @@ def find_route(
 
 
 def full_graph(graph: FlowGraph) -> Route:
-    """Every causal edge, unpruned and unnormalized: the route to all positions at τ = 0."""
+    """Every stored edge, unpruned and unnormalized: the route to all positions at τ = 0 (every
+    causal edge when the graph's attention floor is 0; attention edges below it are absent)."""
     return find_route(graph, list(range(graph.n_tokens)), threshold=0.0, renormalize=False)
 
 
 def route_head_weights(run: ModelRun, route: Route) -> tuple[Tensor, Tensor]:
     """Per-head contribution of every attention edge on ``route``: (idx [E, 3] rows of
-    (layer, target t, source s) in the mask's row-major order, as
-    :meth:`Route.attention_edges` gives them; weights [E, H] on the CPU).
+    (layer, target t, source s) in row-major order, as :meth:`Route.attention_edges` gives
+    them; weights [E, H] on the CPU).
 
     Normalized LLM-TT's way over every (source, head) part and the residual
     (:func:`~llm_flow.engine.graph.layer_head_contributions`), computed for the route's query
     rows only; Σ_h is not the token-level edge weight. Patterns the run dropped are recomputed
     for those rows in one pass.
     """
-    idx = route.attention.nonzero()  # [E, 3]
+    idx = route.attention_idx  # [E, 3]
     weights = torch.zeros(len(idx), run.layers[0].values.shape[1])
     layers = idx[:, 0].unique().tolist()
     run = run.with_attention({layer: idx[idx[:, 0] == layer, 1] for layer in layers})

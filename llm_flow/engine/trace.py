@@ -2,11 +2,13 @@
 position's prediction, as one immutable :class:`Trace` that every analysis takes.
 
 Each layer's contributions are computed inside the forward pass, as soon as the layer has run
-(the run's ``on_layer`` callback), so without kept patterns only one layer's attention pattern is
-alive at a time: holding every layer's patterns is what runs out of memory first on long prompts
-(L · H · T² values: 4.5 GB for SmolLM2 at 2048 tokens, 17 GB for Llama-3.1-8B at 4096 in bf16).
-A trace keeps them while they fit in :data:`PATTERN_BUDGET`; views that need a dropped pattern get
-it recomputed for just their rows (:meth:`~llm_flow.models.base.ModelRun.with_attention`).
+(the run's ``on_layer`` callback), and its dense [T, T] attention edges are sparsified there
+(:func:`~llm_flow.engine.graph.sparse_layer`), so one dense layer is alive at a time; without kept
+patterns only one layer's attention pattern is too: holding every layer's patterns is what runs
+out of memory first on long prompts (L · H · T² values: 4.5 GB for SmolLM2 at 2048 tokens, 17 GB
+for Llama-3.1-8B at 4096 in bf16). A trace keeps them while they fit in :data:`PATTERN_BUDGET`;
+views that need a dropped pattern get it recomputed for just their rows
+(:meth:`~llm_flow.models.base.ModelRun.with_attention`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ from typing import NamedTuple
 
 import torch
 
-from llm_flow.engine.contributions import LayerContributions
-from llm_flow.engine.graph import FlowGraph, contributions_of
+from llm_flow.engine.graph import (
+    ATTENTION_FLOOR,
+    FlowGraph,
+    SparseLayer,
+    contributions_of,
+    sparse_layer,
+)
 from llm_flow.models.base import Hook, LayerRun, ModelRun, TransparentLlm
-from llm_flow.validate import check_position
+from llm_flow.validate import check_attention_floor, check_position
 
 
 class Prediction(NamedTuple):
@@ -100,6 +107,7 @@ def trace(
     *,
     keep_patterns: bool | None = None,
     memory_budget: int | None = None,
+    attention_floor: float = ATTENTION_FLOOR,
     on_layer: Callable[[int, int], None] | None = None,
     fwd_hooks: Sequence[Hook] = (),
 ) -> Trace:
@@ -108,14 +116,17 @@ def trace(
     With ``fwd_hooks`` it is the trace of the intervened pass (see
     :meth:`~llm_flow.models.base.TransparentLlm.run`). ``keep_patterns=False`` frees each
     layer's attention maps once its contributions are computed (per-head views then recompute
-    the rows they need); None keeps them while they fit in :data:`PATTERN_BUDGET`.
-    ``on_layer(done, total)`` reports progress.
+    the rows they need); None keeps them while they fit in :data:`PATTERN_BUDGET`. Attention
+    edges below ``attention_floor`` are not stored (0 stores every causal edge: [L, T, T]
+    memory). ``on_layer(done, total)`` reports progress.
     """
-    done: list[LayerContributions] = []
+    check_attention_floor(attention_floor)  # before the forward pass, not after its first layer
+    done: list[SparseLayer] = []
     n_layers = llm.info.n_layers
 
     def reduce(layer: LayerRun) -> None:
-        done.append(contributions_of(layer, memory_budget=memory_budget))
+        c = contributions_of(layer, memory_budget=memory_budget)
+        done.append(sparse_layer(c, attention_floor))
         if on_layer is not None:
             on_layer(len(done), n_layers)
 

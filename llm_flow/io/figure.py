@@ -319,13 +319,6 @@ def _highlight(selected: str, n_layers: int, n_tokens: int) -> list[go.Scatter]:
 # -- the route diff ---------------------------------------------------------------------------
 
 
-def _attention_weights(route: Route, idx: torch.Tensor) -> list[float]:
-    """The weights on ``route`` of the attention edges ``idx`` [E, 3] (0 where not on it)."""
-    layer, t, s = idx[:, 0], idx[:, 1], idx[:, 2]
-    weights = route.graph.attention[layer, t, s] * route.attn_factor[layer, t]
-    return torch.where(route.attention[layer, t, s], weights, 0.0).tolist()
-
-
 def diff_figure(diff: RouteDiff, *, position: int) -> go.Figure:
     """The routes before and after an intervention in one picture: edges on both routes grey,
     edges only before red (lost), only after green (gained); widths follow the weight on the
@@ -356,7 +349,9 @@ def diff_figure(diff: RouteDiff, *, position: int) -> go.Figure:
         hy += y.tolist()
         idx_t = torch.from_numpy(idx)
         was_now = zip(
-            _attention_weights(before, idx_t), _attention_weights(after, idx_t), strict=True
+            before.attention_weights_at(idx_t).tolist(),
+            after.attention_weights_at(idx_t).tolist(),
+            strict=True,
         )
         for (layer, t, s), (was, now) in zip(idx.tolist(), was_now, strict=True):
             htext.append(

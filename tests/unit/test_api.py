@@ -39,7 +39,8 @@ def test_trace_is_the_engine_trace(tr: lf.Trace) -> None:
     plain = trace.trace(tr.llm, TEXT)
     assert isinstance(tr, trace.Trace)
     assert tr.tokens == plain.tokens and tr.token_ids == plain.token_ids
-    assert torch.equal(tr.graph.attention, plain.graph.attention)
+    assert torch.equal(tr.graph.attn_offsets, plain.graph.attn_offsets)
+    assert torch.equal(tr.graph.attn_weights, plain.graph.attn_weights)
     assert torch.equal(tr.run.logits, plain.run.logits)
     token, token_id, prob = tr.prediction()
     assert (
@@ -55,7 +56,8 @@ def test_route_is_find_route_and_knows_its_trace(tr: lf.Trace) -> None:
     want = routes.find_route(tr.graph, [tr.n_tokens - 2], 0.05, renormalize=False)
     assert isinstance(route, routes.Route) and route.trace is tr
     assert route.position == tr.n_tokens - 2 and route.positions == want.positions
-    for name in ("attention", "attn_residual", "ffn", "ffn_residual", "after_layer"):
+    names = ("attention_idx", "attention_weights", "attn_residual", "ffn", "ffn_residual")
+    for name in (*names, "after_layer"):
         assert torch.equal(getattr(route, name), getattr(want, name)), name
     assert torch.equal(route.attn_factor, want.attn_factor)
 
@@ -78,17 +80,19 @@ def test_figure_draws_the_route(tr: lf.Trace) -> None:
     fig = route.figure()
     assert isinstance(fig, go.Figure)
     hover = " ".join(str(t.hovertext) for t in fig.data if t.hovertext is not None)
-    layer, t, s = route.attention.nonzero()[0].tolist()
+    layer, t, s = route.attention_idx[0].tolist()
     edge = f"{'X0' if layer == 0 else f'I{layer - 1}'}_{s} → A{layer}_{t}"
     assert edge in hover  # every route edge can be hovered
     selected = route.figure(selected=f"M{tr.n_layers - 1}_{tr.n_tokens - 1}")
     assert len(selected.data) > len(fig.data)  # the selection ring is drawn
 
 
-def test_full_graph_is_every_causal_edge(tr: lf.Trace) -> None:
+def test_full_graph_is_every_stored_edge(tr: lf.Trace) -> None:
     full = tr.full_graph()
+    assert len(full.attention_idx) == len(tr.graph.attn_weights)
+    every = lf.trace(tr.llm, TEXT, attention_floor=0.0).full_graph()  # a floor of 0 stores all
     n = tr.n_tokens
-    assert int(full.attention.sum()) == tr.n_layers * n * (n + 1) // 2
+    assert len(every.attention_idx) == tr.n_layers * n * (n + 1) // 2
     assert full.threshold == 0.0 and full.renormalize is False
 
 
@@ -155,7 +159,8 @@ def test_experts_are_ablated_from_strings_or_pairs() -> None:
 
 
 def test_faithfulness_takes_the_trace(tr: lf.Trace) -> None:
-    report = lf.faithfulness(tr, threshold=0.0, mode="zero", seeds=[0])
+    every = lf.trace(tr.llm, TEXT, attention_floor=0.0)  # every edge stored
+    report = lf.faithfulness(every, threshold=0.0, mode="zero", seeds=[0])
     assert report.route.share == pytest.approx(1.0, abs=1e-4)  # τ = 0: the route is everything
 
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 from llm_flow.errors import InputError, LlmFlowError, PositionError, PromptError, ThresholdError
-from llm_flow.validate import check_at_least, check_position, check_prompt, check_threshold
+from llm_flow.validate import (
+    check_at_least,
+    check_attention_floor,
+    check_position,
+    check_prompt,
+    check_threshold,
+)
 
 
 @pytest.mark.parametrize(("position", "want"), [(0, 0), (4, 4), (-1, 4), (-5, 0)])
@@ -34,6 +40,17 @@ def test_thresholds_outside_are_refused(threshold: float) -> None:
     with pytest.raises(ThresholdError, match="between 0 and 1") as info:
         check_threshold(threshold)
     assert isinstance(info.value, ValueError) and "--" not in str(info.value)
+
+
+@pytest.mark.parametrize("floor", [0.0, 1e-4, 0.5])
+def test_attention_floors_in_zero_to_one_pass(floor: float) -> None:
+    assert check_attention_floor(floor) == floor
+
+
+@pytest.mark.parametrize("floor", [-1e-4, 1.0, float("nan")])
+def test_attention_floors_outside_are_refused(floor: float) -> None:
+    with pytest.raises(InputError, match="attention floor must be at least 0 and below 1"):
+        check_attention_floor(floor)
 
 
 def test_prompts_need_text_and_respect_the_limit() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from app.figures.tables import (
     effect_ids,
@@ -71,7 +72,7 @@ def test_effect_table_is_sorted_labelled_and_maps_rows_to_the_graph() -> None:
         sel = parse_selection(text, graph.n_layers, graph.n_tokens)
         assert sel is not None and (sel.layer, sel.token) == (layer, t)
         if kind == "head":  # the head's edge is on the route, so the graph can highlight it
-            assert sel.source == s and bool(route.attention[layer, t, s])
+            assert sel.source == s and bool(route.contains(torch.tensor([[layer, t, s]]))[0])
         else:
             assert sel.kind == "ffn" and bool(route.ffn[layer, t])
 

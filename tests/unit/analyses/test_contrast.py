@@ -228,7 +228,7 @@ def test_neither_attribute_nor_direct_effects_change_the_model() -> None:
 def analysis() -> Any:
     llm = tiny_llm("gemma3-postnorm")
     tr = trace(llm, prompt(6))
-    route = find_route(tr.graph, [-1], 0.0, renormalize=False)  # every edge: every head is on it
+    route = find_route(tr.graph, [-1], 0.0, renormalize=False)  # every stored edge
     return tr.run, route, analyse_contrast(tr, route, TARGET, DISTRACTOR, neurons_per_block=3)
 
 
@@ -238,7 +238,7 @@ def test_effect_table_covers_every_head_on_every_route_edge(analysis: Any) -> No
     assert tuple(frame.columns) == EFFECT_COLUMNS
     heads = frame[frame["kind"] == "head"]
     n_heads = run.layers[0].values.shape[1]
-    assert len(heads) == int(route.attention.sum()) * n_heads
+    assert len(heads) == len(route.attention_idx) * n_heads
     assert set(frame["kind"]) == {"head", "ffn", "neuron"}
     assert len(frame[frame["kind"] == "ffn"]) == int(route.ffn.sum())
     assert len(frame[frame["kind"] == "neuron"]) == 3 * int(route.ffn.sum())

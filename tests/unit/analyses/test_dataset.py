@@ -102,7 +102,7 @@ def test_threshold_zero_puts_every_ffn_at_the_last_token_on_every_route(llm: Bri
 
 
 def test_appearances_of_one_route_split_by_position_class(llm: BridgeLlm) -> None:
-    tr = trace(llm, PROMPTS[1])
+    tr = trace(llm, PROMPTS[1], attention_floor=0.0)  # every causal edge is stored
     run, route = tr.run, find_route(tr.graph, [-1], 0.0, renormalize=False)
     a = route_appearances(run, route, 0.0)
     p = run.n_tokens - 1

@@ -45,9 +45,10 @@ def test_full_graph_keeps_everything_that_reaches_the_output(
     llm: BridgeLlm, means: MeanActivations
 ) -> None:
     """τ = 0: every component that can reach the output position is on the route, so keeping
-    the route alone leaves the metric exactly as it was."""
+    the route alone leaves the metric exactly as it was (with every edge stored: a floor of 0)."""
+    every = trace(llm, TEXT, attention_floor=0.0)
     report = faithfulness(
-        trace(llm, TEXT), threshold=0.0, target="w3", distractor="w7", means=means, seeds=[0]
+        every, threshold=0.0, target="w3", distractor="w7", means=means, seeds=[0]
     )
     assert report.metric == "logit_diff"
     assert report.route.value == pytest.approx(report.full, abs=1e-6)
@@ -145,7 +146,7 @@ def test_head_mask_follows_the_per_head_threshold(llm: BridgeLlm) -> None:
     mask = head_mask(run, route, 0.01)
     assert 0 < int(mask.sum()) < mask.numel()
     want = torch.zeros_like(mask)
-    for layer, t, s in route.attention.nonzero().tolist():  # the naive loop, edge by edge
+    for layer, t, s in route.attention_idx.tolist():  # the naive loop, edge by edge
         heads, _ = layer_head_contributions(run.layers[layer], torch.tensor([t]))
         want[layer, t] |= heads[0, s] >= 0.01
     assert torch.equal(mask, want)

@@ -23,11 +23,11 @@ from llm_flow.analyses.lens import (
     residual_vector,
     update_between,
 )
-from llm_flow.engine.graph import FlowGraph
 from llm_flow.engine.trace import Trace, predictions_of, trace
 from llm_flow.errors import LensError, LlmFlowError
 from llm_flow.models.base import Hook, HookSite, LayerRun, ModelInfo, ModelRun, TransparentLlm
 from tests.conftest import f32_tol
+from tests.graphs import dense_graph
 from tests.tiny import ARCHS, VOCAB, prompt, tiny_llm
 
 # Relative to the largest entry, as in test_bridge: float32 sums of ≤ 128 terms (d_mlp, or the
@@ -312,9 +312,7 @@ def hand_trace(llm: IdentityLlm) -> Trace:
     """:func:`hand_run` as a trace (the lens reads no contribution, so its graph is empty)."""
     run = hand_run()
     empty = torch.zeros(run.n_layers, run.n_tokens)
-    graph = FlowGraph(
-        "hand", run.tokens, run.token_ids, empty[..., None], empty, empty, empty, empty
-    )
+    graph = dense_graph(empty[..., None], empty, empty)
     return Trace(llm, "hand", run, graph, predictions_of(llm, run))
 
 

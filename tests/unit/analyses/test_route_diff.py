@@ -65,9 +65,9 @@ def test_ablated_trace_is_the_ablated_pass(
     run, graph = after.run, after.graph
     want = ablated_logits(llm, llm.tokenize(text), ablation, means)
     torch.testing.assert_close(run.logits, want, rtol=0, atol=1e-5)
-    assert float(graph.attention[1, 7, 2]) == 0.0  # the ablated edge carries nothing
+    assert float(graph.attention_at(1, 7, 2)) == 0.0  # the ablated edge carries nothing
     plain = trace(llm, text).graph
-    assert not torch.allclose(plain.attention, graph.attention)
+    assert not torch.allclose(plain.dense_attention(), graph.dense_attention())
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])
@@ -112,8 +112,10 @@ def test_an_empty_ablation_traces_the_plain_graph(
     llm, _ = model
     plain = trace(llm, prompt(N_TOKENS)).graph
     same = ablated_trace(trace(llm, prompt(N_TOKENS)), Ablation()).graph
-    torch.testing.assert_close(same.attention, plain.attention, rtol=0, atol=1e-6)
+    torch.testing.assert_close(same.dense_attention(), plain.dense_attention(), rtol=0, atol=1e-6)
     torch.testing.assert_close(same.ffn, plain.ffn, rtol=0, atol=1e-6)
+    coarse = trace(llm, prompt(N_TOKENS), attention_floor=0.01)
+    assert ablated_trace(coarse, Ablation()).graph.attention_floor == 0.01  # stored alike
 
 
 # -- RouteDiff --------------------------------------------------------------------------------

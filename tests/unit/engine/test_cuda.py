@@ -27,11 +27,14 @@ def test_cuda_graph_equals_cpu_graph(arch: str) -> None:
     text = prompt(20, seed=7)
     cpu = BridgeLlm(arch, tiny_hf_model(arch), tiny_tokenizer())
     gpu = BridgeLlm(arch, tiny_hf_model(arch), tiny_tokenizer(), device="cuda")
-    g_cpu = trace(cpu, text).graph
-    on_gpu = trace(gpu, text, keep_patterns=False)
+    g_cpu = trace(cpu, text, attention_floor=0.0).graph  # every edge: none near a floor
+    on_gpu = trace(gpu, text, keep_patterns=False, attention_floor=0.0)
     g_gpu = on_gpu.graph
     assert on_gpu.run.logits.device.type == "cuda"
-    torch.testing.assert_close(g_gpu.attention, g_cpu.attention, atol=1e-5, rtol=0)
+    torch.testing.assert_close(g_gpu.attn_weights, g_cpu.attn_weights, atol=1e-5, rtol=0)
+    sparse = trace(gpu, text).graph  # sparsified on the GPU, stored on the CPU
+    kept = g_gpu.dense_attention() >= sparse.attention_floor + 1e-5
+    assert (sparse.dense_attention()[kept] > 0).all() and sparse.attn_weights.device.type == "cpu"
     torch.testing.assert_close(g_gpu.ffn, g_cpu.ffn, atol=1e-5, rtol=0)
 
 
@@ -41,7 +44,8 @@ def test_half_precision_on_cuda_passes_self_checks(dtype: torch.dtype) -> None:
         "llama-gqa", tiny_hf_model("llama-gqa"), tiny_tokenizer(), device="cuda", dtype=dtype
     )
     graph = trace(llm, prompt(30)).graph
-    total = graph.attention.sum(-1) + graph.attn_residual + graph.attn_bias
+    kept = graph.dense_attention().sum(-1)
+    total = kept + graph.attn_dropped + graph.attn_residual + graph.attn_bias
     torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -9,11 +10,13 @@ import networkx as nx
 import pytest
 import torch
 
-from llm_flow.engine.graph import contributions_of
+from llm_flow.engine.graph import ATTENTION_FLOOR, FlowGraph, contributions_of, sparse_layer
 from llm_flow.engine.routes import find_route, full_graph
 from llm_flow.engine.trace import trace
+from llm_flow.errors import InputError
 from llm_flow.io.export import graph_json, to_graphml, to_networkx
 from tests.conftest import f32_tol
+from tests.graphs import dense_graph, random_weights
 from tests.tiny import ARCHS, prompt, tiny_llm
 
 
@@ -34,10 +37,78 @@ def test_trace_streams_layers_and_matches_a_run_with_patterns(llm) -> None:  # t
     # The same float32 math on the same pass, maybe reduced in another order: shares ≤ 1 from
     # proximities summed over D terms, D eps.
     tol = f32_tol(terms=llm.info.d_model)
-    for layer, streamed in zip(full_run.layers, graph.attention, strict=True):
-        torch.testing.assert_close(contributions_of(layer).attention, streamed, rtol=0, atol=tol)
-    assert graph.attention.shape == (n_layers, run.n_tokens, run.n_tokens)
+    for i, layer in enumerate(full_run.layers):
+        dense = contributions_of(layer).attention
+        stored = graph.attention_rows(i)
+        # an edge within tol of the floor may be stored on one pass only
+        kept = (dense >= graph.attention_floor + tol) | (stored > 0)
+        torch.testing.assert_close(torch.where(kept, dense, 0.0), stored, rtol=0, atol=tol)
+    assert graph.attn_dropped.shape == (n_layers, run.n_tokens)
     assert graph.tokens == run.tokens and graph.token_ids == run.token_ids
+
+
+@pytest.mark.parametrize("floor", [0.0, ATTENTION_FLOOR, 0.01])
+def test_sparse_graph_is_the_dense_graph_above_the_floor(llm, floor: float) -> None:  # type: ignore[no-untyped-def]
+    """Every edge ≥ ε is stored with its exact weight, the rest is the row's dropped share, and
+    every attention whole still sums to 1."""
+    run = llm.run(prompt(12, seed=3))
+    layers = [contributions_of(layer) for layer in run.layers]
+    graph = FlowGraph.from_layers(run, [sparse_layer(c, floor) for c in layers])
+    assert graph.attention_floor == floor
+    dense = torch.stack([c.attention for c in layers])  # [L, T, T]
+    kept = (dense >= floor) & torch.ones_like(dense, dtype=torch.bool).tril()
+    assert len(graph.attn_weights) == int(kept.sum())
+    torch.testing.assert_close(
+        graph.dense_attention(), torch.where(kept, dense, 0.0), rtol=0, atol=0
+    )
+    dropped = torch.where(kept, 0.0, dense).sum(-1)
+    torch.testing.assert_close(graph.attn_dropped, dropped, rtol=0, atol=0)
+    ffn = graph.ffn if run.parallel_blocks else torch.zeros_like(graph.ffn)  # parallel: one sum
+    total = graph.dense_attention().sum(-1) + graph.attn_dropped + graph.attn_residual
+    total = total + graph.attn_bias + ffn
+    # shares ≤ 1 of one normalization, re-summed in float32 over ≤ T + 3 terms
+    torch.testing.assert_close(
+        total, torch.ones_like(total), rtol=0, atol=f32_tol(terms=run.n_tokens + 3)
+    )
+
+
+def test_accessors_read_the_stored_edges() -> None:
+    attention, attn_residual, ffn = random_weights(n_layers=3, n_tokens=10, seed=4, power=5)
+    g = dense_graph(attention, attn_residual, ffn, floor=0.02)
+    stored = torch.where(attention >= 0.02, attention, 0.0)
+    assert torch.equal(g.dense_attention(), stored)
+    rows = torch.tensor([9, 0, 4, 4])
+    assert torch.equal(g.attention_rows(1, rows), stored[1, rows])
+    layer, t, s = torch.meshgrid(torch.arange(3), torch.arange(10), torch.arange(10), indexing="ij")
+    assert torch.equal(g.attention_at(layer, t, s), stored)  # 0 above the diagonal, below ε
+    assert float(g.attention_at(2, 9, 3)) == float(stored[2, 9, 3])
+    row, edge = g.row_edges(1, rows)
+    assert torch.equal(g.attn_weights[edge], stored[1, rows[row], g.attn_sources[edge].long()])
+
+
+def test_stored_edges_grow_linearly_with_the_prompt() -> None:
+    """With a bounded number of edges ≥ ε per row (as real contributions have: Σ c ≤ 1, so at
+    most 1/ε of them), the graph's elements grow linearly in T, not as T²."""
+
+    def n_elements(n_tokens: int) -> int:
+        gen = torch.Generator().manual_seed(n_tokens)
+        attention = torch.full((2, n_tokens, n_tokens), 1e-6).tril()  # every causal edge tiny
+        reach = torch.arange(1, n_tokens + 1)[:, None]  # row t has sources 0..t
+        sources = (torch.rand(2, n_tokens, 8, generator=gen) * reach).long()
+        attention.scatter_(2, sources, 0.05)  # ≤ 8 edges above ε per row
+        half = torch.full((2, n_tokens), 0.5)
+        g = dense_graph(attention, half, half, floor=ATTENTION_FLOOR)
+        tensors = [getattr(g, f.name) for f in dataclasses.fields(g)]
+        return sum(t.numel() for t in tensors if isinstance(t, torch.Tensor))
+
+    small, large = n_elements(256), n_elements(1024)
+    assert large / small < 4 * 1.3  # 4× the tokens: ~4× the elements (dense would be 16×)
+
+
+def test_attention_floor_is_checked() -> None:
+    attention, attn_residual, ffn = random_weights(n_layers=1, n_tokens=3)
+    with pytest.raises(InputError, match="attention floor"):
+        dense_graph(attention, attn_residual, ffn, floor=1.0)
 
 
 def test_contributions_need_a_pattern(llm) -> None:  # type: ignore[no-untyped-def]

@@ -9,42 +9,8 @@ import torch
 from llm_flow.engine.edges import route_edges, route_nodes
 from llm_flow.engine.graph import FlowGraph
 from llm_flow.engine.nodes import node_id, source_id
-from llm_flow.engine.routes import find_route, full_graph
-
-
-def make_graph(
-    attention: torch.Tensor, attn_residual: torch.Tensor, ffn: torch.Tensor
-) -> FlowGraph:
-    n_layers, n_tokens = attn_residual.shape
-    return FlowGraph(
-        model_name="hand",
-        tokens=tuple(f"t{i}" for i in range(n_tokens)),
-        token_ids=tuple(range(n_tokens)),
-        attention=attention,
-        attn_residual=attn_residual,
-        attn_bias=1 - attention.sum(-1) - attn_residual,
-        ffn=ffn,
-        ffn_residual=1 - ffn,
-    )
-
-
-def random_graph(n_layers: int = 4, n_tokens: int = 7, seed: int = 0) -> FlowGraph:
-    """Random normalized contributions with the engine's structure (causal, rows sum to 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    raw = torch.rand(n_layers, n_tokens, n_tokens + 1, generator=gen) ** 3
-    raw[:, :, :n_tokens] *= torch.ones(n_tokens, n_tokens).tril()
-    c = raw / raw.sum(-1, keepdim=True)
-    ffn = torch.rand(n_layers, n_tokens, generator=gen)
-    return FlowGraph(
-        model_name="random",
-        tokens=tuple(f"t{i}" for i in range(n_tokens)),
-        token_ids=tuple(range(n_tokens)),
-        attention=c[:, :, :n_tokens].contiguous(),
-        attn_residual=c[:, :, n_tokens].contiguous(),
-        attn_bias=torch.zeros(n_layers, n_tokens),
-        ffn=ffn,
-        ffn_residual=1 - ffn,
-    )
+from llm_flow.engine.routes import Route, find_route, full_graph
+from tests.graphs import dense_graph, dense_route, random_graph, random_weights
 
 
 def test_llm_tt_threshold_case() -> None:
@@ -54,7 +20,7 @@ def test_llm_tt_threshold_case() -> None:
     attention[0, 1, :2] = torch.tensor([0.05, 0.15])
     attention[0, 2, :2] = torch.tensor([0.05, 0.05])
     attn_residual = torch.tensor([[1.0, 0.8, 0.9]])
-    g = make_graph(attention, attn_residual, ffn=torch.full((1, 3), 0.5))
+    g = dense_graph(attention, attn_residual, ffn=torch.full((1, 3), 0.5))
     route = find_route(g, [1, 2], threshold=0.1, renormalize=True)
     idx, weights = route.attention_edges()
     assert idx.tolist() == [[0, 1, 1]]  # only the 0.15 edge survives; row 2 keeps no edge
@@ -76,13 +42,14 @@ def slow_route(
     frontier = [node_id("I", top, p % g.n_tokens) for p in positions]
     nodes, edges = set(frontier), set()
     incoming: dict[str, list[tuple[str, float]]] = {}
+    attention = g.dense_attention()
     for layer in range(g.n_layers):
         for t in range(g.n_tokens):
             a, m, i = node_id("A", layer, t), node_id("M", layer, t), node_id("I", layer, t)
             incoming[i] = [(m, float(g.ffn[layer, t])), (a, float(g.ffn_residual[layer, t]))]
             incoming[m] = [(a, float(g.ffn[layer, t]))]
             incoming[a] = [(source_id(layer, t), float(g.attn_residual[layer, t]))] + [
-                (source_id(layer, s), float(g.attention[layer, t, s])) for s in range(t + 1)
+                (source_id(layer, s), float(attention[layer, t, s])) for s in range(t + 1)
             ]
     while frontier:
         node = frontier.pop()
@@ -122,9 +89,10 @@ def test_higher_threshold_gives_a_sub_route() -> None:
     g = random_graph(seed=11)
     low = find_route(g, [-1], threshold=0.03)
     high = find_route(g, [-1], threshold=0.1)
-    for name in ("attention", "attn_residual", "ffn", "ffn_residual", "after_layer"):
+    for name in ("attn_residual", "ffn", "ffn_residual", "after_layer"):
         lo, hi = getattr(low, name), getattr(high, name)
         assert not (hi & ~lo).any(), name
+    assert low.contains(high.attention_idx).all()
     assert high.n_edges < low.n_edges
 
 
@@ -132,7 +100,8 @@ def test_several_positions_are_the_union_of_single_routes() -> None:
     g = random_graph(seed=4)
     both = find_route(g, [3, -1], threshold=0.05)
     a, b = find_route(g, [3], threshold=0.05), find_route(g, [-1], threshold=0.05)
-    assert torch.equal(both.attention, a.attention | b.attention)
+    union = torch.cat([a.attention_idx, b.attention_idx]).unique(dim=0)  # sorted row-major
+    assert torch.equal(both.attention_idx, union)
     assert torch.equal(both.after_layer, a.after_layer | b.after_layer)
 
 
@@ -140,7 +109,7 @@ def test_renormalized_survivors_sum_to_one_per_whole() -> None:
     g = random_graph(seed=5)
     route = find_route(g, [-1, 3], threshold=0.08, renormalize=True)
     idx, weights = route.attention_edges()
-    attention = torch.zeros_like(g.attention).index_put_(tuple(idx.T), weights)
+    attention = torch.zeros(g.n_layers, g.n_tokens, g.n_tokens).index_put_(tuple(idx.T), weights)
     attn_total = attention.sum(-1) + route.attn_residual_weights  # [L, T]
     rows = route.after_attention & (attn_total > 0)
     assert rows.any()
@@ -152,13 +121,59 @@ def test_renormalized_survivors_sum_to_one_per_whole() -> None:
 
 
 def test_full_graph_has_every_causal_edge() -> None:
-    g = random_graph(n_layers=3, n_tokens=6)
+    g = random_graph(n_layers=3, n_tokens=6)  # floor 0: every causal edge is stored
     route = full_graph(g)
-    assert int(route.attention.sum()) == 3 * 6 * 7 // 2
+    assert len(route.attention_idx) == 3 * 6 * 7 // 2
     assert route.after_layer.all() and route.after_attention.all() and route.embeddings.all()
     idx, weights = route.attention_edges()
-    torch.testing.assert_close(weights, g.attention[tuple(idx.T)])
-    assert torch.equal(route.attention, g.attention.new_ones(g.attention.shape).tril().bool())
+    torch.testing.assert_close(weights, g.dense_attention()[tuple(idx.T)])
+    assert torch.equal(idx, torch.ones(3, 6, 6, dtype=torch.bool).tril().nonzero())
+
+
+def test_full_graph_has_every_stored_edge() -> None:
+    attention, attn_residual, ffn = random_weights(n_layers=3, n_tokens=9, seed=2)
+    g = dense_graph(attention, attn_residual, ffn, floor=0.03)
+    idx, weights = full_graph(g).attention_edges()
+    assert torch.equal(idx, (attention >= 0.03).nonzero())  # the edges below the floor are absent
+    torch.testing.assert_close(weights, attention[tuple(idx.T)], rtol=0, atol=0)
+
+
+def route_weights(route: Route) -> dict[tuple[str, int, int, int], float]:
+    """A route's edges → weights, keyed as :func:`tests.graphs.dense_route` keys them."""
+    edges = {
+        ("attention", layer, t, s): w
+        for (layer, t, s), w in zip(*(x.tolist() for x in route.attention_edges()), strict=True)
+    }
+    masks = (
+        ("attn_residual", route.attn_residual, route.attn_residual_weights),
+        ("ffn", route.ffn, route.ffn_weights),
+        ("ffn_residual", route.ffn_residual, route.ffn_residual_weights),
+    )
+    for kind, mask, weight in masks:
+        for layer, t in mask.nonzero().tolist():
+            edges[(kind, layer, t, 0)] = float(weight[layer, t])
+    return edges
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("floor", [1e-4, 0.01, 0.03])
+@pytest.mark.parametrize("tau_over_floor", [1.0, 1.5, 4.0])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_sparse_route_equals_the_dense_walk(
+    seed: int, floor: float, tau_over_floor: float, renormalize: bool
+) -> None:
+    """For τ ≥ ε the route of the sparse graph is the route of the dense weights: the same
+    edges with the same weights (the dense walk also sees the edges below ε)."""
+    attention, attn_residual, ffn = random_weights(n_layers=5, n_tokens=12, seed=seed, power=6)
+    g = dense_graph(attention, attn_residual, ffn, floor=floor)
+    assert len(g.attn_weights) < int((attention > 0).sum())  # some edges are not stored
+    tau = floor * tau_over_floor
+    positions = [-1] if seed % 2 else [4, -1]
+    got = route_weights(find_route(g, positions, threshold=tau, renormalize=renormalize))
+    want = dense_route(attention, attn_residual, ffn, positions, tau, renormalize)
+    assert got.keys() == want.keys()
+    # float32 sums of ≤ T + 1 shares ≤ 1 in another order, then one division
+    assert got == pytest.approx(want, rel=0, abs=1e-6)
 
 
 @pytest.mark.parametrize("position", [7, -8, 100])

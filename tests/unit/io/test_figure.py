@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 import pytest
+import torch
 
 from llm_flow.analyses.ablation import ablate
 from llm_flow.analyses.interventions import Ablation, parse_heads
@@ -47,10 +48,10 @@ def test_every_route_edge_and_block_is_clickable(traced: Trace) -> None:
     fig = figure.flow_figure(traced, route, position=_last(traced))
     ids = _customdata(fig)
     edges = [i for i in ids if "->" in i]
-    assert len(edges) == int(route.attention.sum()) > 0
+    assert len(edges) == len(route.attention_idx) > 0
     for edge in edges:  # each handle parses back to an attention edge that is on the route
         parsed = parse_attention_edge(edge)
-        assert parsed is not None and bool(route.attention[parsed])
+        assert parsed is not None and bool(route.contains(torch.tensor([parsed]))[0])
     (blocks,) = _trace_with(fig, "FFN block")
     pairs = route.ffn.nonzero().tolist()
     assert sorted(blocks.customdata) == sorted(f"M{layer}_{t}" for layer, t in pairs)
@@ -170,7 +171,7 @@ def test_the_route_diff_colours_each_status_and_hovers_before_and_after(traced: 
     assert legend == [f"{s} ({diff.part(s).n_edges})" for s in ("kept", "lost", "gained")]
     assert counts["lost"] + counts["gained"] > 0
     (handles,) = [t for t in fig.data if t.hovertext is not None and "weight" in str(t.hovertext)]
-    n_attention = sum(int(diff.part(s).attention.sum()) for s in ("kept", "lost", "gained"))
+    n_attention = sum(len(diff.part(s).attention_idx) for s in ("kept", "lost", "gained"))
     n_ffn = sum(int(diff.part(s).ffn.sum()) for s in ("kept", "lost", "gained"))
     assert len(handles.x) == n_attention + n_ffn
     assert all(" → " in text for text in handles.hovertext)
