@@ -29,7 +29,6 @@ from llm_flow.analyses.lens import TokenScore, logit_lens
 from llm_flow.config import default_config, load_config
 from llm_flow.engine import routes as _routes
 from llm_flow.engine import trace as _trace
-from llm_flow.engine.graph import ATTENTION_FLOOR
 from llm_flow.engine.routes import DEFAULT_THRESHOLD
 from llm_flow.errors import InputError
 from llm_flow.io import export
@@ -193,7 +192,7 @@ def trace(
     prompt: str,
     *,
     keep_patterns: bool | None = None,
-    attention_floor: float = ATTENTION_FLOOR,
+    attention_floor: float | None = None,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> Trace:
     """Run ``prompt`` once and compute every contribution (``on_layer(done, total)`` reports
@@ -201,7 +200,8 @@ def trace(
     True / False forces it); per-head views, contrast and faithfulness recompute the rows they
     need of a dropped pattern in one forward pass. Attention edges below ``attention_floor`` are
     not stored, so routes are exact for thresholds at or above it (0 keeps every edge, at
-    [L, T, T] memory)."""
+    [L, T, T] memory; None: every edge while they fit in 256 MiB, ~1,000 tokens of SmolLM2,
+    else 1e-4)."""
     found = _trace.trace(
         model,
         prompt,

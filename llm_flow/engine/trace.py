@@ -90,6 +90,19 @@ def keeps_patterns(llm: TransparentLlm, n_tokens: int, budget: int = PATTERN_BUD
     return info.n_layers * info.n_heads * n_tokens**2 * element <= budget
 
 
+FULL_GRAPH_BUDGET = 256 * 2**20  # bytes of attention edges a trace stores all of (floor 0)
+
+
+def attention_floor_for(
+    llm: TransparentLlm, n_tokens: int, budget: int = FULL_GRAPH_BUDGET
+) -> float:
+    """The attention floor a trace uses when none is given: 0 (every causal edge, so a route at
+    τ = 0 is the whole graph) while all of them fit in ``budget`` — 8 bytes per edge, L·T(T+1)/2
+    edges: SmolLM2 up to ~1,000 tokens — else :data:`ATTENTION_FLOOR`."""
+    edges = llm.info.n_layers * n_tokens * (n_tokens + 1) // 2
+    return 0.0 if edges * 8 <= budget else ATTENTION_FLOOR
+
+
 def predictions_of(llm: TransparentLlm, run: ModelRun) -> tuple[Prediction, ...]:
     """The greedy prediction after every position of ``run`` (one softmax, one decode)."""
     probs, ids = run.logits.softmax(-1).max(-1)  # [T], [T]
@@ -107,7 +120,7 @@ def trace(
     *,
     keep_patterns: bool | None = None,
     memory_budget: int | None = None,
-    attention_floor: float = ATTENTION_FLOOR,
+    attention_floor: float | None = None,
     on_layer: Callable[[int, int], None] | None = None,
     fwd_hooks: Sequence[Hook] = (),
 ) -> Trace:
@@ -118,8 +131,12 @@ def trace(
     layer's attention maps once its contributions are computed (per-head views then recompute
     the rows they need); None keeps them while they fit in :data:`PATTERN_BUDGET`. Attention
     edges below ``attention_floor`` are not stored (0 stores every causal edge: [L, T, T]
-    memory). ``on_layer(done, total)`` reports progress.
+    memory); None stores all while they fit in :data:`FULL_GRAPH_BUDGET`.
+    ``on_layer(done, total)`` reports progress.
     """
+    n_tokens = len(llm.tokenize(prompt))
+    if attention_floor is None:
+        attention_floor = attention_floor_for(llm, n_tokens)
     check_attention_floor(attention_floor)  # before the forward pass, not after its first layer
     done: list[SparseLayer] = []
     n_layers = llm.info.n_layers
@@ -131,6 +148,6 @@ def trace(
             on_layer(len(done), n_layers)
 
     if keep_patterns is None:
-        keep_patterns = keeps_patterns(llm, len(llm.tokenize(prompt)))
+        keep_patterns = keeps_patterns(llm, n_tokens)
     run = llm.run(prompt, on_layer=reduce, keep_patterns=keep_patterns, fwd_hooks=fwd_hooks)
     return Trace(llm, prompt, run, FlowGraph.from_layers(run, done), predictions_of(llm, run))

@@ -118,18 +118,22 @@ def test_ablation_draws_the_route_before_and_after() -> None:
 
 
 def test_an_ablated_edge_carries_nothing_after() -> None:
-    at = start({"threshold": "0"})
-    at.session_state[session.SELECTION] = "I0_1->A1_5"
+    # At τ = 0.005 (the slider's first step, above the graph's attention floor, so both routes
+    # are exact) the route keeps nearly every edge into the output; cutting one of them changes
+    # it most.
+    at = start({"threshold": "0.005"})
+    at.session_state[session.SELECTION] = "I1_4->A2_6"
     at.run()
     at.checkbox(key=session.ABLATE_EDGE).check()
     at.button(key="run_ablation").click().run()
     assert_serving(at)
     table = diff_table(at)
-    row = table[table["edge"] == "I0_1 → A1_5"]
+    row = table[table["edge"] == "I1_4 → A2_6"]
     assert len(row) == 1  # the cut edge changed most: it is listed
+    assert row["status"].iloc[0] == "lost"
     assert float(row["after"].iloc[0]) == 0.0
     assert float(row["change"].iloc[0]) == pytest.approx(-float(row["before"].iloc[0]))
-    assert float(row["before"].iloc[0]) > 0
+    assert float(row["before"].iloc[0]) > 0.005
 
 
 def test_bad_ablations_show_an_error_and_the_app_keeps_serving() -> None:

@@ -11,9 +11,9 @@ import torch
 
 from llm_flow.analyses.ablation import ablated_trace
 from llm_flow.analyses.interventions import Ablation, HeadRef
-from llm_flow.engine.graph import layer_head_contributions
+from llm_flow.engine.graph import ATTENTION_FLOOR, layer_head_contributions
 from llm_flow.engine.routes import find_route, route_head_weights
-from llm_flow.engine.trace import PATTERN_BUDGET, keeps_patterns, trace
+from llm_flow.engine.trace import PATTERN_BUDGET, attention_floor_for, keeps_patterns, trace
 from llm_flow.errors import InputError
 from tests.tiny import ARCHS, prompt, tiny_llm
 
@@ -102,3 +102,13 @@ def test_traces_keep_patterns_while_they_fit_the_budget() -> None:
     assert keeps_patterns(llm, 1024)  # a tiny model: far below PATTERN_BUDGET
     assert PATTERN_BUDGET >= 2**30
     assert trace(llm, prompt(5)).run.layers[0].pattern is not None
+
+
+def test_traces_store_every_edge_while_the_full_graph_is_small() -> None:
+    llm = tiny_llm("llama-gqa")
+    n_layers = llm.info.n_layers
+    edges_10 = n_layers * 10 * 11 // 2  # causal edges of a 10-token prompt
+    assert attention_floor_for(llm, 10, budget=8 * edges_10) == 0.0
+    assert attention_floor_for(llm, 11, budget=8 * edges_10) == ATTENTION_FLOOR
+    assert trace(llm, prompt(5)).graph.attention_floor == 0.0  # a route at τ = 0 is everything
+    assert trace(llm, prompt(5), attention_floor=0.01).graph.attention_floor == 0.01
