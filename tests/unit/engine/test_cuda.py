@@ -112,7 +112,9 @@ def test_a_model_split_over_two_gpus_gives_the_single_gpu_graph(arch: str) -> No
     assert {layer.values.device for layer in two.run.layers} == {torch.device("cuda:0")}
     assert any(layer.W_O.device == torch.device("cuda:1") for layer in two.run.layers)
     torch.testing.assert_close(two.run.logits, one.run.logits, atol=1e-5, rtol=0)
-    for field in ("attention", "attn_residual", "attn_bias", "ffn"):
+    dense = two.graph.dense_attention(), one.graph.dense_attention()
+    torch.testing.assert_close(*dense, atol=1e-5, rtol=0)
+    for field in ("attn_residual", "attn_bias", "ffn"):
         torch.testing.assert_close(
             getattr(two.graph, field), getattr(one.graph, field), atol=1e-5, rtol=0
         )

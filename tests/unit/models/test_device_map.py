@@ -56,7 +56,8 @@ def tiny_shape(tmp_path: Path) -> Path:
 
 
 def assert_same_graph(got: FlowGraph, want: FlowGraph) -> None:
-    for field in ("attention", "attn_residual", "attn_bias", "ffn"):
+    torch.testing.assert_close(got.dense_attention(), want.dense_attention(), atol=0, rtol=0)
+    for field in ("attn_residual", "attn_bias", "ffn"):
         torch.testing.assert_close(getattr(got, field), getattr(want, field), atol=0, rtol=0)
 
 
