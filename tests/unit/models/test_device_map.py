@@ -31,28 +31,14 @@ from llm_flow.placement import parse_device_map, parse_max_memory
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
 from tests.tiny import layer_split_map, prompt, tiny_hf_model, tiny_tokenizer
+from tests.unit.models.conftest import ShapeFile
 
 TEXT = prompt(10, seed=3)
-TINY_SHAPE = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 300,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "bos_token_id": 256,
-    "eos_token_id": 256,
-}
 
 
 @pytest.fixture
-def tiny_shape(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(TINY_SHAPE), encoding="utf-8")
-    return path
+def tiny_shape(shape_file: ShapeFile) -> Path:
+    return shape_file(4)
 
 
 def assert_same_graph(got: FlowGraph, want: FlowGraph) -> None:

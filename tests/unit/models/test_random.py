@@ -16,6 +16,7 @@ from llm_flow.errors import ConfigError, ModelLoadError, UnknownModelError
 from llm_flow.models import load_model
 from llm_flow.models.random import byte_tokenizer, random_model, shape_config, shape_names
 from tests.cli_runner import run_cli
+from tests.unit.models.conftest import ShapeFile
 
 # Parameter counts published with each model (model cards), in billions, to 0.5 %.
 PUBLISHED = {
@@ -27,26 +28,11 @@ PUBLISHED = {
     "Mixtral-8x7B": 46.7,
     "Qwen3-30B-A3B": 30.5,
 }
-TINY = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 300,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "bos_token_id": 256,
-    "eos_token_id": 256,
-}
 
 
 @pytest.fixture
-def tiny_shape(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(TINY), encoding="utf-8")
-    return path
+def tiny_shape(shape_file: ShapeFile) -> Path:
+    return shape_file(2)
 
 
 @pytest.mark.parametrize("shape", sorted(PUBLISHED))
