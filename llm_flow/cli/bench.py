@@ -2,7 +2,7 @@
 
 Per token count, one forward pass builds the graph as the engine does (each layer's
 contributions computed as soon as the layer has run, no attention pattern kept): ``graph_s`` is
-the time spent in those contributions and the dense graph, ``forward_s`` the rest of the pass
+the time spent in those contributions and the (sparse) graph, ``forward_s`` the rest of the pass
 (the model plus capturing what the engine needs); ``routes_s`` is one threshold change (re-prune
 and walk the route), ``peak_rss_mb`` the process's peak resident memory so far and
 ``graph_extra_mb`` the peak resident memory during the pass above what the process held just
