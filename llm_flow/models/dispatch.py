@@ -61,13 +61,11 @@ def check_resident(model: nn.Module) -> None:
     ]
     if not offloaded:
         return
-    more = len(offloaded) - 3
-    shown = ", ".join(offloaded[:3]) + (f" and {more} more" if more > 0 else "")
     raise ModelLoadError(
-        f"the device map offloads weights ({shown}): accelerate keeps them in CPU memory or on "
-        "disk and fetches them on each forward pass, but llm-flow reads weights outside the "
-        "forward pass, so each must be resident on a device; give more GPUs or a larger "
-        "max_memory, use a smaller dtype (bfloat16), or a smaller model"
+        f"the device map offloads weights ({_first_three(offloaded)}): accelerate keeps them "
+        "in CPU memory or on disk and fetches them on each forward pass, but llm-flow reads "
+        "weights outside the forward pass, so each must be resident on a device; give more "
+        "GPUs or a larger max_memory, use a smaller dtype (bfloat16), or a smaller model"
     )
 
 
@@ -137,6 +135,12 @@ def infer_device_map(
     return placed
 
 
+def _first_three(names: list[str]) -> str:
+    """``"a, b, c and 4 more"``: an error message's list of offloaded modules."""
+    more = len(names) - 3
+    return ", ".join(names[:3]) + (f" and {more} more" if more > 0 else "")
+
+
 def check_fits(device_map: dict[str, Device]) -> None:
     """Raise :class:`ModelLoadError` if a computed map offloads modules (to ``"disk"``, or to
     ``"cpu"`` beside GPUs): the model does not fit in the devices' memory."""
@@ -147,10 +151,9 @@ def check_fits(device_map: dict[str, Device]) -> None:
         if device == "disk" or (device == "cpu" and gpus)
     ]
     if spilled:
-        more = len(spilled) - 3
-        shown = ", ".join(spilled[:3]) + (f" and {more} more" if more > 0 else "")
         raise ModelLoadError(
-            f"the model does not fit in the devices' memory: accelerate would offload {shown}, "
+            "the model does not fit in the devices' memory: accelerate would offload "
+            f"{_first_three(spilled)}, "
             "whose weights llm-flow could not read; give more GPUs or a larger max_memory, or "
             "use a smaller dtype (bfloat16)"
         )
