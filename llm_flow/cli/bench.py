@@ -7,7 +7,11 @@ the time spent in those contributions and the (sparse) graph, ``forward_s`` the 
 and walk the route), ``peak_rss_mb`` the process's peak resident memory so far and
 ``graph_extra_mb`` the peak resident memory during the pass above what the process held just
 before it (activations, the engine's working memory and the graph, beyond the model);
-``peak_cuda_mb`` the peak CUDA memory allocated during the row (null on a CPU); with ``heads``,
+``peak_cuda_mb`` the peak CUDA memory allocated during the row (null on a CPU); ``hf_forward_s``
+is the honest baseline: the model's own transformers forward over the same tokens, with no hook,
+capture or check and its fastest attention implementation (``baseline`` says which), and
+``end_to_end`` = (forward_s + graph_s) / hf_forward_s, what a graph costs in plain forward
+passes; with ``heads``,
 ``heads_s`` is the per-head contributions of every query of the middle layer (what the app's
 head map computes). ``kernel`` and ``device`` say what the numbers were measured with.
 """
@@ -54,6 +58,9 @@ class BenchRow:
     peak_cuda_mb: float | None
     kernel: str
     device: str
+    hf_forward_s: float
+    end_to_end: float
+    baseline: str
     heads_s: float | None = None
 
     def to_dict(self) -> dict[str, float | int | str | None]:
@@ -132,6 +139,7 @@ def bench(
     warm = llm.run("Warm up the kernels.")
     contributions_of(warm.layers[0])
     layer_head_contributions(warm.layers[0], torch.arange(warm.n_tokens, device=device))
+    llm.plain_logits(warm.token_ids)
     rows = []
     for n in token_counts:
         if progress is not None:
@@ -173,6 +181,10 @@ def _bench_row(llm: TransparentLlm, prompt: str, device: torch.device, heads: bo
     for threshold in ROUTE_THRESHOLDS:
         find_route(graph, [-1], threshold=threshold, renormalize=True)
     routes_s = (time.perf_counter() - start) / len(ROUTE_THRESHOLDS)
+    start = time.perf_counter()
+    llm.plain_logits(run.token_ids)
+    _sync(device)
+    hf_forward_s = time.perf_counter() - start
     return BenchRow(
         tokens=run.n_tokens,
         forward_s=round(forward_s, 4),
@@ -184,6 +196,9 @@ def _bench_row(llm: TransparentLlm, prompt: str, device: torch.device, heads: bo
         peak_cuda_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None,
         kernel=kernel_for(device),
         device=device_name(device),
+        hf_forward_s=round(hf_forward_s, 4),
+        end_to_end=round((forward_s + graph_s) / hf_forward_s, 2),
+        baseline=llm.plain_attention,
         heads_s=round(spent["heads"], 4) if heads else None,
     )
 
@@ -200,6 +215,8 @@ def format_table(rows: Sequence[BenchRow]) -> str:
         "forward_s",
         "graph_s",
         "graph/fwd",
+        "hf_fwd_s",
+        "e2e/hf",
         "routes_ms",
         "peak_rss_mb",
         "graph_extra_mb",
@@ -207,7 +224,11 @@ def format_table(rows: Sequence[BenchRow]) -> str:
         "heads_s",
     )
     first = rows[0] if rows else None
-    lines = [] if first is None else [f"{first.device}; proximity kernel: {first.kernel}"]
+    lines = (
+        []
+        if first is None
+        else [f"{first.device}; proximity kernel: {first.kernel}; baseline: {first.baseline}"]
+    )
     lines.append("  ".join(f"{h:>12}" for h in header))
     for r in rows:
         cells = (
@@ -215,6 +236,8 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             f"{r.forward_s:.3f}",
             f"{r.graph_s:.3f}",
             f"{r.graph_over_forward:.2f}",
+            f"{r.hf_forward_s:.3f}",
+            f"{r.end_to_end:.2f}",
             f"{r.routes_s * 1000:.2f}",
             f"{r.peak_rss_mb:.0f}",
             f"{r.graph_extra_mb:.0f}",

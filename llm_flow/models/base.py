@@ -400,6 +400,17 @@ class TransparentLlm(ABC):
         """The final norm as a linear map with a frozen per-token ``scale`` [...]: centring (for
         LayerNorm) and gain, without the bias. Used to read an update's direct effect on logits."""
 
+    def plain_logits(self, token_ids: Sequence[int]) -> Tensor:
+        """Logits [T, V] of the model's own forward pass, with no hook, capture or self-check
+        and its fastest attention implementation: the baseline ``bench`` measures a run against
+        (:attr:`plain_attention` says what ran). By default a hooked pass with no hooks."""
+        return self.logits_with_hooks(token_ids, [])
+
+    @property
+    def plain_attention(self) -> str:
+        """What :meth:`plain_logits` runs, e.g. ``"transformers, sdpa attention"``."""
+        return "hooked model, no hooks"
+
     def edits_pattern(self) -> bool:
         """Whether a hook on the ``pattern`` site changes what the model computes (some
         attention implementations compute it inside a module the hook cannot reach)."""

@@ -38,6 +38,7 @@ from llm_flow.models.checks import check_layer
 from llm_flow.models.dispatch import embedding_device, module_device, moved, place, weight_devices
 from llm_flow.models.experts import MoeBlock, find_moe
 from llm_flow.models.experts import unwrapped as _unwrapped
+from llm_flow.models.plain import plain_model
 from llm_flow.models.support import unsupported
 from llm_flow.models.weights import layer_weights, norm_affine, output_folds
 
@@ -373,6 +374,22 @@ class BridgeLlm(TransparentLlm):
             warnings.filterwarnings("ignore", message=".*hook_pattern returned a modified tensor")
             logits: Tensor = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
         return logits.to(self._device)
+
+    @functools.cached_property
+    def _plain(self) -> tuple[torch.nn.Module, str] | None:
+        return plain_model(self._bridge.original_model)
+
+    def plain_logits(self, token_ids: Sequence[int]) -> Tensor:
+        if self._plain is None:  # e.g. split over devices: the bridge's pass without hooks
+            return super().plain_logits(token_ids)
+        tokens = torch.tensor([list(token_ids)], device=self._input_device)
+        with self._lock, torch.inference_mode():
+            return self._plain[0](tokens).logits[0].float().to(self._device)
+
+    @property
+    def plain_attention(self) -> str:
+        plain = self._plain
+        return super().plain_attention if plain is None else f"transformers, {plain[1]} attention"
 
     @functools.cache  # noqa: B019 (one probe per model; models live as long as the process)
     def edits_pattern(self) -> bool:

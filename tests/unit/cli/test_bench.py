@@ -36,6 +36,12 @@ def test_bench_json_rows(capsys: pytest.CaptureFixture[str], config_file: Path) 
         assert row["kernel"] == "numba" and row["peak_cuda_mb"] is None
         assert row["device"].startswith("CPU ") and "cores" in row["device"]
         assert row["heads_s"] is None  # only with --heads
+        # The baseline: the unhooked transformers model, and the graph's cost in its passes.
+        assert row["baseline"] == "transformers, sdpa attention" and row["hf_forward_s"] > 0
+        # From the rounded times (to 1e-4 s each), then rounded to 0.01 itself.
+        work, base = row["forward_s"] + row["graph_s"], row["hf_forward_s"]
+        low, high = (work - 1e-4) / (base + 5e-5), (work + 1e-4) / max(base - 5e-5, 1e-9)
+        assert low - 0.005 <= row["end_to_end"] <= high + 0.005
 
 
 def test_bench_times_the_per_head_map_with_heads(
@@ -54,6 +60,7 @@ def test_bench_table(capsys: pytest.CaptureFixture[str], config_file: Path) -> N
     assert (code, err) == (0, "")
     lines = out.strip().splitlines()
     assert "tiny" in lines[0]
-    assert lines[1].startswith("CPU ") and lines[1].endswith("proximity kernel: numba")
-    assert "forward_s" in lines[2] and "peak_cuda_mb" in lines[2]
+    assert lines[1].startswith("CPU ") and "proximity kernel: numba;" in lines[1]
+    assert lines[1].endswith("baseline: transformers, sdpa attention")
+    assert "forward_s" in lines[2] and "hf_fwd_s" in lines[2] and "e2e/hf" in lines[2]
     assert lines[3].split()[0] == "4" and lines[3].split()[-1] == "-"

@@ -26,6 +26,7 @@ from llm_flow.models.base import ModelRun
 from llm_flow.models.bridge import BridgeLlm
 from llm_flow.models.checks import relative_error
 from llm_flow.models.experts import find_moe, unwrapped
+from llm_flow.models.plain import plain_model
 from llm_flow.models.support import TESTED_ARCHITECTURES
 from tests.conftest import f32_tol
 from tests.families import FAMILIES
@@ -38,6 +39,9 @@ RTOL = f32_tol(terms=3 * 128)
 # Families whose attention TransformerLens delegates to the HF module, firing hook_pattern after
 # the fact: a pattern edit cannot reach the output (measured; see edits_pattern).
 PATTERN_NOT_EDITABLE = {"GPT-J", "OPT"}
+# MLA: an unwrapped skeleton over the bridged model's tensors does not run (measured), so bench's
+# baseline is the bridge's pass without hooks.
+PLAIN_UNAVAILABLE = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,22 @@ def test_logits_and_residuals_are_the_hf_models(case: Case) -> None:
         assert relative_error(layer.resid_pre, hidden[layer.index][0]) <= RTOL
     # The comparison can fail: logits differ between positions.
     assert not torch.allclose(case.run.logits[0], case.run.logits[-1], atol=1e-3)
+
+
+def test_the_plain_forward_is_the_hf_model_on_the_same_tensors(case: Case) -> None:
+    # bench's baseline: the unhooked transformers forward, sharing every weight (no copy).
+    logits = case.llm.plain_logits(case.run.token_ids)
+    assert relative_error(logits, case.hf_out.logits[0]) <= RTOL
+    built = plain_model(case.hf)
+    if case.llm.info.architecture in PLAIN_UNAVAILABLE:  # the bridge's pass stands in, said so
+        assert built is None and case.llm.plain_attention == "hooked model, no hooks"
+        return
+    assert built is not None
+    plain, attention = built
+    assert case.llm.plain_attention == f"transformers, {attention} attention"
+    assert not any("transformer_lens" in type(m).__module__ for m in plain.modules())
+    wrapped = {t.data_ptr() for t in case.hf.state_dict().values()}
+    assert {t.data_ptr() for t in plain.state_dict().values()} <= wrapped
 
 
 def test_the_lens_of_the_last_residual_gives_the_logits(case: Case) -> None:
