@@ -9,8 +9,12 @@ Work is split into tiles of ``QUERY_TILE`` consecutive query rows; inside a tile
 head outputs ``u[s]`` (H·D floats) are read once from memory and reused for every query of the
 tile, and every inner loop runs over the contiguous model dimension in float32 so LLVM
 vectorizes it (``fastmath`` lets it reorder the sums into SIMD partial sums, which also keeps the
-rounding error of a D-term sum at about √D·eps rather than D·eps). Tiles are handed to threads
-in pairs (i, n − 1 − i): row t costs t + 1 parts, so every thread gets equal work.
+rounding error of a D-term sum at about √D·eps rather than D·eps). Building a token-level part
+costs H multiply-adds per element, and the loop is bound by its loads, so the token-level kernel
+builds the parts of two queries at once (each row of ``u[s]`` loaded once for both) and adds
+four heads per pass. The attention pattern is read where it lies ([H, T, S]): a query-major copy
+cost ~15 % of the kernel. Tiles are handed to threads in pairs (i, n − 1 − i): row t costs
+t + 1 parts, so every thread gets equal work.
 
 Same math as :func:`llm_flow.engine.contributions.attention_proximity` and
 :func:`~llm_flow.engine.contributions.head_proximity` (tests hold them equal):
@@ -30,86 +34,146 @@ QUERY_TILE = 16  # query rows sharing each source's head outputs: 16 rows' sign/
 # fastmath lets LLVM vectorize the reductions; inputs are finite (the run's self-checks passed).
 @njit(fastmath=True, cache=True, inline="always")
 def _four(w: np.ndarray, u_s: np.ndarray, h: int) -> tuple:
-    """Weights and rows of heads h … h + 3; heads past the last get weight 0 (and row 0)."""
-    n_h = u_s.shape[0]
-    zero = np.float32(0.0)
-    w1, u1 = (w[h + 1], u_s[h + 1]) if h + 1 < n_h else (zero, u_s[0])
-    w2, u2 = (w[h + 2], u_s[h + 2]) if h + 2 < n_h else (zero, u_s[0])
-    w3, u3 = (w[h + 3], u_s[h + 3]) if h + 3 < n_h else (zero, u_s[0])
-    return w[h], u_s[h], w1, u1, w2, u2, w3, u3
+    """Weights and rows of heads h … h + 3. Only with fewer than four heads in all do some lie
+    past the last: their weight buffer entries are 0, and they read row 0."""
+    last = u_s.shape[0] - 1
+    return (
+        w[h],
+        u_s[min(h, last)],
+        w[h + 1],
+        u_s[min(h + 1, last)],
+        w[h + 2],
+        u_s[min(h + 2, last)],
+        w[h + 3],
+        u_s[min(h + 3, last)],
+    )
 
 
 @njit(fastmath=True, cache=True)
-def _part_prox(
-    w: np.ndarray, u_s: np.ndarray, z: np.ndarray, sign: np.ndarray, y_abs: np.ndarray
-) -> np.float32:
-    """Proximity of the part ``z = Σ_h w[h] · u_s[h]`` to the whole with ``sign``/``y_abs``.
+def _start_pair(
+    wa: np.ndarray, wb: np.ndarray, u_s: np.ndarray, za: np.ndarray, zb: np.ndarray
+) -> int:
+    """Write the sum of heads 0 … r − 1 into ``za``/``zb`` (r = 1 … 4: what is left over once
+    the heads after them come in fours; zeros when four heads or fewer); returns r."""
+    n_h, d_model = u_s.shape
+    if n_h <= 4:
+        za[:] = 0.0
+        zb[:] = 0.0
+        return 0
+    r = (n_h - 1) % 4 + 1
+    a0, x0, a1, x1, a2, x2, a3, x3 = _four(wa, u_s, 0)
+    b0, b1, b2, b3 = wb[0], wb[1], wb[2], wb[3]
+    if r < 4:  # heads past r get weight 0 here; the next pass starts at r
+        a3 = b3 = np.float32(0.0)
+        if r < 3:
+            a2 = b2 = np.float32(0.0)
+            if r < 2:
+                a1 = b1 = np.float32(0.0)
+    for d in range(d_model):
+        za[d] = a0 * x0[d] + a1 * x1[d] + a2 * x2[d] + a3 * x3[d]
+        zb[d] = b0 * x0[d] + b1 * x1[d] + b2 * x2[d] + b3 * x3[d]
+    return r
 
-    Heads are added four at a time (one pass over z per four heads, not per head) into the
-    scratch ``z``; the last pass adds the final heads and reduces in the same loop, so the part
-    is read back once: ``max(Σ_d a_d − 2·Σ_d max(a_d − |y_d|, 0), 0)``, ``a_d = sign_d·z_d``.
+
+@njit(fastmath=True, cache=True)
+def _pair_prox(
+    wa: np.ndarray,
+    wb: np.ndarray,
+    u_s: np.ndarray,
+    za: np.ndarray,
+    zb: np.ndarray,
+    sign_a: np.ndarray,
+    abs_a: np.ndarray,
+    sign_b: np.ndarray,
+    abs_b: np.ndarray,
+) -> tuple:
+    """Proximities of the parts ``z = Σ_h w[h] · u_s[h]`` of one source at two queries a, b
+    (weights ``wa``/``wb``) to their wholes (``sign``/``abs`` of y).
+
+    Each head row is read once for both queries, four heads per pass over the scratch ``za``/
+    ``zb``; the last pass adds the last four heads and reduces in the same loop, so a part is
+    read back once: ``max(Σ_d a_d − 2·Σ_d max(a_d − |y_d|, 0), 0)``, ``a_d = sign_d·z_d``.
     """
     n_h, d_model = u_s.shape
-    h = 0
-    while h + 4 < n_h:
-        w0, u0, w1, u1, w2, u2, w3, u3 = _four(w, u_s, h)
-        if h == 0:
-            for d in range(d_model):
-                z[d] = w0 * u0[d] + w1 * u1[d] + w2 * u2[d] + w3 * u3[d]
-        else:
-            for d in range(d_model):
-                z[d] += w0 * u0[d] + w1 * u1[d] + w2 * u2[d] + w3 * u3[d]
-        h += 4
-    w0, u0, w1, u1, w2, u2, w3, u3 = _four(w, u_s, h)
-    if h == 0:
+    h = _start_pair(wa, wb, u_s, za, zb)
+    while h < n_h - 4:
+        a0, x0, a1, x1, a2, x2, a3, x3 = _four(wa, u_s, h)
+        b0, b1, b2, b3 = wb[h], wb[h + 1], wb[h + 2], wb[h + 3]
         for d in range(d_model):
-            z[d] = np.float32(0.0)
-    linear = np.float32(0.0)
-    overshoot = np.float32(0.0)
+            za[d] += a0 * x0[d] + a1 * x1[d] + a2 * x2[d] + a3 * x3[d]
+            zb[d] += b0 * x0[d] + b1 * x1[d] + b2 * x2[d] + b3 * x3[d]
+        h += 4
+    a0, x0, a1, x1, a2, x2, a3, x3 = _four(wa, u_s, h)
+    b0, b1, b2, b3 = wb[h], wb[h + 1], wb[h + 2], wb[h + 3]
+    zero = np.float32(0.0)
+    linear_a = overshoot_a = linear_b = overshoot_b = zero
     for d in range(d_model):
-        along = sign[d] * (z[d] + (w0 * u0[d] + w1 * u1[d] + w2 * u2[d] + w3 * u3[d]))
-        linear += along
-        overshoot += max(along - y_abs[d], np.float32(0.0))
-    return max(linear - np.float32(2.0) * overshoot, np.float32(0.0))
+        pa = sign_a[d] * (za[d] + a0 * x0[d] + a1 * x1[d] + a2 * x2[d] + a3 * x3[d])
+        pb = sign_b[d] * (zb[d] + b0 * x0[d] + b1 * x1[d] + b2 * x2[d] + b3 * x3[d])
+        linear_a += pa
+        overshoot_a += max(pa - abs_a[d], zero)
+        linear_b += pb
+        overshoot_b += max(pb - abs_b[d], zero)
+    two = np.float32(2.0)
+    return max(linear_a - two * overshoot_a, zero), max(linear_b - two * overshoot_b, zero)
 
 
 @njit(fastmath=True, cache=True)
 def _token_tile(
     q0: int,
     q1: int,
-    a: np.ndarray,
+    pattern: np.ndarray,
+    scale: np.ndarray,
     u: np.ndarray,
     sign: np.ndarray,
     y_abs: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """out[t, s] for the queries q0 ≤ t < q1 and every source s ≤ t."""
-    z = np.empty(u.shape[2], dtype=np.float32)
-    for s in range(min(q1, a.shape[1])):  # causal: sources after the tile's last query add 0
+    """out[t, s] for the queries q0 ≤ t < q1 and every source s ≤ t, two queries at a time (an
+    odd one out is paired with itself)."""
+    n_h = pattern.shape[0]
+    za = np.empty(u.shape[2], dtype=np.float32)
+    zb = np.empty(u.shape[2], dtype=np.float32)
+    wa = np.zeros(max(n_h, 4), dtype=np.float32)  # padded for models with fewer than 4 heads
+    wb = np.zeros(max(n_h, 4), dtype=np.float32)
+    for s in range(min(q1, pattern.shape[2])):  # causal: sources after the tile's last query add 0
         u_s = u[s]  # read from memory once, reused by every query of the tile from cache
-        for t in range(max(q0, s), q1):
-            out[t, s] = _part_prox(a[t, s], u_s, z, sign[t], y_abs[t])
+        for ta in range(max(q0, s), q1, 2):
+            tb = min(ta + 1, q1 - 1)
+            for h in range(n_h):
+                wa[h] = pattern[h, ta, s] * scale[ta]
+                wb[h] = pattern[h, tb, s] * scale[tb]
+            out[ta, s], out[tb, s] = _pair_prox(
+                wa, wb, u_s, za, zb, sign[ta], y_abs[ta], sign[tb], y_abs[tb]
+            )
 
 
 @njit(parallel=True, cache=True)
 def _attention_prox(
-    a: np.ndarray, u: np.ndarray, sign: np.ndarray, y_abs: np.ndarray, out: np.ndarray, tile: int
+    pattern: np.ndarray,
+    scale: np.ndarray,
+    u: np.ndarray,
+    sign: np.ndarray,
+    y_abs: np.ndarray,
+    out: np.ndarray,
+    tile: int,
 ) -> None:
-    """a [T, S, H] pattern·scale (query-major), u [S, H, D], sign/|y| [T, D] → out [T, S]."""
-    n_q = a.shape[0]
+    """pattern [H, T, S], scale [T], u [S, H, D], sign/|y| [T, D] → out [T, S]."""
+    n_q = pattern.shape[1]
     n_tiles = (n_q + tile - 1) // tile
     for i in prange((n_tiles + 1) // 2):
-        _token_tile(i * tile, min(n_q, (i + 1) * tile), a, u, sign, y_abs, out)
+        _token_tile(i * tile, min(n_q, (i + 1) * tile), pattern, scale, u, sign, y_abs, out)
         k = n_tiles - 1 - i
         if k != i:
-            _token_tile(k * tile, min(n_q, (k + 1) * tile), a, u, sign, y_abs, out)
+            _token_tile(k * tile, min(n_q, (k + 1) * tile), pattern, scale, u, sign, y_abs, out)
 
 
 @njit(fastmath=True, cache=True)
 def _head_tile(
     r0: int,
     r1: int,
-    a: np.ndarray,
+    pattern: np.ndarray,
+    scale: np.ndarray,
     u: np.ndarray,
     sign: np.ndarray,
     y_abs: np.ndarray,
@@ -120,32 +184,33 @@ def _head_tile(
 
     The part is ``w · u[s, h]`` with a single weight w, so ``a_d = w · sign_d · u_d``."""
     n_h, d_model = u.shape[1], u.shape[2]
+    zero = np.float32(0.0)
     last = 0
     for r in range(r0, r1):
         last = max(last, rows[r])
-    for s in range(min(last + 1, a.shape[1])):
+    for s in range(min(last + 1, pattern.shape[2])):
         u_s = u[s]
         for r in range(r0, r1):
             t = rows[r]
             if s > t:
                 continue  # causal: a later source has no part
             for h in range(n_h):
-                w = a[r, s, h]
+                w = pattern[h, r, s] * scale[r]
                 if w == 0.0:
                     continue  # an exactly-zero part has proximity 0 (out is zeroed)
-                linear = np.float32(0.0)
-                overshoot = np.float32(0.0)
+                linear = zero
+                overshoot = zero
                 for d in range(d_model):
                     along = w * (sign[t, d] * u_s[h, d])
                     linear += along
-                    overshoot += max(along - y_abs[t, d], np.float32(0.0))
-                prox = linear - np.float32(2.0) * overshoot
-                out[r, s, h] = max(prox, np.float32(0.0))
+                    overshoot += max(along - y_abs[t, d], zero)
+                out[r, s, h] = max(linear - np.float32(2.0) * overshoot, zero)
 
 
 @njit(parallel=True, cache=True)
 def _head_prox(
-    a: np.ndarray,
+    pattern: np.ndarray,
+    scale: np.ndarray,
     u: np.ndarray,
     sign: np.ndarray,
     y_abs: np.ndarray,
@@ -153,19 +218,16 @@ def _head_prox(
     out: np.ndarray,
     tile: int,
 ) -> None:
-    """a [R, S, H] pattern·scale of the query ``rows`` [R] → out [R, S, H] (in place)."""
+    """pattern [H, R, S] and scale [R] at the query ``rows`` [R] → out [R, S, H] (in place)."""
     n_r = rows.shape[0]
     n_tiles = (n_r + tile - 1) // tile
     for i in prange((n_tiles + 1) // 2):
-        _head_tile(i * tile, min(n_r, (i + 1) * tile), a, u, sign, y_abs, rows, out)
+        _head_tile(i * tile, min(n_r, (i + 1) * tile), pattern, scale, u, sign, y_abs, rows, out)
         k = n_tiles - 1 - i
         if k != i:
-            _head_tile(k * tile, min(n_r, (k + 1) * tile), a, u, sign, y_abs, rows, out)
-
-
-def _query_major(pattern: Tensor, scale: Tensor) -> np.ndarray:
-    """pattern [H, T, S] · scale [T] → a contiguous (T, S, H) array."""
-    return (pattern * scale[None, :, None]).permute(1, 2, 0).contiguous().numpy()
+            _head_tile(
+                k * tile, min(n_r, (k + 1) * tile), pattern, scale, u, sign, y_abs, rows, out
+            )
 
 
 def _signs_and_abs(whole: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +244,8 @@ def attention_proximity_cpu(
     sign, y_abs = _signs_and_abs(whole)
     out = np.zeros((whole.shape[0], pattern.shape[-1]), dtype=np.float32)
     u = head_outputs.contiguous().numpy()
-    _attention_prox(_query_major(pattern, scale), u, sign, y_abs, out, QUERY_TILE)
+    a = pattern.contiguous().numpy()  # read in place: a query-major copy cost ~15 % of the kernel
+    _attention_prox(a, scale.contiguous().numpy(), u, sign, y_abs, out, QUERY_TILE)
     return torch.from_numpy(out)
 
 
@@ -196,6 +259,8 @@ def head_proximity_cpu(
     out = np.zeros((len(rows), n_s, n_h), dtype=np.float32)
     u = head_outputs.contiguous().numpy()
     index = rows.to(torch.int64).contiguous()
-    a = _query_major(pattern, scale[index])  # (R, S, H)
-    _head_prox(a, u, sign, y_abs, index.numpy(), out, QUERY_TILE)
+    row_scale = scale[index].contiguous().numpy()
+    _head_prox(
+        pattern.contiguous().numpy(), row_scale, u, sign, y_abs, index.numpy(), out, QUERY_TILE
+    )
     return torch.from_numpy(out)

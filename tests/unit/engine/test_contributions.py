@@ -225,10 +225,14 @@ def _random_layer(
     return whole, pattern, u, scale
 
 
-@pytest.mark.parametrize(("n", "h"), [(1, 1), (17, 3), (33, 4), (40, 5), (16, 8), (70, 9)])
+@pytest.mark.parametrize(
+    ("n", "h"),
+    [(1, 1), (17, 3), (33, 4), (40, 5), (19, 6), (21, 7), (16, 8), (70, 9), (23, 13)],
+)
 def test_fused_kernel_equals_float64_for_any_tile_and_head_count(n: int, h: int) -> None:
-    """Query tiles of 16 (one, partial, several) and heads added four at a time (H below,
-    at and just past a multiple of four): every (query, source) pair exactly once."""
+    """Query tiles of 16 (one, partial, several; odd row counts leave a query without a pair)
+    and heads added four at a time after a first pass of H − 4 mod 4 (1 … 4) heads: every
+    (query, source) pair exactly once, for H below, at and past multiples of four."""
     whole, pattern, u, scale = _random_layer(n, h, 24, seed=n + h)
     kernel = attention_proximity(whole, pattern, u, scale, backend="kernel")
     exact = attention_proximity(
@@ -239,8 +243,9 @@ def test_fused_kernel_equals_float64_for_any_tile_and_head_count(n: int, h: int)
     assert (kernel.triu(1) == 0).all()
 
 
-@pytest.mark.parametrize("h", [1, 4, 9])
+@pytest.mark.parametrize("h", [1, 4, 6, 9])
 def test_fused_per_head_kernel_equals_float64(h: int) -> None:
+    """Heads four per pass over D: fewer than four, exactly four, a last group overlapping."""
     n, d = 37, 24
     whole, pattern, u, scale = _random_layer(n, h, d, seed=h)
     rows = torch.tensor([36, 0, 5, 20, 17, 36])  # unsorted, repeated, first and last
