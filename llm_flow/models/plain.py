@@ -10,6 +10,7 @@ copied): no extra memory, the same weights, no hooks.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -50,8 +51,10 @@ def _skeleton(config: Any, attention: str) -> nn.Module | None:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        try:
-            return AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+        try:  # a copy: from_config writes the attention implementation into the config it gets
+            return AutoModelForCausalLM.from_config(
+                copy.deepcopy(config), attn_implementation=attention
+            )
         except (ValueError, TypeError, ImportError):
             return None
 
