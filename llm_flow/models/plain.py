@@ -33,9 +33,10 @@ def plain_model(wrapped: nn.Module) -> tuple[nn.Module, str] | None:
     probe = torch.zeros(1, 2, dtype=torch.long, device=next(iter(tensors.values())).device)
     for attention in ("sdpa", "eager") if sdpa else ("eager",):
         plain = _skeleton(wrapped.config, attention)
-        if plain is None or set(_named_tensors(plain)) - set(tensors):
+        names = set() if plain is None else set(_named_tensors(plain))
+        if plain is None or names - set(tensors):
             return None
-        for name in _named_tensors(plain):
+        for name in names:
             _set(plain, name, tensors[name])
         try:  # some classes declare sdpa yet fail in it (tiny DeepSeek-V2's MLA, measured)
             with torch.inference_mode():
