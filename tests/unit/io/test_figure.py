@@ -137,20 +137,74 @@ def test_labels_are_escaped_and_readable(traced: Trace) -> None:
     json.loads(fig.to_json())  # serializable as Streamlit sends it (NaN gaps become null)
 
 
-def test_long_prompts_open_on_a_window_with_thinned_labels(
+def test_long_full_views_open_on_a_window_labelled_by_what_is_visible(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    n = 300
-    low, high = layout.x_window(n, position=n - 1)
+    n = 427
+    full = layout.all_columns(n)
+    low, high = layout.x_window(full, position=n - 1)
     assert high - low == pytest.approx(layout.MAX_VISIBLE_TOKENS)
     assert low < n - 1 < high
-    low, high = layout.x_window(n, position=3)  # an early position stays in view
+    low, high = layout.x_window(full, position=3)  # an early position stays in view
     assert low < 3 < high
-    assert layout.x_window(10, position=9) == (-0.7, 9.6)
-    monkeypatch.setattr(layout, "MAX_TICK_LABELS", 50)
-    ticks, texts = plot.token_labels([f"w{i}" for i in range(n)])
+    assert layout.x_window(layout.all_columns(10), position=9) == (-0.7, 9.6)
+    # Labels are thinned by the 40 tokens in view, not by the whole prompt: 425 has one (issue 12).
+    ticks = layout.token_ticks(full, position=n - 1)
+    assert {425, 426} <= set(ticks) and set(range(n - 40, n)) <= set(ticks)
+    monkeypatch.setattr(layout, "MAX_TICK_LABELS", 10)
+    ticks = layout.token_ticks(full, position=n - 2)
+    assert len(ticks) <= n // 4 + 2 and ticks[0] == 0 and n - 2 in ticks
+    monkeypatch.setattr(layout, "MAX_AXIS_LABELS", 50)
+    ticks, texts = plot.token_labels([f"w{i}" for i in range(300)])  # panels' heatmaps
     assert len(ticks) <= 50 and len(ticks) == len(texts) and ticks[0] == 0
     assert layout.figure_height(30) > layout.figure_height(3)
+    assert layout.figure_height(30) <= layout.FIT_HEIGHT  # a laptop window holds the whole graph
+
+
+def test_compact_columns_pack_the_shown_tokens_and_mark_the_gaps() -> None:
+    cols = layout.compact_columns([425, 3, 4, 282, 3, 426], 427)
+    assert cols.tokens == (3, 4, 282, 425, 426) and cols.compact
+    assert cols.of([3, 4, 282, 425, 426]).tolist() == [0, 1, 2, 3, 4]
+    assert np.isnan(cols.x[5]) and np.isnan(cols.x[0])
+    gaps = [(g.x, g.first, g.last, g.size) for g in cols.gaps]
+    assert gaps == [(-0.5, 0, 2, 3), (1.5, 5, 281, 277), (2.5, 283, 424, 142)]
+    assert layout.x_window(cols, position=426) == (-0.7, 4.6)  # every column in view
+    trailing = layout.compact_columns([0, 2], 5)
+    assert [(g.first, g.last) for g in trailing.gaps] == [(1, 1), (3, 4)]
+    assert not layout.compact_columns(range(5), 5).gaps
+    assert not layout.compact_columns(range(5), 5).compact
+    with pytest.raises(ValueError, match="0 … 4"):
+        layout.compact_columns([5], 5)
+
+
+def test_the_compact_view_draws_only_the_route_tokens() -> None:
+    traced = trace(tiny_llm("llama-gqa"), prompt(12))
+    route = find_route(traced.graph, [5], threshold=0.02, renormalize=True)
+    shown = figure.route_tokens(route).tolist()
+    assert shown == [0, 1, 3, 5]  # gaps inside the route and after the position
+    fig = figure.flow_figure(traced, route, position=5, compact=True)
+    xs = np.concatenate([np.asarray(t.x, dtype=float) for t in fig.data if t.x is not None])
+    xs = xs[~np.isnan(xs)]
+    assert xs.min() >= -1 and xs.max() <= len(shown)  # all on the packed columns
+    (outputs,) = _trace_with(fig, "output position")
+    assert list(outputs.customdata) == [f"pos:{t}" for t in shown]
+    assert outputs.x == (0, 1, 2, 3)
+    assert fig.layout.xaxis.range == (-0.7, len(shown) - 0.4)
+    assert list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]
+    marks = _trace_with(fig, "hidden tokens")
+    assert [text.split(": ")[1] for text in marks[-1].hovertext] == ["2", "4", f"6–{_last(traced)}"]
+    # Every edge's click handle still names the original tokens.
+    edges = [i for i in _customdata(fig) if "->" in i]
+    assert len(edges) == len(route.attention_idx)
+    # The full view of the same route keeps every token; short prompts default to it.
+    full = figure.flow_figure(traced, route, position=5)
+    (outputs,) = _trace_with(full, "output position")
+    assert len(outputs.customdata) == traced.n_tokens and not _trace_with(full, "hidden tokens")
+    # A selection off the route gets its column, so its ring is drawn.
+    off = next(t for t in range(traced.n_tokens) if t not in shown)
+    ringed = figure.flow_figure(traced, route, position=5, compact=True, selected=f"I0_{off}")
+    (outputs,) = _trace_with(ringed, "output position")
+    assert f"pos:{off}" in outputs.customdata
 
 
 def test_big_graphs_skip_the_off_route_grid(traced: Trace, monkeypatch: pytest.MonkeyPatch) -> None:
