@@ -151,6 +151,12 @@ def route_view(view: RouteView) -> None:
     )
 
     graph_column, panel_column = st.columns([3, 2], gap="medium")
+    # The panel first: the page shows each element as it arrives, and drawing the graph is the
+    # browser's slowest step, so a click's panel is not kept waiting behind it.
+    with panel_column, st.spinner("Computing the panel…"):
+        panels.selection_panel(
+            selection, panels.PanelContext(cached, route, settings.normalize_lens)
+        )
     with graph_column:
         _prediction(sidebar.model_label, traced, position)
         contrast.summary(contrast_view)
@@ -181,10 +187,6 @@ def route_view(view: RouteView) -> None:
                 f"trace {cached.seconds:.2f} s · load {model.load_seconds:.1f} s · "
                 f"cached models {len(store.models)}, traces {len(store.traces)}"
             )
-    with panel_column, st.spinner("Computing the panel…"):
-        panels.selection_panel(
-            selection, panels.PanelContext(cached, route, settings.normalize_lens)
-        )
     contrast.contrast_section(contrast_view)
     interventions.section(
         interventions.Context(
