@@ -114,8 +114,8 @@ def test_the_selection_is_highlighted_where_it_is_drawn(
     assert len(rings) == 1 and len(fig.data) > len(plain.data)
     assert (rings[0].x[0], rings[0].y[0]) == pytest.approx(where)
     if "->" in selected:  # the edge itself is traced in red, ending at its A node
-        line = fig.data[len(plain.data) - 1]
-        assert line.line.color == plot.HIGHLIGHT and line.y[-1] == pytest.approx(where[1] // 1 + 1)
+        (line,) = [t for t in fig.data if t.mode == "lines" and t.line.color == plot.HIGHLIGHT]
+        assert line.y[-1] == pytest.approx(where[1] // 1 + 1)
 
 
 @pytest.mark.parametrize("selected", ["A9_0", "I0_99", "X0_1->A1_3", "bogus", "pos:1"])
@@ -128,7 +128,7 @@ def test_a_selection_outside_the_graph_is_refused(traced: Trace, selected: str) 
 def test_labels_are_escaped_and_readable(traced: Trace) -> None:
     fig = figure.flow_figure(traced, full_graph(traced.graph), position=1)
     assert fig.layout.xaxis.ticktext[0] == "&lt;bos&gt;"  # plotly would eat a raw <bos>
-    assert fig.layout.xaxis2.ticktext == fig.layout.xaxis.ticktext  # labels on top too
+    assert "xaxis2" not in fig.to_plotly_json()["layout"]  # one label row: cheaper to draw
     assert list(fig.layout.yaxis.ticktext) == ["emb", "0", "1", "2", "out"]
     assert display_token("\n") == "↵"
     assert display_token("  ") == "␣␣"
