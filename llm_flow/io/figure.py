@@ -42,6 +42,7 @@ from llm_flow.io.text import plotly_text
 # The faint off-route node grid is skipped on big pictures: a browser draws every point again
 # on each slider step (2,400 grid points of a 40-column view cost ~0.2 s on a 2-core machine).
 MAX_GRID_NODES = 2_500
+MAX_SOURCE_LABELS = 60  # "← s" labels of edges from sources left of the opening window
 POSITION_PREFIX = "pos:"  # customdata of the output markers: ``pos:t`` chooses position t
 
 
@@ -231,6 +232,7 @@ def flow_figure(
         traces.append(plot.legend_entry(name, group, plot.css_rgb(rgb)))
         traces += plot.line_traces(edges, rgb, group)
     traces += _edge_handles(route, tokens, attention.weights, att_idx, cols)
+    traces += _offscreen_sources(attention, att_idx, tokens, cols, position)
 
     # FFN blocks on the route: small squares that select the neuron panel.
     layers, positions = _columns(route.ffn)
@@ -298,6 +300,45 @@ def _edge_handles(
                 f"token {t}: {plotly_text(tokens[t])}, weight {weight:.3f}"
             )
     return [attention, plot.handles(rx, ry, rid, rtext, "residual", size=9)]
+
+
+def _offscreen_sources(
+    attention: plot.Edges,
+    att_idx: np.ndarray,
+    tokens: Sequence[str],
+    cols: layout.Columns,
+    position: int,
+) -> list[go.Scatter]:
+    """Where the figure opens on a window (a long prompt's full view), an attention edge from a
+    source left of it is labelled "← s" where it enters the window (on the edge itself, so the
+    label stays right when the view is panned); the strongest :data:`MAX_SOURCE_LABELS`."""
+    low, _ = layout.x_window(cols, position)
+    if cols.compact or low <= 0 or len(att_idx) == 0:
+        return []
+    at = low + 0.35
+    y = layout.crossing_y(attention.points, at)
+    rows = np.flatnonzero((cols.of(att_idx[:, 2]) < at) & ~np.isnan(y))
+    rows = rows[np.argsort(-attention.weights[rows])][:MAX_SOURCE_LABELS]
+    if len(rows) == 0:
+        return []
+    texts = [
+        _attention_text("<b>from off screen</b>", layer, t, s, tokens)
+        for layer, t, s in att_idx[rows].tolist()
+    ]
+    return [
+        go.Scatter(
+            x=[at] * len(rows),
+            y=y[rows],
+            mode="text",
+            text=[f"←{s}" for s in att_idx[rows, 2].tolist()],
+            textposition="middle right",
+            textfont={"size": 10, "color": plot.css_rgb(plot.ATTENTION_RGB)},
+            hovertext=texts,
+            hovertemplate="%{hovertext}<extra></extra>",
+            name="off-screen sources",
+            showlegend=False,
+        )
+    ]
 
 
 def _output_row(

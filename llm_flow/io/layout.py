@@ -117,6 +117,24 @@ def residual_handles(
     return _floats(token), (y0 + y1) / 2
 
 
+def crossing_y(points: np.ndarray, x: float) -> np.ndarray:
+    """y where each polyline of ``points`` [E, P, 2] (x ascending along it) crosses the vertical
+    line at ``x`` → [E], NaN where it does not."""
+    x0, x1 = points[:, :-1, 0], points[:, 1:, 0]  # [E, P-1] segment ends
+    y0, y1 = points[:, :-1, 1], points[:, 1:, 1]
+    inside = (x0 <= x) & (x < x1)
+    share = np.divide(x - x0, x1 - x0, out=np.zeros_like(x0), where=x1 > x0)
+    return _first_finite(np.where(inside, y0 + share * (y1 - y0), np.nan))
+
+
+def _first_finite(values: np.ndarray) -> np.ndarray:
+    """Per row of [E, K], the first non-NaN value (NaN when there is none)."""
+    finite = ~np.isnan(values)
+    first = finite.argmax(axis=1)
+    found = values[np.arange(len(values)), first]
+    return np.where(finite.any(axis=1), found, np.nan)
+
+
 def ffn_points(layer: ArrayLike, token: ArrayLike) -> np.ndarray:
     """``A{l}_t → M{l}_t → I{l}_t`` as one bent 3-point polyline per FFN block → [E, 3, 2]."""
     corners = [(node_x(k, token), node_y(k, layer)) for k in ("A", "M", "I")]

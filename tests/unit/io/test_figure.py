@@ -230,3 +230,31 @@ def test_the_route_diff_colours_each_status_and_hovers_before_and_after(traced: 
     assert len(handles.x) == n_attention + n_ffn
     assert all(" → " in text for text in handles.hovertext)
     json.loads(fig.to_json())
+
+
+def test_crossing_y_follows_each_polyline() -> None:
+    points = layout.attention_points([1, 1], [10, 4], [0, 4])  # a long edge and an s = t edge
+    y = layout.crossing_y(points, 2.5)
+    # The long edge: from (0, 2) via (5, 2.5) to (10, 3); the s = t edge never reaches x = 2.5.
+    assert y[0] == pytest.approx(2.25) and np.isnan(y[1])
+
+
+def test_a_full_view_labels_edges_from_sources_left_of_its_window() -> None:
+    traced = trace(tiny_llm("llama-gqa"), prompt(50))
+    route = find_route(traced.graph, [-1], threshold=0.005, renormalize=True)
+    fig = figure.flow_figure(traced, route, position=_last(traced), compact=False)
+    low = fig.layout.xaxis.range[0]
+    assert low > 0  # the full view opens on a window
+    (labels,) = _trace_with(fig, "off-screen sources")
+    sources = [int(text.removeprefix("←")) for text in labels.text]
+    idx = route.attention_idx.numpy()
+    expected = {s for s, t in zip(idx[:, 2], idx[:, 1], strict=True) if s < low < t}
+    assert sources and set(sources) <= expected and len(sources) == min(
+        len([1 for s, t in zip(idx[:, 2], idx[:, 1], strict=True) if s < low + 0.35 < t]),
+        figure.MAX_SOURCE_LABELS,
+    )
+    assert all(x > low for x in labels.x)  # on screen, where each edge enters
+    default = figure.flow_figure(traced, route, position=_last(traced))  # 51 tokens: full view
+    assert _trace_with(default, "off-screen sources")
+    packed = figure.flow_figure(traced, route, position=_last(traced), compact=True)
+    assert not _trace_with(packed, "off-screen sources")  # every source has its column
