@@ -207,7 +207,7 @@ def graph_figure(
     }
     fig.update_layout(
         height=layout.figure_height(n_layers),
-        margin={"l": 40, "r": 10, "t": 80, "b": 10},
+        margin={"l": 40, "r": 10, "t": 45, "b": 10},  # the legend; token labels are below
         dragmode="pan",
         hovermode="closest",
         clickmode="event+select",
