@@ -48,6 +48,7 @@ SENTENCE = (
     "built small houses near the old bridge, and later the town grew into a busy port. "
 )
 LONG_PROMPT = SENTENCE * 11
+SHORT_PROMPT = "The capital of France is"
 
 # Timestamps of the last trusted key press or mouse press, taken in the page.
 _INPUT_CLOCK = """() => {
@@ -137,7 +138,7 @@ def _report(numbers: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None
         print("\n".join(lines))  # noqa: T201 - the report is this test's output
 
 
-def _slider_steps(page: Any, numbers: dict[str, Any]) -> None:
+def _slider_steps(page: Any, numbers: dict[str, Any], name: str = "slider_step") -> None:
     """Arrow-key steps of the τ slider: each must change the route; time to redraw, to idle."""
     thumb = page.locator('[data-testid="stSlider"] input[type="range"]').first
     thumb.scroll_into_view_if_needed()
@@ -152,9 +153,9 @@ def _slider_steps(page: Any, numbers: dict[str, Any]) -> None:
         redraw.append(_elapsed(page, "done"))
         idle.append(_settle(page))
         assert page.get_by_text("Route:").first.inner_text() != caption  # the new τ and edges
-    numbers["slider_step_to_redrawn_route_ms"] = [round(v, 1) for v in redraw]
-    numbers["slider_step_to_redrawn_route_median_ms"] = _median(redraw)
-    numbers["slider_step_to_idle_median_ms"] = _median(idle)
+    numbers[f"{name}_to_redrawn_route_ms"] = [round(v, 1) for v in redraw]
+    numbers[f"{name}_to_redrawn_route_median_ms"] = _median(redraw)
+    numbers[f"{name}_to_idle_median_ms"] = _median(idle)
 
 
 def _click_panel(
@@ -276,6 +277,14 @@ def test_long_prompt_latency_wheel_and_paste_in_chromium(
             _spinner_while_contrast_computes(page)
             _over_long_paste_is_refused(page)
             page.screenshot(path=ARTIFACTS / "13-over-long-paste.png")
+
+            # The same steps on a 5-token prompt: what the fragment alone buys.
+            short = browser.new_page(viewport=VIEWPORT)
+            short.goto(f"{base_url}/?{urlencode({'prompt': SHORT_PROMPT})}")
+            short.evaluate(_INPUT_CLOCK)
+            short.wait_for_function(f"() => !!{_GRAPH}()", timeout=GRAPH_MS)
+            short.wait_for_function(_IDLE, timeout=GRAPH_MS)
+            _slider_steps(short, numbers, "short_prompt_slider_step")
         finally:
             browser.close()
             _report(numbers, capsys)
