@@ -19,6 +19,7 @@ from llm_flow.config import AppConfig
 from llm_flow.engine.routes import DEFAULT_THRESHOLD
 from llm_flow.errors import LlmFlowError, PromptError
 from llm_flow.io.figure import parse_position
+from llm_flow.io.layout import COMPACT_ABOVE
 
 THRESHOLD_MAX = 0.2
 
@@ -34,6 +35,7 @@ THRESHOLD = "threshold"
 RENORMALIZE = "renormalize"
 NORMALIZE_LENS = "normalize_lens"
 POSITION = "position"
+COMPACT = "compact"  # the graph shows the route's tokens only
 GRAPH = "graph"
 TARGET = "target"
 DISTRACTOR = "distractor"
@@ -293,6 +295,7 @@ def selection() -> str | None:
 
 def start_view(view: tuple[str, str], n_tokens: int) -> None:
     """Forget the position and selection when the model or prompt changes; clamp the position.
+    A new view of a long prompt opens on the route's tokens only.
 
     The first view of a session keeps what the URL said (it is checked against the graph).
     """
@@ -302,6 +305,7 @@ def start_view(view: tuple[str, str], n_tokens: int) -> None:
             ss[SELECTION] = None
             ss.pop(POSITION, None)
         ss[_VIEW] = view
+        ss[COMPACT] = n_tokens > COMPACT_ABOVE
     position = ss.get(POSITION)
     if not isinstance(position, int) or not 0 <= position < n_tokens:
         if position is not None:

@@ -1,5 +1,6 @@
 """The sidebar: model, device and precision, prompts, the graph's settings, the output position
-and the contrast's tokens.
+and the contrast's tokens. The threshold slider sits above the graph instead
+(:func:`app.views.route.graph_controls`): a slider step reruns only the route view.
 
 Every widget is created with a key from :mod:`app.session` and no default of its own: the
 starting values come from ``session.init_session`` (which reads the URL), so there is one source
@@ -19,6 +20,7 @@ from app.cache import CachedTrace, LoadedModel, ModelKey
 from app.prompts import prompt_files
 from app.views.errors import NeedsInput, show_error
 from llm_flow.config import AppConfig, spec_from_name
+from llm_flow.engine.routes import DEFAULT_THRESHOLD
 from llm_flow.io.text import display_token
 
 PROMPT_LABEL_CHARS = 70
@@ -107,12 +109,14 @@ def prompt_controls(cfg: AppConfig) -> str | None:
         prompt = st.selectbox("Prompt", choices, key=session.PROMPT, format_func=_prompt_label)
     limit = cfg.max_user_string_length
     with st.expander("Add a prompt", expanded=not choices):
+        # No max_chars: the browser would drop an over-long paste without a word; "Add prompt"
+        # checks the length and says what is wrong, as for a prompt in a link.
         st.text_area(
             "Prompt text",
             key=session.NEW_PROMPT,
-            max_chars=limit,
             height=90,
             placeholder="The capital of France is",
+            help=None if limit is None else f"At most {limit:,} characters.",
         )
         st.button("Add prompt", key="add_prompt", on_click=session.add_prompt, args=(cfg,))
     if cfg.allow_loading_dataset_files and not cfg.demo_mode and cfg.prompts_dir is not None:
@@ -144,15 +148,8 @@ def prompt_controls(cfg: AppConfig) -> str | None:
 
 
 def graph_controls() -> GraphSettings:
-    threshold = st.slider(
-        "Threshold τ",
-        min_value=0.0,
-        max_value=session.THRESHOLD_MAX,
-        step=0.005,
-        format="%.3f",
-        key=session.THRESHOLD,
-        help="Edges whose contribution is below τ are pruned from the route.",
-    )
+    """The sidebar's toggles, and τ as the route view's slider last set it."""
+    threshold = float(st.session_state.get(session.THRESHOLD, DEFAULT_THRESHOLD))
     renormalize = st.toggle(
         "Renormalize",
         key=session.RENORMALIZE,

@@ -42,7 +42,7 @@ def section(
         )
         return
     st.markdown(
-        "Run the route to the **last token** of every prompt of a file at the sidebar's τ "
+        "Run the route to the **last token** of every prompt of a file at the route graph's τ "
         f"(now {threshold:.3f}) and count how often each head and FFN block is on it."
     )
     left, right = st.columns(2)

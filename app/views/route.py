@@ -2,34 +2,38 @@
 beside it, downloads, the "why A instead of B?" section and the interventions below.
 
 The route is re-found from the cached trace on every run (milliseconds); the figure is the
-core's (:func:`llm_flow.io.figure.flow_figure`).
+core's (:func:`llm_flow.io.figure.flow_figure`). Everything the threshold changes is one
+``st.fragment`` (:func:`route_view`) with the τ slider at its top, so a slider step or a click
+on the graph reruns that part of the page only.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import plotly.graph_objects as go
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
 from app import cache, session
-from app.cache import ModelKey, TraceKey
+from app.cache import CachedTrace, LoadedModel, ModelKey, TraceKey
 from app.selection import parse_selection
 from app.views import contrast, controls, interventions, loading, panels
 from app.views.errors import NeedsInput
 from llm_flow.config import AppConfig
-from llm_flow.engine.routes import Route, find_route
+from llm_flow.engine.routes import DEFAULT_THRESHOLD, Route, find_route
 from llm_flow.engine.trace import Trace
 from llm_flow.io.export import graph_json, to_graphml
 from llm_flow.io.figure import flow_figure
+from llm_flow.io.layout import COMPACT_ABOVE
 from llm_flow.io.text import display_token, markdown_text
 
 GRAPH_CONFIG = {
     "displaylogo": False,
-    "scrollZoom": True,
+    # The wheel scrolls the page, as everywhere else on it; zoom is the toolbar's (issue 12).
+    "scrollZoom": False,
     "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"],
     # The toolbar's camera button saves the figure client-side, so SVG export needs no kaleido.
     "toImageButtonOptions": {"format": "svg", "filename": "llm-flow-route"},
@@ -63,11 +67,69 @@ def route_tab(cfg: AppConfig, sidebar: Sidebar) -> None:
     session.start_view((sidebar.model_label, prompt), traced.n_tokens)
     with sidebar.position_slot:
         position = controls.position_control(cached)
+    route_view(RouteView(cfg, sidebar, model, cached, prompt, position))
 
-    settings = sidebar.settings
-    route = find_route(traced.graph, [position], settings.threshold, settings.renormalize)
+
+@dataclass(frozen=True)
+class RouteView:
+    """What the route view draws from: all fixed while only τ, the selection or the view's own
+    widgets change."""
+
+    cfg: AppConfig
+    sidebar: Sidebar
+    model: LoadedModel
+    cached: CachedTrace
+    prompt: str
+    position: int
+
+
+def graph_controls(n_tokens: int) -> float:
+    """τ and the compact-view toggle, above the graph and inside its fragment (a slider in the
+    sidebar would rerun the whole page on every step)."""
+    st.session_state.setdefault(session.THRESHOLD, DEFAULT_THRESHOLD)  # a page that stopped early
+    st.session_state.setdefault(session.COMPACT, n_tokens > COMPACT_ABOVE)
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    threshold: float = left.slider(
+        "Threshold τ",
+        min_value=0.0,
+        max_value=session.THRESHOLD_MAX,
+        step=0.005,
+        format="%.3f",
+        key=session.THRESHOLD,
+        help="Edges whose contribution is below τ are pruned from the route.",
+    )
+    right.toggle(
+        "Route tokens only",
+        key=session.COMPACT,
+        help="Columns only for the tokens the route touches; ⋯ marks hidden tokens (hover it "
+        f"to see which). On by default for prompts over {COMPACT_ABOVE} tokens.",
+    )
+    return threshold
+
+
+@st.fragment
+def route_view(view: RouteView) -> None:
+    """Everything τ changes: the graph with its panel, the contrast and the interventions.
+
+    A fragment: a slider step, a click on the graph or a button here reruns only this function,
+    not the sidebar, the trace lookup or the dataset tab.
+    """
+    if st.session_state.get(session.POSITION) != view.position:
+        st.rerun()  # an output marker was clicked: the sidebar's position picker must follow
+    cfg, sidebar, model, cached, position = (
+        view.cfg,
+        view.sidebar,
+        view.model,
+        view.cached,
+        view.position,
+    )
+    traced = cached.trace
+    settings = replace(sidebar.settings, threshold=graph_controls(traced.n_tokens))
+    with st.spinner(f"Finding the route at τ = {settings.threshold:.3f}…"):
+        route = find_route(traced.graph, [position], settings.threshold, settings.renormalize)
     # Before the selection is read: a newly selected table row selects its edge or block.
-    contrast_view = contrast.prepare(cached, route, sidebar.target, sidebar.distractor)
+    with st.spinner("Why A instead of B? Computing the effect table (one backward pass)…"):
+        contrast_view = contrast.prepare(cached, route, sidebar.target, sidebar.distractor)
     chosen = session.selection()
     selection = parse_selection(chosen, traced.n_layers, traced.n_tokens)
     if chosen and selection is None:
@@ -78,7 +140,7 @@ def route_tab(cfg: AppConfig, sidebar: Sidebar) -> None:
 
     session.write_url(
         model=sidebar.model_label,
-        prompt=prompt,
+        prompt=view.prompt,
         position=position,
         threshold=settings.threshold,
         renormalize=settings.renormalize,
@@ -89,17 +151,27 @@ def route_tab(cfg: AppConfig, sidebar: Sidebar) -> None:
     )
 
     graph_column, panel_column = st.columns([3, 2], gap="medium")
+    # The panel first: the page shows each element as it arrives, and drawing the graph is the
+    # browser's slowest step, so a click's panel is not kept waiting behind it.
+    with panel_column, st.spinner("Computing the panel…"):
+        panels.selection_panel(
+            selection, panels.PanelContext(cached, route, settings.normalize_lens)
+        )
     with graph_column:
         _prediction(sidebar.model_label, traced, position)
         contrast.summary(contrast_view)
         st.caption(
             f"Route: {route.n_edges} edges at τ = {settings.threshold:.3f}"
             + (", renormalized" if settings.renormalize else "")
-            + ". Edge width and opacity follow the weight. Drag to pan, scroll to zoom, "
-            "double-click to reset."
+            + ". Edge width and opacity follow the weight. Drag to pan; zoom with the "
+            "toolbar's buttons; double-click to reset."
         )
         figure = flow_figure(
-            traced, route, position=position, selected=selection.id if selection else None
+            traced,
+            route,
+            position=position,
+            selected=selection.id if selection else None,
+            compact=bool(st.session_state.get(session.COMPACT)),
         )
         st.plotly_chart(
             figure,
@@ -115,10 +187,6 @@ def route_tab(cfg: AppConfig, sidebar: Sidebar) -> None:
                 f"trace {cached.seconds:.2f} s · load {model.load_seconds:.1f} s · "
                 f"cached models {len(store.models)}, traces {len(store.traces)}"
             )
-    with panel_column:
-        panels.selection_panel(
-            selection, panels.PanelContext(cached, route, settings.normalize_lens)
-        )
     contrast.contrast_section(contrast_view)
     interventions.section(
         interventions.Context(

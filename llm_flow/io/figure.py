@@ -6,7 +6,9 @@ in a unit test and shown in Jupyter alike. Where everything sits is :mod:`llm_fl
 Each edge kind has its own colour and shape, so they stay apart where they share endpoints:
 residual edges are vertical lines, the s = t attention edge bows to the left of them, and the
 FFN path bends right through its block square ``M{l}_t``. Edge widths and opacities grow with
-the route's weights. Plotly cannot click a line, so every edge carries an invisible marker whose
+the route's weights. Prompts longer than :data:`~llm_flow.io.layout.COMPACT_ABOVE` tokens open on
+the route's tokens only (:func:`route_columns`), hidden runs of tokens marked by gaps.
+Plotly cannot click a line, so every edge carries an invisible marker whose
 ``customdata`` names what a click selects (:mod:`llm_flow.engine.nodes`: a residual edge selects
 the node it leads to); an output marker's is ``pos:t`` (:func:`parse_position`).
 """
@@ -37,7 +39,10 @@ from llm_flow.errors import InputError
 from llm_flow.io import layout, plot
 from llm_flow.io.text import plotly_text
 
-MAX_GRID_NODES = 20_000  # the faint off-route node grid is skipped on huge graphs
+# The faint off-route node grid is skipped on big pictures: a browser draws every point again
+# on each slider step (2,400 grid points of a 40-column view cost ~0.2 s on a 2-core machine).
+MAX_GRID_NODES = 2_500
+MAX_SOURCE_LABELS = 60  # "← s" labels of edges from sources left of the opening window
 POSITION_PREFIX = "pos:"  # customdata of the output markers: ``pos:t`` chooses position t
 
 
@@ -58,11 +63,35 @@ def _columns(mask: torch.Tensor) -> list[np.ndarray]:
     return [idx[:, i] for i in range(idx.shape[1])]
 
 
-def _attention_edges(route: Route) -> tuple[plot.Edges, np.ndarray]:
+def route_tokens(route: Route) -> np.ndarray:
+    """The token positions a route touches (a node of theirs is on it), ascending."""
+    touched = route.embeddings | route.after_attention.any(0) | route.after_layer.any(0)
+    return touched.nonzero().flatten().numpy()
+
+
+def route_columns(
+    route: Route, position: int, selected: str | None = None, compact: bool | None = None
+) -> layout.Columns:
+    """The picture's columns: every token, or (``compact``; by default for prompts longer than
+    :data:`~llm_flow.io.layout.COMPACT_ABOVE`) only the route's tokens, the output
+    ``position``'s and the ``selected`` element's."""
+    n = route.graph.n_tokens
+    if not (n > layout.COMPACT_ABOVE if compact is None else compact):
+        return layout.all_columns(n)
+    shown = {*route_tokens(route).tolist(), position % n}
+    if selected is not None:
+        edge = parse_attention_edge(selected)
+        node = parse_node(selected) if edge is None else None
+        picked = [edge[1], edge[2]] if edge is not None else [node.token] if node else []
+        shown.update(t for t in picked if 0 <= t < n)
+    return layout.compact_columns(shown, n)
+
+
+def _attention_edges(route: Route, cols: layout.Columns) -> tuple[plot.Edges, np.ndarray]:
     """Attention edges on the route as polylines, and their (layer, t, s) rows [E, 3]."""
     idx_t, weights = route.attention_edges()  # idx rows: (layer, target t, source s)
     idx = idx_t.numpy()
-    points = layout.attention_points(idx[:, 0], idx[:, 1], idx[:, 2])
+    points = layout.attention_points(idx[:, 0], cols.of(idx[:, 1]), cols.of(idx[:, 2]))
     return plot.Edges(points, weights.numpy()), idx
 
 
@@ -77,17 +106,21 @@ def _residual_parts(
     )
 
 
-def _residual_edges(route: Route) -> plot.Edges:
+def _residual_edges(route: Route, cols: layout.Columns) -> plot.Edges:
     """Both kinds of residual edge on the route as vertical lines."""
     parts = _residual_parts(route)
-    points = [layout.residual_points(into, *_columns(mask)) for into, mask, _ in parts]
+    points = []
+    for into, mask, _ in parts:
+        layers, tokens = _columns(mask)
+        points.append(layout.residual_points(into, layers, cols.of(tokens)))
     weights = [w[mask].numpy() for _, mask, w in parts]
     return plot.Edges(np.concatenate(points), np.concatenate(weights))
 
 
-def _ffn_edges(route: Route) -> plot.Edges:
+def _ffn_edges(route: Route, cols: layout.Columns) -> plot.Edges:
     """``A{l}_t → M{l}_t → I{l}_t``, one bent polyline per FFN block on the route."""
-    points = layout.ffn_points(*_columns(route.ffn))
+    layers, tokens = _columns(route.ffn)
+    points = layout.ffn_points(layers, cols.of(tokens))
     return plot.Edges(points, route.ffn_weights[route.ffn].numpy())
 
 
@@ -103,9 +136,10 @@ def _node_text(kind: NodeKind, layer: int, t: int, tokens: Sequence[str]) -> str
 
 
 def _residual_nodes(
-    route: Route, tokens: Sequence[str], on_route: bool
+    route: Route, tokens: Sequence[str], on_route: bool, cols: layout.Columns
 ) -> tuple[list[float], list[float], list[str], list[str]]:
-    """Coordinates, ids and hover texts of the residual nodes on (or off) the route."""
+    """Coordinates, ids and hover texts of the residual nodes on (or off) the route, in the
+    shown columns."""
     xs: list[float] = []
     ys: list[float] = []
     ids: list[str] = []
@@ -117,7 +151,9 @@ def _residual_nodes(
     )
     for kind, mask in masks:
         layers, positions = _columns(mask if on_route else ~mask)
-        xs += layout.node_x(kind, positions).tolist()
+        shown = ~np.isnan(cols.of(positions))
+        layers, positions = layers[shown], positions[shown]
+        xs += layout.node_x(kind, cols.of(positions)).tolist()
         ys += layout.node_y(kind, layers).tolist()
         for layer, t in zip(layers.tolist(), positions.tolist(), strict=True):
             ids.append(node_id(kind, layer, t))
@@ -126,11 +162,17 @@ def _residual_nodes(
 
 
 def _route_nodes(
-    route: Route, tokens: Sequence[str], *, name: str, sizes: tuple[int, int], legend: bool = False
+    route: Route,
+    tokens: Sequence[str],
+    cols: layout.Columns,
+    *,
+    name: str,
+    sizes: tuple[int, int],
+    legend: bool = False,
 ) -> go.Scatter:
     """The residual nodes on ``route``; ``sizes`` = (after attention, other): after-attention
     nodes smaller, so a column reads as layers, not a bead chain."""
-    xs, ys, ids, texts = _residual_nodes(route, tokens, on_route=True)
+    xs, ys, ids, texts = _residual_nodes(route, tokens, on_route=True, cols=cols)
     sizes_of = [sizes[0] if i.startswith("A") else sizes[1] for i in ids]
     marker: dict[str, object] = {"size": sizes_of, "color": plot.NODE_COLOUR, "symbol": "circle"}
     return plot.markers(
@@ -150,21 +192,30 @@ def _attention_text(title: str, layer: int, t: int, s: int, tokens: Sequence[str
 
 
 def flow_figure(
-    trace: Trace, route: Route, *, position: int, selected: str | None = None
+    trace: Trace,
+    route: Route,
+    *,
+    position: int,
+    selected: str | None = None,
+    compact: bool | None = None,
 ) -> go.Figure:
     """The layer × token route graph with clickable edges, blocks, nodes and output markers.
 
     ``route`` is a route of ``trace``'s graph; the output marker of ``position`` is drawn large
     with its prediction (every marker's prediction shows on hover). ``selected`` (a node or
     attention edge id) gets a red ring; :class:`~llm_flow.errors.InputError` when it names
-    nothing in this graph.
+    nothing in this graph. ``compact`` shows only the route's tokens (:func:`route_columns`;
+    ``None``: for prompts longer than :data:`~llm_flow.io.layout.COMPACT_ABOVE` tokens).
     """
     graph, tokens = trace.graph, trace.tokens
+    if selected is not None:
+        _check_selected(selected, graph.n_layers, graph.n_tokens)
+    cols = route_columns(route, position, selected, compact)
     traces: list[go.Scatter] = []
 
     # Off-route nodes: a faint grid, so the picture keeps its shape and any node can be read.
-    if 2 * graph.n_layers * graph.n_tokens <= MAX_GRID_NODES:
-        xs, ys, ids, texts = _residual_nodes(route, tokens, on_route=False)
+    if 2 * graph.n_layers * len(cols.tokens) <= MAX_GRID_NODES:
+        xs, ys, ids, texts = _residual_nodes(route, tokens, on_route=False, cols=cols)
         grid = {"size": 4, "color": plot.NODE_COLOUR, "symbol": "circle", "opacity": 0.3}
         traces.append(
             plot.markers(
@@ -172,15 +223,16 @@ def flow_figure(
             )
         )
 
-    attention, att_idx = _attention_edges(route)
+    attention, att_idx = _attention_edges(route, cols)
     for name, group, rgb, edges in (
-        ("residual", "residual", plot.RESIDUAL_RGB, _residual_edges(route)),
-        ("FFN", "ffn", plot.FFN_RGB, _ffn_edges(route)),
+        ("residual", "residual", plot.RESIDUAL_RGB, _residual_edges(route, cols)),
+        ("FFN", "ffn", plot.FFN_RGB, _ffn_edges(route, cols)),
         ("attention", "attention", plot.ATTENTION_RGB, attention),
     ):
         traces.append(plot.legend_entry(name, group, plot.css_rgb(rgb)))
         traces += plot.line_traces(edges, rgb, group)
-    traces += _edge_handles(route, tokens, attention.weights, att_idx)
+    traces += _edge_handles(route, tokens, attention.weights, att_idx, cols)
+    traces += _offscreen_sources(attention, att_idx, tokens, cols, position)
 
     # FFN blocks on the route: small squares that select the neuron panel.
     layers, positions = _columns(route.ffn)
@@ -189,7 +241,7 @@ def flow_figure(
     square = {"size": 8, "color": plot.css_rgb(plot.FFN_RGB), "symbol": "square"}
     traces.append(
         plot.markers(
-            layout.node_x("M", positions).tolist(),
+            layout.node_x("M", cols.of(positions)).tolist(),
             layout.node_y("M", layers).tolist(),
             [node_id("M", layer, t) for layer, t in pairs],
             [
@@ -201,19 +253,25 @@ def flow_figure(
             name="FFN block",
         )
     )
-    traces.append(_route_nodes(route, tokens, name="residual node", sizes=(5, 8), legend=True))
-    traces.append(_output_row(graph.n_layers, tokens, trace.predictions, position))
+    traces.append(
+        _route_nodes(route, tokens, cols, name="residual node", sizes=(5, 8), legend=True)
+    )
+    traces.append(_output_row(graph.n_layers, tokens, trace.predictions, position, cols))
     if selected is not None:
-        traces += _highlight(selected, graph.n_layers, graph.n_tokens)
-    return plot.graph_figure(traces, tokens, graph.n_layers, position)
+        traces += _highlight(selected, cols)
+    return plot.graph_figure(traces, tokens, graph.n_layers, position, cols)
 
 
 def _edge_handles(
-    route: Route, tokens: Sequence[str], att_weights: np.ndarray, att_idx: np.ndarray
+    route: Route,
+    tokens: Sequence[str],
+    att_weights: np.ndarray,
+    att_idx: np.ndarray,
+    cols: layout.Columns,
 ) -> list[go.Scatter]:
     """Click handles of attention edges (select the edge) and of residual edges (select the
     node they lead to)."""
-    hx, hy = layout.attention_handles(att_idx[:, 0], att_idx[:, 1], att_idx[:, 2])
+    hx, hy = layout.attention_handles(att_idx[:, 0], cols.of(att_idx[:, 1]), cols.of(att_idx[:, 2]))
     rows = list(zip(att_idx.tolist(), att_weights.tolist(), strict=True))
     attention = plot.handles(
         hx.tolist(),
@@ -231,7 +289,7 @@ def _edge_handles(
     rtext: list[str] = []
     for into, mask, weights in _residual_parts(route):
         layers, positions = _columns(mask)
-        x, y = layout.residual_handles(into, layers, positions)
+        x, y = layout.residual_handles(into, layers, cols.of(positions))
         rx += x.tolist()
         ry += y.tolist()
         pairs = zip(layers.tolist(), positions.tolist(), weights[mask].tolist(), strict=True)
@@ -244,31 +302,77 @@ def _edge_handles(
     return [attention, plot.handles(rx, ry, rid, rtext, "residual", size=9)]
 
 
+def _offscreen_sources(
+    attention: plot.Edges,
+    att_idx: np.ndarray,
+    tokens: Sequence[str],
+    cols: layout.Columns,
+    position: int,
+) -> list[go.Scatter]:
+    """Where the figure opens on a window (a long prompt's full view), an attention edge from a
+    source left of it is labelled "← s" where it enters the window (on the edge itself, so the
+    label stays right when the view is panned); the strongest :data:`MAX_SOURCE_LABELS`."""
+    low, _ = layout.x_window(cols, position)
+    if cols.compact or low <= 0 or len(att_idx) == 0:
+        return []
+    at = low + 0.35
+    y = layout.crossing_y(attention.points, at)
+    rows = np.flatnonzero((cols.of(att_idx[:, 2]) < at) & ~np.isnan(y))
+    rows = rows[np.argsort(-attention.weights[rows])][:MAX_SOURCE_LABELS]
+    if len(rows) == 0:
+        return []
+    texts = [
+        _attention_text("<b>from off screen</b>", layer, t, s, tokens)
+        for layer, t, s in att_idx[rows].tolist()
+    ]
+    return [
+        go.Scatter(
+            x=[at] * len(rows),
+            y=y[rows],
+            mode="text",
+            text=[f"←{s}" for s in att_idx[rows, 2].tolist()],
+            textposition="middle right",
+            textfont={"size": 10, "color": plot.css_rgb(plot.ATTENTION_RGB)},
+            hovertext=texts,
+            hovertemplate="%{hovertext}<extra></extra>",
+            name="off-screen sources",
+            showlegend=False,
+        )
+    ]
+
+
 def _output_row(
-    n_layers: int, tokens: Sequence[str], predictions: Sequence[Prediction], position: int
+    n_layers: int,
+    tokens: Sequence[str],
+    predictions: Sequence[Prediction],
+    position: int,
+    cols: layout.Columns,
 ) -> go.Scatter:
     """Markers above every column: a click makes that token the output position."""
-    n = len(tokens)
+    shown = cols.tokens
     texts = [
         f"<b>output position {t}</b> after {plotly_text(tokens[t])}<br>"
         f"predicts {plotly_text(predictions[t].token)} (p = {predictions[t].prob:.2f})"
         "<br>click to draw its route"
-        for t in range(n)
+        for t in shown
     ]
-    chosen = [t == position for t in range(n)]
+    chosen = [t == position for t in shown]
     return go.Scatter(
-        x=list(range(n)),
-        y=[layout.output_y(n_layers)] * n,
+        x=cols.of(list(shown)).tolist(),
+        y=[layout.output_y(n_layers)] * len(shown),
         mode="markers+text",
         marker={
             "symbol": "triangle-down",
             "size": [15 if c else 10 for c in chosen],
             "color": [plot.HIGHLIGHT if c else plot.NODE_COLOUR for c in chosen],
         },
-        text=[plotly_text(predictions[t].token) if chosen[t] else "" for t in range(n)],
+        text=[
+            plotly_text(predictions[t].token) if c else ""
+            for t, c in zip(shown, chosen, strict=True)
+        ],
         textposition="top center",
         textfont={"color": plot.HIGHLIGHT},
-        customdata=[f"{POSITION_PREFIX}{t}" for t in range(n)],
+        customdata=[f"{POSITION_PREFIX}{t}" for t in shown],
         hovertext=texts,
         hovertemplate="%{hovertext}<extra></extra>",
         name="output position",
@@ -279,8 +383,7 @@ def _output_row(
     )
 
 
-def _highlight(selected: str, n_layers: int, n_tokens: int) -> list[go.Scatter]:
-    """A red ring on the selected node, block or edge handle (and a red line along an edge)."""
+def _check_selected(selected: str, n_layers: int, n_tokens: int) -> None:
     edge = parse_attention_edge(selected)
     node = parse_node(selected) if edge is None else Node("A", edge[0], edge[1])
     if node is None or node.layer >= n_layers or node.token >= n_tokens:
@@ -288,9 +391,18 @@ def _highlight(selected: str, n_layers: int, n_tokens: int) -> list[go.Scatter]:
             f"{selected!r} is not a node or attention edge of this graph ({n_layers} layers, "
             f"{n_tokens} tokens); name one like X0_0, M0_0 or X0_0->A0_0"
         )
+
+
+def _highlight(selected: str, cols: layout.Columns) -> list[go.Scatter]:
+    """A red ring on the selected node, block or edge handle (and a red line along an edge);
+    ``selected`` is checked (:func:`_check_selected`) and its tokens are shown columns."""
+    edge = parse_attention_edge(selected)
+    node = parse_node(selected) if edge is None else Node("A", edge[0], edge[1])
+    assert node is not None  # checked by _check_selected
     traces: list[go.Scatter] = []
     if edge is not None:
-        points = layout.attention_points(*edge)[0]  # [3, 2]
+        layer, t, s = edge
+        points = layout.attention_points(layer, cols.of(t), cols.of(s))[0]  # [3, 2]
         traces.append(
             go.Scatter(
                 x=points[:, 0],
@@ -301,9 +413,9 @@ def _highlight(selected: str, n_layers: int, n_tokens: int) -> list[go.Scatter]:
                 showlegend=False,
             )
         )
-        x, y = layout.attention_handles(*edge)
+        x, y = layout.attention_handles(layer, cols.of(t), cols.of(s))
     else:
-        x, y = layout.node_x(node.kind, node.token), layout.node_y(node.kind, node.layer)
+        x, y = layout.node_x(node.kind, cols.of(node.token)), layout.node_y(node.kind, node.layer)
     ring = {
         "symbol": "circle-open",
         "size": 18,
@@ -333,7 +445,8 @@ def diff_figure(diff: RouteDiff, *, position: int) -> go.Figure:
         after_attention=before.after_attention | after.after_attention,
         after_layer=before.after_layer | after.after_layer,
     )
-    traces: list[go.Scatter] = [_route_nodes(union, tokens, name="node", sizes=(4, 6))]
+    cols = layout.all_columns(graph.n_tokens)
+    traces: list[go.Scatter] = [_route_nodes(union, tokens, cols, name="node", sizes=(4, 6))]
     hx: list[float] = []
     hy: list[float] = []
     htext: list[str] = []
@@ -341,8 +454,8 @@ def diff_figure(diff: RouteDiff, *, position: int) -> go.Figure:
         part = diff.part(status)
         rgb = plot.DIFF_RGB[status]
         traces.append(plot.legend_entry(f"{status} ({part.n_edges})", status, plot.css_rgb(rgb)))
-        attention, idx = _attention_edges(part)
-        for edges in (_residual_edges(part), _ffn_edges(part), attention):
+        attention, idx = _attention_edges(part, cols)
+        for edges in (_residual_edges(part, cols), _ffn_edges(part, cols), attention):
             traces += plot.line_traces(edges, rgb, status)
         x, y = layout.attention_handles(idx[:, 0], idx[:, 1], idx[:, 2])
         hx += x.tolist()

