@@ -108,7 +108,7 @@ def test_the_wheel_holds_the_app_configs_shapes_and_prompts(wheel: Path) -> None
         for path in (REPO / folder).rglob("*")
         if path.is_file() and "__pycache__" not in path.parts
     }
-    assert f"{bundle}app/main.py" in expected and f"{bundle}config/shapes/Llama-3.1-8B.json" in expected
+    assert {f"{bundle}app/main.py", f"{bundle}config/shapes/Llama-3.1-8B.json"} <= expected
     assert expected <= names, sorted(expected - names)
     assert not any(n.startswith(("app/", "config/", "tests/", "docs/")) for n in names)
     assert not any(n.startswith(bundle) and n.count("/") == 2 and n.endswith(".py") for n in names)

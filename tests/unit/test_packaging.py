@@ -24,9 +24,7 @@ def _packages(folder: str, prefix: str) -> set[str]:
 
 
 def test_every_package_of_the_tree_is_in_the_wheel() -> None:
-    expected = (
-        _packages("llm_flow", "") | _packages("app", f"{BUNDLE}.") | {BUNDLE}
-    )
+    expected = _packages("llm_flow", "") | _packages("app", f"{BUNDLE}.") | {BUNDLE}
     assert set(SETUPTOOLS["packages"]) == expected
     assert SETUPTOOLS["package-dir"] == {BUNDLE: "."}  # the bundle is laid out as the repository
 
