@@ -78,6 +78,8 @@ def route_tab(cfg: AppConfig, sidebar: Sidebar) -> None:
 
     session.write_url(
         model=sidebar.model_label,
+        device=sidebar.model_key.device,
+        dtype=sidebar.model_key.dtype,
         prompt=prompt,
         position=position,
         threshold=settings.threshold,
