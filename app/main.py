@@ -1,9 +1,10 @@
-"""The llm-flow explorer: ``streamlit run app/main.py -- config/local.json`` (``make run``).
+"""The llm-flow explorer: ``streamlit run app/main.py -- config/local.json`` (``make run``), or
+``llm-flow app`` from anywhere (an installed wheel runs its bundled copy of this file).
 
 Wiring only: the config, the session (:mod:`app.session`), the sidebar
 (:mod:`app.views.controls`) and the two tabs (:mod:`app.views.route`,
 :mod:`app.views.dataset`). The config path is the first argument after ``--``, else
-``$LLM_FLOW_CONFIG``, else the repository's ``config/local.json``.
+``$LLM_FLOW_CONFIG``, else the bundled ``config/local.json`` (:mod:`llm_flow.resources`).
 
 Every error a user can cause is shown as ``st.error`` saying what to do, and the page stops
 there (:func:`app.views.errors.guarded`); the sidebar stays usable, so the app keeps serving
@@ -16,8 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-# `streamlit run app/main.py` puts app/ on sys.path, not the repository root that holds the
-# `app` package (and, without an editable install, `llm_flow`).
+# `streamlit run app/main.py` puts app/ on sys.path, not the folder that holds the `app` package:
+# the repository root (which, without an editable install, also holds `llm_flow`), or in an
+# installed wheel llm_flow/bundle/, so `app` is importable only inside the server.
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))

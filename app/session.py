@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import streamlit as st
+import torch
 
 from app.cache import AblationKey, DatasetKey, FaithfulnessKey, prompts_of
 from app.selection import Selection, clicked, selected_row
@@ -22,6 +23,9 @@ from llm_flow.io.figure import parse_position
 from llm_flow.io.layout import COMPACT_ABOVE
 
 THRESHOLD_MAX = 0.2
+# As the CLI's --dtype: half precision runs on a CPU too (slower there, half the memory).
+DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_DEVICE = "cpu"
 
 # Session-state keys of widgets (the widgets are created with these keys).
 MODEL = "model"
@@ -67,6 +71,11 @@ _PREFERRED_UNIT = "preferred_unit"
 CUSTOM_CHOICE = "Custom model…"
 
 
+def devices() -> list[str]:
+    """The devices this machine offers (cuda only when a GPU is visible)."""
+    return [DEFAULT_DEVICE] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def init_session(cfg: AppConfig) -> None:
     """Set every widget's starting value once per browser session, from the URL if it has one.
 
@@ -93,8 +102,24 @@ def init_session(cfg: AppConfig) -> None:
                 f"The link's model {model!r} is not available here; showing {cfg.default_model!r}."
             )
     ss.setdefault(CUSTOM_MODEL, "")
-    ss[DEVICE] = "cpu"
-    ss[DTYPE] = "float32"
+    ss[DEVICE] = DEFAULT_DEVICE
+    device = params.get("device")
+    if device in devices():
+        ss[DEVICE] = device
+    elif device:
+        notices.append(
+            f"The link's device {device!r} is not available here "
+            f"(this machine offers {', '.join(devices())}); using {DEFAULT_DEVICE!r}."
+        )
+    ss[DTYPE] = DTYPES[0]
+    dtype = params.get("dtype")
+    if dtype in DTYPES:
+        ss[DTYPE] = dtype
+    elif dtype:
+        notices.append(
+            f"The link's precision {dtype!r} is not one of {', '.join(DTYPES)}; "
+            f"using {DTYPES[0]!r}."
+        )
 
     prompt = params.get("prompt")
     ss[_EXTRA_PROMPTS] = [prompt] if prompt else []
@@ -141,6 +166,8 @@ def init_session(cfg: AppConfig) -> None:
 def write_url(
     *,
     model: str,
+    device: str,
+    dtype: str,
     prompt: str,
     position: int,
     threshold: float,
@@ -154,6 +181,8 @@ def write_url(
     left out (only when it changed, to keep history clean)."""
     params = {
         "model": model,
+        "device": None if device == DEFAULT_DEVICE else device,
+        "dtype": None if dtype == DTYPES[0] else dtype,
         "prompt": prompt,
         "position": position,
         "threshold": f"{threshold:g}",

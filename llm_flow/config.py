@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
+from llm_flow import resources
 from llm_flow.errors import ConfigError, PromptError, UnknownModelError
 from llm_flow.placement import DeviceMap, MaxMemory, parse_device_map, parse_max_memory
 from llm_flow.validate import check_prompt
@@ -78,7 +79,6 @@ _MODEL_KEYS: tuple[str, ...] = (
 RANDOM_PREFIX = "random:"
 # A hub id is "name" or "owner/name" (Hugging Face's own character set).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-_REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "local.json"
 
 
 def _choices(values: tuple[str, ...] | list[str]) -> str:
@@ -424,10 +424,11 @@ def packaged_specs() -> tuple[ModelSpec, ...]:
 
 
 def default_config() -> AppConfig:
-    """The repository's ``config/local.json`` when running from a checkout, else a config with
-    just the packaged models (an installed wheel has no ``config/`` folder)."""
-    if _REPO_CONFIG.is_file():
-        return load_config(_REPO_CONFIG)
+    """The bundled ``config/local.json`` (the repository's in a checkout, the wheel's copy when
+    installed: :mod:`llm_flow.resources`), else a config with just the packaged models."""
+    path = resources.default_config_file()
+    if path.is_file():
+        return load_config(path)
     specs = packaged_specs()
     return AppConfig(models=specs, default_model=specs[0].name)
 

@@ -38,6 +38,10 @@ class DeviceError(LlmFlowError):
     """The requested device or dtype is not available (e.g. CUDA on a CPU-only machine)."""
 
 
+class LaunchError(LlmFlowError):
+    """The explorer cannot be started (Streamlit, or a file the package bundles, is missing)."""
+
+
 class InputError(LlmFlowError, ValueError):
     """An argument is outside what the model, the prompt or the analysis allows."""
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import pandas as pd
 import streamlit as st
-import torch
 
 from app import session
 from app.cache import CachedTrace, LoadedModel, ModelKey
@@ -62,21 +61,19 @@ def model_controls(cfg: AppConfig) -> tuple[ModelKey, str]:
         spec = cfg.model(choice)
         label = choice
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = session.devices()
     if ss.get(session.DEVICE) not in devices:
-        ss[session.DEVICE] = "cpu"
+        ss[session.DEVICE] = session.DEFAULT_DEVICE
     left, right = st.columns(2)
     device = left.selectbox(
         "Device", devices, key=session.DEVICE, help="cuda is listed when a GPU is available"
     )
-    dtypes = ["float32"] + (["float16", "bfloat16"] if device == "cuda" else [])
-    if ss.get(session.DTYPE) not in dtypes:
-        ss[session.DTYPE] = "float32"
     dtype = right.selectbox(
         "Precision",
-        dtypes,
+        session.DTYPES,
         key=session.DTYPE,
-        help="Half precision needs a GPU. Contributions always accumulate in float32.",
+        help="The model's weights and activations. float16 and bfloat16 halve the memory (on "
+        "a CPU they are usually slower). Contributions always accumulate in float32.",
     )
     return ModelKey(spec, device, dtype), label
 

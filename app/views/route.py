@@ -140,6 +140,8 @@ def route_view(view: RouteView) -> None:
 
     session.write_url(
         model=sidebar.model_label,
+        device=sidebar.model_key.device,
+        dtype=sidebar.model_key.dtype,
         prompt=view.prompt,
         position=position,
         threshold=settings.threshold,

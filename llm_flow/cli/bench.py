@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from llm_flow import resources
 from llm_flow.engine.contributions import kernel_for
 from llm_flow.engine.graph import (
     FlowGraph,
@@ -42,7 +43,7 @@ from llm_flow.engine.routes import find_route
 from llm_flow.errors import InputError, LlmFlowError
 from llm_flow.models.base import LayerRun, TransparentLlm
 
-BENCH_TEXT = Path(__file__).resolve().parents[2] / "sample_inputs" / "bench_text.txt"
+BENCH_TEXT = resources.sample_inputs_dir() / "bench_text.txt"
 ROUTE_THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.1)
 
 

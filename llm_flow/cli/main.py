@@ -290,6 +290,14 @@ def _dataset(args: argparse.Namespace) -> None:
         write_table(frame, args.out)
 
 
+def _app(args: argparse.Namespace) -> None:
+    from llm_flow.cli import launch
+
+    code = launch.run(launch.command(args.config, args.streamlit_options))
+    if code:
+        raise SystemExit(code)
+
+
 COMMANDS = {
     "info": _info,
     "graph": _graph,
@@ -297,12 +305,19 @@ COMMANDS = {
     "ablate": _ablate,
     "faithfulness": _faithfulness,
     "dataset": _dataset,
+    "app": _app,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "app":  # the options llm-flow does not know are streamlit's
+        args.streamlit_options = extra
+    elif extra:
+        parser.parse_args(argv)  # argparse's own one-line error, exit 2
+    if args.command != "app":  # the server is another program, with its own logging
+        _quiet_libraries()
     try:
         COMMANDS[args.command](args)
     except LlmFlowError as exc:

@@ -18,12 +18,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line too."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"llm-flow: error: {message} (see llm-flow {self.prog.split()[-1]} -h)\n")
+        sys.stderr.write(f"llm-flow: error: {message} (see {self.prog} -h)\n")
         raise SystemExit(EXIT_USAGE)
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
-    p.add_argument("--config", help="JSON config (default: the repo's config/local.json)")
+    p.add_argument("--config", help="JSON config (default: the bundled config/local.json)")
     p.add_argument("--model", help="model name from the config (default: its default_model)")
     if device:
         p.add_argument(
@@ -153,4 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time the per-head contributions of every query of the middle layer",
     )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+
+    app = sub.add_parser(
+        "app",
+        help="start the explorer (Streamlit) from any folder",
+        description="Start the Streamlit explorer. Every other option goes to `streamlit run`, "
+        "e.g. --server.port 8600 --server.headless true (see streamlit run --help).",
+        usage="llm-flow app [-h] [--config PATH] [streamlit options …]",
+    )
+    app.add_argument(
+        "--config", metavar="PATH", help="JSON config (default: the bundled config/local.json)"
+    )
     return parser

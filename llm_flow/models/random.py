@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
+from llm_flow import resources
 from llm_flow.errors import ModelLoadError
 from llm_flow.models.dispatch import check_fits, dispatch, infer_device_map, materialize
 from llm_flow.placement import Device
 
-SHAPES_DIR = Path(__file__).resolve().parents[2] / "config" / "shapes"
+SHAPES_DIR = resources.shapes_dir()
 SEED = 0
 _BOS = "<bos>"
 

@@ -57,6 +57,34 @@ def test_the_url_reproduces_the_view() -> None:
     assert dict(at.query_params) == query
 
 
+def test_a_link_to_an_absent_device_says_so_and_uses_the_cpu() -> None:
+    at = start({"device": "cuda", "dtype": "bfloat16"})  # no GPU on this machine
+    assert_serving(at)
+    warnings = " ".join(w.value for w in at.warning)
+    assert "device 'cuda' is not available here" in warnings and "'cpu'" in warnings
+    assert at.selectbox(key=session.DEVICE).value == "cpu"
+    assert at.selectbox(key=session.DTYPE).value == "bfloat16"  # the rest of the link holds
+    assert "device" not in at.query_params and at.query_params["dtype"] == "bfloat16"
+    at.run()
+    assert not at.warning  # said once
+
+
+def test_a_link_to_a_present_device_uses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # pretend a GPU is present
+    at = start({"device": "cuda", "dtype": "float16"})
+    assert not at.warning
+    assert at.selectbox(key=session.DEVICE).value == "cuda"
+    assert at.selectbox(key=session.DTYPE).value == "float16"
+    assert at.error and not at.exception  # the fake GPU cannot load: an error, no traceback
+
+
+def test_a_link_to_an_unknown_precision_says_so() -> None:
+    at = start({"dtype": "float8"})
+    assert_serving(at)
+    assert any("precision 'float8' is not one of" in w.value for w in at.warning)
+    assert at.selectbox(key=session.DTYPE).value == "float32"
+
+
 def test_bad_links_warn_and_fall_back() -> None:
     at = start({"selection": "A99_0", "threshold": "7", "position": "x"})
     assert_serving(at)

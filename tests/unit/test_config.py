@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from llm_flow import config as config_module
+from llm_flow import resources
 from llm_flow.config import (
     PACKAGED_MODEL_NAMES,
     PACKAGED_MODELS,
@@ -186,7 +186,7 @@ def test_default_config_is_the_repo_config() -> None:
 def test_default_config_without_repo_config_has_the_packaged_models(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(config_module, "_REPO_CONFIG", tmp_path / "missing.json")
+    monkeypatch.setattr(resources, "default_config_file", lambda: tmp_path / "missing.json")
 
     cfg = default_config()
 

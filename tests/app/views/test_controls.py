@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from streamlit.testing.v1 import AppTest
 
 from app import session
 from tests.app.apptest import assert_serving, errors, route_caption, start
@@ -76,17 +77,32 @@ def test_demo_mode_hides_custom_models_and_file_loading(demo_config_path: Path) 
     assert not [b for b in at.button if b.key == "load_prompts"]
 
 
-def test_precision_choices_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+def _model_info(at: AppTest) -> dict[str, str]:
+    info = at.sidebar.dataframe[0].value
+    return dict(zip(info["property"], info["value"], strict=True))
+
+
+def test_cuda_is_offered_when_a_gpu_is_present(monkeypatch: pytest.MonkeyPatch) -> None:
     at = start()
     assert at.selectbox(key=session.DEVICE).options == ["cpu"]  # no GPU on this machine
-    assert at.selectbox(key=session.DTYPE).options == ["float32"]
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # pretend one is present
     at.run()
     assert at.selectbox(key=session.DEVICE).options == ["cpu", "cuda"]
     at.selectbox(key=session.DEVICE).set_value("cuda").run()
-    assert at.selectbox(key=session.DTYPE).options == ["float32", "float16", "bfloat16"]
-    at.selectbox(key=session.DTYPE).set_value("bfloat16").run()
     assert at.error and not at.exception  # the fake GPU cannot load: an error, no traceback
     at.selectbox(key=session.DEVICE).set_value("cpu").run()
-    assert at.selectbox(key=session.DTYPE).value == "float32"  # half precision needs a GPU
     assert_serving(at)
+
+
+def test_half_precision_runs_on_the_cpu_as_in_the_cli() -> None:
+    at = start()
+    assert at.selectbox(key=session.DEVICE).value == "cpu"
+    assert at.selectbox(key=session.DTYPE).options == ["float32", "float16", "bfloat16"]
+    assert _model_info(at)["dtype"] == "float32"
+    for dtype in ("bfloat16", "float16"):
+        at.selectbox(key=session.DTYPE).set_value(dtype).run()
+        assert_serving(at)
+        assert _model_info(at)["dtype"] == dtype  # the model really was reloaded in it
+        assert at.query_params["dtype"] == dtype
+    at.selectbox(key=session.DTYPE).set_value("float32").run()
+    assert "dtype" not in at.query_params  # the default stays out of the link
