@@ -23,7 +23,7 @@ from llm_flow.analyses.interventions import Ablation, HeadRef
 from llm_flow.engine import routes, trace
 from llm_flow.errors import ContrastError, InputError, PositionError
 from tests.cli_runner import run_cli
-from tests.conftest import SavedTiny
+from tests.conftest import SavedTiny, f32_tol
 from tests.tiny import ARCHS, prompt, tiny_hf_model, tiny_tokenizer
 
 TEXT = prompt(6)
@@ -40,8 +40,12 @@ def test_trace_is_the_engine_trace(tr: lf.Trace) -> None:
     assert isinstance(tr, trace.Trace)
     assert tr.tokens == plain.tokens and tr.token_ids == plain.token_ids
     assert torch.equal(tr.graph.attn_offsets, plain.graph.attn_offsets)
-    assert torch.equal(tr.graph.attn_weights, plain.graph.attn_weights)
-    assert torch.equal(tr.run.logits, plain.run.logits)
+    # Two passes of one model need not agree bit for bit: with one thread, torch's CPU kernels
+    # gave layer 0 activations that differed in the last bit between passes (measured).
+    tol = {"atol": f32_tol(terms=3 * 128), "rtol": 0}
+    torch.testing.assert_close(tr.graph.attn_weights, plain.graph.attn_weights, **tol)
+    scale = float(plain.run.logits.abs().max())
+    torch.testing.assert_close(tr.run.logits, plain.run.logits, atol=scale * tol["atol"], rtol=0)
     token, token_id, prob = tr.prediction()
     assert (
         token_id == int(tr.run.logits[-1].argmax()) and token == tr.llm.token_strings([token_id])[0]
