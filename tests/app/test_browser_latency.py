@@ -8,8 +8,8 @@ route, the long prompt opens on the route's tokens only and the whole route fits
 mouse wheel over the graph scrolls the page (zoom is the toolbar's), a slow step shows a spinner,
 and an over-long paste into "Add a prompt" gets the prompt-length error.
 
-Skipped unless SmolLM2's dequantized weights are cached (a tiny random model's config limits
-prompts to 120 characters, and its timings would say nothing).
+It needs SmolLM2 itself (a tiny random model's config limits prompts to 120 characters, and its
+timings would say nothing): the session's ``packaged_llm`` fixture puts it in the cache first.
 """
 
 from __future__ import annotations
@@ -108,9 +108,10 @@ _GEOMETRY = f"""() => {{
 
 
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    if not _smollm2_cached():
-        pytest.skip("needs the packaged SmolLM2's cached weights (run the app once)")
+def base_url(packaged_llm: Any) -> Iterator[str]:
+    # packaged_llm dequantizes SmolLM2 into the cache once (~20 s with an empty LLM_FLOW_CACHE),
+    # so the app's first load below is a quick reload and the test never skips for want of it.
+    assert _smollm2_cached()
     with running_app(REPO / "config" / "local.json", "streamlit-latency.log") as base:
         yield base
 
