@@ -5,7 +5,7 @@ floats) in memory before reducing it; on a CPU that is memory-bound and the batc
 only H inner terms run far below peak. These kernels build parts in a small scratch buffer that
 stays in cache and reduce them at once, and they allocate nothing of size T·T·D.
 
-Work is split into tiles of ``QUERY_TILE`` consecutive query rows; inside a tile each source's
+Work is split into tiles of up to ``QUERY_TILE`` consecutive query rows; inside a tile each source's
 head outputs ``u[s]`` (H·D floats) are read once from memory and reused for every query of the
 tile, and every inner loop runs over the contiguous model dimension in float32 so LLVM
 vectorizes it (``fastmath`` lets it reorder the sums into SIMD partial sums, which also keeps the
@@ -23,12 +23,22 @@ Same math as :func:`llm_flow.engine.contributions.attention_proximity` and
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
 from torch import Tensor
 
-QUERY_TILE = 16  # query rows sharing each source's head outputs: 16 rows' sign/|y| fit in L2
+# Query rows sharing each source's head outputs: 64 rows' sign/|y| (300 KB for D = 576) still fit
+# in L2, and a SmolLM2 layer at 1024 tokens ran ~15 % faster than with 16 (measured). Fewer rows
+# when a prompt is short, so that every thread still gets two pairs of tiles.
+QUERY_TILE = 64
+MIN_QUERY_TILE = 16
+
+
+def query_tile(n_rows: int) -> int:
+    """The rows per tile for ``n_rows`` queries on numba's threads."""
+    return max(MIN_QUERY_TILE, min(QUERY_TILE, n_rows // (4 * numba.get_num_threads())))
 
 
 # fastmath lets LLVM vectorize the reductions; inputs are finite (the run's self-checks passed).
@@ -245,7 +255,8 @@ def attention_proximity_cpu(
     out = np.zeros((whole.shape[0], pattern.shape[-1]), dtype=np.float32)
     u = head_outputs.contiguous().numpy()
     a = pattern.contiguous().numpy()  # read in place: a query-major copy cost ~15 % of the kernel
-    _attention_prox(a, scale.contiguous().numpy(), u, sign, y_abs, out, QUERY_TILE)
+    tile = query_tile(whole.shape[0])
+    _attention_prox(a, scale.contiguous().numpy(), u, sign, y_abs, out, tile)
     return torch.from_numpy(out)
 
 
@@ -261,6 +272,13 @@ def head_proximity_cpu(
     index = rows.to(torch.int64).contiguous()
     row_scale = scale[index].contiguous().numpy()
     _head_prox(
-        pattern.contiguous().numpy(), row_scale, u, sign, y_abs, index.numpy(), out, QUERY_TILE
+        pattern.contiguous().numpy(),
+        row_scale,
+        u,
+        sign,
+        y_abs,
+        index.numpy(),
+        out,
+        query_tile(len(rows)),
     )
     return torch.from_numpy(out)

@@ -243,6 +243,26 @@ def test_fused_kernel_equals_float64_for_any_tile_and_head_count(n: int, h: int)
     assert (kernel.triu(1) == 0).all()
 
 
+@pytest.mark.parametrize("tile", [1, 3, 16, 64])
+def test_fused_kernel_tiles_of_any_size_give_the_same_proximities(tile: int) -> None:
+    """``query_tile`` picks 16-64 rows by prompt length and thread count; any size covers every
+    (query, source) pair once (64 here is one partial tile of 45 rows)."""
+    from llm_flow.engine import kernels
+
+    n, h, d = 45, 5, 24
+    whole, pattern, u, scale = _random_layer(n, h, d, seed=tile)
+    sign, y_abs = kernels._signs_and_abs(whole)
+    out = torch.zeros(n, n).numpy()
+    args = (pattern.numpy(), scale.numpy(), u.numpy(), sign, y_abs, out, tile)
+    kernels._attention_prox(*args)
+    exact = attention_proximity(
+        whole.double(), pattern.double(), u.double(), scale.double(), backend="torch"
+    )
+    bound = f32_tol(terms=h + 2 * d) * _parts_l1(pattern, u, scale)
+    assert ((torch.from_numpy(out).double() - exact).abs() <= bound).all()
+    assert (torch.from_numpy(out).triu(1) == 0).all()
+
+
 @pytest.mark.parametrize("h", [1, 4, 6, 9])
 def test_fused_per_head_kernel_equals_float64(h: int) -> None:
     """Heads four per pass over D: fewer than four, exactly four, a last group overlapping."""
