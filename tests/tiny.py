@@ -7,6 +7,7 @@ would fail the tests instead of passing by accident (fresh HF norms are all ones
 
 from __future__ import annotations
 
+import functools
 import tempfile
 
 import torch
@@ -86,10 +87,17 @@ ARCHS = tuple(CONFIGS)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``w0 … w60`` that prepends ``<bos>``.
+    """A word-level tokenizer over ``w0 … w60`` that prepends ``<bos>``, a fresh object per call.
 
-    Saved and reloaded from disk because TransformerLens re-opens tokenizers by their path.
+    Loaded from disk because TransformerLens re-opens tokenizers by their path.
     """
+    return AutoTokenizer.from_pretrained(_tokenizer_folder().name)
+
+
+@functools.cache
+def _tokenizer_folder() -> tempfile.TemporaryDirectory[str]:
+    """The tokenizer saved once per process, in a folder removed at exit (one folder per call
+    left ~950 behind in /tmp after a few suite runs)."""
     vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -105,9 +113,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         pad_token="<eos>",
     )
-    folder = tempfile.mkdtemp(prefix="llm-flow-tok-")
-    fast.save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
+    folder = tempfile.TemporaryDirectory(prefix="llm-flow-tok-")
+    fast.save_pretrained(folder.name)
+    return folder
 
 
 def random_model(config: tf.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
