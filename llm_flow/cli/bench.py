@@ -113,8 +113,19 @@ def device_name(device: torch.device) -> str:
     """What the numbers were measured on: the GPU's name, or the CPU's and its core count."""
     if device.type == "cuda":
         return str(torch.cuda.get_device_name(device))
-    cpu = platform.processor() or platform.machine()
-    return f"CPU {cpu} ({os.cpu_count()} cores)"
+    return f"CPU {_cpu_model()} ({os.cpu_count()} cores)"
+
+
+def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name where Linux says it (platform.processor() is empty there), with its
+    architecture; else what platform knows."""
+    arch = platform.machine()
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return f"{value.strip()}, {arch}"
+    return platform.processor() or arch
 
 
 def parse_token_counts(text: str) -> list[int]:

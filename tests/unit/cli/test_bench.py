@@ -4,6 +4,7 @@ reported, never asserted."""
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,12 @@ def test_bench_table(capsys: pytest.CaptureFixture[str], config_file: Path) -> N
     assert lines[1].endswith("baseline: transformers, sdpa attention")
     assert "forward_s" in lines[2] and "hf_fwd_s" in lines[2] and "e2e/hf" in lines[2]
     assert lines[3].split()[0] == "4" and lines[3].split()[-1] == "-"
+
+
+def test_the_cpu_is_named_by_its_model(tmp_path: Path) -> None:
+    from llm_flow.cli.bench import _cpu_model
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t: fpu\n")
+    assert _cpu_model(cpuinfo) == f"Example CPU 9000, {platform.machine()}"
+    assert _cpu_model(tmp_path / "absent") == (platform.processor() or platform.machine())
