@@ -25,7 +25,7 @@ from llm_flow.engine.routes import Route, find_route
 from llm_flow.engine.trace import Trace
 from llm_flow.io.export import graph_json, to_graphml
 from llm_flow.io.figure import flow_figure
-from llm_flow.io.text import display_token, markdown_text
+from llm_flow.io.text import display_token, markdown_text, position_text
 
 GRAPH_CONFIG = {
     "displaylogo": False,
@@ -142,7 +142,7 @@ def _prediction(model_label: str, traced: Trace, position: int) -> None:
         f"**“{markdown_text(display_token(prediction.token))}”** "
         f"(p = {prediction.prob:.2f}) after "
         f"“{markdown_text(display_token(traced.tokens[position]))}” "
-        f"(token {position} of {traced.n_tokens})"
+        f"({position_text(position, traced.n_tokens)})"
     )
 
 

@@ -23,7 +23,7 @@ def test_the_prediction_of_the_position_is_shown() -> None:
     at = start({"position": "2"})
     assert_serving(at)
     line = next(m.value for m in at.markdown if " predicts " in m.value)
-    assert line.startswith("**tiny** predicts") and "(token 2 of 7)" in line
+    assert line.startswith("**tiny** predicts") and "(token 2 of 0–6)" in line
 
 
 def test_downloads_are_offered_and_hold_the_route(downloads: Downloads, config_path: Path) -> None:
