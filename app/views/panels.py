@@ -77,7 +77,9 @@ def _token(tokens: tuple[str, ...], t: int) -> str:
     return f"“{markdown_text(display_token(tokens[t]))}” ({position_text(t)})"
 
 
-def drawn_attention_text(route: Route, graph_weight: float, layer: int, t: int, s: int) -> str:
+def drawn_attention_text(
+    route: Route, graph_weight: float | torch.Tensor, layer: int, t: int, s: int
+) -> str:
     """The attention edge's weight exactly as the graph draws (and hovers) it: the route's,
     renormalized or not, else the graph's with a note that it is off the route."""
     idx = torch.tensor([[layer, t, s]])
