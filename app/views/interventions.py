@@ -34,7 +34,7 @@ from llm_flow.analyses.interventions import (
     parse_heads,
     parse_neurons,
 )
-from llm_flow.analyses.route_diff import STATUSES
+from llm_flow.analyses.route_diff import DEFAULT_FACTOR
 from llm_flow.config import AppConfig
 from llm_flow.errors import InterventionError, LlmFlowError
 from llm_flow.io.figure import diff_figure
@@ -308,13 +308,15 @@ def _route_diff(result: AblationResult, ctx: Context) -> None:
     table of the edges that changed most (routes only: both graphs are cached)."""
     diff = result.route_diff(ctx.threshold, ctx.renormalize)
     edges = diff.edges()
-    counts = {status: sum(e.status == status for e in edges) for status in STATUSES}
+    counts = diff.counts(DEFAULT_FACTOR)
     st.markdown("**Route before vs after the ablation**")
     st.caption(
         f"τ = {ctx.threshold:.3f}"
         + (", renormalized" if ctx.renormalize else "")
-        + f": {counts['kept']} edges kept, {counts['lost']} lost (red), "
-        f"{counts['gained']} gained (green). Hover an attention edge or FFN block for its "
+        + f": {counts['lost']} edges lost (red), {counts['gained']} gained (green), "
+        f"{counts['kept']} kept: {counts['weakened']} weakened to ≤ 1/{DEFAULT_FACTOR:g} "
+        f"(orange), {counts['strengthened']} strengthened ≥ {DEFAULT_FACTOR:g}× (purple), "
+        f"{counts['similar']} similar (grey). Hover an attention edge or FFN block for its "
         "weight before → after."
     )
     st.plotly_chart(

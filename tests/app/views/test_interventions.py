@@ -70,7 +70,7 @@ def diff_table(at: AppTest) -> pd.DataFrame:
 
 
 def diff_caption(at: AppTest) -> str:
-    return next(c.value for c in at.caption if "edges kept" in c.value)
+    return next(c.value for c in at.caption if "edges lost" in c.value)
 
 
 def shown_diff(at: AppTest, threshold: float) -> RouteDiff:
@@ -96,9 +96,10 @@ def test_ablation_draws_the_route_before_and_after() -> None:
     assert_serving(at)
     assert cache.store().ablations.computed == ablations + 1
     diff = shown_diff(at, 0.02)
-    counts = diff.to_dict()["n_edges"]
+    counts = diff.counts()
     assert counts["lost"] + counts["gained"] > 0  # ablating every head of layer 0 moves it
-    assert f"{counts['kept']} edges kept, {counts['lost']} lost" in diff_caption(at)
+    assert f"{counts['lost']} edges lost (red), {counts['gained']} gained" in diff_caption(at)
+    assert f"{counts['kept']} kept: {counts['weakened']} weakened" in diff_caption(at)
     table = diff_table(at)
     want = diff.edges()[: len(table)]
     assert list(table["edge"]) == [f"{e.source} → {e.target}" for e in want]
@@ -113,8 +114,9 @@ def test_ablation_draws_the_route_before_and_after() -> None:
     assert_serving(at)
     assert cache.store().ablations.computed == ablations + 1
     assert cache.store().traces.computed == traces
-    counts = shown_diff(at, 0.1).to_dict()["n_edges"]
-    assert f"{counts['kept']} edges kept, {counts['lost']} lost" in diff_caption(at)
+    counts = shown_diff(at, 0.1).counts()
+    assert f"{counts['lost']} edges lost (red), {counts['gained']} gained" in diff_caption(at)
+    assert f"{counts['kept']} kept: {counts['weakened']} weakened" in diff_caption(at)
 
 
 def test_an_ablated_edge_carries_nothing_after() -> None:
