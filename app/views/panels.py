@@ -35,7 +35,7 @@ from llm_flow.analyses.lens import (
 )
 from llm_flow.engine.contributions import neuron_contributions
 from llm_flow.engine.graph import layer_head_contributions
-from llm_flow.engine.nodes import NODE_WORDS, node_id, source_id
+from llm_flow.engine.nodes import NODE_WORDS, describe_node, node_id, source_id
 from llm_flow.engine.routes import Route
 from llm_flow.io.plot import ATTENTION_RGB, FFN_RGB
 from llm_flow.io.text import display_token, markdown_text, position_text, weight_text
@@ -316,9 +316,8 @@ def residual_panel(selection: Selection, ctx: PanelContext) -> None:
     node = selection.id
     layer, t = selection.layer, selection.token
     tokens = run.tokens
-    where = "The" if selection.node == "X" else f"Layer {layer}: the"
     st.subheader(f"Residual {node}")
-    st.markdown(f"{where} {NODE_WORDS[selection.node]} at {_token(tokens, t)}.")
+    st.markdown(f"{describe_node(selection.node, layer).capitalize()} at {_token(tokens, t)}.")
     lens = logit_lens(traced, node, normalize=ctx.normalize_lens, k=TOP_TOKENS)
     previous = previous_node(node, run.n_layers)
     st.markdown("**Logit lens** · top tokens")

@@ -52,13 +52,14 @@ def test_selecting_an_edge_a_block_and_a_node_fills_the_panel() -> None:
     assert_serving(at)
     assert subheaders(at)[-1] == f"Residual {node}"
     layer, t = node[1:].split("_")
-    assert f"Layer {layer}: the residual after the layer at" in markdown(at)
+    assert f"The residual after layer {layer} at" in markdown(at)
+    assert "after the layer of layer" not in markdown(at)  # issue 12
     assert "rank" in at.dataframe[0].value.columns
     at.toggle(key=session.NORMALIZE_LENS).set_value(False).run()
     assert_serving(at)
     at.button(key="go_previous").click().run()
     assert subheaders(at)[-1] == f"Residual A{layer}_{t}"
-    assert f"Layer {layer}: the residual after attention at" in markdown(at)
+    assert f"The residual after layer {layer}'s attention at" in markdown(at)
     at.button(key="clear_selection").click().run()
     assert_serving(at)
     assert not subheaders(at)
