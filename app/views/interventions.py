@@ -38,7 +38,7 @@ from llm_flow.analyses.route_diff import DEFAULT_FACTOR
 from llm_flow.config import AppConfig
 from llm_flow.errors import InterventionError, LlmFlowError
 from llm_flow.io.figure import diff_figure
-from llm_flow.io.text import display_token, markdown_text
+from llm_flow.io.text import display_token, markdown_text, position_text
 
 Key = TypeVar("Key", "AblationKey", "FaithfulnessKey")
 DEFAULT_MEAN_FILE = "factual.txt"
@@ -299,7 +299,7 @@ def _before_after(result: AblationResult, pair: tuple[str, str] | None) -> None:
         after.metric("logit difference", f"{now:+.2f}", delta=f"{now - was:+.2f}")
         st.caption(
             f"Logit difference “{display_token(pair[0])}” − “{display_token(pair[1])}” at "
-            f"token {result.position}."
+            f"{position_text(result.position)}."
         )
 
 
