@@ -87,3 +87,7 @@ class SelfCheckError(LlmFlowError):
 
     Raised instead of returning a silently wrong graph. The message names the layer and block.
     """
+
+
+class ExportError(LlmFlowError):
+    """A figure cannot be written in the asked format (e.g. PNG/SVG without kaleido)."""

@@ -10,6 +10,7 @@ import pandas as pd
 
 from app.selection import effect_selection
 from llm_flow.analyses.ablation import Outcome
+from llm_flow.analyses.contrast import small_weight_large_effect
 from llm_flow.analyses.faithfulness import FaithfulnessReport
 from llm_flow.analyses.lens import TokenScore
 from llm_flow.analyses.route_diff import EdgeChange
@@ -52,12 +53,28 @@ def token_table(scores: Sequence[TokenScore], *, lens: bool = False) -> pd.DataF
 # -- contrast ---------------------------------------------------------------------------------
 
 
-def effect_table(frame: pd.DataFrame, tokens: Sequence[str]) -> pd.DataFrame:
+FLAG = "small weight, large effect"
+
+
+def effect_table(
+    frame: pd.DataFrame,
+    tokens: Sequence[str],
+    threshold: float | None = None,
+    logit_diff: float | None = None,
+) -> pd.DataFrame:
     """The contrast effect table as shown (``analyse_contrast(...).frame()`` plus a ``tokens``
-    column): strongest first by ``max(|direct_effect|, |attribution|)``."""
+    column): strongest first by ``max(|direct_effect|, |attribution|)``. With ``threshold``
+    and ``logit_diff`` a :data:`FLAG` column marks the rows of
+    :func:`~llm_flow.analyses.contrast.small_weight_large_effect`."""
     strength = np.maximum(frame["direct_effect"].abs(), frame["attribution"].abs())
     table = frame.loc[strength.sort_values(ascending=False, kind="stable").index]
     table = table.reset_index(drop=True)
+    if threshold is not None and logit_diff is not None:
+        weights = [None if pd.isna(w) else float(w) for w in table["weight"]]
+        table[FLAG] = [
+            small_weight_large_effect(w, float(d), float(a), threshold, logit_diff)
+            for w, d, a in zip(weights, table["direct_effect"], table["attribution"], strict=True)
+        ]
     words = [
         table_token(tokens[t])
         if k != "head"

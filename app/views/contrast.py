@@ -17,7 +17,7 @@ from app import cache, session
 from app.cache import CachedTrace
 from app.figures import tables
 from app.views.errors import show_error
-from llm_flow.analyses.contrast import ContrastAnalysis
+from llm_flow.analyses.contrast import LARGE_EFFECT_SHARE, ContrastAnalysis
 from llm_flow.engine.routes import Route
 from llm_flow.errors import ContrastError
 from llm_flow.io.text import display_token, markdown_text
@@ -53,7 +53,9 @@ def prepare(cached: CachedTrace, route: Route, target: str, distractor: str) -> 
         analysis = cache.contrast_analysis(cached, route, target, distractor)
     except ContrastError as exc:
         return ContrastView(error=str(exc))
-    table = tables.effect_table(analysis.frame(), cached.trace.tokens)
+    table = tables.effect_table(
+        analysis.frame(), cached.trace.tokens, route.threshold, analysis.contrast.logit_diff
+    )
     session.take_table_selection(tables.effect_ids(table), tables.effect_units(table))
     return ContrastView(analysis, table)
 
@@ -112,5 +114,17 @@ def contrast_section(view: ContrastView) -> None:
         "final norm (scale frozen) onto unembed(target) − unembed(distractor); 0 elsewhere. "
         "**attribution**: activation × gradient of the logit difference (≈ what zero-ablating "
         "it would cost). **weight**: the head's per-head contribution to the edge (LLM-TT's "
-        "normalization) or the FFN edge's weight."
+        "normalization) or the FFN edge's weight. "
+        f"**{tables.FLAG}**: weight below τ yet |direct effect| or |attribution| at least "
+        f"{LARGE_EFFECT_SHARE:.0%} of |logit difference|. Weight is *proximity* (how much of the "
+        "residual a part makes up), effect is what it does to the logit difference: a small "
+        "write along unembed(target) − unembed(distractor) can matter more than a large one "
+        "orthogonal to it."
     )
+    flagged = int(view.table[tables.FLAG].sum()) if tables.FLAG in view.table else 0
+    if flagged:
+        st.info(
+            f"{flagged} component(s) have a small route weight but a large effect (column "
+            f"“{tables.FLAG}”): the route's τ does not keep them, yet they move the logit "
+            "difference."
+        )

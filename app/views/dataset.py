@@ -80,6 +80,11 @@ def section(
     result = cache.cached_dataset(shown)
     if result is None:
         return
+    if shown.threshold != threshold:
+        st.warning(
+            f"**Stale:** these tables were computed at τ = {shown.threshold:.3f}; the sidebar's "
+            f"τ is now {threshold:.3f}. Press “Run the prompts” to run them again."
+        )
     if isinstance(result, DatasetComparison) and shown.b is not None:
         _comparison(result, shown, shown.b)
     elif isinstance(result, pd.DataFrame):
@@ -98,6 +103,22 @@ def _parquet(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     return buffer.getvalue()
+
+
+INTEGER_COLUMNS = ("layer", "head", "expert", "count", "n_prompts")
+
+
+def export_frame(frame: pd.DataFrame, key: DatasetKey) -> pd.DataFrame:
+    """The table as downloaded: the settings that made it (model, dtype, τ) on every row, and
+    unit numbers as integers (FFN rows have no head: empty, never ``3.0``)."""
+    out = frame.copy()
+    for column in INTEGER_COLUMNS:
+        if column in out.columns and pd.api.types.is_numeric_dtype(out[column]):
+            out[column] = out[column].round().astype("Int64")
+    settings = {"model": key.model.spec.name, "dtype": key.model.dtype, "threshold": key.threshold}
+    for i, (name, value) in enumerate(settings.items()):
+        out.insert(i, name, value)
+    return out
 
 
 def _downloads(frame: pd.DataFrame, label: str, stem: str, key: str) -> None:
@@ -130,7 +151,7 @@ def _single(frame: pd.DataFrame, key: DatasetKey) -> None:
     st.caption(_caption(frame, key.a.name, key.threshold))
     top = frame.sort_values(["frequency", "mean_weight"], ascending=False).head(TOP_ROWS)
     st.dataframe(top, hide_index=True, width="stretch")
-    _downloads(frame, "Table", f"{_stem(key.a.name)}-routes", "download_dataset")
+    _downloads(export_frame(frame, key), "Table", f"{_stem(key.a.name)}-routes", "download_dataset")
 
 
 def _comparison(result: DatasetComparison, key: DatasetKey, b: PromptFileKey) -> None:
@@ -155,8 +176,12 @@ def _comparison(result: DatasetComparison, key: DatasetKey, b: PromptFileKey) ->
     st.dataframe(diff.head(TOP_ROWS), hide_index=True, width="stretch")
     columns = st.columns(3)
     with columns[0]:
-        _downloads(result.diff, "Difference", "dataset-difference", "download_diff")
+        _downloads(
+            export_frame(result.diff, key), "Difference", "dataset-difference", "download_diff"
+        )
     with columns[1]:
-        _downloads(result.a, key.a.name, f"{_stem(key.a.name)}-routes", "download_a")
+        _downloads(
+            export_frame(result.a, key), key.a.name, f"{_stem(key.a.name)}-routes", "download_a"
+        )
     with columns[2]:
-        _downloads(result.b, b.name, f"{_stem(b.name)}-routes", "download_b")
+        _downloads(export_frame(result.b, key), b.name, f"{_stem(b.name)}-routes", "download_b")

@@ -11,11 +11,13 @@ averages over a prompt file chosen only from the config's ``prompts_dir``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import streamlit as st
 
-from app import cache, session
+from app import cache, session, stale
 from app.cache import AblationKey, CachedTrace, FaithfulnessKey, LoadedModel, MeansKey, ModelKey
 from app.figures import tables
 from app.prompts import offered_files
@@ -32,12 +34,13 @@ from llm_flow.analyses.interventions import (
     parse_heads,
     parse_neurons,
 )
-from llm_flow.analyses.route_diff import STATUSES
+from llm_flow.analyses.route_diff import DEFAULT_FACTOR
 from llm_flow.config import AppConfig
 from llm_flow.errors import InterventionError, LlmFlowError
 from llm_flow.io.figure import diff_figure
-from llm_flow.io.text import display_token, markdown_text
+from llm_flow.io.text import display_token, markdown_text, position_text
 
+Key = TypeVar("Key", "AblationKey", "FaithfulnessKey")
 DEFAULT_MEAN_FILE = "factual.txt"
 DIFF_ROWS = 15  # edges listed under the route diff, largest change first
 MAX_DRAWS = 50
@@ -148,6 +151,49 @@ def _shown(shown: AblationKey | FaithfulnessKey | None, ctx: Context) -> bool:
     return shown is not None and shown.trace == ctx.cached.key and shown.position == ctx.position
 
 
+ABLATION_LABELS = {"ablation": "ablation", "means": "mean file", "contrast": "contrast"}
+FAITHFULNESS_LABELS = {
+    "threshold": "τ",
+    "renormalize": "renormalize",
+    "draws": "random draws",
+    "mode": "mode",
+    "means": "mean file",
+    "target": "target",
+    "distractor": "distractor",
+}
+
+
+def _means_key(ctx: Context, name: str | None) -> MeansKey | None:
+    return None if name is None else cache.means_key(ctx.cfg, ctx.model_key, name)
+
+
+def _current(build: Callable[[], Key]) -> Key | None:
+    """The key the current settings give, or None when they are not valid now."""
+    try:
+        return build()
+    except LlmFlowError:
+        return None
+
+
+def _stale_notice(
+    shown: AblationKey | FaithfulnessKey,
+    current: AblationKey | FaithfulnessKey | None,
+    labels: dict[str, str],
+    button_key: str,
+) -> bool:
+    """A warning above a result computed with other settings than the page's, saying what
+    changed, with a "Run again" button; whether that button was clicked."""
+    if shown == current:
+        return False
+    what = stale.changes(shown, current, labels)
+    st.warning(
+        "**Stale:** the result below was computed with other settings ("
+        + markdown_text("; ".join(what))
+        + ")."
+    )
+    return st.button("Run again with the current settings", key=button_key)
+
+
 # -- ablation ---------------------------------------------------------------------------------
 
 
@@ -187,9 +233,24 @@ def ablation_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
             use_edge = False
         else:
             use_edge = st.checkbox(f"the selected edge {edge.id}", key=session.ABLATE_EDGE)
-    if st.button("Run ablation", key="run_ablation"):
+    chosen_edge = edge if use_edge else None
+    clicked = st.button("Run ablation", key="run_ablation")
+    shown = session.shown_ablation()
+    shown = shown if shown is not None and _shown(shown, ctx) else None
+    if shown is not None and not clicked:
+        current = _current(
+            lambda: AblationKey(
+                ctx.cached.key,
+                ctx.position,
+                _ablation(heads, neurons, experts, chosen_edge, mode),
+                _means_key(ctx, mean_file),
+                ctx.pair,
+            )
+        )
+        clicked = _stale_notice(shown, current, ABLATION_LABELS, "rerun_ablation")
+    if clicked:
         try:
-            ablation = _ablation(heads, neurons, experts, edge if use_edge else None, mode)
+            ablation = _ablation(heads, neurons, experts, chosen_edge, mode)
             means_key, means = _means(ctx, mean_file)
             key = AblationKey(ctx.cached.key, ctx.position, ablation, means_key, ctx.pair)
             bar = st.progress(0.0, text="Running the model with the ablation…")
@@ -200,10 +261,12 @@ def ablation_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
             cache.get_ablation(key, ctx.cached, means, on_layer=on_layer)
             bar.empty()
             session.show_ablation(key)
+            if shown is not None and shown != key:
+                st.rerun()  # drop the stale notice drawn above
+            shown = key
         except LlmFlowError as exc:
             show_error(exc, "Fix the components above and run the ablation again.")
-    shown = session.shown_ablation()
-    result = cache.cached_ablation(shown) if shown is not None and _shown(shown, ctx) else None
+    result = cache.cached_ablation(shown) if shown is not None else None
     if result is not None:
         _before_after(result, ctx.pair)
         _route_diff(result, ctx)
@@ -236,7 +299,7 @@ def _before_after(result: AblationResult, pair: tuple[str, str] | None) -> None:
         after.metric("logit difference", f"{now:+.2f}", delta=f"{now - was:+.2f}")
         st.caption(
             f"Logit difference “{display_token(pair[0])}” − “{display_token(pair[1])}” at "
-            f"token {result.position}."
+            f"{position_text(result.position)}."
         )
 
 
@@ -245,13 +308,15 @@ def _route_diff(result: AblationResult, ctx: Context) -> None:
     table of the edges that changed most (routes only: both graphs are cached)."""
     diff = result.route_diff(ctx.threshold, ctx.renormalize)
     edges = diff.edges()
-    counts = {status: sum(e.status == status for e in edges) for status in STATUSES}
+    counts = diff.counts(DEFAULT_FACTOR)
     st.markdown("**Route before vs after the ablation**")
     st.caption(
         f"τ = {ctx.threshold:.3f}"
         + (", renormalized" if ctx.renormalize else "")
-        + f": {counts['kept']} edges kept, {counts['lost']} lost (red), "
-        f"{counts['gained']} gained (green). Hover an attention edge or FFN block for its "
+        + f": {counts['lost']} edges lost (red), {counts['gained']} gained (green), "
+        f"{counts['kept']} kept: {counts['weakened']} weakened to ≤ 1/{DEFAULT_FACTOR:g} "
+        f"(orange), {counts['strengthened']} strengthened ≥ {DEFAULT_FACTOR:g}× (purple), "
+        f"{counts['similar']} similar (grey). Hover an attention edge or FFN block for its "
         "weight before → after."
     )
     st.plotly_chart(
@@ -295,21 +360,31 @@ def faithfulness_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
         help="How many sets of random heads (as many as the route has) are ablated as the "
         "baseline, one seed each; one forward pass per draw. The table gives their mean share.",
     )
-    if st.button("Check faithfulness", key="run_faithfulness"):
+    target, distractor = pair if pair else (None, None)
+
+    def key_of(means_key: MeansKey | None) -> FaithfulnessKey:
+        return FaithfulnessKey(
+            ctx.cached.key,
+            ctx.position,
+            ctx.threshold,
+            ctx.renormalize,
+            draws,
+            mode,
+            means_key,
+            target,
+            distractor,
+        )
+
+    clicked = st.button("Check faithfulness", key="run_faithfulness")
+    shown = session.shown_faithfulness()
+    shown = shown if shown is not None and _shown(shown, ctx) else None
+    if shown is not None and not clicked:
+        current = _current(lambda: key_of(_means_key(ctx, mean_file)))
+        clicked = _stale_notice(shown, current, FAITHFULNESS_LABELS, "rerun_faithfulness")
+    if clicked:
         try:
             means_key, means = _means(ctx, mean_file)
-            target, distractor = pair if pair else (None, None)
-            key = FaithfulnessKey(
-                ctx.cached.key,
-                ctx.position,
-                ctx.threshold,
-                ctx.renormalize,
-                draws,
-                mode,
-                means_key,
-                target,
-                distractor,
-            )
+            key = key_of(means_key)
             bar = st.progress(0.0, text="Faithfulness: ablating…")
 
             def on_step(done: int, total: int) -> None:
@@ -318,11 +393,13 @@ def faithfulness_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
             cache.get_faithfulness(key, ctx.cached, means, on_step=on_step)
             bar.empty()
             session.show_faithfulness(key)
+            if shown is not None and shown != key:
+                st.rerun()  # drop the stale notice drawn above
+            shown = key
         except LlmFlowError as exc:
             show_error(exc, "Change the ablation settings above and check again.")
-    shown = session.shown_faithfulness()
-    report = cache.cached_faithfulness(shown) if shown is not None and _shown(shown, ctx) else None
-    if report is None:
+    report = cache.cached_faithfulness(shown) if shown is not None else None
+    if report is None or shown is None:
         return
     st.dataframe(
         tables.faithfulness_table(report),
@@ -334,7 +411,9 @@ def faithfulness_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
         },
     )
     st.caption(
-        f"τ = {report.threshold:.3f}: {report.n_route_heads} of {report.total_heads} head "
+        f"τ = {report.threshold:.3f}"
+        + (", renormalized" if shown.renormalize else "")
+        + f", {shown.mode} ablation: {report.n_route_heads} of {report.total_heads} head "
         f"positions and {report.n_route_ffn} of {report.total_ffn} FFN blocks are on the route. "
         f"Random heads: share {report.random_share_mean:.2f} ± {report.random_share_sd:.2f} "
         f"over {len(report.random)} draws. "

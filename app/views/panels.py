@@ -35,10 +35,10 @@ from llm_flow.analyses.lens import (
 )
 from llm_flow.engine.contributions import neuron_contributions
 from llm_flow.engine.graph import layer_head_contributions
-from llm_flow.engine.nodes import NODE_WORDS, node_id, source_id
+from llm_flow.engine.nodes import NODE_WORDS, describe_node, node_id, source_id
 from llm_flow.engine.routes import Route
 from llm_flow.io.plot import ATTENTION_RGB, FFN_RGB
-from llm_flow.io.text import display_token, markdown_text
+from llm_flow.io.text import display_token, markdown_text, position_text, weight_text
 
 TOP_TOKENS = 10
 TOP_NEURONS = 20
@@ -74,7 +74,39 @@ def selection_panel(selection: Selection | None, ctx: PanelContext) -> None:
 
 
 def _token(tokens: tuple[str, ...], t: int) -> str:
-    return f"“{markdown_text(display_token(tokens[t]))}” (token {t})"
+    return f"“{markdown_text(display_token(tokens[t]))}” ({position_text(t)})"
+
+
+def drawn_attention_text(
+    route: Route, graph_weight: float | torch.Tensor, layer: int, t: int, s: int
+) -> str:
+    """The attention edge's weight exactly as the graph draws (and hovers) it: the route's,
+    renormalized or not, else the graph's with a note that it is off the route."""
+    idx = torch.tensor([[layer, t, s]])
+    if not bool(route.contains(idx)[0]):
+        return f"Edge weight **{float(graph_weight):.3f}** (token level; not on the current route)."
+    weight = float(route.attention_weights_at(idx)[0])
+    renormalized = route.renormalize and float(route.attn_factor[layer, t]) != 1.0
+    return f"Edge weight **{weight_text(weight, renormalized)}** (token level, as drawn)."
+
+
+def drawn_ffn_text(
+    route: Route, ffn: float | torch.Tensor, residual: float | torch.Tensor, layer: int, t: int
+) -> str:
+    """The FFN block's and the residual's share of ``I{layer}_t`` exactly as the graph draws
+    them (the route's weights, renormalized or not), else the graph's, said to be off route."""
+    whole = node_id("I", layer, t)
+    if not (bool(route.ffn[layer, t]) or bool(route.ffn_residual[layer, t])):
+        return (
+            f"Share of {whole}: FFN **{float(ffn):.3f}**, residual {float(residual):.3f} "
+            "(not on the current route)."
+        )
+    renormalized = route.renormalize and float(route.ffn_factor[layer, t]) != 1.0
+    ffn_w, res_w = float(route.ffn_weights[layer, t]), float(route.ffn_residual_weights[layer, t])
+    return (
+        f"Share of {whole}, as drawn: FFN **{weight_text(ffn_w, renormalized)}**, "
+        f"residual {weight_text(res_w, renormalized)}."
+    )
 
 
 def _token_tables(ctx: PanelContext, update: torch.Tensor, position: int) -> None:
@@ -96,13 +128,9 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
     s = selection.source if selection.source is not None else t
     tokens = run.tokens
     st.subheader(f"Attention {source_id(layer, s)} → {node_id('A', layer, t)}")
-    token_weight = float(graph.attention_at(layer, t, s))
-    on_route = bool(ctx.route.contains(torch.tensor([[layer, t, s]]))[0])
     st.markdown(
-        f"Layer {layer}: {_token(tokens, s)} → {_token(tokens, t)}. Edge weight "
-        f"**{token_weight:.3f}** (token level, as drawn"
-        + ("" if on_route else "; not on the current route")
-        + ")."
+        f"Layer {layer}: {_token(tokens, s)} → {_token(tokens, t)}. "
+        + drawn_attention_text(ctx.route, graph.attention_at(layer, t, s), layer, t, s)
     )
 
     layer_run = cache.layer_run(ctx.cached, layer)  # with its pattern, recomputed if dropped
@@ -128,8 +156,9 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
     st.caption(
         f"Per-head contributions to {node_id('A', layer, t)}, normalized LLM-TT's way over "
         f"every (source, head) part and the residual; they sum to {float(per_head.sum()):.3f}. "
-        "That sum is not the token-level edge weight drawn in the graph "
-        f"({token_weight:.3f}): L1 proximity is not additive over heads."
+        "That sum is not the token-level edge weight "
+        f"({float(graph.attention_at(layer, t, s)):.3f} before any renormalizing): L1 "
+        "proximity is not additive over heads."
     )
 
     n_tokens = run.n_tokens
@@ -214,8 +243,8 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
     layer_run = run.layers[layer]
     st.subheader(f"{NODE_WORDS['M']} {selection.id}")
     st.markdown(
-        f"Layer {layer} at {_token(tokens, t)}. Share of {node_id('I', layer, t)}: FFN "
-        f"**{float(graph.ffn[layer, t]):.3f}**, residual {float(graph.ffn_residual[layer, t]):.3f}."
+        f"Layer {layer} at {_token(tokens, t)}. "
+        + drawn_ffn_text(ctx.route, graph.ffn[layer, t], graph.ffn_residual[layer, t], layer, t)
     )
     if layer_run.experts is not None:
         experts_panel(
@@ -256,7 +285,8 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
     st.caption(
         f"Top {k} neurons by contribution to {node_id('I', layer, t)}: each neuron's part "
         "activation × its output row, normalized together with the FFN bias "
-        f"({float(bias):.3f}) and the residual ({float(residual):.3f}). "
+        f"({float(bias):.3f}) and the residual ({float(residual):.3f}; not the graph's residual "
+        "edge above, whose whole is the FFN block's output, not its neurons). "
         "Colour: the activation's sign."
     )
     if neuron is None:
@@ -286,9 +316,8 @@ def residual_panel(selection: Selection, ctx: PanelContext) -> None:
     node = selection.id
     layer, t = selection.layer, selection.token
     tokens = run.tokens
-    where = "The" if selection.node == "X" else f"Layer {layer}: the"
     st.subheader(f"Residual {node}")
-    st.markdown(f"{where} {NODE_WORDS[selection.node]} at {_token(tokens, t)}.")
+    st.markdown(f"{describe_node(selection.node, layer).capitalize()} at {_token(tokens, t)}.")
     lens = logit_lens(traced, node, normalize=ctx.normalize_lens, k=TOP_TOKENS)
     previous = previous_node(node, run.n_layers)
     st.markdown("**Logit lens** · top tokens")

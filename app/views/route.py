@@ -9,6 +9,7 @@ on the graph reruns that part of the page only.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass, replace
@@ -22,13 +23,15 @@ from app.cache import CachedTrace, LoadedModel, ModelKey, TraceKey
 from app.selection import parse_selection
 from app.views import contrast, controls, interventions, loading, panels
 from app.views.errors import NeedsInput
+from llm_flow.analyses.contrast import ContrastAnalysis
 from llm_flow.config import AppConfig
 from llm_flow.engine.routes import DEFAULT_THRESHOLD, Route, find_route
 from llm_flow.engine.trace import Trace
 from llm_flow.io.export import graph_json, to_graphml
 from llm_flow.io.figure import flow_figure
+from llm_flow.io.image import export_title, titled, to_image
 from llm_flow.io.layout import COMPACT_ABOVE
-from llm_flow.io.text import display_token, markdown_text
+from llm_flow.io.text import display_token, markdown_text, position_text
 
 GRAPH_CONFIG = {
     "displaylogo": False,
@@ -182,7 +185,14 @@ def route_view(view: RouteView) -> None:
             selection_mode="points",
             config=GRAPH_CONFIG,
         )
-        _downloads(traced, route, position, figure)
+        title = export_title(
+            sidebar.model_label,
+            traced.tokens,
+            threshold=settings.threshold,
+            renormalize=settings.renormalize,
+            position=position,
+        )
+        _downloads(traced, route, position, figure, title, contrast_view.analysis)
         if cfg.debug:
             store = cache.store()
             st.caption(
@@ -212,18 +222,45 @@ def _prediction(model_label: str, traced: Trace, position: int) -> None:
         f"**“{markdown_text(display_token(prediction.token))}”** "
         f"(p = {prediction.prob:.2f}) after "
         f"“{markdown_text(display_token(traced.tokens[position]))}” "
-        f"(token {position} of {traced.n_tokens})"
+        f"({position_text(position, traced.n_tokens)})"
     )
 
 
-def _downloads(traced: Trace, route: Route, position: int, figure: go.Figure) -> None:
-    """Graph as JSON/GraphML (the CLI's contract, per-head weights included) and the figure;
-    built only when clicked."""
+def route_export(
+    traced: Trace, route: Route, position: int, analysis: ContrastAnalysis | None
+) -> dict[str, object]:
+    """The app's graph JSON: exactly ``llm-flow graph --format json --heads`` of the same
+    settings, with the contrast block and direct effects when a target/distractor is set."""
+    return graph_json(
+        traced,
+        route,
+        position=position,
+        heads=True,
+        contrast=None if analysis is None else analysis.contrast,
+        direct=None if analysis is None else analysis.direct,
+    )
+
+
+def _image(figure: go.Figure, title: str, fmt: str) -> bytes:
+    return to_image(titled(figure, title), fmt)
+
+
+def _downloads(
+    traced: Trace,
+    route: Route,
+    position: int,
+    figure: go.Figure,
+    title: str,
+    analysis: ContrastAnalysis | None,
+) -> None:
+    """Graph as JSON/GraphML (the CLI's contract, per-head weights and contrast included) and
+    the figure with a title saying model, prompt, τ and position; built only when clicked."""
 
     def data() -> dict[str, object]:
-        return graph_json(traced, route, position=position, heads=True)
+        return route_export(traced, route, position, analysis)
 
-    columns = st.columns(4 if importlib.util.find_spec("kaleido") else 3)
+    static = importlib.util.find_spec("kaleido") is not None
+    columns = st.columns(5 if static else 3)
     columns[0].download_button(
         "Graph JSON",
         data=lambda: json.dumps(data(), indent=1),
@@ -242,19 +279,28 @@ def _downloads(traced: Trace, route: Route, position: int, figure: go.Figure) ->
     )
     columns[2].download_button(
         "Figure HTML",
-        data=lambda: figure.to_html(include_plotlyjs=True, full_html=True),
+        data=lambda: titled(figure, title).to_html(include_plotlyjs=True, full_html=True),
         file_name="llm-flow-route.html",
         mime="text/html",
         on_click="ignore",
         key="download_html",
-        help="Interactive, works offline. For SVG use the camera button of the figure.",
+        help="Interactive, works offline.",
     )
-    if len(columns) > 3:
-        columns[3].download_button(
-            "Figure PNG",
-            data=lambda: figure.to_image(format="png", scale=2),
-            file_name="llm-flow-route.png",
-            mime="image/png",
+    if not static:
+        st.caption(
+            "PNG/SVG with a title: install kaleido (pip install 'kaleido>=1'; it uses the "
+            "system Chromium). The figure's camera button saves an untitled SVG."
+        )
+        return
+    for column, fmt, mime in (
+        (columns[3], "png", "image/png"),
+        (columns[4], "svg", "image/svg+xml"),
+    ):
+        column.download_button(
+            f"Figure {fmt.upper()}",
+            data=functools.partial(_image, figure, title, fmt),
+            file_name=f"llm-flow-route.{fmt}",
+            mime=mime,
             on_click="ignore",
-            key="download_png",
+            key=f"download_{fmt}",
         )

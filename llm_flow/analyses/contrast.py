@@ -372,6 +372,27 @@ def _expert_rows(
     return rows
 
 
+LARGE_EFFECT_SHARE = 0.1  # |effect| ≥ this share of |logit difference| counts as large
+
+
+def small_weight_large_effect(
+    weight: float | None,
+    direct_effect: float,
+    attribution: float,
+    threshold: float,
+    logit_diff: float,
+) -> bool:
+    """Whether a component is *near* little yet *does* much: its route weight (proximity, the
+    share of the residual it makes up) is below τ while its direct effect or attribution is at
+    least :data:`LARGE_EFFECT_SHARE` of |logit difference|. Proximity measures size, not
+    direction: a small write along the unembedding difference can move the logits a lot (head
+    23.3 of SmolLM2: weight 0.003, direct effect +2.87)."""
+    if weight is None:  # neurons have no route weight of their own
+        return False
+    large = LARGE_EFFECT_SHARE * abs(logit_diff)
+    return weight < threshold and max(abs(direct_effect), abs(attribution)) >= large
+
+
 def effects_frame(rows: tuple[EffectRow, ...] | list[EffectRow]) -> pd.DataFrame:
     """A sortable table of rows, columns :data:`EFFECT_COLUMNS` (head/neuron nullable ints)."""
     import pandas as pd

@@ -12,12 +12,29 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from torch import Tensor
+
 from llm_flow.engine.edges import route_edges
 from llm_flow.engine.routes import Route
 from llm_flow.errors import RouteDiffError
 
 Status = Literal["kept", "lost", "gained"]
 STATUSES: tuple[Status, ...] = ("kept", "lost", "gained")
+# Kept edges by how much their weight moved: an ablation can leave every edge on the route yet
+# shrink one from 0.306 to 0.056, which "0 lost, 0 gained" hides.
+Shift = Literal["weakened", "similar", "strengthened"]
+SHIFTS: tuple[Shift, ...] = ("weakened", "similar", "strengthened")
+DEFAULT_FACTOR = 2.0
+
+
+def shift_of(before: float, after: float, factor: float = DEFAULT_FACTOR) -> Shift:
+    """``weakened`` when the weight fell to 1/factor or less, ``strengthened`` when it grew
+    factor-fold or more, else ``similar``."""
+    if after * factor <= before:
+        return "weakened"
+    if after >= before * factor:
+        return "strengthened"
+    return "similar"
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,45 @@ class RouteDiff:
             & (other.ffn_residual if keep else ~other.ffn_residual),
         )
 
+    def kept_by_shift(self, factor: float = DEFAULT_FACTOR) -> dict[Shift, Route]:
+        """The kept edges split by :func:`shift_of` (weights after), each as a route."""
+        if factor <= 1:
+            raise RouteDiffError(f"the change factor must be above 1, not {factor}")
+        b, a = self.before, self.after
+        kept = self.part("kept")
+        was = b.attention_weights_at(kept.attention_idx)
+        now = kept.attention_weights
+
+        def classes(before: Tensor, after: Tensor) -> dict[Shift, Tensor]:
+            weak = after * factor <= before
+            strong = (after >= before * factor) & ~weak
+            return {"weakened": weak, "similar": ~(weak | strong), "strengthened": strong}
+
+        attention = classes(was, now)
+        attn_res = classes(b.attn_residual_weights, a.attn_residual_weights)
+        ffn = classes(b.ffn_weights, a.ffn_weights)
+        ffn_res = classes(b.ffn_residual_weights, a.ffn_residual_weights)
+        return {
+            shift: replace(
+                kept,
+                attention_idx=kept.attention_idx[attention[shift]],
+                attention_weights=now[attention[shift]],
+                attn_residual=kept.attn_residual & attn_res[shift],
+                ffn=kept.ffn & ffn[shift],
+                ffn_residual=kept.ffn_residual & ffn_res[shift],
+            )
+            for shift in SHIFTS
+        }
+
+    def counts(self, factor: float = DEFAULT_FACTOR) -> dict[str, int]:
+        """Edges lost and gained, and kept edges weakened / similar / strengthened by
+        ``factor``."""
+        edges = self.edges()
+        out: dict[str, int] = {s: sum(e.status == s for e in edges) for s in STATUSES}
+        kept = [shift_of(e.before, e.after, factor) for e in edges if e.status == "kept"]
+        out.update({shift: kept.count(shift) for shift in SHIFTS})
+        return out
+
     def edges(self) -> list[EdgeChange]:
         """Every edge on either route, largest |change| first (ties: node order)."""
         before = {
@@ -107,5 +163,7 @@ class RouteDiff:
             "renormalize": self.before.renormalize,
             "positions": list(self.before.positions),
             "n_edges": {s: sum(e.status == s for e in edges) for s in STATUSES},
+            "n_kept_by_change": {k: v for k, v in self.counts().items() if k in SHIFTS},
+            "change_factor": DEFAULT_FACTOR,
             "edges": [e.to_dict() for e in edges],
         }

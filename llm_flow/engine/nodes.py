@@ -34,6 +34,18 @@ NODE_WORDS: dict[NodeKind, str] = {
 }
 EDGE_ARROW = "->"
 
+
+def describe_node(kind: NodeKind, layer: int) -> str:
+    """A node in words with its layer said once ("the residual after layer 29", never "the
+    residual after the layer of layer 29")."""
+    return {
+        "X": "the embedding",
+        "A": f"the residual after layer {layer}'s attention",
+        "M": f"layer {layer}'s FFN block",
+        "I": f"the residual after layer {layer}",
+    }[kind]
+
+
 _NODE = re.compile(r"([XAMI])(\d+)_(\d+)")
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from llm_flow.analyses.route_diff import STATUSES, RouteDiff
+from llm_flow.analyses.route_diff import DEFAULT_FACTOR, STATUSES, RouteDiff, Shift
 from llm_flow.engine.nodes import (
     NODE_WORDS,
     Node,
@@ -431,9 +431,31 @@ def _highlight(selected: str, cols: layout.Columns) -> list[go.Scatter]:
 # -- the route diff ---------------------------------------------------------------------------
 
 
-def diff_figure(diff: RouteDiff, *, position: int) -> go.Figure:
-    """The routes before and after an intervention in one picture: edges on both routes grey,
-    edges only before red (lost), only after green (gained); widths follow the weight on the
+def _kept_lines(
+    kept: dict[Shift, Route], factor: float, cols: layout.Columns
+) -> list[go.Scatter]:
+    """Kept edges coloured by their change on a diverging scale, one legend entry per class."""
+    words = {
+        "weakened": f"kept, weakened ≥ {factor:g}×",
+        "similar": "kept, similar",
+        "strengthened": f"kept, strengthened ≥ {factor:g}×",
+    }
+    traces: list[go.Scatter] = []
+    for shift, route in kept.items():
+        rgb = plot.SHIFT_RGB[shift]
+        group = f"kept-{shift}"
+        legend = f"{words[shift]} ({route.n_edges})"
+        traces.append(plot.legend_entry(legend, group, plot.css_rgb(rgb)))
+        lines = (_residual_edges(route, cols), _ffn_edges(route, cols))
+        for edges in (*lines, _attention_edges(route, cols)[0]):
+            traces += plot.line_traces(edges, rgb, group)
+    return traces
+
+
+def diff_figure(diff: RouteDiff, *, position: int, factor: float = DEFAULT_FACTOR) -> go.Figure:
+    """The routes before and after an intervention in one picture: edges only before red
+    (lost), only after green (gained), edges on both on a diverging scale by their change
+    (weakened / similar / strengthened by ``factor``); widths follow the weight on the
     route each edge is on (kept edges: after). Hover an attention edge or an FFN block for its
     weights before → after."""
     before, after = diff.before, diff.after
@@ -450,13 +472,19 @@ def diff_figure(diff: RouteDiff, *, position: int) -> go.Figure:
     hx: list[float] = []
     hy: list[float] = []
     htext: list[str] = []
+    kept = diff.kept_by_shift(factor)
     for status in STATUSES:
         part = diff.part(status)
         rgb = plot.DIFF_RGB[status]
-        traces.append(plot.legend_entry(f"{status} ({part.n_edges})", status, plot.css_rgb(rgb)))
+        if status == "kept":
+            traces += _kept_lines(kept, factor, cols)
+        else:
+            legend = f"{status} ({part.n_edges})"
+            traces.append(plot.legend_entry(legend, status, plot.css_rgb(rgb)))
         attention, idx = _attention_edges(part, cols)
-        for edges in (_residual_edges(part, cols), _ffn_edges(part, cols), attention):
-            traces += plot.line_traces(edges, rgb, status)
+        if status != "kept":
+            for edges in (_residual_edges(part, cols), _ffn_edges(part, cols), attention):
+                traces += plot.line_traces(edges, rgb, status)
         x, y = layout.attention_handles(idx[:, 0], idx[:, 1], idx[:, 2])
         hx += x.tolist()
         hy += y.tolist()

@@ -22,6 +22,8 @@ HIGHLIGHT = "rgb(228, 26, 28)"
 POSITIVE = "rgb(44, 160, 44)"
 NEGATIVE = "rgb(214, 39, 40)"
 DIFF_RGB = {"kept": (150, 150, 150), "lost": (214, 39, 40), "gained": (44, 160, 44)}
+# Kept edges on a diverging scale (ColorBrewer PuOr ends, grey middle): weaker ← → stronger.
+SHIFT_RGB = {"weakened": (230, 97, 1), "similar": (150, 150, 150), "strengthened": (94, 60, 153)}
 
 N_WEIGHT_BINS = 8  # edges are drawn in this many width/opacity steps (one trace each)
 

@@ -147,3 +147,28 @@ def test_expert_rows_map_to_their_expert() -> None:
         assert unit == (int(expert) if kind == "expert" else unit)
         if kind == "shared_expert":
             assert unit is None
+
+
+def test_small_route_weight_large_effect_is_flagged() -> None:
+    """Issue 12: head 23.3 had weight 0.003 and direct effect +2.87; nothing said so."""
+    from app.figures.tables import FLAG
+    from llm_flow.analyses.contrast import small_weight_large_effect
+
+    assert small_weight_large_effect(0.003, 2.87, 0.0, 0.04, 3.0)
+    assert not small_weight_large_effect(0.3, 2.87, 0.0, 0.04, 3.0)  # on the route: not news
+    assert not small_weight_large_effect(0.003, 0.01, 0.02, 0.04, 3.0)  # small effect
+    assert not small_weight_large_effect(None, 5.0, 5.0, 0.04, 3.0)  # neurons have no weight
+    assert small_weight_large_effect(0.003, 0.0, -0.5, 0.04, 3.0)  # attribution counts, |·|
+
+    traced = trace(tiny_llm("llama-gqa"), prompt(6))
+    route = find_route(traced.graph, [-1], threshold=0.0, renormalize=True)
+    analysis = analyse_contrast(traced, route, "w3", "w4")
+    frame = analysis.frame()
+    assert FLAG not in effect_table(frame, traced.tokens).columns
+    # τ above every weight: exactly the rows with a weight and a large effect are flagged
+    table = effect_table(frame, traced.tokens, 2.0, analysis.contrast.logit_diff)
+    large = table[["direct_effect", "attribution"]].abs().max(axis=1) >= 0.1 * abs(
+        analysis.contrast.logit_diff
+    )
+    assert list(table[FLAG]) == list(large & table["weight"].notna())
+    assert table[FLAG].any()

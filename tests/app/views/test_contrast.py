@@ -58,6 +58,8 @@ def test_contrast_shows_logits_and_a_table_whose_rows_select_graph_elements() ->
     table = effects(at)
     for column in ("kind", "layer", "head", "neuron", "source", "target", "weight", "attribution"):
         assert column in table.columns
+    assert "small weight, large effect" in table.columns  # issue 12: proximity ≠ effect
+    assert any("is *proximity*" in c.value or "proximity" in c.value for c in at.caption)
     assert {"head", "ffn", "neuron"} <= set(table["kind"])
     strength = table[["direct_effect", "attribution"]].abs().max(axis=1)
     assert strength.is_monotonic_decreasing  # strongest first

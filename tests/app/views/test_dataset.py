@@ -66,6 +66,21 @@ def test_the_parquet_download_holds_the_csv_table(downloads: Downloads) -> None:
     from_parquet = pd.read_parquet(io.BytesIO(parquet))
     assert len(from_csv) > 0 and set(from_csv["n_prompts"]) == {len(FILE_PROMPTS)}
     pd.testing.assert_frame_equal(from_parquet, from_csv, check_dtype=False)
+    # issue 12: the CSV records the settings, and head numbers are integers (was "3.0")
+    assert set(from_csv["threshold"]) == {0.04} and set(from_csv["model"]) == {"tiny"}
+    heads = csv.decode().splitlines()
+    column = heads[0].split(",").index("head")
+    assert all("." not in line.split(",")[column] for line in heads[1:])
+    assert from_csv["head"].notna().any()
+
+
+def test_dataset_tables_from_another_threshold_are_marked_stale() -> None:
+    at = start()
+    at.selectbox(key=session.DATASET_A).set_value("more.txt")
+    at.button(key="run_dataset").click().run()
+    assert not any("Stale" in w.value for w in at.warning)
+    at.slider(key=session.THRESHOLD).set_value(0.1).run()
+    assert any("Stale" in w.value and "0.040" in w.value for w in at.warning)
 
 
 def test_two_files_side_by_side_with_their_difference() -> None:

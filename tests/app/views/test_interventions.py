@@ -70,7 +70,7 @@ def diff_table(at: AppTest) -> pd.DataFrame:
 
 
 def diff_caption(at: AppTest) -> str:
-    return next(c.value for c in at.caption if "edges kept" in c.value)
+    return next(c.value for c in at.caption if "edges lost" in c.value)
 
 
 def shown_diff(at: AppTest, threshold: float) -> RouteDiff:
@@ -96,9 +96,10 @@ def test_ablation_draws_the_route_before_and_after() -> None:
     assert_serving(at)
     assert cache.store().ablations.computed == ablations + 1
     diff = shown_diff(at, 0.02)
-    counts = diff.to_dict()["n_edges"]
+    counts = diff.counts()
     assert counts["lost"] + counts["gained"] > 0  # ablating every head of layer 0 moves it
-    assert f"{counts['kept']} edges kept, {counts['lost']} lost" in diff_caption(at)
+    assert f"{counts['lost']} edges lost (red), {counts['gained']} gained" in diff_caption(at)
+    assert f"{counts['kept']} kept: {counts['weakened']} weakened" in diff_caption(at)
     table = diff_table(at)
     want = diff.edges()[: len(table)]
     assert list(table["edge"]) == [f"{e.source} → {e.target}" for e in want]
@@ -113,8 +114,9 @@ def test_ablation_draws_the_route_before_and_after() -> None:
     assert_serving(at)
     assert cache.store().ablations.computed == ablations + 1
     assert cache.store().traces.computed == traces
-    counts = shown_diff(at, 0.1).to_dict()["n_edges"]
-    assert f"{counts['kept']} edges kept, {counts['lost']} lost" in diff_caption(at)
+    counts = shown_diff(at, 0.1).counts()
+    assert f"{counts['lost']} edges lost (red), {counts['gained']} gained" in diff_caption(at)
+    assert f"{counts['kept']} kept: {counts['weakened']} weakened" in diff_caption(at)
 
 
 def test_an_ablated_edge_carries_nothing_after() -> None:
@@ -221,3 +223,42 @@ def test_a_mixture_of_experts_offers_experts_instead_of_neurons() -> None:
     assert_serving(at)
     caption = next(c.value for c in at.caption if c.value.startswith("Ablated"))
     assert "experts 0.1, 2.3" in caption and "mean over more.txt" in caption
+
+
+def warnings(at: AppTest) -> str:
+    return " | ".join(w.value for w in at.warning).replace("\\", "")  # Markdown escapes
+
+
+def test_a_faithfulness_table_from_other_settings_is_marked_stale_and_runs_again() -> None:
+    """Issue 12: after moving τ (or the mode) the heading said τ = 0.045 above a τ = 0.040
+    table; the table must say it is stale, what changed, and offer to run again."""
+    at = start({"threshold": "0.04"})
+    at.number_input(key=session.FAITHFULNESS_DRAWS).set_value(1)
+    at.button(key="run_faithfulness").click().run()
+    assert_serving(at)
+    assert "Stale" not in warnings(at)
+    at.slider(key=session.THRESHOLD).set_value(0.05).run()
+    assert "Stale" in warnings(at) and "τ 0.040 → 0.050" in warnings(at)
+    at.radio(key=session.ABLATION_MODE).set_value("mean").run()
+    assert "mode zero → mean" in warnings(at)
+    at.button(key="rerun_faithfulness").click().run()
+    assert_serving(at)
+    assert "Stale" not in warnings(at)
+    key: FaithfulnessKey = at.session_state[session.SHOWN_FAITHFULNESS]
+    assert (key.threshold, key.mode) == (0.05, "mean")
+    assert any("τ = 0.050, renormalized, mean ablation" in c.value for c in at.caption)
+
+
+def test_an_ablation_from_other_components_is_marked_stale() -> None:
+    at = start(CONTRAST)
+    at.multiselect(key=session.ABLATE_HEADS).set_value(["1.0"])
+    at.button(key="run_ablation").click().run()
+    assert "Stale" not in warnings(at)
+    at.slider(key=session.THRESHOLD).set_value(0.1).run()  # the diff follows τ: not stale
+    assert "Stale" not in warnings(at)
+    at.multiselect(key=session.ABLATE_HEADS).set_value(["1.0", "2.3"]).run()
+    assert "ablation zero: heads 1.0 → zero: heads 1.0, 2.3" in warnings(at)
+    at.button(key="rerun_ablation").click().run()
+    assert_serving(at)
+    assert "Stale" not in warnings(at)
+    assert any("Ablated (zero): heads 1.0, 2.3" in c.value for c in at.caption)

@@ -52,13 +52,14 @@ def test_selecting_an_edge_a_block_and_a_node_fills_the_panel() -> None:
     assert_serving(at)
     assert subheaders(at)[-1] == f"Residual {node}"
     layer, t = node[1:].split("_")
-    assert f"Layer {layer}: the residual after the layer at" in markdown(at)
+    assert f"The residual after layer {layer} at" in markdown(at)
+    assert "after the layer of layer" not in markdown(at)  # issue 12
     assert "rank" in at.dataframe[0].value.columns
     at.toggle(key=session.NORMALIZE_LENS).set_value(False).run()
     assert_serving(at)
     at.button(key="go_previous").click().run()
     assert subheaders(at)[-1] == f"Residual A{layer}_{t}"
-    assert f"Layer {layer}: the residual after attention at" in markdown(at)
+    assert f"The residual after layer {layer}'s attention at" in markdown(at)
     at.button(key="clear_selection").click().run()
     assert_serving(at)
     assert not subheaders(at)
@@ -113,3 +114,31 @@ def test_the_ffn_panel_of_a_mixture_of_experts_shows_experts_then_neurons() -> N
     assert_serving(at)
     assert "whole FFN block promotes" in markdown(at)
     assert len(at.dataframe) >= 2
+
+
+def test_the_panel_shows_the_edge_weight_exactly_as_drawn() -> None:
+    """Issue 12: the hover said 0.306 (renormalized route weight) while the panel said 0.304
+    (the graph's weight). Both must come from the route and say when renormalized."""
+    import torch
+
+    from app.views.panels import drawn_attention_text, drawn_ffn_text
+    from llm_flow.engine.routes import find_route
+    from tests.graphs import random_graph
+
+    graph = random_graph()
+    route = find_route(graph, [graph.n_tokens - 1], 0.05, renormalize=True)
+    idx, weights = route.attention_edges()
+    # the edge renormalizing rescales most: its drawn weight differs from the graph's
+    i = int(route.attn_factor[idx[:, 0], idx[:, 1]].argmax())
+    layer, t, s = idx[i].tolist()
+    assert f"{float(weights[i]):.3f}" != f"{float(graph.attention_at(layer, t, s)):.3f}"
+    text = drawn_attention_text(route, graph.attention_at(layer, t, s), layer, t, s)
+    assert f"**{float(weights[i]):.3f} (renormalized)**" in text and "as drawn" in text
+    plain = find_route(graph, [graph.n_tokens - 1], 0.05, renormalize=False)
+    if bool(plain.contains(torch.tensor([[layer, t, s]]))[0]):
+        assert "renormalized" not in drawn_attention_text(
+            plain, graph.attention_at(layer, t, s), layer, t, s
+        )
+    layer, t = (int(v) for v in route.ffn.nonzero()[0])
+    text = drawn_ffn_text(route, graph.ffn[layer, t], graph.ffn_residual[layer, t], layer, t)
+    assert f"FFN **{float(route.ffn_weights[layer, t]):.3f}" in text

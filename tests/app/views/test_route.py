@@ -10,10 +10,11 @@ import pytest
 
 from app import cache, session
 from app.cache import ModelKey, TraceKey
+from llm_flow.analyses.contrast import contrast, direct_effects
 from llm_flow.config import load_config
 from llm_flow.engine.routes import find_route
 from llm_flow.io.export import graph_json
-from tests.app.apptest import assert_serving, download_keys, downloaded, start
+from tests.app.apptest import CONTRAST, assert_serving, download_keys, downloaded, start
 from tests.app.conftest import PROMPTS, Downloads
 
 pytestmark = pytest.mark.usefixtures("offline")
@@ -23,7 +24,7 @@ def test_the_prediction_of_the_position_is_shown() -> None:
     at = start({"position": "2"})
     assert_serving(at)
     line = next(m.value for m in at.markdown if " predicts " in m.value)
-    assert line.startswith("**tiny** predicts") and "(token 2 of 7)" in line
+    assert line.startswith("**tiny** predicts") and "(token 2 of 0–6)" in line
 
 
 def test_downloads_are_offered_and_hold_the_route(downloads: Downloads, config_path: Path) -> None:
@@ -31,7 +32,7 @@ def test_downloads_are_offered_and_hold_the_route(downloads: Downloads, config_p
     assert_serving(at)
     expected = {"download_json", "download_graphml", "download_html"}
     if importlib.util.find_spec("kaleido"):
-        expected.add("download_png")
+        expected |= {"download_png", "download_svg"}
     assert download_keys(at) == expected
 
     data, mime, name = downloaded(at, downloads, "download_json")
@@ -66,3 +67,38 @@ def test_tau_sits_above_the_graph_and_the_graph_can_show_route_tokens_only() -> 
     assert_serving(at)
     shown = _output_markers(at)
     assert "pos:6" in shown and len(shown) < 7
+
+
+def test_the_apps_json_equals_the_clis_with_the_contrast(
+    downloads: Downloads, config_path: Path
+) -> None:
+    """Issue 12: the app's JSON lacked the contrast block `llm-flow graph --target` writes."""
+    at = start({"threshold": "0.02", **CONTRAST})
+    assert_serving(at)
+    data, _, _ = downloaded(at, downloads, "download_json")
+    model_key = ModelKey(load_config(config_path).model("tiny"), "cpu", "float32")
+    cached = cache.cached_trace(TraceKey(model_key, PROMPTS[0]))
+    assert cached is not None
+    tr = cached.trace
+    position = tr.n_tokens - 1
+    route = find_route(tr.graph, [position], 0.02)
+    pair = contrast(tr, CONTRAST["target"], CONTRAST["distractor"], position)
+    # what llm_flow/cli/main.py's `graph --heads --target --distractor` builds
+    want = graph_json(
+        tr, route, position=position, heads=True, contrast=pair, direct=direct_effects(tr, pair)
+    )
+    got = json.loads(data)
+    assert "contrast" in got
+    assert got == json.loads(json.dumps(want))
+
+
+def test_the_html_export_has_a_title_with_model_prompt_threshold_and_position(
+    downloads: Downloads,
+) -> None:
+    at = start({"threshold": "0.02", "position": "2"})
+    assert_serving(at)
+    html, mime, _ = downloaded(at, downloads, "download_html")
+    assert mime == "text/html"
+    text = html.decode() if isinstance(html, bytes) else html
+    for part in ("tiny · “", "τ = 0.020", "route to token 2 of 0–6"):
+        assert json.dumps(part)[1:-1] in text, part  # plotly's JSON escapes non-ASCII

@@ -219,3 +219,33 @@ def test_graph_diff_reports_the_same_before_and_after(
         assert [t["id"] for t in got[side]["top"]] == [t["id"] for t in want[side]["top"]]
         for mine, theirs in zip(got[side]["top"], want[side]["top"], strict=True):
             assert mine["prob"] == pytest.approx(theirs["prob"], abs=1e-6)
+
+
+def test_kept_edges_are_split_by_how_much_they_changed() -> None:
+    """Issue 12: ablating a head halved the logit difference yet the diff said "0 lost,
+    0 gained"; kept edges that fell from 0.306 to 0.056 must be counted as weakened."""
+    from llm_flow.analyses.route_diff import SHIFTS, shift_of
+    from tests.graphs import random_graph
+
+    assert shift_of(0.306, 0.056) == "weakened"
+    assert shift_of(0.1, 0.2) == "strengthened" and shift_of(0.1, 0.15) == "similar"
+    graph = random_graph()
+    before = find_route(graph, [graph.n_tokens - 1], 0.02, renormalize=False)
+    after_graph = random_graph(seed=1)
+    # same tokens: a diff of two routes over graphs with the same token ids
+    after = find_route(after_graph, [graph.n_tokens - 1], 0.02, renormalize=False)
+    diff = RouteDiff(before, after)
+    counts = diff.counts()
+    kept = diff.kept_by_shift()
+    assert sum(counts[s] for s in SHIFTS) == counts["kept"] == diff.part("kept").n_edges
+    assert [kept[s].n_edges for s in SHIFTS] == [counts[s] for s in SHIFTS]
+    assert counts["weakened"] + counts["strengthened"] > 0  # random weights move a lot
+    by_edge = {(e.source, e.target, e.kind): e for e in diff.edges()}
+    assert all(
+        shift_of(by_edge[k].before, by_edge[k].after) == "weakened"
+        for k in by_edge
+        if by_edge[k].status == "kept" and by_edge[k].after * 2 <= by_edge[k].before
+    )
+    assert diff.to_dict()["n_kept_by_change"] == {s: counts[s] for s in SHIFTS}
+    with pytest.raises(RouteDiffError, match="above 1"):
+        diff.kept_by_shift(1.0)

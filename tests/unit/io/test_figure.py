@@ -222,7 +222,16 @@ def test_the_route_diff_colours_each_status_and_hovers_before_and_after(traced: 
     fig = figure.diff_figure(diff, position=_last(traced))
     counts = diff.to_dict()["n_edges"]
     legend = [t.name for t in fig.data if t.showlegend is not False and t.name]
-    assert legend == [f"{s} ({diff.part(s).n_edges})" for s in ("kept", "lost", "gained")]
+    kept = diff.kept_by_shift()
+    assert legend == [
+        f"kept, weakened ≥ 2× ({kept['weakened'].n_edges})",
+        f"kept, similar ({kept['similar'].n_edges})",
+        f"kept, strengthened ≥ 2× ({kept['strengthened'].n_edges})",
+        *(f"{s} ({diff.part(s).n_edges})" for s in ("lost", "gained")),
+    ]
+    # issue 12: kept edges that changed are coloured apart (diverging scale), not all grey
+    colours = {t.legendgroup: t.line.color for t in fig.data if t.showlegend is not False}
+    assert len({colours[f"kept-{s}"] for s in ("weakened", "similar", "strengthened")}) == 3
     assert counts["lost"] + counts["gained"] > 0
     (handles,) = [t for t in fig.data if t.hovertext is not None and "weight" in str(t.hovertext)]
     n_attention = sum(len(diff.part(s).attention_idx) for s in ("kept", "lost", "gained"))
