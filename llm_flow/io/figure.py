@@ -431,9 +431,7 @@ def _highlight(selected: str, cols: layout.Columns) -> list[go.Scatter]:
 # -- the route diff ---------------------------------------------------------------------------
 
 
-def _kept_lines(
-    kept: dict[Shift, Route], factor: float, cols: layout.Columns
-) -> list[go.Scatter]:
+def _kept_lines(kept: dict[Shift, Route], factor: float, cols: layout.Columns) -> list[go.Scatter]:
     """Kept edges coloured by their change on a diverging scale, one legend entry per class."""
     words = {
         "weakened": f"kept, weakened ≥ {factor:g}×",
