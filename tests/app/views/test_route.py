@@ -13,7 +13,7 @@ from app.cache import ModelKey, TraceKey
 from llm_flow.config import load_config
 from llm_flow.engine.routes import find_route
 from llm_flow.io.export import graph_json
-from tests.app.apptest import assert_serving, download_keys, downloaded, start
+from tests.app.apptest import assert_serving, download_keys, downloaded, graph_spec, start
 from tests.app.conftest import PROMPTS, Downloads
 
 pytestmark = pytest.mark.usefixtures("offline")
@@ -49,8 +49,7 @@ def test_downloads_are_offered_and_hold_the_route(downloads: Downloads, config_p
 
 
 def _output_markers(at: object) -> list[str]:
-    (chart,) = at.get("plotly_chart")  # type: ignore[attr-defined]
-    spec = json.loads(chart.proto.spec)
+    spec = graph_spec(at)
     (row,) = [t for t in spec["data"] if t.get("name") == "output position"]
     return list(row["customdata"])
 
