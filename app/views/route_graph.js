@@ -306,6 +306,20 @@ function picture(d, r, selected, compact, baseLayout) {
 
 // -- the component --------------------------------------------------------------------------
 
+// The page's theme (Streamlit's CSS variables), as st.plotly_chart would apply it: a dark theme
+// gets light text on a transparent background.
+function themed(layout, element) {
+  const css = getComputedStyle(element);
+  const text = css.getPropertyValue("--st-text-color").trim();
+  const font = css.getPropertyValue("--st-font").trim();
+  return {
+    ...layout,
+    paper_bgcolor: "rgba(0, 0, 0, 0)",
+    plot_bgcolor: "rgba(0, 0, 0, 0)",
+    font: { ...(layout.font || {}), ...(text ? { color: text } : {}), ...(font ? { family: font } : {}) },
+  };
+}
+
 function sliderOf(doc) {
   for (const box of doc.querySelectorAll('[data-testid="stSlider"]')) {
     if (box.innerText.includes(SLIDER_LABEL)) return box.querySelector('input[type="range"]');
@@ -340,22 +354,28 @@ export default function (component) {
     const route = findRoute(state.prepared, tau);
     const fig = picture(state.prepared, route, state.data.selected, state.data.compact, state.layout);
     const built = performance.now();
-    Plotly.react(state.gd, fig.data, fig.layout, state.data.config);
+    Plotly.react(state.gd, fig.data, themed(fig.layout, parentElement), state.data.config);
     state.drawn = key;
+    // The full view of a long prompt labels edges from off-screen sources ("← s"), which only
+    // the server's figure has: take it when the server answers at this τ.
+    state.approximate = !state.data.compact && state.prepared.n_tokens > state.prepared.style.max_visible_tokens;
     // What the latency test reads: when a client-side redraw started and what it cost.
     window.__llmFlowRedraw = { tau, started, build_ms: built - started, ms: performance.now() - started };
   };
 
-  // For tests (tests/app/test_browser_route.py): the client's route and redraw at any τ.
+  // The latest call's functions, for the listeners attached once (and for the latency test:
+  // the client's route and redraw at any τ).
   state.findRoute = (tau) => findRoute(state.prepared, tau);
   state.draw = drawClient;
+  state.setTriggerValue = setTriggerValue;
 
   loadPlotly(data.plotly_url).then((Plotly) => {
-    if (state.drawn !== server) {
+    if (state.drawn !== server || state.approximate) {
       const fig = JSON.parse(data.figure);
       state.layout = fig.layout;
-      Plotly.react(state.gd, fig.data, fig.layout, data.config);
+      Plotly.react(state.gd, fig.data, themed(fig.layout, parentElement), data.config);
       state.drawn = server;
+      state.approximate = false;
     } else if (!state.layout) {
       state.layout = JSON.parse(data.figure).layout;
     }
@@ -364,7 +384,7 @@ export default function (component) {
         const point = event && event.points && event.points[0];
         let id = point ? point.customdata : null;
         if (Array.isArray(id)) id = id[0];
-        if (typeof id === "string" && id) setTriggerValue("clicked", id);
+        if (typeof id === "string" && id) state.setTriggerValue("clicked", id);
       });
       state.clicks = true;
     }
@@ -374,7 +394,7 @@ export default function (component) {
       if (state.observer) state.observer.disconnect();
       state.observer = new MutationObserver(() => {
         const tau = Number(slider.value);
-        if (Number.isFinite(tau)) drawClient(tau);
+        if (Number.isFinite(tau)) state.draw(tau);
       });
       state.observer.observe(slider, { attributes: true, attributeFilter: ["aria-valuetext", "value"] });
       state.slider = slider;

@@ -31,7 +31,8 @@ from llm_flow.engine.trace import Trace
 
 KEY = "route_graph"
 _JS = (Path(__file__).with_name("route_graph.js")).read_text(encoding="utf-8")
-_CACHE = "_route_graph_data"  # session state: (key, floor-less key's floor, data) of the last trace
+# Session state: (trace/position/renormalize, its usual floor, floor, version, data), the last.
+_CACHE = "_route_graph_data"
 
 _component = st.components.v2.component("llm_flow_route_graph", js=_JS, isolate_styles=False)
 

@@ -13,7 +13,14 @@ from app.cache import ModelKey, TraceKey
 from llm_flow.config import load_config
 from llm_flow.engine.routes import find_route
 from llm_flow.io.export import graph_json
-from tests.app.apptest import assert_serving, download_keys, downloaded, graph_spec, start
+from tests.app.apptest import (
+    assert_serving,
+    download_keys,
+    downloaded,
+    graph_data,
+    graph_spec,
+    start,
+)
 from tests.app.conftest import PROMPTS, Downloads
 
 pytestmark = pytest.mark.usefixtures("offline")
@@ -65,3 +72,18 @@ def test_tau_sits_above_the_graph_and_the_graph_can_show_route_tokens_only() -> 
     assert_serving(at)
     shown = _output_markers(at)
     assert "pos:6" in shown and len(shown) < 7
+
+
+def test_the_graph_component_gets_the_route_data_once_per_trace_and_position() -> None:
+    """A τ step sends the same route data (same version: the browser keeps its index) with the
+    new τ; the data's floor is never above the τ the server draws."""
+    at = start({"threshold": "0.1"})
+    assert_serving(at)
+    first = graph_data(at)
+    assert first["threshold"] == pytest.approx(0.1) and first["route"]["floor"] <= 0.1
+    assert first["plotly_url"].endswith("/plotly.min.js")
+    at.slider(key=session.THRESHOLD).set_value(0.15).run()
+    after = graph_data(at)
+    assert after["threshold"] == pytest.approx(0.15) and after["version"] == first["version"]
+    at.toggle(key=session.COMPACT).set_value(True).run()
+    assert graph_data(at)["compact"] is True
