@@ -317,6 +317,9 @@ function themed(layout, element) {
     paper_bgcolor: "rgba(0, 0, 0, 0)",
     plot_bgcolor: "rgba(0, 0, 0, 0)",
     font: { ...(layout.font || {}), ...(text ? { color: text } : {}), ...(font ? { family: font } : {}) },
+    // Room for the token labels inside the figure's height, as st.plotly_chart's theme makes.
+    xaxis: { ...layout.xaxis, automargin: true },
+    yaxis: { ...layout.yaxis, automargin: true },
   };
 }
 

@@ -111,6 +111,8 @@ _GEOMETRY = f"""() => {{
            left: box.left + L._size.l, right: box.left + L._size.l + L._size.w,
            xmin: Math.min(...px), xmax: Math.max(...px),
            ymin: Math.min(...py), ymax: Math.max(...py),
+           labels: Math.max(...[...gd.querySelectorAll('.xtick text')]
+             .map(t => t.getBoundingClientRect().bottom)),
            outputs: gd._fullData.find(t => t.name === 'output position').customdata.length,
            gaps: gd._fullData.filter(t => t.name === 'hidden tokens').length}};
 }}"""
@@ -300,6 +302,7 @@ def test_long_prompt_latency_wheel_and_paste_in_chromium(
             numbers["columns_shown"] = geometry["outputs"]
             assert geometry["gaps"] == 2, "no marks for hidden tokens"
             assert geometry["height"] <= VIEWPORT["height"]
+            assert geometry["labels"] <= geometry["bottom"], "token labels below the figure"
             assert geometry["left"] <= geometry["xmin"] and geometry["xmax"] <= geometry["right"]
             assert geometry["ymin"] >= 0 and geometry["ymax"] <= VIEWPORT["height"]
             page.screenshot(path=ARTIFACTS / "11-long-prompt-route-tokens.png")
