@@ -25,7 +25,7 @@ import torch
 
 from llm_flow.engine.graph import FlowGraph
 from llm_flow.engine.nodes import NODE_WORDS
-from llm_flow.engine.routes import find_route
+from llm_flow.engine.routes import Route, find_route
 from llm_flow.engine.trace import Trace
 from llm_flow.io import layout, plot
 from llm_flow.io.figure import MAX_GRID_NODES, POSITION_PREFIX
@@ -34,21 +34,30 @@ from llm_flow.io.text import plotly_text
 MAX_CLIENT_EDGES = 40_000  # ~1 MB of JSON; the browser's route search stays a few ms
 
 
-def client_floor(
-    graph: FlowGraph, position: int, steps: Sequence[float], threshold: float
-) -> float:
-    """The lowest of the ascending slider ``steps`` whose route to ``position`` has at most
-    :data:`MAX_CLIENT_EDGES` attention edges, or ``threshold`` when that is lower (what the
-    server draws now must be drawable). Binary search: edge counts fall as τ grows."""
+def floor_route(graph: FlowGraph, position: int, steps: Sequence[float]) -> Route:
+    """The unnormalized route to ``position`` at the lowest of the ascending slider ``steps``
+    with at most :data:`MAX_CLIENT_EDGES` attention edges (its ``threshold`` is that step; the
+    last step when none qualifies). Binary search: edge counts fall as τ grows."""
+    routes: dict[int, Route] = {}
     low, high = 0, len(steps) - 1
     while low < high:
         mid = (low + high) // 2
-        route = find_route(graph, [position], steps[mid], renormalize=False)
-        if len(route.attention_idx) <= MAX_CLIENT_EDGES:
+        routes[mid] = find_route(graph, [position], steps[mid], renormalize=False)
+        if len(routes[mid].attention_idx) <= MAX_CLIENT_EDGES:
             high = mid
         else:
             low = mid + 1
-    return min(steps[low], threshold)
+    if low not in routes:
+        routes[low] = find_route(graph, [position], steps[low], renormalize=False)
+    return routes[low]
+
+
+def client_floor(
+    graph: FlowGraph, position: int, steps: Sequence[float], threshold: float
+) -> float:
+    """The floor of the data for a server drawing at ``threshold``: :func:`floor_route`'s step,
+    or ``threshold`` when that is lower (what the server draws now must be drawable)."""
+    return min(floor_route(graph, position, steps).threshold, threshold)
 
 
 def packed(values: torch.Tensor) -> str:
@@ -73,16 +82,21 @@ def unpacked(text: str, kind: str) -> list[float] | list[int]:
     return values
 
 
-def route_data(trace: Trace, position: int, renormalize: bool, floor: float) -> dict[str, Any]:
+def route_data(
+    trace: Trace, position: int, renormalize: bool, floor: float, superset: Route | None = None
+) -> dict[str, Any]:
     """The edges and node weights of ``trace``'s graph that routes to ``position`` at τ ≥
-    ``floor`` can use, the tokens and predictions the picture labels, and its constants.
+    ``floor`` can use, the tokens and predictions the picture labels, and its constants
+    (``superset``: that route, unnormalized, when the caller has it, e.g. from
+    :func:`floor_route`).
 
     Attention edges are in row-major (layer, target, source) order, as the graph stores them;
     arrays are :func:`packed`; weights are float32 (the browser compares them with
     ``Math.fround(τ)``, as torch compares a float32 tensor with a Python float).
     """
     graph = trace.graph
-    superset = find_route(graph, [position], floor, renormalize=False)
+    if superset is None or superset.threshold != floor or superset.renormalize:
+        superset = find_route(graph, [position], floor, renormalize=False)
     idx, weights = superset.attention_edges()  # [E, 3] (layer, t, s), [E]
     return {
         "n_layers": graph.n_layers,

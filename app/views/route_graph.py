@@ -25,7 +25,7 @@ import streamlit.components.v1 as components_v1
 
 from app import session
 from app.cache import TraceKey
-from app.figures.route_data import client_floor, route_data
+from app.figures.route_data import floor_route, route_data
 from app.selection import Selection
 from llm_flow.engine.trace import Trace
 
@@ -74,14 +74,16 @@ def _route_data(
     ss = st.session_state
     base = (repr(key), position, renormalize)
     held = ss.get(_CACHE)
+    superset = None
     if held is not None and held[0] == base:
         default_floor = held[1]
     else:
-        default_floor = client_floor(trace.graph, position, steps, steps[-1])
+        superset = floor_route(trace.graph, position, steps)  # seconds on a long prompt
+        default_floor = superset.threshold
     floor = min(default_floor, threshold)
     if held is not None and held[0] == base and held[2] == floor:
         return held[3], held[4]
-    data = route_data(trace, position, renormalize, floor)
+    data = route_data(trace, position, renormalize, floor, superset)
     version = hashlib.sha1(repr((*base, floor)).encode()).hexdigest()[:16]
     ss[_CACHE] = (base, default_floor, floor, version, data)
     return version, data

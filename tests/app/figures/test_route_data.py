@@ -147,3 +147,14 @@ def test_arrays_are_packed_exactly() -> None:
     assert rd.unpacked(data["attention"]["weight"], "f4") == weights.tolist()
     assert rd.unpacked(data["attention"]["source"], "i4") == idx[:, 2].tolist()
     assert rd.unpacked(data["ffn"], "f4") == trace.graph.ffn.flatten().tolist()
+
+
+def test_the_floor_route_is_reused_as_the_data_superset(monkeypatch: pytest.MonkeyPatch) -> None:
+    trace = _trace(6)
+    monkeypatch.setattr(rd, "MAX_CLIENT_EDGES", 40)
+    superset = rd.floor_route(trace.graph, 8, STEPS)
+    assert superset.threshold > 0 and len(superset.attention_idx) <= 40
+    reused = rd.route_data(trace, 8, True, superset.threshold, superset)
+    assert reused == rd.route_data(trace, 8, True, superset.threshold)
+    # A superset of another floor is not taken as is.
+    assert rd.route_data(trace, 8, True, 0.0, superset) == rd.route_data(trace, 8, True, 0.0)
