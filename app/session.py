@@ -276,8 +276,13 @@ def on_graph_select() -> None:
     event (a click on empty space, a re-created chart) keeps the selection.
     """
     target = clicked(st.session_state.get(GRAPH))
-    if target is None:
-        return
+    if target is not None:
+        select_clicked(target)
+
+
+def select_clicked(target: str) -> None:
+    """A click on the graph: an output marker's ``pos:t`` chooses the position, anything else
+    (a node, block or edge id) becomes the selection."""
     position = parse_position(target)
     if position is not None:
         st.session_state[POSITION] = position

@@ -2,9 +2,10 @@
 beside it, downloads, the "why A instead of B?" section and the interventions below.
 
 The route is re-found from the cached trace on every run (milliseconds); the figure is the
-core's (:func:`llm_flow.io.figure.flow_figure`). Everything the threshold changes is one
-``st.fragment`` (:func:`route_view`) with the τ slider at its top, so a slider step or a click
-on the graph reruns that part of the page only.
+core's (:func:`llm_flow.io.figure.flow_figure`), drawn by :mod:`app.views.route_graph`, which
+also redraws the route in the browser while the τ slider moves. Everything the threshold changes
+is one ``st.fragment`` (:func:`route_view`) with the τ slider at its top, so a slider step or a
+click on the graph reruns that part of the page only.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from streamlit.delta_generator import DeltaGenerator
 from app import cache, session
 from app.cache import CachedTrace, LoadedModel, ModelKey, TraceKey
 from app.selection import parse_selection
-from app.views import contrast, controls, interventions, loading, panels
+from app.views import contrast, controls, interventions, loading, panels, route_graph
 from app.views.errors import NeedsInput
 from llm_flow.analyses.contrast import ContrastAnalysis
 from llm_flow.config import AppConfig
@@ -41,6 +42,10 @@ GRAPH_CONFIG = {
     # The toolbar's camera button saves the figure client-side, so SVG export needs no kaleido.
     "toImageButtonOptions": {"format": "svg", "filename": "llm-flow-route"},
 }
+THRESHOLD_STEP = 0.005
+THRESHOLD_STEPS = [
+    round(i * THRESHOLD_STEP, 3) for i in range(round(session.THRESHOLD_MAX / THRESHOLD_STEP) + 1)
+]
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,7 @@ def graph_controls(n_tokens: int) -> float:
         "Threshold τ",
         min_value=0.0,
         max_value=session.THRESHOLD_MAX,
-        step=0.005,
+        step=THRESHOLD_STEP,
         format="%.3f",
         key=session.THRESHOLD,
         help="Edges whose contribution is below τ are pruned from the route.",
@@ -178,11 +183,16 @@ def route_view(view: RouteView) -> None:
             selected=selection.id if selection else None,
             compact=bool(st.session_state.get(session.COMPACT)),
         )
-        st.plotly_chart(
+        route_graph.show(
+            TraceKey(sidebar.model_key, view.prompt),
+            traced,
             figure,
-            key=session.GRAPH,
-            on_select=session.on_graph_select,
-            selection_mode="points",
+            position=position,
+            threshold=settings.threshold,
+            renormalize=settings.renormalize,
+            compact=bool(st.session_state.get(session.COMPACT)),
+            selection=selection,
+            steps=THRESHOLD_STEPS,
             config=GRAPH_CONFIG,
         )
         title = export_title(

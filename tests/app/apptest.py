@@ -43,10 +43,16 @@ def errors(at: AppTest) -> str:
     return re.sub(r"\\(.)", r"\1", " | ".join(e.value for e in at.error))
 
 
+def graph_data(at: AppTest) -> dict[str, Any]:
+    """What the route graph component (app/views/route_graph.py) was sent."""
+    (graph,) = at.get("bidi_component")
+    data: dict[str, Any] = json.loads(graph.proto.json)
+    return data
+
+
 def graph_spec(at: AppTest) -> dict[str, Any]:
-    """The plotly spec of the route graph (the chart with clickable customdata)."""
-    charts = [c for c in at.get("plotly_chart") if "customdata" in c.proto.spec]
-    spec: dict[str, Any] = json.loads(charts[0].proto.spec)
+    """The plotly spec of the route graph: the server's figure the component draws."""
+    spec: dict[str, Any] = json.loads(graph_data(at)["figure"])
     return spec
 
 

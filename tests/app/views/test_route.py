@@ -14,7 +14,15 @@ from llm_flow.analyses.contrast import contrast, direct_effects
 from llm_flow.config import load_config
 from llm_flow.engine.routes import find_route
 from llm_flow.io.export import graph_json
-from tests.app.apptest import CONTRAST, assert_serving, download_keys, downloaded, start
+from tests.app.apptest import (
+    CONTRAST,
+    assert_serving,
+    download_keys,
+    downloaded,
+    graph_data,
+    graph_spec,
+    start,
+)
 from tests.app.conftest import PROMPTS, Downloads
 
 pytestmark = pytest.mark.usefixtures("offline")
@@ -50,8 +58,7 @@ def test_downloads_are_offered_and_hold_the_route(downloads: Downloads, config_p
 
 
 def _output_markers(at: object) -> list[str]:
-    (chart,) = at.get("plotly_chart")  # type: ignore[attr-defined]
-    spec = json.loads(chart.proto.spec)
+    spec = graph_spec(at)
     (row,) = [t for t in spec["data"] if t.get("name") == "output position"]
     return list(row["customdata"])
 
@@ -102,3 +109,18 @@ def test_the_html_export_has_a_title_with_model_prompt_threshold_and_position(
     text = html.decode() if isinstance(html, bytes) else html
     for part in ("tiny · “", "τ = 0.020", "route to token 2 of 0–6"):
         assert json.dumps(part)[1:-1] in text, part  # plotly's JSON escapes non-ASCII
+
+
+def test_the_graph_component_gets_the_route_data_once_per_trace_and_position() -> None:
+    """A τ step sends the same route data (same version: the browser keeps its index) with the
+    new τ; the data's floor is never above the τ the server draws."""
+    at = start({"threshold": "0.1"})
+    assert_serving(at)
+    first = graph_data(at)
+    assert first["threshold"] == pytest.approx(0.1) and first["route"]["floor"] <= 0.1
+    assert first["plotly_url"].endswith("/plotly.min.js")
+    at.slider(key=session.THRESHOLD).set_value(0.15).run()
+    after = graph_data(at)
+    assert after["threshold"] == pytest.approx(0.15) and after["version"] == first["version"]
+    at.toggle(key=session.COMPACT).set_value(True).run()
+    assert graph_data(at)["compact"] is True
