@@ -24,19 +24,17 @@ import torch
 
 from llm_flow.analyses.route_diff import DEFAULT_FACTOR, STATUSES, RouteDiff, Shift
 from llm_flow.engine.nodes import (
-    NODE_WORDS,
     Node,
-    NodeKind,
     attention_edge_id,
     node_id,
     parse_attention_edge,
     parse_node,
-    source_id,
 )
 from llm_flow.engine.routes import Route
 from llm_flow.engine.trace import Prediction, Trace
 from llm_flow.errors import InputError
 from llm_flow.io import layout, plot
+from llm_flow.io import route_shapes as shapes
 from llm_flow.io.text import plotly_text
 
 # The faint off-route node grid is skipped on big pictures: a browser draws every point again
@@ -54,13 +52,7 @@ def parse_position(text: str) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
-# -- edges ------------------------------------------------------------------------------------
-
-
-def _columns(mask: torch.Tensor) -> list[np.ndarray]:
-    """The index columns of a mask's set cells, e.g. (layer [E], token [E])."""
-    idx = mask.nonzero().numpy()
-    return [idx[:, i] for i in range(idx.shape[1])]
+# -- columns ----------------------------------------------------------------------------------
 
 
 def route_tokens(route: Route) -> np.ndarray:
@@ -85,107 +77,6 @@ def route_columns(
         picked = [edge[1], edge[2]] if edge is not None else [node.token] if node else []
         shown.update(t for t in picked if 0 <= t < n)
     return layout.compact_columns(shown, n)
-
-
-def _attention_edges(route: Route, cols: layout.Columns) -> tuple[plot.Edges, np.ndarray]:
-    """Attention edges on the route as polylines, and their (layer, t, s) rows [E, 3]."""
-    idx_t, weights = route.attention_edges()  # idx rows: (layer, target t, source s)
-    idx = idx_t.numpy()
-    points = layout.attention_points(idx[:, 0], cols.of(idx[:, 1]), cols.of(idx[:, 2]))
-    return plot.Edges(points, weights.numpy()), idx
-
-
-def _residual_parts(
-    route: Route,
-) -> tuple[tuple[layout.ResidualTarget, torch.Tensor, torch.Tensor], ...]:
-    """(the node kind they lead to, mask [L, T], weights [L, T]) of both kinds of residual edge:
-    into ``A{l}_t`` and into ``I{l}_t``."""
-    return (
-        ("A", route.attn_residual, route.attn_residual_weights),
-        ("I", route.ffn_residual, route.ffn_residual_weights),
-    )
-
-
-def _residual_edges(route: Route, cols: layout.Columns) -> plot.Edges:
-    """Both kinds of residual edge on the route as vertical lines."""
-    parts = _residual_parts(route)
-    points = []
-    for into, mask, _ in parts:
-        layers, tokens = _columns(mask)
-        points.append(layout.residual_points(into, layers, cols.of(tokens)))
-    weights = [w[mask].numpy() for _, mask, w in parts]
-    return plot.Edges(np.concatenate(points), np.concatenate(weights))
-
-
-def _ffn_edges(route: Route, cols: layout.Columns) -> plot.Edges:
-    """``A{l}_t → M{l}_t → I{l}_t``, one bent polyline per FFN block on the route."""
-    layers, tokens = _columns(route.ffn)
-    points = layout.ffn_points(layers, cols.of(tokens))
-    return plot.Edges(points, route.ffn_weights[route.ffn].numpy())
-
-
-# -- markers ----------------------------------------------------------------------------------
-
-
-def _node_text(kind: NodeKind, layer: int, t: int, tokens: Sequence[str]) -> str:
-    where = "" if kind == "X" else f"layer {layer} · "
-    return (
-        f"<b>{node_id(kind, layer, t)}</b> {where}{NODE_WORDS[kind]}<br>"
-        f"token {t}: {plotly_text(tokens[t])}"
-    )
-
-
-def _residual_nodes(
-    route: Route, tokens: Sequence[str], on_route: bool, cols: layout.Columns
-) -> tuple[list[float], list[float], list[str], list[str]]:
-    """Coordinates, ids and hover texts of the residual nodes on (or off) the route, in the
-    shown columns."""
-    xs: list[float] = []
-    ys: list[float] = []
-    ids: list[str] = []
-    texts: list[str] = []
-    masks: tuple[tuple[NodeKind, torch.Tensor], ...] = (
-        ("X", route.embeddings[None, :]),
-        ("A", route.after_attention),
-        ("I", route.after_layer),
-    )
-    for kind, mask in masks:
-        layers, positions = _columns(mask if on_route else ~mask)
-        shown = ~np.isnan(cols.of(positions))
-        layers, positions = layers[shown], positions[shown]
-        xs += layout.node_x(kind, cols.of(positions)).tolist()
-        ys += layout.node_y(kind, layers).tolist()
-        for layer, t in zip(layers.tolist(), positions.tolist(), strict=True):
-            ids.append(node_id(kind, layer, t))
-            texts.append(_node_text(kind, layer, t, tokens))
-    return xs, ys, ids, texts
-
-
-def _route_nodes(
-    route: Route,
-    tokens: Sequence[str],
-    cols: layout.Columns,
-    *,
-    name: str,
-    sizes: tuple[int, int],
-    legend: bool = False,
-) -> go.Scatter:
-    """The residual nodes on ``route``; ``sizes`` = (after attention, other): after-attention
-    nodes smaller, so a column reads as layers, not a bead chain."""
-    xs, ys, ids, texts = _residual_nodes(route, tokens, on_route=True, cols=cols)
-    sizes_of = [sizes[0] if i.startswith("A") else sizes[1] for i in ids]
-    marker: dict[str, object] = {"size": sizes_of, "color": plot.NODE_COLOUR, "symbol": "circle"}
-    return plot.markers(
-        xs, ys, ids, texts, group="nodes", marker=marker, name=name, showlegend=legend
-    )
-
-
-def _attention_text(title: str, layer: int, t: int, s: int, tokens: Sequence[str]) -> str:
-    """Hover text of attention edge s → t of ``layer``, after ``title`` (markup allowed)."""
-    return (
-        f"{title} {source_id(layer, s)} → {node_id('A', layer, t)}<br>"
-        f"{plotly_text(tokens[s])} → {plotly_text(tokens[t])}"
-    )
 
 
 # -- the flow graph ---------------------------------------------------------------------------
@@ -215,7 +106,7 @@ def flow_figure(
 
     # Off-route nodes: a faint grid, so the picture keeps its shape and any node can be read.
     if 2 * graph.n_layers * len(cols.tokens) <= MAX_GRID_NODES:
-        xs, ys, ids, texts = _residual_nodes(route, tokens, on_route=False, cols=cols)
+        xs, ys, ids, texts = shapes.residual_nodes(route, tokens, on_route=False, cols=cols)
         grid = {"size": 4, "color": plot.NODE_COLOUR, "symbol": "circle", "opacity": 0.3}
         traces.append(
             plot.markers(
@@ -223,10 +114,10 @@ def flow_figure(
             )
         )
 
-    attention, att_idx = _attention_edges(route, cols)
+    attention, att_idx = shapes.attention_edges(route, cols)
     for name, group, rgb, edges in (
-        ("residual", "residual", plot.RESIDUAL_RGB, _residual_edges(route, cols)),
-        ("FFN", "ffn", plot.FFN_RGB, _ffn_edges(route, cols)),
+        ("residual", "residual", plot.RESIDUAL_RGB, shapes.residual_edges(route, cols)),
+        ("FFN", "ffn", plot.FFN_RGB, shapes.ffn_edges(route, cols)),
         ("attention", "attention", plot.ATTENTION_RGB, attention),
     ):
         traces.append(plot.legend_entry(name, group, plot.css_rgb(rgb)))
@@ -235,7 +126,7 @@ def flow_figure(
     traces += _offscreen_sources(attention, att_idx, tokens, cols, position)
 
     # FFN blocks on the route: small squares that select the neuron panel.
-    layers, positions = _columns(route.ffn)
+    layers, positions = shapes.mask_columns(route.ffn)
     ffn_weights = route.ffn_weights[route.ffn].tolist()
     pairs = list(zip(layers.tolist(), positions.tolist(), strict=True))
     square = {"size": 8, "color": plot.css_rgb(plot.FFN_RGB), "symbol": "square"}
@@ -245,7 +136,7 @@ def flow_figure(
             layout.node_y("M", layers).tolist(),
             [node_id("M", layer, t) for layer, t in pairs],
             [
-                f"{_node_text('M', layer, t, tokens)}<br>weight {w:.3f}"
+                f"{shapes.node_text('M', layer, t, tokens)}<br>weight {w:.3f}"
                 for (layer, t), w in zip(pairs, ffn_weights, strict=True)
             ],
             group="ffn",
@@ -254,7 +145,7 @@ def flow_figure(
         )
     )
     traces.append(
-        _route_nodes(route, tokens, cols, name="residual node", sizes=(5, 8), legend=True)
+        shapes.route_nodes(route, tokens, cols, name="residual node", sizes=(5, 8), legend=True)
     )
     traces.append(_output_row(graph.n_layers, tokens, trace.predictions, position, cols))
     if selected is not None:
@@ -278,7 +169,7 @@ def _edge_handles(
         hy.tolist(),
         [attention_edge_id(layer, t, s) for (layer, t, s), _ in rows],
         [
-            f"{_attention_text('<b>attention</b>', layer, t, s, tokens)}, weight {w:.3f}"
+            f"{shapes.attention_text('<b>attention</b>', layer, t, s, tokens)}, weight {w:.3f}"
             for (layer, t, s), w in rows
         ],
         "attention",
@@ -287,8 +178,8 @@ def _edge_handles(
     ry: list[float] = []
     rid: list[str] = []
     rtext: list[str] = []
-    for into, mask, weights in _residual_parts(route):
-        layers, positions = _columns(mask)
+    for into, mask, weights in shapes.residual_parts(route):
+        layers, positions = shapes.mask_columns(mask)
         x, y = layout.residual_handles(into, layers, cols.of(positions))
         rx += x.tolist()
         ry += y.tolist()
@@ -322,7 +213,7 @@ def _offscreen_sources(
     if len(rows) == 0:
         return []
     texts = [
-        _attention_text("<b>from off screen</b>", layer, t, s, tokens)
+        shapes.attention_text("<b>from off screen</b>", layer, t, s, tokens)
         for layer, t, s in att_idx[rows].tolist()
     ]
     return [
@@ -444,8 +335,8 @@ def _kept_lines(kept: dict[Shift, Route], factor: float, cols: layout.Columns) -
         group = f"kept-{shift}"
         legend = f"{words[shift]} ({route.n_edges})"
         traces.append(plot.legend_entry(legend, group, plot.css_rgb(rgb)))
-        lines = (_residual_edges(route, cols), _ffn_edges(route, cols))
-        for edges in (*lines, _attention_edges(route, cols)[0]):
+        lines = (shapes.residual_edges(route, cols), shapes.ffn_edges(route, cols))
+        for edges in (*lines, shapes.attention_edges(route, cols)[0]):
             traces += plot.line_traces(edges, rgb, group)
     return traces
 
@@ -466,7 +357,7 @@ def diff_figure(diff: RouteDiff, *, position: int, factor: float = DEFAULT_FACTO
         after_layer=before.after_layer | after.after_layer,
     )
     cols = layout.all_columns(graph.n_tokens)
-    traces: list[go.Scatter] = [_route_nodes(union, tokens, cols, name="node", sizes=(4, 6))]
+    traces: list[go.Scatter] = [shapes.route_nodes(union, tokens, cols, name="node", sizes=(4, 6))]
     hx: list[float] = []
     hy: list[float] = []
     htext: list[str] = []
@@ -479,9 +370,13 @@ def diff_figure(diff: RouteDiff, *, position: int, factor: float = DEFAULT_FACTO
         else:
             legend = f"{status} ({part.n_edges})"
             traces.append(plot.legend_entry(legend, status, plot.css_rgb(rgb)))
-        attention, idx = _attention_edges(part, cols)
+        attention, idx = shapes.attention_edges(part, cols)
         if status != "kept":
-            for edges in (_residual_edges(part, cols), _ffn_edges(part, cols), attention):
+            for edges in (
+                shapes.residual_edges(part, cols),
+                shapes.ffn_edges(part, cols),
+                attention,
+            ):
                 traces += plot.line_traces(edges, rgb, status)
         x, y = layout.attention_handles(idx[:, 0], idx[:, 1], idx[:, 2])
         hx += x.tolist()
@@ -494,16 +389,16 @@ def diff_figure(diff: RouteDiff, *, position: int, factor: float = DEFAULT_FACTO
         )
         for (layer, t, s), (was, now) in zip(idx.tolist(), was_now, strict=True):
             htext.append(
-                f"{_attention_text(f'<b>{status}</b> attention', layer, t, s, tokens)}<br>"
+                f"{shapes.attention_text(f'<b>{status}</b> attention', layer, t, s, tokens)}<br>"
                 f"weight {was:.3f} → {now:.3f}"
             )
-        layers, positions = _columns(part.ffn)
+        layers, positions = shapes.mask_columns(part.ffn)
         hx += layout.node_x("M", positions).tolist()
         hy += layout.node_y("M", layers).tolist()
         blocks = (r.ffn_weights[part.ffn].tolist() for r in (before, after))
         for layer, t, was, now in zip(layers.tolist(), positions.tolist(), *blocks, strict=True):
             htext.append(
-                f"<b>{status}</b> {_node_text('M', layer, t, tokens)}<br>"
+                f"<b>{status}</b> {shapes.node_text('M', layer, t, tokens)}<br>"
                 f"weight {was:.3f} → {now:.3f}"
             )
     traces.append(plot.handles(hx, hy, [""] * len(hx), htext, "handles"))
