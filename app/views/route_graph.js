@@ -268,11 +268,13 @@ function picture(d, r, selected, compact, baseLayout) {
       const [l, t, st] = selected.edge, pts = attentionPoints(l, t, st);
       traces.push({ type: "scatter", x: pts.map((p) => p[0]), y: pts.map((p) => p[1]), mode: "lines",
         line: { color: s.highlight, width: 3, dash: "dot" }, hoverinfo: "skip", showlegend: false });
-      at = attentionHandle(l, t, st);
+      // A ring on each end (on the bow of an s = t edge): the handle of a long edge can sit
+      // on a third token's column.
+      at = t === st ? [attentionHandle(l, t, st)] : [pts[0], pts[pts.length - 1]];
     } else {
-      at = [nx(selected.kind, selected.token), y(selected.kind, selected.layer)];
+      at = [[nx(selected.kind, selected.token), y(selected.kind, selected.layer)]];
     }
-    traces.push({ type: "scatter", x: [at[0]], y: [at[1]], mode: "markers", hoverinfo: "skip", showlegend: false,
+    traces.push({ type: "scatter", x: at.map((p) => p[0]), y: at.map((p) => p[1]), mode: "markers", hoverinfo: "skip", showlegend: false,
       marker: { symbol: "circle-open", size: 18, color: s.highlight, line: { width: 3, color: s.highlight } } });
   }
   if (cols.gaps.length) {

@@ -285,8 +285,10 @@ def _check_selected(selected: str, n_layers: int, n_tokens: int) -> None:
 
 
 def _highlight(selected: str, cols: layout.Columns) -> list[go.Scatter]:
-    """A red ring on the selected node, block or edge handle (and a red line along an edge);
-    ``selected`` is checked (:func:`_check_selected`) and its tokens are shown columns."""
+    """A red ring on the selected node or block; an attention edge is traced by a red line with
+    a ring on each end (one ring on the bow of an s = t edge): a ring at the click handle of a
+    long edge sat on a third token's column. ``selected`` is checked (:func:`_check_selected`)
+    and its tokens are shown columns."""
     edge = parse_attention_edge(selected)
     node = parse_node(selected) if edge is None else Node("A", edge[0], edge[1])
     assert node is not None  # checked by _check_selected
@@ -304,7 +306,10 @@ def _highlight(selected: str, cols: layout.Columns) -> list[go.Scatter]:
                 showlegend=False,
             )
         )
-        x, y = layout.attention_handles(layer, cols.of(t), cols.of(s))
+        if t == s:
+            x, y = layout.attention_handles(layer, cols.of(t), cols.of(s))
+        else:
+            x, y = points[[0, -1], 0], points[[0, -1], 1]
     else:
         x, y = layout.node_x(node.kind, cols.of(node.token)), layout.node_y(node.kind, node.layer)
     ring = {

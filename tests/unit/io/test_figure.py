@@ -96,26 +96,29 @@ def test_edge_kinds_have_distinct_colours_and_width_grows_with_weight(traced: Tr
 @pytest.mark.parametrize(
     ("selected", "where"),
     [
-        ("I0_0->A1_3", (0.0 + layout.HANDLE_AT * 3, 2 + layout.HANDLE_AT)),
-        ("I1_4->A2_4", (4 - layout.SELF_BOW, 4.5)),  # the s = t edge: on its bow
-        ("M1_2", (2 + layout.FFN_OFFSET, 3.5)),
-        ("X0_1", (1.0, 0.0)),
-        ("A2_3", (3.0, 5.0)),
-        ("I2_5", (5.0, 6.0)),
+        # An edge: a ring on each end (issue 12: a ring at the click handle, a fixed share of
+        # the way along a long edge, sat on a third token's column).
+        ("I0_0->A1_3", [(0.0, 2.0), (3.0, 3.0)]),
+        ("I1_4->A2_4", [(4 - layout.SELF_BOW, 4.5)]),  # the s = t edge: on its bow
+        ("M1_2", [(2 + layout.FFN_OFFSET, 3.5)]),
+        ("X0_1", [(1.0, 0.0)]),
+        ("A2_3", [(3.0, 5.0)]),
+        ("I2_5", [(5.0, 6.0)]),
     ],
 )
 def test_the_selection_is_highlighted_where_it_is_drawn(
-    traced: Trace, selected: str, where: tuple[float, float]
+    traced: Trace, selected: str, where: list[tuple[float, float]]
 ) -> None:
     route = find_route(traced.graph, [-1], threshold=0.02)
     plain = figure.flow_figure(traced, route, position=_last(traced))
     fig = figure.flow_figure(traced, route, position=_last(traced), selected=selected)
     rings = [t for t in fig.data if t.marker is not None and t.marker.symbol == "circle-open"]
     assert len(rings) == 1 and len(fig.data) > len(plain.data)
-    assert (rings[0].x[0], rings[0].y[0]) == pytest.approx(where)
+    assert list(rings[0].x) == pytest.approx([x for x, _ in where])
+    assert list(rings[0].y) == pytest.approx([y for _, y in where])
     if "->" in selected:  # the edge itself is traced in red, ending at its A node
         (line,) = [t for t in fig.data if t.mode == "lines" and t.line.color == plot.HIGHLIGHT]
-        assert line.y[-1] == pytest.approx(where[1] // 1 + 1)
+        assert line.y[-1] == pytest.approx(where[-1][1] // 1 + (1 if len(where) == 1 else 0))
 
 
 @pytest.mark.parametrize("selected", ["A9_0", "I0_99", "X0_1->A1_3", "bogus", "pos:1"])
