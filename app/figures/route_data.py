@@ -8,7 +8,8 @@ subset of those at a smaller one. So the route at ``floor`` (unnormalized) holds
 edge, with every part of every whole, that a route at any τ ≥ ``floor`` can need; the dense
 [L, T] residual and FFN weights are sent whole. ``app/views/route_graph.js`` repeats
 :func:`llm_flow.engine.routes.find_route` on these arrays (the server's route stays the one the
-panels, downloads and interventions use; tests/app/test_browser_route.py compares the two).
+panels, downloads and interventions use; tests/app/figures/test_route_data.py compares the two
+in Node).
 
 The floor is the lowest slider step whose route has at most :data:`MAX_CLIENT_EDGES` attention
 edges (a 400-token prompt at τ = 0 would be millions), or the current τ if that is lower.
@@ -52,12 +53,11 @@ def floor_route(graph: FlowGraph, position: int, steps: Sequence[float]) -> Rout
     return routes[low]
 
 
-def client_floor(
-    graph: FlowGraph, position: int, steps: Sequence[float], threshold: float
-) -> float:
-    """The floor of the data for a server drawing at ``threshold``: :func:`floor_route`'s step,
-    or ``threshold`` when that is lower (what the server draws now must be drawable)."""
-    return min(floor_route(graph, position, steps).threshold, threshold)
+def data_floor(step_floor: float, threshold: float) -> float:
+    """The floor of the data for a server drawing at ``threshold``: the :func:`floor_route`
+    step ``step_floor``, or ``threshold`` when that is lower (what the server draws now must be
+    drawable)."""
+    return min(step_floor, threshold)
 
 
 def packed(values: torch.Tensor) -> str:

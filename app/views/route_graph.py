@@ -25,7 +25,7 @@ import streamlit.components.v1 as components_v1
 
 from app import session
 from app.cache import TraceKey
-from app.figures.route_data import floor_route, route_data
+from app.figures.route_data import data_floor, floor_route, route_data
 from app.selection import Selection
 from llm_flow.engine.trace import Trace
 
@@ -80,7 +80,7 @@ def _route_data(
     else:
         superset = floor_route(trace.graph, position, steps)  # seconds on a long prompt
         default_floor = superset.threshold
-    floor = min(default_floor, threshold)
+    floor = data_floor(default_floor, threshold)
     if held is not None and held[0] == base and held[2] == floor:
         return held[3], held[4]
     data = route_data(trace, position, renormalize, floor, superset)

@@ -56,10 +56,11 @@ def test_the_floor_is_the_lowest_step_within_the_edge_budget(
     budget = counts[4]  # τ = 0.02
     assert counts[3] > budget  # the test needs a budget that bites
     monkeypatch.setattr(rd, "MAX_CLIENT_EDGES", budget)
-    assert rd.client_floor(graph, 8, STEPS, 0.2) == 0.02
-    assert rd.client_floor(graph, 8, STEPS, 0.01) == 0.01  # what the server draws now
+    step = rd.floor_route(graph, 8, STEPS).threshold
+    assert rd.data_floor(step, 0.2) == 0.02
+    assert rd.data_floor(step, 0.01) == 0.01  # what the server draws now
     monkeypatch.setattr(rd, "MAX_CLIENT_EDGES", 10**9)
-    assert rd.client_floor(graph, 8, STEPS, 0.2) == 0.0
+    assert rd.data_floor(rd.floor_route(graph, 8, STEPS).threshold, 0.2) == 0.0
 
 
 def _js_routes(data: dict[str, Any], taus: list[float], tmp_path: Path) -> list[dict[str, Any]]:
