@@ -13,7 +13,7 @@ from llm_flow.analyses.ablation import Outcome
 from llm_flow.analyses.contrast import small_weight_large_effect
 from llm_flow.analyses.faithfulness import FaithfulnessReport
 from llm_flow.analyses.lens import TokenScore
-from llm_flow.analyses.route_diff import EdgeChange
+from llm_flow.analyses.route_diff import DEFAULT_FACTOR, EdgeChange
 from llm_flow.engine.nodes import parse_node
 from llm_flow.io.text import display_token
 
@@ -164,9 +164,12 @@ def faithfulness_table(report: FaithfulnessReport) -> pd.DataFrame:
     )
 
 
-def route_diff_table(edges: Sequence[EdgeChange], tokens: Sequence[str]) -> pd.DataFrame:
+def route_diff_table(
+    edges: Sequence[EdgeChange], tokens: Sequence[str], factor: float = DEFAULT_FACTOR
+) -> pd.DataFrame:
     """The edges of a route diff (largest |change| first, as :meth:`RouteDiff.edges` gives
-    them) with the tokens they connect."""
+    them) with the tokens they connect, and how a kept edge moved: weakened to ≤ 1/factor,
+    strengthened ≥ factor×, or similar (the figure's colours)."""
 
     def token_of(name: str) -> str:
         node = parse_node(name)
@@ -177,6 +180,7 @@ def route_diff_table(edges: Sequence[EdgeChange], tokens: Sequence[str]) -> pd.D
     rows = [
         (
             e.status,
+            e.shift(factor) or "",
             e.kind,
             f"{e.source} → {e.target}",
             token_of(e.source)
@@ -188,5 +192,5 @@ def route_diff_table(edges: Sequence[EdgeChange], tokens: Sequence[str]) -> pd.D
         )
         for e in edges
     ]
-    columns = ["status", "kind", "edge", "tokens", "before", "after", "change"]
+    columns = ["status", "shift", "kind", "edge", "tokens", "before", "after", "change"]
     return pd.DataFrame(rows, columns=columns)

@@ -50,12 +50,17 @@ class EdgeChange:
     def change(self) -> float:
         return self.after - self.before
 
+    def shift(self, factor: float = DEFAULT_FACTOR) -> Shift | None:
+        """How a kept edge's weight moved (:func:`shift_of`); None for a lost or gained one."""
+        return shift_of(self.before, self.after, factor) if self.status == "kept" else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "target": self.target,
             "kind": self.kind,
             "status": self.status,
+            "shift": self.shift(),
             "before": self.before,
             "after": self.after,
             "change": self.change,
@@ -134,8 +139,8 @@ class RouteDiff:
         ``factor``."""
         edges = self.edges()
         out: dict[str, int] = {s: sum(e.status == s for e in edges) for s in STATUSES}
-        kept = [shift_of(e.before, e.after, factor) for e in edges if e.status == "kept"]
-        out.update({shift: kept.count(shift) for shift in SHIFTS})
+        shifts = [e.shift(factor) for e in edges]
+        out.update({shift: shifts.count(shift) for shift in SHIFTS})
         return out
 
     def edges(self) -> list[EdgeChange]:

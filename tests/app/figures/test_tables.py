@@ -129,11 +129,21 @@ def test_route_diff_table_names_the_tokens_each_edge_connects() -> None:
     edges = [
         EdgeChange("I0_1", "A1_3", "attention", "lost", 0.5, 0.0),
         EdgeChange("A1_3", "M1_3", "ffn", "kept", 0.2, 0.3),
+        EdgeChange("I0_2", "A1_3", "attention", "kept", 0.306, 0.056),
+        EdgeChange("I0_3", "A1_3", "attention", "kept", 0.1, 0.2),
     ]
     table = route_diff_table(edges, ["<bos>", " a", "b", " c"])
-    assert list(table["edge"]) == ["I0_1 → A1_3", "A1_3 → M1_3"]
-    assert list(table["tokens"]) == ["␣a → ␣c", "␣c"]
-    assert list(table["change"]) == pytest.approx([-0.5, 0.1])
+    assert list(table["edge"]) == ["I0_1 → A1_3", "A1_3 → M1_3", "I0_2 → A1_3", "I0_3 → A1_3"]
+    assert list(table["tokens"]) == ["␣a → ␣c", "␣c", "b → ␣c", "␣c → ␣c"]
+    assert list(table["change"]) == pytest.approx([-0.5, 0.1, -0.25, 0.1])
+    # A kept edge says how it moved (factor 2), as the diff figure colours it.
+    assert list(table["shift"]) == ["", "similar", "weakened", "strengthened"]
+    assert list(route_diff_table(edges, ["<bos>", " a", "b", " c"], factor=1.4)["shift"]) == [
+        "",
+        "strengthened",
+        "weakened",
+        "strengthened",
+    ]
 
 
 def test_expert_rows_map_to_their_expert() -> None:

@@ -246,6 +246,11 @@ def test_kept_edges_are_split_by_how_much_they_changed() -> None:
         for k in by_edge
         if by_edge[k].status == "kept" and by_edge[k].after * 2 <= by_edge[k].before
     )
-    assert diff.to_dict()["n_kept_by_change"] == {s: counts[s] for s in SHIFTS}
+    data = diff.to_dict()
+    assert data["n_kept_by_change"] == {s: counts[s] for s in SHIFTS}
+    # Each edge of the JSON says how it moved; only kept edges have a shift.
+    for e in data["edges"]:
+        expected = shift_of(e["before"], e["after"]) if e["status"] == "kept" else None
+        assert e["shift"] == expected
     with pytest.raises(RouteDiffError, match="above 1"):
         diff.kept_by_shift(1.0)
