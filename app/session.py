@@ -66,6 +66,7 @@ _VIEW = "view"
 _INITIALIZED = "initialized"
 _TABLE_ROW = "table_row"
 _SHOWN_DATASET = "shown_dataset"
+_DATASET_DRAWN_AT = "dataset_drawn_at"
 _PREFERRED_UNIT = "preferred_unit"
 
 CUSTOM_CHOICE = "Custom model…"
@@ -378,3 +379,13 @@ def show_dataset(key: DatasetKey) -> None:
 def shown_dataset() -> DatasetKey | None:
     key: DatasetKey | None = st.session_state.get(_SHOWN_DATASET)
     return key
+
+
+def note_dataset_drawn(threshold: float | None) -> None:
+    """The τ the dataset tab last compared its tables with (None: it shows no tables)."""
+    st.session_state[_DATASET_DRAWN_AT] = threshold
+
+
+def dataset_drawn_at() -> float | None:
+    threshold: float | None = st.session_state.get(_DATASET_DRAWN_AT)
+    return threshold

@@ -41,9 +41,11 @@ def section(
             "none to offer (prompts_dir is empty or unset, or loading files is disabled)."
         )
         return
+    # The slider's τ is not named here: a slider step reruns only the route view, so a number
+    # here would lag behind it; the tables below say the τ they were computed at.
     st.markdown(
-        "Run the route to the **last token** of every prompt of a file at the route graph's τ "
-        f"(now {threshold:.3f}) and count how often each head and FFN block is on it."
+        "Run the route to the **last token** of every prompt of a file at the τ of the route "
+        "graph's slider and count how often each head and FFN block is on it."
     )
     left, right = st.columns(2)
     name_a: str = left.selectbox("Prompt file", files, key=session.DATASET_A)
@@ -74,12 +76,14 @@ def section(
             session.show_dataset(key)
         except LlmFlowError as exc:
             show_error(exc, "Choose other prompt files and run again.")
+    session.note_dataset_drawn(None)
     shown = session.shown_dataset()
     if shown is None or shown.model != model_key:
         return
     result = cache.cached_dataset(shown)
     if result is None:
         return
+    session.note_dataset_drawn(threshold)  # the route view reruns the page when τ moves on
     if shown.threshold != threshold:
         st.warning(
             f"**Stale:** these tables were computed at τ = {shown.threshold:.3f}; the sidebar's "

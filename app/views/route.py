@@ -133,6 +133,8 @@ def route_view(view: RouteView) -> None:
     )
     traced = cached.trace
     settings = replace(sidebar.settings, threshold=graph_controls(traced.n_tokens))
+    if session.dataset_drawn_at() not in (None, settings.threshold):
+        st.rerun()  # the dataset tab (outside this fragment) shows tables: mark them stale
     with st.spinner(f"Finding the route at τ = {settings.threshold:.3f}…"):
         route = find_route(traced.graph, [position], settings.threshold, settings.renormalize)
     # Before the selection is read: a newly selected table row selects its edge or block.

@@ -271,3 +271,35 @@ def test_click_through_the_graph_in_chromium(server: tuple[str, str]) -> None:
             page.screenshot(path=ARTIFACTS / "07-route-diff.png")
         finally:
             browser.close()
+
+
+def test_dataset_tables_turn_stale_when_the_route_slider_moves(server: tuple[str, str]) -> None:
+    """Issue 12: a τ step reruns only the route view (a fragment), so the dataset tab, outside
+    it, kept saying its tables were current. The route view must rerun the page once when the
+    dataset tab shows tables of another τ."""
+    from playwright.sync_api import sync_playwright
+
+    base, query = server
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1200})
+            page.goto(f"{base}/?{query}")
+            thumb = page.locator('[data-testid="stSlider"] input[type="range"]').first
+            thumb.wait_for(timeout=GRAPH_S)
+            page.get_by_role("tab", name="Dataset mode").click()
+            page.locator('[data-testid="stSelectbox"]', has_text="Prompt file").click()
+            page.get_by_role("option", name="code.txt", exact=True).click()
+            page.get_by_role("button", name="Run the prompts").click()
+            page.get_by_text("code.txt: ").first.wait_for(timeout=GRAPH_S)
+            stale = page.locator('[data-testid="stAlertContentWarning"]', has_text="Stale:")
+            assert stale.count() == 0
+            page.get_by_role("tab", name="Route").click()
+            thumb.focus()
+            page.keyboard.press("ArrowRight")
+            page.get_by_role("tab", name="Dataset mode").click()
+            stale.first.wait_for(timeout=PANEL_MS)
+            assert "τ is now" in stale.first.inner_text()
+            _no_tracebacks(page)
+        finally:
+            browser.close()
