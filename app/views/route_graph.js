@@ -156,15 +156,25 @@ function picture(d, r, selected, compact, baseLayout) {
     selected: { marker: { opacity: marker.opacity ?? 1 } },
     unselected: { marker: { opacity: marker.opacity ?? 1 } },
   });
-  const handles = (xs, ys, ids, texts, group, size = 11) =>
-    markers(xs, ys, ids, texts, group, { size, color: "rgba(0, 0, 0, 0)" });
+  const handles = (xs, ys, ids, texts, group) =>
+    markers(xs, ys, ids, texts, group, { size: 11, color: "rgba(0, 0, 0, 0)" });
 
+  // A node on the route names the weight of the residual edge into it: residual edges have no
+  // click handles (one marker per edge made each redraw ~40 % slower).
+  const residualIn = { A: [r.attnResidual, d.attn_residual, r.attnFactor],
+                       I: [r.ffnResidual, d.ffn_residual, r.ffnFactor] };
   const residualNodes = (onRoute) => {
     const out = { x: [], y: [], ids: [], texts: [] };
     const add = (kind, l, t) => {
       if (Number.isNaN(X[t])) return;
       out.x.push(nx(kind, t)); out.y.push(y(kind, l));
-      out.ids.push(nid(kind, l, t)); out.texts.push(nodeText(kind, l, t));
+      out.ids.push(nid(kind, l, t));
+      let text = nodeText(kind, l, t);
+      const into = onRoute && residualIn[kind];
+      if (into && into[0][l * T + t]) {
+        text += `<br>residual in: weight ${(into[1][l * T + t] * into[2][l * T + t]).toFixed(3)}`;
+      }
+      out.texts.push(text);
     };
     for (let t = 0; t < T; t++) if (!!r.embeddings[t] === onRoute) add("X", 0, t);
     for (const [kind, m] of [["A", r.afterAttention], ["I", r.afterLayer]]) {
@@ -181,7 +191,6 @@ function picture(d, r, selected, compact, baseLayout) {
   // Edges as polylines [[x, y], ...] with their weights, per kind.
   const residual = { lines: [], weights: [] }, ffn = { lines: [], weights: [] };
   const attention = { lines: [], weights: [] };
-  const resHandles = { x: [], y: [], ids: [], texts: [] };
   for (const [into, m, w, f] of [["A", r.attnResidual, d.attn_residual, r.attnFactor],
                                   ["I", r.ffnResidual, d.ffn_residual, r.ffnFactor]]) {
     for (let l = 0; l < L; l++) for (let t = 0; t < T; t++) {
@@ -190,9 +199,6 @@ function picture(d, r, selected, compact, baseLayout) {
       const [y0, y1] = into === "A" ? [s.rows_per_layer * l, y("A", l)] : [y("A", l), y("I", l)];
       const weight = w[i] * f[i];
       residual.lines.push([[X[t], y0], [X[t], y1]]); residual.weights.push(weight);
-      resHandles.x.push(X[t]); resHandles.y.push((y0 + y1) / 2);
-      resHandles.ids.push(nid(into, l, t));
-      resHandles.texts.push(`<b>residual</b> → ${nid(into, l, t)}<br>token ${t}: ${tok[t]}, weight ${weight.toFixed(3)}`);
     }
   }
   const squares = { x: [], y: [], ids: [], texts: [] };
@@ -242,7 +248,6 @@ function picture(d, r, selected, compact, baseLayout) {
     });
   }
   traces.push(handles(attHandles.x, attHandles.y, attHandles.ids, attHandles.texts, "attention"));
-  traces.push(handles(resHandles.x, resHandles.y, resHandles.ids, resHandles.texts, "residual", 9));
   traces.push(markers(squares.x, squares.y, squares.ids, squares.texts, "ffn",
     { size: 8, color: css(s.ffn_rgb), symbol: "square" }, "FFN block"));
   const on = residualNodes(true);
@@ -359,7 +364,15 @@ export default function (component) {
     const route = findRoute(state.prepared, tau);
     const fig = picture(state.prepared, route, state.data.selected, state.data.compact, state.layout);
     const built = performance.now();
-    Plotly.react(state.gd, fig.data, themed(fig.layout, parentElement), state.data.config);
+    // Keep the margins the last drawing grew to fit its labels, without automargin: its extra
+    // layout passes made the first steps after a page load take 0.3–0.5 s (measured, issue 12).
+    const layout = themed(fig.layout, parentElement);
+    const size = state.gd._fullLayout && state.gd._fullLayout._size;
+    if (size) {
+      layout.margin = { ...layout.margin, l: size.l, r: size.r, t: size.t, b: size.b };
+      layout.xaxis.automargin = false; layout.yaxis.automargin = false;
+    }
+    Plotly.react(state.gd, fig.data, layout, state.data.config);
     state.drawn = key;
     // The full view of a long prompt labels edges from off-screen sources ("← s"), which only
     // the server's figure has: take it when the server answers at this τ.

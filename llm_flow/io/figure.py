@@ -122,7 +122,7 @@ def flow_figure(
     ):
         traces.append(plot.legend_entry(name, group, plot.css_rgb(rgb)))
         traces += plot.line_traces(edges, rgb, group)
-    traces += _edge_handles(route, tokens, attention.weights, att_idx, cols)
+    traces.append(_attention_handles(tokens, attention.weights, att_idx, cols))
     traces += _offscreen_sources(attention, att_idx, tokens, cols, position)
 
     # FFN blocks on the route: small squares that select the neuron panel.
@@ -153,18 +153,14 @@ def flow_figure(
     return plot.graph_figure(traces, tokens, graph.n_layers, position, cols)
 
 
-def _edge_handles(
-    route: Route,
-    tokens: Sequence[str],
-    att_weights: np.ndarray,
-    att_idx: np.ndarray,
-    cols: layout.Columns,
-) -> list[go.Scatter]:
-    """Click handles of attention edges (select the edge) and of residual edges (select the
-    node they lead to)."""
+def _attention_handles(
+    tokens: Sequence[str], att_weights: np.ndarray, att_idx: np.ndarray, cols: layout.Columns
+) -> go.Scatter:
+    """Click handles of attention edges (select the edge). Residual edges have none: a node
+    names the weight of the residual edge into it, and a click on it selects it."""
     hx, hy = layout.attention_handles(att_idx[:, 0], cols.of(att_idx[:, 1]), cols.of(att_idx[:, 2]))
     rows = list(zip(att_idx.tolist(), att_weights.tolist(), strict=True))
-    attention = plot.handles(
+    return plot.handles(
         hx.tolist(),
         hy.tolist(),
         [attention_edge_id(layer, t, s) for (layer, t, s), _ in rows],
@@ -174,23 +170,6 @@ def _edge_handles(
         ],
         "attention",
     )
-    rx: list[float] = []
-    ry: list[float] = []
-    rid: list[str] = []
-    rtext: list[str] = []
-    for into, mask, weights in shapes.residual_parts(route):
-        layers, positions = shapes.mask_columns(mask)
-        x, y = layout.residual_handles(into, layers, cols.of(positions))
-        rx += x.tolist()
-        ry += y.tolist()
-        pairs = zip(layers.tolist(), positions.tolist(), weights[mask].tolist(), strict=True)
-        for layer, t, weight in pairs:
-            rid.append(node_id(into, layer, t))
-            rtext.append(
-                f"<b>residual</b> → {node_id(into, layer, t)}<br>"
-                f"token {t}: {plotly_text(tokens[t])}, weight {weight:.3f}"
-            )
-    return [attention, plot.handles(rx, ry, rid, rtext, "residual", size=9)]
 
 
 def _offscreen_sources(

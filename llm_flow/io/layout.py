@@ -109,14 +109,6 @@ def residual_points(into: ResidualTarget, layer: ArrayLike, token: ArrayLike) ->
     return np.stack([np.stack([t, y0], -1), np.stack([t, y1], -1)], axis=1)  # [E, 2, 2]
 
 
-def residual_handles(
-    into: ResidualTarget, layer: ArrayLike, token: ArrayLike
-) -> tuple[np.ndarray, np.ndarray]:
-    """(x [E], y [E]) of residual edges' click handles: the middle of each line."""
-    y0, y1 = _residual_ends(into, layer)
-    return _floats(token), (y0 + y1) / 2
-
-
 def crossing_y(points: np.ndarray, x: float) -> np.ndarray:
     """y where each polyline of ``points`` [E, P, 2] (x ascending along it) crosses the vertical
     line at ``x`` → [E], NaN where it does not."""

@@ -135,12 +135,9 @@ def handles(
     ids: Sequence[str],
     texts: Sequence[str],
     group: str,
-    size: int = 11,
 ) -> go.Scatter:
     """Invisible, clickable markers over edges."""
-    return markers(
-        x, y, ids, texts, group=group, marker={"size": size, "color": "rgba(0, 0, 0, 0)"}
-    )
+    return markers(x, y, ids, texts, group=group, marker={"size": 11, "color": "rgba(0, 0, 0, 0)"})
 
 
 def gap_marks(columns: layout.Columns, n_layers: int) -> list[go.Scatter]:

@@ -191,7 +191,9 @@ def _slider_steps(page: Any, numbers: dict[str, Any], name: str = "slider_step")
     numbers[f"{name}_to_redrawn_route_median_ms"] = _median(redraw)
     numbers[f"{name}_input_to_client_redraw_start_median_ms"] = _median(waited)
     numbers[f"{name}_client_route_and_figure_median_ms"] = _median(build)
+    numbers[f"{name}_client_plotly_react_ms"] = [round(v, 1) for v in plotly]
     numbers[f"{name}_client_plotly_react_median_ms"] = _median(plotly)
+    numbers[f"{name}_input_to_client_redraw_start_ms"] = [round(v, 1) for v in waited]
     numbers[f"{name}_to_idle_median_ms"] = _median(idle)
 
 
@@ -309,6 +311,11 @@ def test_long_prompt_latency_wheel_and_paste_in_chromium(
             page.screenshot(path=ARTIFACTS / "11-long-prompt-route-tokens.png")
 
             _slider_steps(page, numbers)
+            # The browser's redraws keep the margins the server's figure grew (no automargin
+            # pass): the labels of the new route's columns must still fit.
+            geometry = page.evaluate(_GEOMETRY)
+            assert geometry["labels"] <= geometry["bottom"], "token labels below the figure"
+            assert geometry["left"] <= geometry["xmin"] and geometry["xmax"] <= geometry["right"]
             _clicks(page, numbers)
             page.screenshot(path=ARTIFACTS / "12-long-prompt-panel.png")
             _wheel_scrolls_the_page(page)

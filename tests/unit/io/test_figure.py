@@ -68,6 +68,28 @@ def test_every_route_edge_and_block_is_clickable(traced: Trace) -> None:
     assert "FFN block" in blocks.hovertext[at] and f"layer {first_layer} · " in blocks.hovertext[at]
 
 
+def test_a_route_node_names_the_residual_edge_into_it(traced: Trace) -> None:
+    """Residual edges have no click handles (they made each browser redraw ~40 % slower): the
+    node they lead to names their weight, and only attention edges have handles."""
+    route = find_route(traced.graph, [-1], threshold=0.02, renormalize=True)
+    fig = figure.flow_figure(traced, route, position=_last(traced))
+    (nodes,) = _trace_with(fig, "residual node")
+    text = dict(zip(nodes.customdata, nodes.hovertext, strict=True))
+    named = 0
+    for kind, mask, weights in (
+        ("A", route.attn_residual, route.attn_residual_weights),
+        ("I", route.ffn_residual, route.ffn_residual_weights),
+    ):
+        for layer, t in mask.nonzero().tolist():
+            node = f"{kind}{layer}_{t}"
+            assert f"residual in: weight {float(weights[layer, t]):.3f}" in text[node]
+            named += 1
+    assert named > 0
+    assert sum("residual in" in h for h in nodes.hovertext) == named
+    invisible = [t for t in fig.data if t.marker.color == "rgba(0, 0, 0, 0)"]
+    assert [t.legendgroup for t in invisible] == ["attention"]
+
+
 def test_positions_of_output_marker_clicks() -> None:
     assert figure.parse_position("pos:12") == 12
     assert figure.parse_position("pos:x") is None
@@ -236,7 +258,7 @@ def test_the_route_diff_colours_each_status_and_hovers_before_and_after(traced: 
     colours = {t.legendgroup: t.line.color for t in fig.data if t.showlegend is not False}
     assert len({colours[f"kept-{s}"] for s in ("weakened", "similar", "strengthened")}) == 3
     assert counts["lost"] + counts["gained"] > 0
-    (handles,) = [t for t in fig.data if t.hovertext is not None and "weight" in str(t.hovertext)]
+    (handles,) = [t for t in fig.data if t.legendgroup == "handles"]
     n_attention = sum(len(diff.part(s).attention_idx) for s in ("kept", "lost", "gained"))
     n_ffn = sum(int(diff.part(s).ffn.sum()) for s in ("kept", "lost", "gained"))
     assert len(handles.x) == n_attention + n_ffn
