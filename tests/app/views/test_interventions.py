@@ -60,7 +60,7 @@ def test_mean_ablation_of_neurons_and_the_selected_edge() -> None:
     assert "logit difference" not in [m.label for m in at.metric]  # no contrast given
 
 
-DIFF_COLUMNS = ["status", "kind", "edge", "tokens", "before", "after", "change"]
+DIFF_COLUMNS = ["status", "shift", "kind", "edge", "tokens", "before", "after", "change"]
 
 
 def diff_table(at: AppTest) -> pd.DataFrame:
@@ -104,6 +104,7 @@ def test_ablation_draws_the_route_before_and_after() -> None:
     want = diff.edges()[: len(table)]
     assert list(table["edge"]) == [f"{e.source} → {e.target}" for e in want]
     assert list(table["status"]) == [e.status for e in want]
+    assert list(table["shift"]) == [e.shift() or "" for e in want]  # issue 12: how kept moved
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     legend = [t["name"] for c in charts for t in c["data"] if t.get("showlegend") is not False]
     assert f"lost ({counts['lost']})" in legend and f"gained ({counts['gained']})" in legend
