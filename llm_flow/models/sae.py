@@ -246,10 +246,11 @@ def _from_hub(repo: str) -> Path:
     folder = "/".join(sub)
     patterns = [f"{folder}/*"] if folder else None
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         root = snapshot_download(f"{owner}/{name}", allow_patterns=patterns, local_files_only=True)
-    except Exception:  # noqa: BLE001 - any cache miss means: try the network
+    except LocalEntryNotFoundError:  # not in the cache: the network, if there is one
         if not _hub_reachable():
             raise OfflineError(
                 f"SAE {repo!r} is not in the local Hugging Face cache and the hub cannot be "
@@ -258,7 +259,7 @@ def _from_hub(repo: str) -> Path:
             ) from None
         try:
             root = snapshot_download(f"{owner}/{name}", allow_patterns=patterns)
-        except Exception as exc:  # noqa: BLE001 - the hub's errors, in one line
+        except Exception as exc:  # the hub's many error types (missing repo, HTTP), in words
             raise SaeError(f"cannot download SAE {repo!r}: {exc}") from None
     return Path(root) / folder
 
