@@ -17,6 +17,7 @@ everything in ``llm_flow.engine`` and ``llm_flow.analyses`` accepts them as they
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,18 +25,21 @@ from typing import TYPE_CHECKING, Any
 from llm_flow.analyses import ablation as _ablation
 from llm_flow.analyses import contrast as _contrast
 from llm_flow.analyses import interventions as _interventions
+from llm_flow.analyses import latents as _latents
 from llm_flow.analyses.faithfulness import faithfulness
-from llm_flow.analyses.lens import TokenScore, logit_lens
+from llm_flow.analyses.lens import TokenScore, logit_lens, parse_node
 from llm_flow.config import default_config, load_config
 from llm_flow.engine import routes as _routes
 from llm_flow.engine import trace as _trace
 from llm_flow.engine.routes import DEFAULT_THRESHOLD
-from llm_flow.errors import InputError
+from llm_flow.errors import InputError, UnknownModelError
 from llm_flow.io import export
 from llm_flow.io.figure import flow_figure
 from llm_flow.models import TransparentLlm, load_model, wrap_hf
+from llm_flow.models import sae as _sae
 from llm_flow.models.dispatch import is_dispatched
 from llm_flow.models.loading import Progress, resolve_device, resolve_dtype
+from llm_flow.models.sae import Sae
 from llm_flow.placement import parse_device_map, parse_max_memory
 
 if TYPE_CHECKING:
@@ -48,9 +52,12 @@ __all__ = [
     "Route",
     "Trace",
     "ablate",
+    "ablate_latents",
     "faithfulness",
     "from_hf",
+    "latents",
     "load",
+    "load_sae",
     "mean_activations",
     "trace",
 ]
@@ -274,6 +281,78 @@ def ablate(
         tr,
         ablation,
         means=means,
+        target_id=target_id,
+        distractor_id=distractor_id,
+        position=position,
+        k=k,
+        traced=traced,
+    )
+
+
+# -- sparse-autoencoder latents ---------------------------------------------------------------
+
+
+def load_sae(path_or_repo: str | Path, hook: str | None = None) -> Sae:
+    """An SAE from a SAELens folder, a Gemma Scope ``params.npz`` or a hub repository
+    ``owner/name[/folder]`` (``hook`` names the hook for files that do not)."""
+    return _sae.load_sae(path_or_repo, hook)
+
+
+def _node_sae(tr: _trace.Trace, node: str, sae: Sae | str | Path | None) -> Sae:
+    """``sae`` as given (loaded if a path), else the default config's SAE for the node's hook
+    (when the model is configured there) or the one ``llm-flow sae train`` left in the cache."""
+    if isinstance(sae, Sae):
+        return sae
+    if sae is not None:
+        return _sae.load_sae(sae)
+    parsed = parse_node(node, tr.n_layers, tr.n_tokens)
+    configured: tuple[tuple[str, str], ...] = ()
+    with suppress(UnknownModelError):
+        configured = default_config().model(tr.llm.info.name).saes
+    return _sae.find_sae(configured, tr.llm.info.name, parsed.kind, parsed.layer)
+
+
+def latents(
+    tr: _trace.Trace,
+    node: str,
+    sae: Sae | str | Path | None = None,
+    *,
+    top: int = 20,
+    target: str | None = None,
+    distractor: str | None = None,
+) -> _latents.Latents:
+    """The residual ``node`` (``"I5_3"``) as SAE latents, ``b_dec`` and the error: each part's
+    contribution (they sum to 1) and direct effect; ``.to_json()`` is ``llm-flow latents``."""
+    return _latents.latents(
+        tr, node, _node_sae(tr, node, sae), top=top, target=target, distractor=distractor
+    )
+
+
+def ablate_latents(
+    tr: _trace.Trace,
+    sae: Sae | str | Path,
+    indices: Sequence[int],
+    *,
+    scale: float = 0.0,
+    target: str | None = None,
+    distractor: str | None = None,
+    position: int = -1,
+    k: int = _ablation.TOP_K,
+    traced: bool = False,
+) -> _ablation.AblationResult:
+    """Scale the parts of SAE latents ``indices`` by ``scale`` (0 removes them) at every
+    position and compare the prediction (``traced=True``: and the route) before and after."""
+    loaded = sae if isinstance(sae, Sae) else _sae.load_sae(sae)
+    target_id = distractor_id = None
+    if target is not None and distractor is not None:
+        target_id, distractor_id = _contrast.contrast_ids(tr.llm, target, distractor)
+    elif target is not None:
+        target_id = _contrast.single_token(tr.llm, target, "target")
+    return _latents.ablate_latents(
+        tr,
+        loaded,
+        indices,
+        scale=scale,
         target_id=target_id,
         distractor_id=distractor_id,
         position=position,

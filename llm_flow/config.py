@@ -13,8 +13,8 @@ LLM-TT config file works unchanged:
 
 A model value is ``null`` (the name is a Hugging Face hub id), a string (a local path: a
 ``*.gguf`` file or a folder of HF weights) or an object ``{"source", "path"?, "package"?,
-"prepend_bos"?, "shape"?, "device_map"?, "max_memory"?}``. LLM-TT's ``"": null`` placeholder
-entry is skipped.
+"prepend_bos"?, "shape"?, "device_map"?, "max_memory"?, "saes"?}`` (``saes``:
+:mod:`llm_flow.sae_entries`). LLM-TT's ``"": null`` placeholder entry is skipped.
 
 Relative paths resolve against the *base directory*: the parent of the config file's folder when
 that folder is named ``config`` (``config/local.json`` → the repository root, where LLM-TT
@@ -36,6 +36,7 @@ from typing import Any, Literal, cast, get_args
 from llm_flow import resources
 from llm_flow.errors import ConfigError, PromptError, UnknownModelError
 from llm_flow.placement import DeviceMap, MaxMemory, parse_device_map, parse_max_memory
+from llm_flow.sae_entries import parse_saes, sae_source
 from llm_flow.validate import check_prompt
 
 Source = Literal["hub", "local", "gguf", "packaged", "random"]
@@ -73,7 +74,9 @@ _MODEL_KEYS: tuple[str, ...] = (
     "shape",
     "device_map",
     "max_memory",
+    "saes",
 )
+
 # ``random:SHAPE`` names a random-weight model of a shipped shape (config/shapes/SHAPE.json) or of
 # a config.json path, with no config entry needed.
 RANDOM_PREFIX = "random:"
@@ -103,6 +106,8 @@ class ModelSpec:
     shape: str | None = None  # source "random": a shape name in config/shapes, or a config.json
     device_map: DeviceMap | None = None
     max_memory: MaxMemory | None = None
+    # SAE hook name → a SAELens folder, a params.npz or a hub repo, as sorted pairs (hashable).
+    saes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Checked here, not only in load_config, so a spec built in code is just as valid.
@@ -150,6 +155,7 @@ class ModelSpec:
             raise ConfigError(f"{where}: 'shape' is only allowed with source 'random'")
         if self.prepend_bos is not None and not isinstance(self.prepend_bos, bool):
             raise ConfigError(f"{where}: 'prepend_bos' must be true, false or null")
+        object.__setattr__(self, "saes", parse_saes(self.saes, f"{where}: saes"))
 
 
 @dataclass(frozen=True)
@@ -327,8 +333,11 @@ def _model_spec(name: str, value: Any, base: Path) -> ModelSpec:
         raise ConfigError(
             f"{where}.prepend_bos: expected true, false or null, got {json.dumps(bos)}"
         )
+    saes = value.get("saes") or {}
+    if not isinstance(saes, dict):
+        raise ConfigError(f"{where}.saes: expected an object hook → SAE, got {json.dumps(saes)}")
     # Which keys each source needs (package, path) is ModelSpec's rule, checked there, as are
-    # device_map and max_memory.
+    # device_map, max_memory and the SAEs' hook names.
     return ModelSpec(
         name=name,
         source=cast(Source, src),
@@ -338,6 +347,7 @@ def _model_spec(name: str, value: Any, base: Path) -> ModelSpec:
         shape=shape,
         device_map=value.get("device_map"),
         max_memory=value.get("max_memory"),
+        saes=tuple((hook, sae_source(src, base)) for hook, src in saes.items()),
     )
 
 

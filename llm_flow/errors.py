@@ -91,3 +91,8 @@ class SelfCheckError(LlmFlowError):
 
 class ExportError(LlmFlowError):
     """A figure cannot be written in the asked format (e.g. PNG/SVG without kaleido)."""
+
+
+class SaeError(InputError):
+    """An SAE cannot be read or used: a missing or malformed folder, another hook, a node with
+    no SAE configured."""

@@ -20,7 +20,7 @@ from llm_flow.analyses.route_diff import RouteDiff
 from llm_flow.engine.routes import DEFAULT_THRESHOLD, find_route
 from llm_flow.engine.trace import Trace, trace
 from llm_flow.errors import InterventionError
-from llm_flow.models.base import TransparentLlm
+from llm_flow.models.base import Hook, TransparentLlm
 from llm_flow.validate import check_at_least, check_position, check_threshold
 
 TOP_K = 5
@@ -45,6 +45,7 @@ def ablated_trace(
     *,
     keep_patterns: bool | None = None,
     on_layer: Callable[[int, int], None] | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> Trace:
     """The trace of ``before``'s prompt with ``ablation`` applied (validated here).
 
@@ -52,17 +53,19 @@ def ablated_trace(
     it writes instead (the mean, under mean ablation) is booked as that token's bias, a part no
     node writes; ablated neurons write their replacement value inside their FFN block; what an
     intervention writes into a mixture-of-experts block that no expert explains (an ablated
-    expert's mean part) is booked as the block's bias.
+    expert's mean part) is booked as the block's bias. ``hooks`` are further edits applied with
+    the ablation's (SAE latents: :mod:`llm_flow.analyses.latents`).
     """
     llm, n_tokens = before.llm, before.n_tokens
-    hooks = ablation_hooks(llm, validate(ablation, llm.info, n_tokens), n_tokens, means)
+    checked = validate(ablation, llm.info, n_tokens)
+    edits = [*ablation_hooks(llm, checked, n_tokens, means), *hooks]
     return trace(
         llm,
         before.prompt,
         keep_patterns=keep_patterns,
         attention_floor=before.graph.attention_floor,  # routes compare like with like
         on_layer=on_layer,
-        fwd_hooks=hooks,
+        fwd_hooks=edits,
     )
 
 
@@ -166,22 +169,26 @@ def ablate(
     k: int = TOP_K,
     traced: bool = False,
     on_layer: Callable[[int, int], None] | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> AblationResult:
     """The prediction after ``position`` of ``trace`` (the run before) and of its prompt with
     ``ablation`` applied: one more forward pass, or with ``traced`` a traced one whose route
     :meth:`AblationResult.route_diff` compares (``on_layer(done, total)`` reports its layers).
     With ``target_id`` (and ``distractor_id``) the outcomes carry the target's log-prob (and
-    the logit difference)."""
+    the logit difference). ``hooks`` are further edits applied with the ablation's."""
     llm = trace.llm
     p = check_position(position, trace.n_tokens)
     check_at_least("the number of top tokens", k, 1)
     checked = validate(ablation, llm.info, trace.n_tokens)
     traces = None
     if traced:
-        after_trace = ablated_trace(trace, checked, means, keep_patterns=False, on_layer=on_layer)
+        after_trace = ablated_trace(
+            trace, checked, means, keep_patterns=False, on_layer=on_layer, hooks=hooks
+        )
         after, traces = after_trace.run.logits, (trace, after_trace)
     else:
-        after = ablated_logits(llm, trace.token_ids, checked, means)
+        edits = [*ablation_hooks(llm, checked, trace.n_tokens, means), *hooks]
+        after = llm.logits_with_hooks(trace.token_ids, edits)
     ids_kw = {"target_id": target_id, "distractor_id": distractor_id}
     return AblationResult(
         ablation=checked,

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from llm_flow.analyses.interventions import MeanActivations
     from llm_flow.engine.trace import Trace
     from llm_flow.models import BridgeLlm
+    from llm_flow.models.sae import Sae
 
 
 def _progress() -> Callable[[str], None] | None:
@@ -198,6 +199,7 @@ def _ablate(args: argparse.Namespace) -> None:
         validate,
     )
 
+    latents = _latent_edit(args)
     ablation = Ablation(
         heads=parse_heads(args.heads),
         neurons=parse_neurons(args.neurons),
@@ -208,8 +210,10 @@ def _ablate(args: argparse.Namespace) -> None:
 
     def checks() -> None:
         _contrast_pair(args)
-        if ablation.is_empty:
-            raise InputError("nothing to ablate; pass --heads, --neurons, --experts and/or --edges")
+        if ablation.is_empty and latents is None:
+            raise InputError(
+                "nothing to ablate; pass --heads, --neurons, --experts, --edges and/or --latents"
+            )
         check_at_least("--top", args.top, 1)
         check_threshold(args.threshold)
 
@@ -220,9 +224,15 @@ def _ablate(args: argparse.Namespace) -> None:
     a = b = None
     if args.target is not None:
         a, b = contrast_ids(tr.llm, args.target, args.distractor)
+    hooks = []
+    if latents is not None:
+        from llm_flow.analyses.latents import latent_hooks
+
+        hooks = latent_hooks(tr.llm, _sae(args, config, latents[0]), latents[1], args.scale)
     result = ablate(
         tr,
         ablation,
+        hooks=hooks,
         means=_means(args, config, tr),
         target_id=a,
         distractor_id=b,
@@ -232,6 +242,12 @@ def _ablate(args: argparse.Namespace) -> None:
     )
     data = _prompt_header(tr) | {"target": args.target, "distractor": args.distractor}
     data |= result.to_dict()
+    if latents is not None:
+        data["ablated"]["latents"] = {
+            "hook": latents[0],
+            "indices": list(latents[1]),
+            "scale": args.scale,
+        }
     if args.graph_diff:
         data["graph_diff"] = result.route_diff(args.threshold, not args.no_renormalize).to_dict()
     _write(json.dumps(data), None)
@@ -290,6 +306,97 @@ def _dataset(args: argparse.Namespace) -> None:
         write_table(frame, args.out)
 
 
+def _latent_edit(args: argparse.Namespace) -> tuple[str, tuple[int, ...]] | None:
+    """``ablate --latents HOOK:I,…`` parsed, or None."""
+    if not args.latents:
+        if args.sae is not None:
+            raise InputError("--sae goes with --latents; name the latents to ablate")
+        return None
+    from llm_flow.analyses.latents import parse_latents
+
+    return parse_latents(args.latents)
+
+
+def _sae(args: argparse.Namespace, config: AppConfig, hook: str) -> Sae:
+    """The SAE on ``hook``: ``--sae``, else the model's config entry or a trained one."""
+    from llm_flow.engine.nodes import parse_node
+    from llm_flow.models.sae import find_sae, load_sae, node_of_hook
+
+    if args.sae is not None:
+        return load_sae(args.sae, hook)
+    spec = config.model(args.model or config.default_model)
+    node = parse_node(node_of_hook(hook, 0))
+    assert node is not None  # node_of_hook spells valid node ids
+    return find_sae(spec.saes, spec.name, node.kind, node.layer)
+
+
+def _latents(args: argparse.Namespace) -> None:
+    from llm_flow.analyses.latents import latents
+    from llm_flow.analyses.lens import parse_node
+    from llm_flow.engine.trace import trace
+    from llm_flow.models.sae import find_sae, load_sae
+
+    config = _config(args.config)
+    config.check_prompt(args.prompt)
+    check_at_least("--top", args.top, 1)
+    _contrast_pair(args)
+    llm = _load(args, config)
+    tr = trace(llm, args.prompt)
+    node = parse_node(args.node, tr.n_layers, tr.n_tokens)
+    if args.sae is not None:
+        sae = load_sae(args.sae)  # latents() checks that it reads this node
+    else:
+        spec = config.model(args.model or config.default_model)
+        sae = find_sae(spec.saes, spec.name, node.kind, node.layer)
+    result = latents(
+        tr, args.node, sae, top=args.top, target=args.target, distractor=args.distractor
+    )
+    _write(json.dumps(_prompt_header(tr) | result.to_json()), None)
+
+
+def _sae_command(args: argparse.Namespace) -> None:
+    """``llm-flow sae train``: the only ``sae`` command so far."""
+    from llm_flow.models.sae import save_sae, trained_sae_dir
+    from llm_flow.models.sae_training import default_corpus, read_corpus, train_sae
+
+    texts = read_corpus(Path(args.corpus) if args.corpus else default_corpus())
+    config = _config(args.config)
+    llm = _load(args, config)
+    bar = _progress_bar()
+    trained = train_sae(
+        llm,
+        args.layer,
+        texts,
+        d_sae=args.d_sae,
+        k=args.k,
+        architecture="topk" if args.l1 is None else "standard",
+        l1=0.0 if args.l1 is None else args.l1,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        progress=bar,
+    )
+    spec = config.model(args.model or config.default_model)
+    hook = f"blocks.{args.layer}.hook_resid_post"
+    out = Path(args.out) if args.out else trained_sae_dir(spec.name, hook)
+    save_sae(trained.sae, out, model_name=spec.name)
+    _write(json.dumps(trained.to_dict() | {"model": spec.name, "path": str(out)}), None)
+
+
+def _progress_bar() -> Callable[[str, int, int], None] | None:
+    """A one-line progress bar on stderr when it is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def draw(phase: str, done: int, total: int) -> None:
+        filled = 30 * done // max(total, 1)
+        end = "\n" if done == total else ""
+        sys.stderr.write(f"\rllm-flow: {phase:<11} [{'#' * filled:<30}] {done}/{total}{end}")
+        sys.stderr.flush()
+
+    return draw
+
+
 def _app(args: argparse.Namespace) -> None:
     from llm_flow.cli import launch
 
@@ -305,6 +412,8 @@ COMMANDS = {
     "ablate": _ablate,
     "faithfulness": _faithfulness,
     "dataset": _dataset,
+    "latents": _latents,
+    "sae": _sae_command,
     "app": _app,
 }
 

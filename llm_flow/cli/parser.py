@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--edges", default="", help="LAYER:SOURCE>TARGET or LAYER.HEAD:SOURCE>TARGET[,…]"
     )
     _add_ablation_args(ablate, default_mode="zero")
+    ablate.add_argument(
+        "--latents",
+        default="",
+        help="SAE latents HOOK:I[,…], e.g. blocks.3.hook_resid_post:12,40 (the model's SAE on "
+        "that hook, or --sae)",
+    )
+    ablate.add_argument(
+        "--scale", type=float, default=0.0, help="--latents: multiply their parts by X (0)"
+    )
+    ablate.add_argument("--sae", help="--latents: an SAE folder or params.npz not in the config")
     ablate.add_argument("--position", type=int, default=-1, help="output position (-1: last)")
     ablate.add_argument("--top", type=int, default=5, help="tokens listed before/after (5)")
     ablate.add_argument(
@@ -154,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
 
+    _add_sae_parsers(sub)
+
     app = sub.add_parser(
         "app",
         help="start the explorer (Streamlit) from any folder",
@@ -165,3 +177,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="PATH", help="JSON config (default: the bundled config/local.json)"
     )
     return parser
+
+
+def _add_sae_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``latents`` and ``sae train`` (sparse autoencoders on the residual stream)."""
+    latents = sub.add_parser("latents", help="a residual node as SAE latents (JSON)")
+    latents.add_argument("--prompt", required=True, help="the text to analyse")
+    latents.add_argument("--node", required=True, help="residual node: I{l}_t, A{l}_t or X0_t")
+    _add_model_args(latents)
+    latents.add_argument("--top", type=int, default=20, help="latents listed (20)")
+    latents.add_argument("--sae", help="an SAE folder, params.npz or hub repo not in the config")
+    _add_contrast_args(latents)
+
+    sae = sub.add_parser("sae", help="sparse autoencoders: train one on the residual stream")
+    commands = sae.add_subparsers(dest="sae_command", required=True, parser_class=_Parser)
+    train = commands.add_parser(
+        "train",
+        help="train a small SAE on blocks.L.hook_resid_post (CPU)",
+        description="Train a top-k (or, with --l1, a standard ReLU + L1) SAE on the residual "
+        "after layer L over a text corpus and save it in SAELens's folder format under the "
+        "cache dir, where `llm-flow latents` finds it.",
+    )
+    train.add_argument("--layer", type=int, required=True, help="the residual after layer L")
+    _add_model_args(train)
+    train.add_argument(
+        "--corpus", help="a text file or a folder of *.txt files (default: the bundled corpus)"
+    )
+    train.add_argument("--d-sae", type=int, default=4096, help="number of latents (4096)")
+    train.add_argument("--k", type=int, default=32, help="active latents per token, top-k (32)")
+    train.add_argument("--l1", type=float, help="train a standard SAE with this L1 coefficient")
+    train.add_argument("--steps", type=int, default=2000, help="Adam steps (2000)")
+    train.add_argument("--batch-size", type=int, default=1024, help="tokens per step (1024)")
+    train.add_argument("--max-tokens", type=int, default=32768, help="activations kept (32768)")
+    train.add_argument("--out", help="folder to save to (default: <cache>/saes/<model>/<hook>)")
