@@ -1,0 +1,343 @@
+"""Why does attention head h of layer l attend from token t to token s? QK attribution.
+
+The pre-softmax score of the edge is ``q_t · k_s · scale``. Everything the residual stream holds at
+a position is a sum of parts written by earlier components (Elhage et al. 2021, "A Mathematical
+Framework for Transformer Circuits": the residual stream as a sum; the same parts the route's
+edges are made of): the embedding ``X0_p``, each head of each earlier layer ``A{l'}_p.h{k}``, each
+earlier FFN block ``M{l'}_p``, and the attention output biases (``bias``). With the per-token
+scale of the pre-attention norm and of any q/k norm frozen to the model's (as the direct-logit
+lens freezes the final norm), the map from the residual to the query is affine: rotary is linear
+per position, so ``q_t = Σ_i q_i`` with ``q_i`` the image of part i at t, the norm and projection
+biases going to ``bias``; likewise ``k_s = Σ_j k_j``. So
+
+    score = Σ_{i,j} q_i · k_j · scale   (+ softcapping / ALiBi, which are not bilinear)
+
+exactly. Query-side terms are ``q_i · k_s · scale``, key-side terms ``q_t · k_j · scale``, pairs
+``q_i · k_j · scale``. The **contrast** asks "why s rather than the other visible sources": the
+score of s minus the mean score of the sources s' ≤ t the head can see, s' ≠ s, split the same
+way with ``k_j(s) − mean_{s'} k_j(s')`` on the key side.
+
+Every call checks itself: Σ q_i is the model's own query, Σ k_j its keys and Σ terms its own
+score (where the score is bilinear), or :class:`~llm_flow.errors.SelfCheckError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from llm_flow.engine.nodes import NodeKind, node_id
+from llm_flow.engine.trace import Trace
+from llm_flow.errors import AttendError, SelfCheckError
+from llm_flow.models.base import ModelRun
+from llm_flow.models.checks import RTOL, relative_error
+from llm_flow.validate import check_at_least, check_position
+
+TOP = 20
+REMAINDER = "position/softcap"  # the non-bilinear part of a score (ALiBi, softcapping)
+PARTS_PER_PASS = 64  # residual parts projected at once: bounds the memory of a long prompt
+
+
+@dataclass(frozen=True)
+class Term:
+    """One component's share of a score."""
+
+    component: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One (query component, key component) pair's share of a score."""
+
+    query_component: str
+    key_component: str
+    value: float
+
+
+@dataclass(frozen=True)
+class ScoreSplit:
+    """A score and its largest terms. ``terms_sum`` is the bilinear sum over *all* terms (the
+    lists hold the ``top`` largest by magnitude); ``remainder = score − terms_sum`` is what
+    softcapping or ALiBi add (rounding alone where the score is bilinear)."""
+
+    score: float
+    terms_sum: float
+    query_terms: tuple[Term, ...]
+    key_terms: tuple[Term, ...]
+    pairs: tuple[Pair, ...]
+
+    @property
+    def remainder(self) -> float:
+        return self.score - self.terms_sum
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "score": self.score,
+            "terms_sum": self.terms_sum,
+            "remainder": self.remainder,
+            "query_terms": [{"component": t.component, "value": t.value} for t in self.query_terms],
+            "key_terms": [{"component": t.component, "value": t.value} for t in self.key_terms],
+            "pairs": [
+                {
+                    "query_component": p.query_component,
+                    "key_component": p.key_component,
+                    "value": p.value,
+                }
+                for p in self.pairs
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class Attend:
+    """QK attribution of one attention edge (layer, head, query t, source s).
+
+    ``direct`` splits the pre-softmax score; ``contrast`` splits the score minus the mean score
+    of the ``others`` other sources the head sees from t (None when s is the only one).
+    ``bilinear`` is False where softcapping or ALiBi make the score more than ``q · k · scale``:
+    the lists then end with a ``position/softcap`` term holding the remainder.
+    """
+
+    layer: int
+    head: int
+    kv_head: int
+    query: int
+    source: int
+    query_token: str
+    source_token: str
+    attention: float  # the attention weight A[head, query, source]
+    scale: float
+    bilinear: bool
+    direct: ScoreSplit
+    contrast: ScoreSplit | None
+    others: int
+
+    def to_json(self) -> dict[str, Any]:
+        """``llm-flow attend``'s JSON: the edge, its attention weight, the score split and the
+        ``"contrast"`` block (same fields, or null)."""
+        return {
+            "layer": self.layer,
+            "head": self.head,
+            "kv_head": self.kv_head,
+            "query": self.query,
+            "source": self.source,
+            "query_token": self.query_token,
+            "source_token": self.source_token,
+            "attention": self.attention,
+            "scale": self.scale,
+            "bilinear": self.bilinear,
+            **self.direct.to_json(),
+            "contrast": None
+            if self.contrast is None
+            else {"others": self.others, **self.contrast.to_json()},
+        }
+
+
+class _Part(NamedTuple):
+    """A residual part: ``X`` the embedding, ``A`` a head, ``M`` an FFN block, ``bias``."""
+
+    kind: Literal["X", "A", "M", "bias"]
+    layer: int = 0
+    head: int | None = None
+
+    def name(self, position: int) -> str:
+        if self.kind == "bias":
+            return "bias"
+        kind: NodeKind = self.kind
+        base = node_id(kind, self.layer, position)
+        return base if self.head is None else f"{base}.h{self.head}"
+
+
+def residual_parts(run: ModelRun, layer: int, rows: int) -> tuple[list[_Part], Tensor]:
+    """The parts of the residual entering ``layer`` at positions ``0..rows-1`` → (parts,
+    [N, rows, D] float32): the embedding, every earlier head and FFN block, then the attention
+    output biases (post-norm scales folded, as the graph's parts), checked to sum to it."""
+    f32 = torch.float32
+    at = torch.arange(rows)
+    run = run.with_attention({earlier: at for earlier in range(layer)}) if layer else run
+    first = run.layers[0]
+    parts, tensors = [_Part("X")], [first.resid_pre[:rows].to(f32)]
+    bias = torch.zeros_like(tensors[0])
+    for lr in run.layers[:layer]:
+        pattern = lr.attention_at(at)[:, :, :rows].to(f32)  # [H, R, R]: causal
+        mixed = torch.einsum("hts,shk->thk", pattern, lr.values[:rows].to(f32))  # [R, H, d]
+        W_O = lr.W_O.to(device=mixed.device, dtype=f32)
+        scale = lr.attn_scale[:rows].to(f32)[:, None]
+        heads = torch.einsum("thk,hkd->htd", mixed, W_O) * scale  # [H, R, D]
+        parts += [_Part("A", lr.index, h) for h in range(heads.shape[0])]
+        tensors += list(heads)
+        parts.append(_Part("M", lr.index))
+        tensors.append(lr.mlp_update[:rows].to(f32))
+        bias = bias + lr.token_b_O[:rows].to(f32) * scale
+    parts.append(_Part("bias"))
+    stacked = torch.stack([*tensors, bias])
+    whole = run.layers[layer].resid_pre[:rows]
+    _check(f"layer {layer}: Σ residual parts ≠ the residual", stacked.sum(0), whole, whole.dtype)
+    return parts, stacked
+
+
+def _check(what: str, parts_sum: Tensor, whole: Tensor, dtype: torch.dtype) -> None:
+    rtol = RTOL.get(dtype, 1e-4)
+    err = relative_error(parts_sum, whole)
+    if not err <= rtol:  # also catches NaN
+        raise SelfCheckError(
+            f"QK attribution self-check failed at {what} (relative error {err:.2e} > "
+            f"{rtol:.0e}); nothing is shown — please report this model/architecture"
+        )
+
+
+def _index(what: str, value: int, size: int) -> int:
+    if not -size <= value < size:
+        raise AttendError(
+            f"{what} {value} is out of range; valid {what}s are 0..{size - 1} "
+            f"(or -{size}..-1 counting from the end)"
+        )
+    return value % size
+
+
+def attend(
+    trace: Trace, layer: int, head: int, query: int, source: int, *, top: int | None = TOP
+) -> Attend:
+    """QK attribution of head ``head`` of ``layer`` attending from position ``query`` to
+    ``source`` (negative positions count from the end; ``source ≤ query``): the score split over
+    query-side, key-side and paired components, and the same for the contrast with the other
+    sources. ``top`` terms per list (None: all). One extra forward pass, stopped at ``layer``."""
+    llm, run = trace.llm, trace.run
+    info = llm.info
+    layer = _index("layer", layer, run.n_layers)
+    head = _index("head", head, info.n_heads)
+    t, s = check_position(query, run.n_tokens), check_position(source, run.n_tokens)
+    if s > t:
+        raise AttendError(
+            f"source {s} comes after query {t}; a token attends only to itself and earlier "
+            "tokens, so give a source ≤ the query"
+        )
+    if top is not None:
+        check_at_least("top", top, 1)
+    cap = llm.qk_capture(run.token_ids, layer)
+    device = run.layers[layer].resid_pre.device
+    g = head // (cap.queries.shape[1] // cap.keys.shape[1])
+    parts, stacked = residual_parts(run, layer, t + 1)
+    q_parts, k_parts = _project(cap.project, stacked, run.n_tokens, t, head, g, device)
+    dtype = run.layers[layer].resid_pre.dtype
+    _check(
+        f"layer {layer} head {head}: Σ query parts ≠ the model's query",
+        q_parts.sum(0),
+        cap.queries[t, head].to(device),
+        dtype,
+    )
+    _check(
+        f"layer {layer} kv head {g}: Σ key parts ≠ the model's keys",
+        k_parts.sum(0),
+        cap.keys[: t + 1, g].to(device),
+        dtype,
+    )
+    row = cap.scores[head, t, : t + 1].to(device)  # [t + 1]
+    seen = row > torch.finfo(torch.float32).min / 2
+    if not bool(seen[s]):
+        raise AttendError(
+            f"head {head} of layer {layer} cannot see source {s} from query {t} (outside its "
+            "attention window); pick a source it sees"
+        )
+    q64, k64 = q_parts.double(), k_parts.double()
+    names_q = [p.name(t) for p in parts]
+    names_k = [p.name(s) for p in parts]
+    direct = _split(float(row[s]), q64, k64[:, s], cap.scale, names_q, names_k, top, cap.bilinear)
+    if cap.bilinear:
+        _check_score(layer, head, direct, row[seen], dtype)
+    others = seen.clone()
+    others[s] = False
+    contrast = None
+    if bool(others.any()):
+        k_diff = k64[:, s] - k64[:, others].mean(1)
+        score = float(row[s] - row[others].mean())
+        contrast = _split(score, q64, k_diff, cap.scale, names_q, names_k, top, cap.bilinear)
+    return Attend(
+        layer=layer,
+        head=head,
+        kv_head=g,
+        query=t,
+        source=s,
+        query_token=trace.tokens[t],
+        source_token=trace.tokens[s],
+        attention=float(cap.pattern[head, t, s]),
+        scale=cap.scale,
+        bilinear=cap.bilinear,
+        direct=direct,
+        contrast=contrast,
+        others=int(others.sum()),
+    )
+
+
+def _project(
+    project: Any, stacked: Tensor, n_tokens: int, t: int, head: int, g: int, device: Any
+) -> tuple[Tensor, Tensor]:
+    """Each part's query at t for ``head`` [N, d] and key at 0..t for kv head ``g`` [N, t+1, d]
+    (float32): its image under the layer's affine map minus the map's constant, which goes to
+    the last part (``bias``) with the biases' own image."""
+    n_parts, rows, d_model = stacked.shape
+    padded = torch.zeros(n_parts + 1, n_tokens, d_model, dtype=stacked.dtype, device=device)
+    padded[1:, :rows] = stacked  # the first row stays zero: its image is the map's constant
+    qs, ks = [], []
+    for start in range(0, n_parts + 1, PARTS_PER_PASS):
+        q, k = project(padded[start : start + PARTS_PER_PASS])
+        qs.append(q[:, t, head].float().to(device))
+        ks.append(k[:, :rows, g].float().to(device))
+    q_all, k_all = torch.cat(qs), torch.cat(ks)  # [N + 1, d], [N + 1, t + 1, d]
+    q_parts, k_parts = q_all[1:] - q_all[0], k_all[1:] - k_all[0]
+    q_parts[-1] += q_all[0]
+    k_parts[-1] += k_all[0]
+    return q_parts, k_parts
+
+
+def _check_score(layer: int, head: int, split: ScoreSplit, row: Tensor, dtype: Any) -> None:
+    """Σ terms = the model's own score, relative to the row's largest visible score."""
+    rtol = RTOL.get(dtype, 1e-4)
+    err = abs(split.remainder) / max(float(row.abs().max()), 1e-12)
+    if not err <= rtol:
+        raise SelfCheckError(
+            f"QK attribution self-check failed at layer {layer} head {head}: Σ terms ≠ the "
+            f"model's score (relative error {err:.2e} > {rtol:.0e}); nothing is shown — please "
+            "report this model/architecture"
+        )
+
+
+def _split(
+    score: float,
+    q_parts: Tensor,
+    k: Tensor,
+    scale: float,
+    names_q: list[str],
+    names_k: list[str],
+    top: int | None,
+    bilinear: bool,
+) -> ScoreSplit:
+    """``score`` split over ``q_parts`` [N, d] · ``k`` [N, d] (key parts, or their contrast)."""
+    pairs = q_parts @ k.T * scale  # [N, N] float64
+    total = float(pairs.sum())
+    extra = () if bilinear else (Term(REMAINDER, score - total),)
+    return ScoreSplit(
+        score=score,
+        terms_sum=total,
+        query_terms=_top_terms(pairs.sum(1), names_q, top) + extra,
+        key_terms=_top_terms(pairs.sum(0), names_k, top) + extra,
+        pairs=tuple(
+            Pair(names_q[i // len(names_k)], names_k[i % len(names_k)], v)
+            for i, v in _largest(pairs.flatten(), top)
+        ),
+    )
+
+
+def _largest(values: Tensor, top: int | None) -> list[tuple[int, float]]:
+    """(index, value) of the ``top`` entries of largest magnitude, largest first."""
+    k = values.numel() if top is None else min(top, values.numel())
+    order = values.abs().topk(k).indices
+    return list(zip(order.tolist(), values[order].tolist(), strict=True))
+
+
+def _top_terms(values: Tensor, names: list[str], top: int | None) -> tuple[Term, ...]:
+    return tuple(Term(names[i], v) for i, v in _largest(values, top))
