@@ -12,6 +12,7 @@ replaced by the scales of the model's pass, and stops once the queries and keys 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_flow.errors import UnsupportedAnalysisError
+from llm_flow.errors import SelfCheckError, UnsupportedAnalysisError
 from llm_flow.models.weights import norm_affine
 
 # Where the model's queries and keys are, per kind of attention bridge (after ``attn.``).
@@ -148,7 +149,10 @@ def capture(
         run_hooks.append((f"{prefix}attn.hook_attn_scores", _stop))
 
         def run(batch: Tensor) -> tuple[Tensor, Tensor]:
-            with bridge.hooks(fwd_hooks=run_hooks), contextlib.suppress(_Stop):
+            hooked = bridge.hooks(fwd_hooks=run_hooks)
+            with hooked, contextlib.suppress(_Stop), warnings.catch_warnings():
+                # A frozen scale is an edit, on purpose: TransformerLens warns of each one.
+                warnings.filterwarnings("ignore", message=".*edited hook_scale")
                 attn(batch, *args, **kwargs)
             return rotary.apply(attn, out)
 
@@ -221,7 +225,8 @@ def _attention_input(
     block: Any, got: dict[str, Any], architecture: str
 ) -> Callable[[Tensor], Tensor]:
     """The pre-attention norm as an affine map at the pass's frozen per-token scale (identity
-    for blocks without one), checked against what the attention actually received."""
+    for blocks without one), checked against what the attention actually received
+    (:class:`SelfCheckError` if it differs)."""
     resid = got["hook_resid_pre"][0]  # [T, D]
     if hasattr(block, "ln1"):
         d_model = resid.shape[-1]
@@ -246,9 +251,10 @@ def _attention_input(
     if seen.shape != resid.shape or not torch.allclose(
         hidden(resid[None])[0].float(), seen.float(), rtol=1e-3, atol=1e-3 * float(seen.abs().max())
     ):
-        raise UnsupportedAnalysisError(
-            f"QK attribution is not supported for {architecture}: its attention input is not "
-            "the pre-attention norm of the residual stream"
+        raise SelfCheckError(
+            f"QK attribution self-check failed for {architecture}: the pre-attention norm at "
+            "the pass's frozen scales does not give the attention's input; nothing is shown — "
+            "please report this model/architecture"
         )
     return hidden
 
