@@ -23,6 +23,7 @@ score (where the score is bilinear), or :class:`~llm_flow.errors.SelfCheckError`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -152,32 +153,27 @@ class _Part(NamedTuple):
         return base if self.head is None else f"{base}.h{self.head}"
 
 
-def residual_parts(run: ModelRun, layer: int, rows: int) -> tuple[list[_Part], Tensor]:
-    """The parts of the residual entering ``layer`` at positions ``0..rows-1`` → (parts,
-    [N, rows, D] float32): the embedding, every earlier head and FFN block, then the attention
-    output biases (post-norm scales folded, as the graph's parts), checked to sum to it."""
+def residual_parts(run: ModelRun, layer: int, rows: int) -> Iterator[tuple[list[_Part], Tensor]]:
+    """The parts of the residual entering ``layer`` at positions ``0..rows-1``, a block at a
+    time so that memory stays one layer's worth: the embedding [1, rows, D] first, then each
+    earlier layer's heads and FFN block [H + 1, rows, D], the attention output biases (post-norm
+    scales folded, as the graph's parts) [1, rows, D] last; float32. They sum to the residual."""
     f32 = torch.float32
     at = torch.arange(rows)
     run = run.with_attention({earlier: at for earlier in range(layer)}) if layer else run
-    first = run.layers[0]
-    parts, tensors = [_Part("X")], [first.resid_pre[:rows].to(f32)]
-    bias = torch.zeros_like(tensors[0])
+    embedding = run.layers[0].resid_pre[:rows].to(f32)
+    yield [_Part("X")], embedding[None]
+    bias = torch.zeros_like(embedding)
     for lr in run.layers[:layer]:
         pattern = lr.attention_at(at)[:, :, :rows].to(f32)  # [H, R, R]: causal
         mixed = torch.einsum("hts,shk->thk", pattern, lr.values[:rows].to(f32))  # [R, H, d]
         W_O = lr.W_O.to(device=mixed.device, dtype=f32)
         scale = lr.attn_scale[:rows].to(f32)[:, None]
         heads = torch.einsum("thk,hkd->htd", mixed, W_O) * scale  # [H, R, D]
-        parts += [_Part("A", lr.index, h) for h in range(heads.shape[0])]
-        tensors += list(heads)
-        parts.append(_Part("M", lr.index))
-        tensors.append(lr.mlp_update[:rows].to(f32))
+        parts = [_Part("A", lr.index, h) for h in range(heads.shape[0])] + [_Part("M", lr.index)]
+        yield parts, torch.cat([heads, lr.mlp_update[:rows].to(f32)[None]])
         bias = bias + lr.token_b_O[:rows].to(f32) * scale
-    parts.append(_Part("bias"))
-    stacked = torch.stack([*tensors, bias])
-    whole = run.layers[layer].resid_pre[:rows]
-    _check(f"layer {layer}: Σ residual parts ≠ the residual", stacked.sum(0), whole, whole.dtype)
-    return parts, stacked
+    yield [_Part("bias")], bias[None]
 
 
 def _check(what: str, parts_sum: Tensor, whole: Tensor, dtype: torch.dtype) -> None:
@@ -221,9 +217,8 @@ def attend(
     cap = llm.qk_capture(run.token_ids, layer)
     device = run.layers[layer].resid_pre.device
     g = head // (cap.queries.shape[1] // cap.keys.shape[1])
-    parts, stacked = residual_parts(run, layer, t + 1)
-    q_parts, k_parts = _project(cap.project, stacked, run.n_tokens, t, head, g, device)
     dtype = run.layers[layer].resid_pre.dtype
+    parts, q_parts, k_parts = _project(cap.project, run, layer, t, head, g)
     _check(
         f"layer {layer} head {head}: Σ query parts ≠ the model's query",
         q_parts.sum(0),
@@ -274,24 +269,33 @@ def attend(
 
 
 def _project(
-    project: Any, stacked: Tensor, n_tokens: int, t: int, head: int, g: int, device: Any
-) -> tuple[Tensor, Tensor]:
-    """Each part's query at t for ``head`` [N, d] and key at 0..t for kv head ``g`` [N, t+1, d]
-    (float32): its image under the layer's affine map minus the map's constant, which goes to
-    the last part (``bias``) with the biases' own image."""
-    n_parts, rows, d_model = stacked.shape
-    padded = torch.zeros(n_parts + 1, n_tokens, d_model, dtype=stacked.dtype, device=device)
-    padded[1:, :rows] = stacked  # the first row stays zero: its image is the map's constant
-    qs, ks = [], []
-    for start in range(0, n_parts + 1, PARTS_PER_PASS):
-        q, k = project(padded[start : start + PARTS_PER_PASS])
-        qs.append(q[:, t, head].float().to(device))
-        ks.append(k[:, :rows, g].float().to(device))
-    q_all, k_all = torch.cat(qs), torch.cat(ks)  # [N + 1, d], [N + 1, t + 1, d]
-    q_parts, k_parts = q_all[1:] - q_all[0], k_all[1:] - k_all[0]
-    q_parts[-1] += q_all[0]
-    k_parts[-1] += k_all[0]
-    return q_parts, k_parts
+    project: Any, run: ModelRun, layer: int, t: int, head: int, g: int
+) -> tuple[list[_Part], Tensor, Tensor]:
+    """Every residual part, its query at t for ``head`` [N, d] and its keys at 0..t for kv head
+    ``g`` [N, t+1, d] (float32): its image under the layer's affine map minus the map's
+    constant, which goes to the last part (``bias``) with the biases' own image. Checks that
+    the parts sum to the residual."""
+    resid = run.layers[layer].resid_pre
+    rows, (n_tokens, d_model) = t + 1, resid.shape
+    blank = torch.zeros(1, n_tokens, d_model, device=resid.device)
+    q0, k0 = (x[0].float().to(resid.device) for x in project(blank))  # the map's constant
+    q0, k0 = q0[t, head], k0[:rows, g]
+    parts: list[_Part] = []
+    qs, ks, total = [], [], torch.zeros(rows, d_model, device=resid.device)
+    for block_parts, block in residual_parts(run, layer, rows):
+        parts += block_parts
+        total += block.sum(0)
+        for chunk in block.split(PARTS_PER_PASS):
+            padded = blank.expand(len(chunk), -1, -1).clone()
+            padded[:, :rows] = chunk  # later positions stay zero: causal, never read
+            q, k = project(padded)
+            qs.append(q[:, t, head].float().to(resid.device) - q0)
+            ks.append(k[:, :rows, g].float().to(resid.device) - k0)
+    _check(f"layer {layer}: Σ residual parts ≠ the residual", total, resid[:rows], resid.dtype)
+    q_parts, k_parts = torch.cat(qs), torch.cat(ks)  # [N, d], [N, t + 1, d]
+    q_parts[-1] += q0
+    k_parts[-1] += k0
+    return parts, q_parts, k_parts
 
 
 def _check_score(layer: int, head: int, split: ScoreSplit, row: Tensor, dtype: Any) -> None:

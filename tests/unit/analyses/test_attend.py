@@ -130,7 +130,7 @@ def test_a_dropped_norm_gain_or_bias_fails_the_self_check(
 def test_the_parts_rebuild_the_model_query() -> None:
     tr = _trace("Qwen2")
     cap = tr.llm.qk_capture(tr.run.token_ids, LAYER)
-    _, parts = residual_parts(tr.run, LAYER, QUERY + 1)
+    parts = torch.cat([block for _, block in residual_parts(tr.run, LAYER, QUERY + 1)])
     whole = torch.zeros(1, tr.n_tokens, parts.shape[-1])
     whole[0, : QUERY + 1] = parts.sum(0)
     q, k = cap.project(whole)

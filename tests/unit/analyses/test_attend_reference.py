@@ -81,8 +81,9 @@ def test_every_term_matches_the_float64_reference(
     with torch.no_grad():
         hidden = hf(torch.tensor([tr.token_ids]), output_hidden_states=True).hidden_states
         resid = hidden[LAYER][0].to(f64)  # [T, D]
-        parts_meta, parts = residual_parts(tr.run, LAYER, tr.n_tokens)
-        parts = parts.to(f64)
+        blocks = list(residual_parts(tr.run, LAYER, tr.n_tokens))
+        parts_meta = [part for names, _ in blocks for part in names]
+        parts = torch.cat([block for _, block in blocks]).to(f64)
         torch.testing.assert_close(parts.sum(0), resid, rtol=0, atol=1e-4)
         qk, scale = build(hf, resid)
         q, k = qk(parts, False)  # [N, T, H, d], [N, T, H_kv, d]
