@@ -243,7 +243,9 @@ def attend(
     names_k = [p.name(s) for p in parts]
     direct = _split(float(row[s]), q64, k64[:, s], cap.scale, names_q, names_k, top, cap.bilinear)
     if cap.bilinear:
-        _check_score(layer, head, direct, row[seen], dtype)
+        # A dot product's rounding scales with |q| |k|, not with the score (Higham §3.1).
+        size = float(q64.sum(0).norm() * k64[:, s].sum(0).norm()) * abs(cap.scale)
+        _check_score(layer, head, direct, max(size, float(row[seen].abs().max())), dtype)
     others = seen.clone()
     others[s] = False
     contrast = None
@@ -298,10 +300,10 @@ def _project(
     return parts, q_parts, k_parts
 
 
-def _check_score(layer: int, head: int, split: ScoreSplit, row: Tensor, dtype: Any) -> None:
-    """Σ terms = the model's own score, relative to the row's largest visible score."""
+def _check_score(layer: int, head: int, split: ScoreSplit, size: float, dtype: Any) -> None:
+    """Σ terms = the model's own score, relative to ``size`` (the score's natural scale)."""
     rtol = RTOL.get(dtype, 1e-4)
-    err = abs(split.remainder) / max(float(row.abs().max()), 1e-12)
+    err = abs(split.remainder) / max(size, 1e-12)
     if not err <= rtol:
         raise SelfCheckError(
             f"QK attribution self-check failed at layer {layer} head {head}: Σ terms ≠ the "

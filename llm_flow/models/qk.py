@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from llm_flow.errors import SelfCheckError, UnsupportedAnalysisError
+from llm_flow.models.checks import RTOL, relative_error
 from llm_flow.models.weights import norm_affine
 
 # Where the model's queries and keys are, per kind of attention bridge (after ``attn.``).
@@ -231,16 +232,16 @@ def _attention_input(
     if hasattr(block, "ln1"):
         d_model = resid.shape[-1]
         gain, bias = norm_affine(block.ln1, d_model, resid.dtype, resid.device)
-        with torch.no_grad():  # LayerNorm maps a constant vector to its bias, RMSNorm does not
+        with torch.no_grad():  # LayerNorm maps a constant vector to b, RMSNorm to ≈ g + b
             const = block.ln1(torch.ones(1, d_model, dtype=resid.dtype, device=resid.device))[0]
-        centred = bool(torch.allclose(const, bias, atol=1e-4 * (1 + float(bias.abs().max()))))
+        centred = bool((const - bias).norm() < (const - gain - bias).norm())
         scale = got["ln1.hook_scale"][0]  # [T, 1]
 
         def hidden(x: Tensor) -> Tensor:
-            x = x.to(resid)
+            x = x.to(device=resid.device, dtype=torch.float32)  # the norm's own precision
             if centred:
                 x = x - x.mean(-1, keepdim=True)
-            return x * gain / scale.to(x) + bias
+            return (x * gain.float() / scale.float() + bias.float()).to(resid.dtype)
 
     else:
 
@@ -248,9 +249,8 @@ def _attention_input(
             return x.to(resid)
 
     seen = got["attn_in"][0]
-    if seen.shape != resid.shape or not torch.allclose(
-        hidden(resid[None])[0].float(), seen.float(), rtol=1e-3, atol=1e-3 * float(seen.abs().max())
-    ):
+    rtol = RTOL.get(resid.dtype, 1e-4)
+    if seen.shape != resid.shape or not relative_error(hidden(resid[None])[0], seen) <= rtol:
         raise SelfCheckError(
             f"QK attribution self-check failed for {architecture}: the pre-attention norm at "
             "the pass's frozen scales does not give the attention's input; nothing is shown — "

@@ -153,3 +153,16 @@ def test_bad_edges_are_refused_in_words(
 ) -> None:
     with pytest.raises(error, match=needle):
         attend(_trace("Mistral"), *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["Llama 3", "GPT-2", "Qwen3", "GPT-NeoX"])
+def test_half_precision_models_split_within_their_tolerance(name: str, dtype: torch.dtype) -> None:
+    # Half-precision activations: the checks loosen by dtype as the graph's do (RTOL of
+    # llm_flow.models.checks), and the LayerNorm/RMSNorm probe still tells them apart.
+    hf = random_model(FAMILIES[name].config())
+    tr = trace(wrap_hf(name, hf, tiny_tokenizer(), device="cpu", dtype=dtype), PROMPT)
+    result = attend(tr, LAYER, HEAD, QUERY, SOURCE, top=None)
+    fp32 = _attend(name)
+    assert result.direct.score == pytest.approx(fp32.direct.score, abs=0.05)
+    assert abs(result.direct.remainder) <= 0.05 * max(abs(result.direct.score), 0.1)
