@@ -33,7 +33,7 @@ from torch import Tensor
 from llm_flow.engine.nodes import NodeKind, node_id
 from llm_flow.engine.trace import Trace
 from llm_flow.errors import AttendError, SelfCheckError
-from llm_flow.models.base import ModelRun
+from llm_flow.models.base import LayerRun, ModelRun
 from llm_flow.models.checks import RTOL, relative_error
 from llm_flow.validate import check_at_least, check_position
 
@@ -139,25 +139,29 @@ class Attend:
 
 
 class _Part(NamedTuple):
-    """A residual part: ``X`` the embedding, ``A`` a head, ``M`` an FFN block, ``bias``."""
+    """A residual part: ``X`` the embedding, ``A`` a head, ``M`` an FFN block (or one of its
+    experts), ``bias``; ``suffix`` names the head (``.h2``) or expert (``.e7``, ``.shared``)."""
 
     kind: Literal["X", "A", "M", "bias"]
     layer: int = 0
-    head: int | None = None
+    suffix: str = ""
 
     def name(self, position: int) -> str:
         if self.kind == "bias":
             return "bias"
         kind: NodeKind = self.kind
-        base = node_id(kind, self.layer, position)
-        return base if self.head is None else f"{base}.h{self.head}"
+        return node_id(kind, self.layer, position) + self.suffix
 
 
-def residual_parts(run: ModelRun, layer: int, rows: int) -> Iterator[tuple[list[_Part], Tensor]]:
+def residual_parts(
+    run: ModelRun, layer: int, rows: int, *, experts: bool = False
+) -> Iterator[tuple[list[_Part], Tensor]]:
     """The parts of the residual entering ``layer`` at positions ``0..rows-1``, a block at a
     time so that memory stays one layer's worth: the embedding [1, rows, D] first, then each
-    earlier layer's heads and FFN block [H + 1, rows, D], the attention output biases (post-norm
-    scales folded, as the graph's parts) [1, rows, D] last; float32. They sum to the residual."""
+    earlier layer's heads and FFN block [H + 1, rows, D] (with ``experts``, a mixture of
+    experts' block as one part per expert routed to at some position, and its shared expert),
+    the biases (attention output biases, post-norm scales folded as the graph's parts) last;
+    float32. They sum to the residual."""
     f32 = torch.float32
     at = torch.arange(rows)
     run = run.with_attention({earlier: at for earlier in range(layer)}) if layer else run
@@ -170,10 +174,33 @@ def residual_parts(run: ModelRun, layer: int, rows: int) -> Iterator[tuple[list[
         W_O = lr.W_O.to(device=mixed.device, dtype=f32)
         scale = lr.attn_scale[:rows].to(f32)[:, None]
         heads = torch.einsum("thk,hkd->htd", mixed, W_O) * scale  # [H, R, D]
-        parts = [_Part("A", lr.index, h) for h in range(heads.shape[0])] + [_Part("M", lr.index)]
-        yield parts, torch.cat([heads, lr.mlp_update[:rows].to(f32)[None]])
         bias = bias + lr.token_b_O[:rows].to(f32) * scale
+        ffn_parts, ffn = [_Part("M", lr.index)], lr.mlp_update[:rows].to(f32)[None]
+        if experts and lr.experts is not None:
+            ffn_parts, ffn = _expert_parts(lr, rows)
+            bias = bias + lr.mlp_update[:rows].to(f32) - ffn.sum(0)  # the block's own bias
+        parts = [_Part("A", lr.index, f".h{h}") for h in range(heads.shape[0])]
+        yield parts + ffn_parts, torch.cat([heads, ffn])
     yield [_Part("bias")], bias[None]
+
+
+def _expert_parts(lr: LayerRun, rows: int) -> tuple[list[_Part], Tensor]:
+    """A mixture-of-experts block's parts at positions ``0..rows-1``: each expert routed to at
+    one of them (router weight and post-norm scale folded), then the shared expert → [E', R, D]."""
+    ex = lr.experts
+    assert ex is not None
+    at = torch.arange(rows, device=ex.index.device)
+    scale = lr.mlp_scale[:rows].float()[:, None]
+    slots = ex.slot_outputs(rows=at)  # [R, k, D]
+    index = ex.index[:rows]  # [R, k]
+    chosen = index.unique().tolist()
+    parts = [_Part("M", lr.index, f".e{e}") for e in chosen]
+    tensors = [(slots * (index == e)[..., None]).sum(1) * scale for e in chosen]
+    shared = ex.shared_output(rows=at)
+    if shared is not None:
+        parts.append(_Part("M", lr.index, ".shared"))
+        tensors.append(shared * scale)
+    return parts, torch.stack(tensors).to(lr.resid_pre.device)
 
 
 def _check(what: str, parts_sum: Tensor, whole: Tensor, dtype: torch.dtype) -> None:
@@ -196,12 +223,21 @@ def _index(what: str, value: int, size: int) -> int:
 
 
 def attend(
-    trace: Trace, layer: int, head: int, query: int, source: int, *, top: int | None = TOP
+    trace: Trace,
+    layer: int,
+    head: int,
+    query: int,
+    source: int,
+    *,
+    top: int | None = TOP,
+    experts: bool = False,
 ) -> Attend:
     """QK attribution of head ``head`` of ``layer`` attending from position ``query`` to
     ``source`` (negative positions count from the end; ``source ≤ query``): the score split over
     query-side, key-side and paired components, and the same for the contrast with the other
-    sources. ``top`` terms per list (None: all). One extra forward pass, stopped at ``layer``."""
+    sources. ``top`` terms per list (None: all); ``experts`` splits mixture-of-experts FFN
+    blocks into their experts (``M4_5.e7``, ``M4_5.shared``). One extra forward pass, stopped at
+    ``layer``."""
     llm, run = trace.llm, trace.run
     info = llm.info
     layer = _index("layer", layer, run.n_layers)
@@ -218,7 +254,7 @@ def attend(
     device = run.layers[layer].resid_pre.device
     g = head // (cap.queries.shape[1] // cap.keys.shape[1])
     dtype = run.layers[layer].resid_pre.dtype
-    parts, q_parts, k_parts = _project(cap.project, run, layer, t, head, g)
+    parts, q_parts, k_parts = _project(cap.project, run, layer, t, head, g, experts)
     _check(
         f"layer {layer} head {head}: Σ query parts ≠ the model's query",
         q_parts.sum(0),
@@ -271,7 +307,7 @@ def attend(
 
 
 def _project(
-    project: Any, run: ModelRun, layer: int, t: int, head: int, g: int
+    project: Any, run: ModelRun, layer: int, t: int, head: int, g: int, experts: bool
 ) -> tuple[list[_Part], Tensor, Tensor]:
     """Every residual part, its query at t for ``head`` [N, d] and its keys at 0..t for kv head
     ``g`` [N, t+1, d] (float32): its image under the layer's affine map minus the map's
@@ -284,7 +320,7 @@ def _project(
     q0, k0 = q0[t, head], k0[:rows, g]
     parts: list[_Part] = []
     qs, ks, total = [], [], torch.zeros(rows, d_model, device=resid.device)
-    for block_parts, block in residual_parts(run, layer, rows):
+    for block_parts, block in residual_parts(run, layer, rows, experts=experts):
         parts += block_parts
         total += block.sum(0)
         for chunk in block.split(PARTS_PER_PASS):

@@ -275,7 +275,9 @@ def _attend(args: argparse.Namespace) -> None:
     check_at_least("--top", args.top, 1)
     # No route is asked for: the graph stores only the edges ≥ the default floor.
     tr = trace(_load(args, config), args.prompt, attention_floor=ATTENTION_FLOOR)
-    result = attend(tr, args.layer, args.head, args.query, args.source, top=args.top)
+    result = attend(
+        tr, args.layer, args.head, args.query, args.source, top=args.top, experts=args.experts
+    )
     _write(json.dumps(_prompt_header(tr) | result.to_json()), None)
 
 

@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", type=int, required=True, help="source position ≤ query (negative: from the end)"
     )
     attend.add_argument("--top", type=int, default=20, help="terms listed per table (20)")
+    attend.add_argument(
+        "--experts",
+        action="store_true",
+        help="split mixture-of-experts FFN blocks into their experts (M4_5.e7, M4_5.shared)",
+    )
 
     dataset = sub.add_parser("dataset", help="head / FFN frequencies in the routes of a file")
     dataset.add_argument("--prompts", required=True, help="prompt file (.txt or .jsonl)")

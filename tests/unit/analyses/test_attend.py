@@ -166,3 +166,25 @@ def test_half_precision_models_split_within_their_tolerance(name: str, dtype: to
     fp32 = _attend(name)
     assert result.direct.score == pytest.approx(fp32.direct.score, abs=0.05)
     assert abs(result.direct.remainder) <= 0.05 * max(abs(result.direct.score), 0.1)
+
+
+@pytest.mark.parametrize("name", [n for n in SUPPORTED if FAMILIES[n].experts])
+def test_experts_split_their_blocks_term(name: str) -> None:
+    # Linear map, so a block's term is the sum of its experts' (and its shared expert's) terms;
+    # whatever the block writes beyond its experts (an output bias) joins "bias".
+    whole = _attend(name)
+    split = attend(_trace(name), LAYER, HEAD, QUERY, SOURCE, top=None, experts=True)
+    assert split.direct.terms_sum == pytest.approx(whole.direct.terms_sum, abs=1e-6)
+    block = next(t.value for t in whole.direct.query_terms if t.component == f"M0_{QUERY}")
+    parts = [t for t in split.direct.query_terms if t.component.startswith(f"M0_{QUERY}.")]
+    if 0 not in _trace(name).llm.info.moe_layers:  # GLM-4-MoE: a dense first layer stays whole
+        assert not parts and split.direct.query_terms == whole.direct.query_terms
+        return
+    assert len(parts) >= 2 and all(t.component[len(f"M0_{QUERY}.") :][0] in "es" for t in parts)
+    bias_shift = sum(
+        t.value * s
+        for s, a in ((1, split), (-1, whole))
+        for t in a.direct.query_terms
+        if t.component == "bias"
+    )
+    assert math.fsum(t.value for t in parts) + bias_shift == pytest.approx(block, abs=1e-5)

@@ -24,6 +24,7 @@ def config_file(saved_tiny: SavedTiny, tmp_path_factory: pytest.TempPathFactory)
         "models": {
             "tiny": {"source": "local", "path": str(saved_tiny("llama-gqa"))},
             "tiny-gpt2": {"source": "local", "path": str(saved_tiny("gpt2-bias"))},
+            "tiny-moe": {"source": "local", "path": str(saved_tiny("qwen2-moe"))},
         },
         "default_model": "tiny",
     }
@@ -60,6 +61,15 @@ def test_attend_prints_terms_that_sum_to_the_score(
         assert set(split["pairs"][0]) == {"query_component", "key_component", "value"}
     assert {t["component"] for t in data["query_terms"]} >= {"X0_6", "A1_6.h3", "M0_6", "bias"}
     assert {t["component"] for t in data["key_terms"]} >= {"X0_4", "A0_4.h0", "M1_4", "bias"}
+
+
+def test_experts_name_each_expert(capsys: pytest.CaptureFixture[str], config_file: Path) -> None:
+    args = ("--model", "tiny-moe", "--layer", "2", "--head", "0", "--query", "-1", "--source", "0")
+    data = _attend(capsys, config_file, *args, "--top", "10000", "--experts")
+    names = {t["component"] for t in data["query_terms"]}
+    assert "M1_6.shared" in names and any(n.startswith("M1_6.e") for n in names)
+    assert "M1_6" not in names
+    assert abs(math.fsum(t["value"] for t in data["query_terms"]) - data["score"]) <= 1e-4
 
 
 def test_top_limits_each_table(capsys: pytest.CaptureFixture[str], config_file: Path) -> None:
