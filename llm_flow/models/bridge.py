@@ -376,7 +376,7 @@ class BridgeLlm(TransparentLlm):
 
     def qk_capture(self, token_ids: Sequence[int], layer: int) -> qk.QkCapture:
         with self._lock:
-            return qk.capture(self._bridge, token_ids, layer, self._input_device)
+            return qk.capture(self._bridge, token_ids, layer, self._input_device, self._lock)
 
     @functools.cached_property
     def _plain(self) -> tuple[torch.nn.Module, str] | None:

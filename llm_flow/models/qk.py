@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,10 +68,15 @@ class QkCapture:
 
 
 def capture(
-    bridge: Any, token_ids: Sequence[int], layer: int, input_device: torch.device
+    bridge: Any,
+    token_ids: Sequence[int],
+    layer: int,
+    input_device: torch.device,
+    lock: AbstractContextManager[Any],
 ) -> QkCapture:
     """One pass over ``token_ids`` that stops after ``layer``'s attention, capturing its queries,
-    keys, scores and norm scales (see :class:`QkCapture`)."""
+    keys, scores and norm scales (see :class:`QkCapture`). The capture's ``project`` holds
+    ``lock`` (the model's one-pass-at-a-time lock) while its hooks are attached."""
     block = bridge.blocks[layer]
     attn = block.attn
     architecture = str(bridge.cfg.architecture)
@@ -157,7 +163,7 @@ def capture(
                 attn(batch, *args, **kwargs)
             return rotary.apply(attn, out)
 
-        with torch.inference_mode():
+        with lock, torch.inference_mode():  # the hooks are on modules other passes share
             try:
                 return run(x)
             except RuntimeError:  # arguments shaped for one sequence (ALiBi, caches): one by one
