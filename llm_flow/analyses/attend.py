@@ -268,7 +268,7 @@ def attend(
         dtype,
     )
     row = cap.scores[head, t, : t + 1].to(device)  # [t + 1]
-    seen = row > torch.finfo(torch.float32).min / 2
+    seen = row.isfinite()
     if not bool(seen[s]):
         raise AttendError(
             f"head {head} of layer {layer} cannot see source {s} from query {t} (outside its "

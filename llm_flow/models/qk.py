@@ -58,7 +58,7 @@ class QkCapture:
 
     queries: Tensor  # [T, H, d_qk] as they enter the score: after q-norm and rotary
     keys: Tensor  # [T, H_kv, d_qk]
-    scores: Tensor  # [H, T, T] pre-softmax (masked entries hugely negative), float32
+    scores: Tensor  # [H, T, T] pre-softmax, float32; -inf where masked
     pattern: Tensor  # [H, T, T]
     scale: float  # the bilinear part of a score is q · k · scale
     bilinear: bool  # False: softcapping or ALiBi adds what q · k · scale does not hold
@@ -104,9 +104,7 @@ def capture(
         for n in names
         if n.startswith(prefix + "attn.") and n.endswith(".hook_scale")
     )
-    hooks = [
-        (f"{prefix}attn.{h}", grab(k)) for k, h in _GRABS.items() if f"{prefix}attn.{h}" in names
-    ]
+    hooks = [(f"{prefix}attn.{h}", grab(k)) for k, h in _GRABS.items()]
     hooks += [(prefix + h, grab(h)) for h in ("hook_resid_pre", "ln1.hook_scale", *scale_hooks)]
     hooks = [(n, fn) for n, fn in hooks if n in names]
     hooks.append((prefix + "hook_attn_out", _stop))
@@ -125,11 +123,13 @@ def capture(
         )
     queries, keys, rotary = _final_qk(attn, got, bridge.cfg)
     hidden = _attention_input(block, got, architecture)
-    frozen = {prefix + h: got[h] for h in scale_hooks}
+    frozen = {prefix + h: got[h] for h in scale_hooks if h in got}  # the norms that ran
     hf_attn = attn.original_component
     softcap = getattr(hf_attn, "attn_logit_softcapping", None)
     alibi = any(key in got["kwargs"] for key in ("alibi", "position_bias"))
-    scores = got["scores"][0].float()
+    raw = got["scores"][0]
+    # Masked entries are -inf, whatever the mask's dtype wrote (a half model's -65504 included).
+    scores = raw.float().masked_fill(raw <= torch.finfo(raw.dtype).min / 2, -torch.inf)
     scale = _scale(hf_attn, queries, keys, scores)
 
     def project(parts: Tensor) -> tuple[Tensor, Tensor]:
@@ -275,5 +275,5 @@ def _scale(hf_attn: Any, queries: Tensor, keys: Tensor, scores: Tensor) -> float
     group = queries.shape[1] // keys.shape[1]
     k = keys.repeat_interleave(group, dim=1)  # [T, H, d]
     dots = torch.einsum("thd,shd->hts", queries.float(), k.float())
-    seen = scores > torch.finfo(torch.float32).min / 2
+    seen = scores.isfinite()
     return float((scores[seen] * dots[seen]).sum() / (dots[seen] ** 2).sum().clamp_min(1e-30))
