@@ -77,6 +77,8 @@ def capture(
     """One pass over ``token_ids`` that stops after ``layer``'s attention, capturing its queries,
     keys, scores and norm scales (see :class:`QkCapture`). The capture's ``project`` holds
     ``lock`` (the model's one-pass-at-a-time lock) while its hooks are attached."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
     block = bridge.blocks[layer]
     attn = block.attn
     architecture = str(bridge.cfg.architecture)
@@ -107,7 +109,7 @@ def capture(
     hooks = [(f"{prefix}attn.{h}", grab(k)) for k, h in _GRABS.items()]
     hooks += [(prefix + h, grab(h)) for h in ("hook_resid_pre", "ln1.hook_scale", *scale_hooks)]
     hooks = [(n, fn) for n, fn in hooks if n in names]
-    hooks.append((prefix + "hook_attn_out", _stop))
+    hooks.append((prefix + "hook_resid_post", _stop))  # delegated attention: pattern after out
     handle = attn.register_forward_pre_hook(call, with_kwargs=True)
     try:
         with contextlib.suppress(_Stop), torch.inference_mode():
@@ -116,10 +118,14 @@ def capture(
             )
     finally:
         handle.remove()
-    if "scores" not in got:
+    # Attention run inside the HF module (GPT-J, OPT): TransformerLens fires hook_attn_scores
+    # after the fact, with the post-softmax pattern in it.
+    delegated = type(attn).forward is AttentionBridge.forward or "scores" not in got
+    if delegated and f"{prefix}attn.hook_rot_q" in names:
         raise UnsupportedAnalysisError(
             f"QK attribution is not supported for {architecture}: its attention runs inside the "
-            "Hugging Face module, where TransformerLens shows no pre-softmax scores"
+            "Hugging Face module, which rotates queries and keys where TransformerLens shows "
+            "neither the rotated vectors nor the pre-softmax scores"
         )
     queries, keys, rotary = _final_qk(attn, got, bridge.cfg)
     hidden = _attention_input(block, got, architecture)
@@ -127,10 +133,16 @@ def capture(
     hf_attn = attn.original_component
     softcap = getattr(hf_attn, "attn_logit_softcapping", None)
     alibi = any(key in got["kwargs"] for key in ("alibi", "position_bias"))
-    raw = got["scores"][0]
-    # Masked entries are -inf, whatever the mask's dtype wrote (a half model's -65504 included).
-    scores = raw.float().masked_fill(raw <= torch.finfo(raw.dtype).min / 2, -torch.inf)
-    scale = _scale(hf_attn, queries, keys, scores)
+    if delegated:
+        scale = _scale(hf_attn, queries, keys, None)
+        scores = _scores_of_pattern(queries, keys, scale, got["pattern"][0], architecture)
+    else:
+        raw = got["scores"][0]
+        # Masked entries are -inf, whatever the mask's dtype wrote (a half model's -65504 too).
+        scores = raw.float().masked_fill(raw <= torch.finfo(raw.dtype).min / 2, -torch.inf)
+        scale = _scale(hf_attn, queries, keys, scores)
+    # Where the pass on parts can stop: once the last of the queries and keys exist.
+    last = f"{prefix}attn.{'hook_v' if delegated else 'hook_attn_scores'}"
 
     def project(parts: Tensor) -> tuple[Tensor, Tensor]:
         x = hidden(parts)
@@ -153,7 +165,7 @@ def capture(
             (name, freeze(value)) for name, value in frozen.items()
         ]
         run_hooks += [(f"{prefix}attn.{_GRABS[k]}", keep(k)) for k in rotary.sources]
-        run_hooks.append((f"{prefix}attn.hook_attn_scores", _stop))
+        run_hooks.append((last, _stop))
 
         def run(batch: Tensor) -> tuple[Tensor, Tensor]:
             hooked = bridge.hooks(fwd_hooks=run_hooks)
@@ -265,15 +277,39 @@ def _attention_input(
     return hidden
 
 
-def _scale(hf_attn: Any, queries: Tensor, keys: Tensor, scores: Tensor) -> float:
+def _dots(queries: Tensor, keys: Tensor) -> Tensor:
+    """``q_t · k_s`` of every head → [H, T, T] float32 (K heads shared by their query group)."""
+    k = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # [T, H, d]
+    return torch.einsum("thd,shd->hts", queries.float(), k.float())
+
+
+def _scale(hf_attn: Any, queries: Tensor, keys: Tensor, scores: Tensor | None) -> float:
     """The factor of q · k in a score: the module's own (``scaling``, ``softmax_scale``,
-    ``inv_norm_factor``), else read off the scores by least squares over the unmasked entries."""
+    ``inv_norm_factor``), else read off the scores by least squares over the unmasked entries
+    (1/√d without scores)."""
     for name in ("scaling", "softmax_scale", "inv_norm_factor"):
         value = getattr(hf_attn, name, None)
         if isinstance(value, int | float):
             return float(value)
-    group = queries.shape[1] // keys.shape[1]
-    k = keys.repeat_interleave(group, dim=1)  # [T, H, d]
-    dots = torch.einsum("thd,shd->hts", queries.float(), k.float())
-    seen = scores.isfinite()
+    if scores is None:
+        return float(queries.shape[-1]) ** -0.5
+    dots, seen = _dots(queries, keys), scores.isfinite()
     return float((scores[seen] * dots[seen]).sum() / (dots[seen] ** 2).sum().clamp_min(1e-30))
+
+
+def _scores_of_pattern(
+    queries: Tensor, keys: Tensor, scale: float, pattern: Tensor, architecture: str
+) -> Tensor:
+    """Pre-softmax scores [H, T, T] of attention TransformerLens shows only as its pattern:
+    ``q · k · scale`` of the model's own queries and keys, -inf where the pattern is 0, checked
+    to give the model's pattern back through the softmax (:class:`SelfCheckError` if not)."""
+    scores = (_dots(queries, keys) * scale).masked_fill(pattern == 0, -torch.inf)
+    err = relative_error(scores.softmax(-1).nan_to_num(), pattern)
+    rtol = 10 * RTOL.get(pattern.dtype, 1e-4)  # an exp amplifies the scores' rounding
+    if not err <= rtol:
+        raise SelfCheckError(
+            f"QK attribution self-check failed for {architecture}: q · k · scale of the model's "
+            f"own queries and keys does not give its attention pattern (relative error "
+            f"{err:.2e} > {rtol:.0e}); nothing is shown — please report this model/architecture"
+        )
+    return scores
