@@ -254,6 +254,13 @@ def attend(
     device = run.layers[layer].resid_pre.device
     g = head // (cap.queries.shape[1] // cap.keys.shape[1])
     dtype = run.layers[layer].resid_pre.dtype
+    row = cap.scores[head, t, : t + 1].to(device)  # [t + 1]
+    seen = row.isfinite()
+    if not bool(seen[s]):
+        raise AttendError(
+            f"head {head} of layer {layer} cannot see source {s} from query {t} (outside its "
+            "attention window); pick a source it sees"
+        )
     parts, q_parts, k_parts = _project(cap.project, run, layer, t, head, g, experts)
     _check(
         f"layer {layer} head {head}: Σ query parts ≠ the model's query",
@@ -267,13 +274,6 @@ def attend(
         cap.keys[: t + 1, g].to(device),
         dtype,
     )
-    row = cap.scores[head, t, : t + 1].to(device)  # [t + 1]
-    seen = row.isfinite()
-    if not bool(seen[s]):
-        raise AttendError(
-            f"head {head} of layer {layer} cannot see source {s} from query {t} (outside its "
-            "attention window); pick a source it sees"
-        )
     q64, k64 = q_parts.double(), k_parts.double()
     names_q = [p.name(t) for p in parts]
     names_k = [p.name(s) for p in parts]
