@@ -32,7 +32,7 @@ from torch import Tensor
 
 from llm_flow.engine.nodes import NodeKind, node_id
 from llm_flow.engine.trace import Trace
-from llm_flow.errors import AttendError, SelfCheckError
+from llm_flow.errors import AttendError, PositionError, SelfCheckError
 from llm_flow.models.base import LayerRun, ModelRun
 from llm_flow.models.checks import RTOL, relative_error
 from llm_flow.validate import check_at_least, check_position
@@ -222,6 +222,13 @@ def _index(what: str, value: int, size: int) -> int:
     return value % size
 
 
+def _position(what: str, position: int, n_tokens: int) -> int:
+    try:
+        return check_position(position, n_tokens)
+    except PositionError as exc:  # say which of the two positions it was
+        raise PositionError(f"{what} {exc}") from None
+
+
 def attend(
     trace: Trace,
     layer: int,
@@ -242,7 +249,7 @@ def attend(
     info = llm.info
     layer = _index("layer", layer, run.n_layers)
     head = _index("head", head, info.n_heads)
-    t, s = check_position(query, run.n_tokens), check_position(source, run.n_tokens)
+    t, s = _position("query", query, run.n_tokens), _position("source", source, run.n_tokens)
     if s > t:
         raise AttendError(
             f"source {s} comes after query {t}; a token attends only to itself and earlier "

@@ -85,8 +85,8 @@ def test_top_limits_each_table(capsys: pytest.CaptureFixture[str], config_file: 
         (("--layer", "3", "--head", "0", "--query", "-1", "--source", "0"), "layer 3 is out"),
         (("--layer", "0", "--head", "9", "--query", "-1", "--source", "0"), "head 9 is out"),
         (("--layer", "0", "--head", "0", "--query", "2", "--source", "5"), "comes after query"),
-        (("--layer", "0", "--head", "0", "--query", "7", "--source", "0"), "position 7"),
-        (("--layer", "0", "--head", "0", "--query", "-1", "--source", "-8"), "position -8"),
+        (("--layer", "0", "--head", "0", "--query", "7", "--source", "0"), "query position 7"),
+        (("--layer", "0", "--head", "0", "--query", "-1", "--source", "-8"), "source position -8"),
         (("--layer", "0", "--head", "0", "--query", "1", "--source", "0", "--top", "0"), "top"),
     ],
 )
