@@ -141,8 +141,6 @@ def capture(
         # Masked entries are -inf, whatever the mask's dtype wrote (a half model's -65504 too).
         scores = raw.float().masked_fill(raw <= torch.finfo(raw.dtype).min / 2, -torch.inf)
         scale = _scale(hf_attn, queries, keys, scores)
-    # Where the pass on parts can stop: once the last of the queries and keys exist.
-    last = f"{prefix}attn.{'hook_v' if delegated else 'hook_attn_scores'}"
 
     def project(parts: Tensor) -> tuple[Tensor, Tensor]:
         x = hidden(parts)
@@ -155,6 +153,8 @@ def capture(
         def keep(key: str) -> Callable[[Tensor, Any], None]:
             def hook(tensor: Tensor, hook: Any) -> None:
                 out[key] = tensor.detach()
+                if len(out) == len(rotary.sources):  # no [N, H, T, T] scores are computed
+                    raise _Stop
 
             return hook
 
@@ -165,9 +165,9 @@ def capture(
             (name, freeze(value)) for name, value in frozen.items()
         ]
         run_hooks += [(f"{prefix}attn.{_GRABS[k]}", keep(k)) for k in rotary.sources]
-        run_hooks.append((last, _stop))
 
         def run(batch: Tensor) -> tuple[Tensor, Tensor]:
+            out.clear()
             hooked = bridge.hooks(fwd_hooks=run_hooks)
             with hooked, contextlib.suppress(_Stop), warnings.catch_warnings():
                 # A frozen scale is an edit, on purpose: TransformerLens warns of each one.
