@@ -12,6 +12,8 @@ replaced by the scales of the model's pass, and stops once the queries and keys 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -121,7 +123,11 @@ def capture(
     # Attention run inside the HF module (GPT-J, OPT): TransformerLens fires hook_attn_scores
     # after the fact, with the post-softmax pattern in it.
     delegated = type(attn).forward is AttentionBridge.forward or "scores" not in got
-    if delegated and f"{prefix}attn.hook_rot_q" in names:
+    if (
+        delegated
+        and f"{prefix}attn.hook_rot_q" in names
+        and _hf_rotary(attn.original_component, got["kwargs"]) is None
+    ):
         raise UnsupportedAnalysisError(
             f"QK attribution is not supported for {architecture}: its attention runs inside the "
             "Hugging Face module, which rotates queries and keys where TransformerLens shows "
@@ -200,6 +206,7 @@ class _Rotary:
     sources: tuple[str, str]  # keys of _GRABS: (query, key)
     layout: str  # "bthd" or "bhtd" as the hooks see them
     cos_sin: tuple[Tensor, Tensor] | None  # rotary still to apply with the bridge's own code
+    rotate: Callable[[Tensor], Tensor] | None = None  # or with the HF module's, on [B, T, n, d]
 
     def apply(self, attn: Any, got: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(queries [B, T, H, d], keys [B, T, H_kv, d]) from captured hooks."""
@@ -210,6 +217,8 @@ class _Rotary:
             cos, sin = self.cos_sin
             q, k = attn._apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if self.rotate is not None:
+            q, k = self.rotate(q), self.rotate(k)
         return q, k
 
 
@@ -234,10 +243,32 @@ def _final_qk(attn: Any, got: dict[str, Any], cfg: Any) -> tuple[Tensor, Tensor,
         rotary = _Rotary(("rot_q", "rot_k"), "bthd", None)
     elif "cos" in got and hasattr(attn, "_apply_rotary_pos_emb"):  # fused q/k/v with rotary
         rotary = _Rotary(("q", "k"), "bthd", (got["cos"], got["sin"]))
+    elif (rotate := _hf_rotary(attn.original_component, got["kwargs"])) is not None:
+        rotary = _Rotary(("q", "k"), "bthd", None, rotate)
     else:
         rotary = _Rotary(("q", "k"), "bthd", None)
     q, k = rotary.apply(attn, got)
     return q[0], k[0], rotary
+
+
+def _hf_rotary(hf_attn: Any, kwargs: dict[str, Any]) -> Callable[[Tensor], Tensor] | None:
+    """GPT-J's rotary, applied inside its HF module where no hook sees it: that module's own
+    ``apply_rotary_pos_emb(tensor, sin, cos)`` on its first ``rotary_dim`` dimensions, with the
+    (sin, cos) its model passed in. None for any other module."""
+    module = importlib.import_module(type(hf_attn).__module__)
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    sin_cos = kwargs.get("position_embeddings")
+    if apply is None or sin_cos is None or not hasattr(hf_attn, "rotary_dim"):
+        return None
+    if list(inspect.signature(apply).parameters)[:3] != ["tensor", "sin", "cos"]:
+        return None
+    sin, cos = sin_cos
+    n = hf_attn.rotary_dim or hf_attn.head_dim
+
+    def rotate(x: Tensor) -> Tensor:  # [B, T, n_heads, d]
+        return torch.cat([apply(x[..., :n], sin, cos), x[..., n:]], dim=-1)
+
+    return rotate
 
 
 def _attention_input(

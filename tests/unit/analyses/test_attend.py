@@ -23,9 +23,8 @@ from tests.tiny import random_model, tiny_tokenizer
 
 PROMPT = " ".join(f"w{i}" for i in (5, 17, 3, 42, 8, 23, 11, 30, 2))  # 10 tokens with BOS
 LAYER, HEAD, QUERY, SOURCE = 1, 3, 9, 7  # the source inside the sliding windows of 4
-# Families whose rotated queries TransformerLens does not expose (GPT-J: rotary inside the HF
-# module) or whose queries it splits (latent attention).
-UNSUPPORTED = {"GPT-J", "DeepSeek-V2", "DeepSeek-V3"}
+# Latent attention: TransformerLens shows each query and key in two separate pieces.
+UNSUPPORTED = {"DeepSeek-V2", "DeepSeek-V3"}
 SUPPORTED = [name for name in FAMILIES if name not in UNSUPPORTED]
 RTOL = 1e-4
 
