@@ -9,6 +9,7 @@ API")::
     route.to_json()                                    # exactly `llm-flow graph --format json`
     tr.contrast(" Paris", " London")                   # why the target, not the distractor?
     lf.ablate(tr, heads="23.3", target=" Paris", distractor=" London")
+    lf.attend(tr, layer=3, head=2, query=-1, source=1)  # why head 3.2 attends there (QK)
 
 :class:`Trace` and :class:`Route` are the engine's objects with the front-end methods added, so
 everything in ``llm_flow.engine`` and ``llm_flow.analyses`` accepts them as they are.
@@ -26,6 +27,7 @@ from llm_flow.analyses import ablation as _ablation
 from llm_flow.analyses import contrast as _contrast
 from llm_flow.analyses import interventions as _interventions
 from llm_flow.analyses import latents as _latents
+from llm_flow.analyses.attend import attend
 from llm_flow.analyses.faithfulness import faithfulness
 from llm_flow.analyses.lens import TokenScore, logit_lens, parse_node
 from llm_flow.config import default_config, load_config
@@ -53,6 +55,7 @@ __all__ = [
     "Trace",
     "ablate",
     "ablate_latents",
+    "attend",
     "faithfulness",
     "from_hf",
     "latents",

@@ -82,6 +82,15 @@ class RouteDiffError(InputError):
     """The two routes do not describe the same prompt, position and threshold."""
 
 
+class AttendError(InputError):
+    """A QK-attribution query names a layer, head, query or source the run does not have."""
+
+
+class UnsupportedAnalysisError(LlmFlowError):
+    """The model runs, but this analysis cannot be computed exactly for its design (e.g. QK
+    attribution of latent attention)."""
+
+
 class SelfCheckError(LlmFlowError):
     """A decomposition identity failed: the parts do not sum to the whole.
 

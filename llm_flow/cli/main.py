@@ -281,6 +281,22 @@ def _faithfulness(args: argparse.Namespace) -> None:
     _write(json.dumps(data | report.to_dict()), None)
 
 
+def _attend(args: argparse.Namespace) -> None:
+    from llm_flow.analyses.attend import attend
+    from llm_flow.engine.graph import ATTENTION_FLOOR
+    from llm_flow.engine.trace import trace
+
+    config = _config(args.config)
+    config.check_prompt(args.prompt)
+    check_at_least("--top", args.top, 1)
+    # No route is asked for: the graph stores only the edges ≥ the default floor.
+    tr = trace(_load(args, config), args.prompt, attention_floor=ATTENTION_FLOOR)
+    result = attend(
+        tr, args.layer, args.head, args.query, args.source, top=args.top, experts=args.experts
+    )
+    _write(json.dumps(_prompt_header(tr) | result.to_json()), None)
+
+
 def _dataset(args: argparse.Namespace) -> None:
     from llm_flow.analyses.dataset import check_table_path, dataset_frequencies, write_table
     from llm_flow.io.prompts import read_prompt_file
@@ -411,6 +427,7 @@ COMMANDS = {
     "bench": _bench,
     "ablate": _ablate,
     "faithfulness": _faithfulness,
+    "attend": _attend,
     "dataset": _dataset,
     "latents": _latents,
     "sae": _sae_command,

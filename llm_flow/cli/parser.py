@@ -143,6 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     faith.add_argument("--target", help="target token (default: the model's prediction)")
     faith.add_argument("--distractor", help="distractor token (metric: logit difference)")
 
+    attend = sub.add_parser(
+        "attend", help="why a head attends from one token to another: its score split (QK)"
+    )
+    attend.add_argument("--prompt", required=True, help="the text to analyse")
+    _add_model_args(attend)
+    attend.add_argument("--layer", type=int, required=True, help="the attention layer")
+    attend.add_argument("--head", type=int, required=True, help="the query head")
+    attend.add_argument(
+        "--query", type=int, required=True, help="query position (negative: from the end)"
+    )
+    attend.add_argument(
+        "--source", type=int, required=True, help="source position ≤ query (negative: from the end)"
+    )
+    attend.add_argument("--top", type=int, default=20, help="terms listed per table (20)")
+    attend.add_argument(
+        "--experts",
+        action="store_true",
+        help="split mixture-of-experts FFN blocks into their experts (M4_5.e7, M4_5.shared)",
+    )
+
     dataset = sub.add_parser("dataset", help="head / FFN frequencies in the routes of a file")
     dataset.add_argument("--prompts", required=True, help="prompt file (.txt or .jsonl)")
     _add_model_args(dataset)

@@ -20,13 +20,16 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
-from llm_flow.errors import InputError
+from llm_flow.errors import InputError, UnsupportedAnalysisError
 from llm_flow.validate import check_position
+
+if TYPE_CHECKING:
+    from llm_flow.models.qk import QkCapture
 
 # A forward hook: (hook name, fn(activation, hook)); a fn that returns a tensor replaces the
 # activation downstream, one that returns None only reads it.
@@ -443,6 +446,16 @@ class TransparentLlm(ABC):
         with contextlib.suppress(_PatternsFound):  # raised once the later layers are not needed
             self.logits_with_hooks(token_ids, [*fwd_hooks, *grabs])
         return found
+
+    def qk_capture(self, token_ids: Sequence[int], layer: int) -> QkCapture:
+        """``layer``'s queries, keys and pre-softmax scores over ``token_ids`` and its query/key
+        maps at the pass's frozen norm scales (:class:`~llm_flow.models.qk.QkCapture`), from
+        one pass that stops after that layer's attention; :class:`UnsupportedAnalysisError`
+        where the scores cannot be decomposed."""
+        raise UnsupportedAnalysisError(
+            f"QK attribution is not supported for {self.info.architecture}: this model exposes "
+            "no queries and keys"
+        )
 
     def unembed(self, resid: Tensor, *, normalize: bool = True) -> Tensor:
         """Logits [..., V] of residual states [..., D], through the final norm or not."""

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from llm_flow.errors import PromptError, UnsupportedModelError
+from llm_flow.models import qk
 from llm_flow.models.base import (
     Hook,
     HookSite,
@@ -193,8 +194,7 @@ class BridgeLlm(TransparentLlm):
         names = self._hook_names()
         needed = ("hook_resid_pre", "hook_resid_post", "attn.hook_pattern", "attn.hook_v")
         for layer in range(int(self._bridge.cfg.n_layers)):
-            missing = [s for s in needed if f"blocks.{layer}.{s}" not in names]
-            if missing:
+            if any(f"blocks.{layer}.{s}" not in names for s in needed):
                 raise unsupported(
                     config, f"layers without softmax attention over tokens (layer {layer})"
                 )
@@ -269,8 +269,7 @@ class BridgeLlm(TransparentLlm):
         norm = self._bridge.ln_final
         with self._lock, torch.inference_mode():
             x = resid.to(device=module_device(norm, self._device), dtype=self._dtype)
-            out: Tensor = norm(x).to(self._device)
-            return out
+            return norm(x).to(self._device)
 
     def final_norm_linear(self, update: Tensor, scale: Tensor) -> Tensor:
         x = update.to(device=self._device, dtype=torch.float32)
@@ -375,6 +374,10 @@ class BridgeLlm(TransparentLlm):
             logits: Tensor = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
         return logits.to(self._device)
 
+    def qk_capture(self, token_ids: Sequence[int], layer: int) -> qk.QkCapture:
+        with self._lock:
+            return qk.capture(self._bridge, token_ids, layer, self._input_device, self._lock)
+
     @functools.cached_property
     def _plain(self) -> tuple[torch.nn.Module, str] | None:
         return plain_model(self._bridge.original_model)
@@ -396,9 +399,10 @@ class BridgeLlm(TransparentLlm):
         # TransformerLens fires hook_pattern after the fact for attention it delegates to the
         # HF module, and discards edits: probe once with a pattern that attends nowhere.
         ids = self.tokenize_unchecked("a b")[:2] or [0, 0]
-        plain = self.logits_with_hooks(ids, [])
-        cut = self.logits_with_hooks(ids, [(self.hook_name("pattern", 0), _no_attention)])
-        return not torch.equal(plain, cut)
+        nowhere = (self.hook_name("pattern", 0), lambda t, hook: torch.zeros_like(t))
+        return not torch.equal(
+            self.logits_with_hooks(ids, []), self.logits_with_hooks(ids, [nowhere])
+        )
 
     def _hook_names(self) -> set[str]:
         return set(self._bridge.hook_dict)
@@ -486,10 +490,6 @@ _ROUTING = "mlp.experts.hook_routing"
 
 def _routing_name(layer: int) -> str:
     return f"blocks.{layer}.{_ROUTING}"
-
-
-def _no_attention(tensor: Tensor, hook: Any) -> Tensor:
-    return torch.zeros_like(tensor)
 
 
 def _routing_fn(fn: Callable[..., Any]) -> Callable[[Tensor], Tensor | None]:
