@@ -7,6 +7,7 @@ browser session, holding bounded LRU caches keyed by every argument that changes
 - ``layer_runs``: one layer of a trace with its whole attention pattern, recomputed when the trace
   did not keep it (long prompts), by (trace key, layer);
 - ``head_maps``: per-head contribution maps by (trace key, layer);
+- ``attends``: QK attributions by (trace key, layer, head, query, source);
 - ``contrast_effects``: "why A instead of B?" — the contrast, direct effects and attributions
   (one backward pass) by :class:`ContrastKey` (trace key, position, target, distractor);
   ``contrast_tables``: the route's effect table by (contrast key, threshold, renormalize);
@@ -47,6 +48,8 @@ import streamlit as st
 import torch
 
 from llm_flow.analyses.ablation import AblationResult, ablate
+from llm_flow.analyses.attend import Attend
+from llm_flow.analyses.attend import attend as attend_edge
 from llm_flow.analyses.attribution import Attributions, attribute
 from llm_flow.analyses.contrast import (
     Contrast,
@@ -73,6 +76,7 @@ from llm_flow.models.base import LayerRun
 MAX_MODELS = 2
 MAX_TRACES = 16
 MAX_HEAD_MAPS = 32
+MAX_ATTENDS = 32
 MAX_LAYER_RUNS = 2  # recomputed [H, T, T] patterns: 0.6 GB each for SmolLM2 at 4096 tokens
 # Attributions keep ∂LD/∂z for every head and position ([L, T, H, d_head]): few of them.
 MAX_CONTRAST_EFFECTS = 4
@@ -244,6 +248,9 @@ class Store:
         self.models: BoundedCache[ModelKey, LoadedModel] = BoundedCache(MAX_MODELS)
         self.traces: BoundedCache[TraceKey, CachedTrace] = BoundedCache(MAX_TRACES)
         self.layer_runs: BoundedCache[tuple[TraceKey, int], LayerRun] = BoundedCache(MAX_LAYER_RUNS)
+        self.attends: BoundedCache[tuple[TraceKey, int, int, int, int], Attend] = BoundedCache(
+            MAX_ATTENDS
+        )
         self.head_maps: BoundedCache[tuple[TraceKey, int], torch.Tensor] = BoundedCache(
             MAX_HEAD_MAPS
         )
@@ -323,6 +330,15 @@ def head_map(cached: CachedTrace, layer: int) -> torch.Tensor:
         return heads.cpu()
 
     return store().head_maps.get((cached.key, layer), compute)
+
+
+def attend(cached: CachedTrace, layer: int, head: int, query: int, source: int) -> Attend:
+    """QK attribution of an attention edge for one head (one pass over the residual's parts
+    up to ``layer``), cached per (trace, layer, head, query, source)."""
+    return store().attends.get(
+        (cached.key, layer, head, query, source),
+        lambda: attend_edge(cached.trace, layer, head, query, source),
+    )
 
 
 # -- analyses ---------------------------------------------------------------------------------

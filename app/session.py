@@ -323,6 +323,12 @@ def select(selection: str | None) -> None:
     st.session_state[SELECTION] = selection
 
 
+def select_with_unit(selection: str, unit: int | None) -> None:
+    """Select ``selection`` with its head, neuron or expert ``unit`` preselected in its panel."""
+    st.session_state[SELECTION] = selection
+    st.session_state[_PREFERRED_UNIT] = (selection, unit)
+
+
 def selection() -> str | None:
     value: str | None = st.session_state.get(SELECTION)
     return value

@@ -180,3 +180,28 @@ def experts_figure(
         bargap=0.25,
     )
     return fig
+
+
+def score_terms_figure(
+    names: Sequence[str], values: Sequence[float], targets: Sequence[str]
+) -> go.Figure:
+    """Horizontal bars of a score's largest terms (largest on top), positive and negative in
+    their colours; ``targets`` are what a click on each bar selects ("" for none)."""
+    fig = go.Figure(
+        go.Bar(
+            x=list(values)[::-1],
+            y=[plotly_text(n) for n in names][::-1],
+            orientation="h",
+            marker_color=[POSITIVE if v >= 0 else NEGATIVE for v in values][::-1],
+            customdata=list(targets)[::-1],
+            hovertemplate="%{y}: %{x:.4f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=max(160, 24 * len(names) + 40),
+        margin=_MARGIN,
+        xaxis={"title": "share of the score", "zeroline": True},
+        yaxis={"type": "category"},
+        clickmode="event+select",
+    )
+    return fig

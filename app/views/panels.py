@@ -24,6 +24,7 @@ from app.figures import panels as panel_figures
 from app.figures import tables
 from app.selection import Selection
 from app.views.experts import experts_panel
+from app.views.why import why_tab
 from llm_flow.analyses.lens import (
     block_update,
     head_update,
@@ -163,7 +164,9 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
 
     n_tokens = run.n_tokens
     pattern = layer_run.pattern
-    attention_tab, contribution_tab = st.tabs(["Attention map", "Contribution map"])
+    attention_tab, contribution_tab, why = st.tabs(
+        ["Attention map", "Contribution map", "Why this source?"]
+    )
     with attention_tab:
         if pattern is None:
             st.caption("This run kept no attention patterns.")
@@ -223,6 +226,9 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
                 key=f"contribution_map|{selection.id}|{choice}",
                 config=panel_figures.PLOTLY_CONFIG,
             )
+
+    with why:
+        why_tab(ctx.cached, layer, head, t, s, f"{selection.id}|{choice}")
 
     who = "all heads" if head is None else f"head {head}"
     st.markdown(f"**Tokens {who} of layer {layer} promote and suppress** at {_token(tokens, t)}")
