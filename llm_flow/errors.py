@@ -91,3 +91,12 @@ class SelfCheckError(LlmFlowError):
 
 class ExportError(LlmFlowError):
     """A figure cannot be written in the asked format (e.g. PNG/SVG without kaleido)."""
+
+
+class CorpusError(InputError):
+    """A corpus cannot be read (missing file, bad JSON line, dataset offline) or an index cannot
+    be built, merged or queried as asked (unknown unit, layers it does not cover)."""
+
+
+class IndexNotFoundError(CorpusError):
+    """No corpus index of this model and corpus covers the unit asked for yet."""

@@ -290,6 +290,86 @@ def _dataset(args: argparse.Namespace) -> None:
         write_table(frame, args.out)
 
 
+def _index(args: argparse.Namespace) -> None:
+    from llm_flow.analyses.corpus_index import parse_layers
+    from llm_flow.io.corpus import open_corpus
+    from llm_flow.io.index_store import build_index
+
+    layers = None if args.layers is None else parse_layers(args.layers)
+    check_at_least("--window", args.window, 2)
+    check_at_least("--k", args.k, 1)
+    corpus = open_corpus(args.corpus)
+    llm = _load(args, _config(args.config))
+    say = _progress()
+
+    def progress(windows: int, tokens: int) -> None:
+        if say is not None:
+            say(f"indexed {windows} windows, {tokens} tokens")
+
+    index = build_index(
+        llm,
+        corpus,
+        layers=layers,
+        window=args.window,
+        k=args.k,
+        max_tokens=args.max_tokens,
+        progress=progress,
+    )
+    summary = {
+        "index": str(index.path),
+        "model": index.settings.model,
+        "corpus": index.settings.corpus,
+        "layers": list(index.settings.layers),
+        "window": index.settings.window,
+        "k": index.settings.k,
+        "windows": index.n_windows,
+        "tokens": index.n_tokens,
+        "units": index.units(),
+    }
+    _write(json.dumps(summary), None)
+
+
+def _top(args: argparse.Namespace) -> None:
+    from llm_flow.analyses.corpus_index import RANKED
+    from llm_flow.analyses.top_examples import (
+        check_unit,
+        explain,
+        histogram_dict,
+        parse_unit,
+        top_examples,
+    )
+    from llm_flow.errors import IndexNotFoundError
+    from llm_flow.io.corpus import open_corpus
+    from llm_flow.io.index_store import find_index
+
+    check_at_least("--k", args.k, 1)
+    kind = next(k for k in ("neuron", "head", "expert") if getattr(args, k) is not None)
+    layer, unit = parse_unit(getattr(args, kind), kind)
+    corpus = open_corpus(args.corpus)
+    llm = _load(args, _config(args.config))
+    checked = check_unit(llm, kind, layer, unit)
+    try:
+        index = find_index(llm, corpus, checked, layer)
+    except IndexNotFoundError as exc:
+        build = ["llm-flow index", f"--layers {layer}"]
+        build += [
+            f"--{n} {getattr(args, n)}" for n in ("corpus", "model", "config") if getattr(args, n)
+        ]
+        raise IndexNotFoundError(f"{exc}; build it with: {' '.join(build)}") from None
+    examples = top_examples(llm, index, kind, layer, unit, args.k)
+    data = {
+        "unit": f"{kind} {layer}.{unit}",
+        "kind": kind,
+        "layer": layer,
+        "index": unit,
+        "measure": RANKED[checked],
+        "examples": [e.to_dict() for e in examples],
+        "histogram": histogram_dict(index, checked, layer, unit),
+        "explanation": explain(llm, kind, layer, unit, examples),
+    }
+    _write(json.dumps(data), None)
+
+
 def _app(args: argparse.Namespace) -> None:
     from llm_flow.cli import launch
 
@@ -305,6 +385,8 @@ COMMANDS = {
     "ablate": _ablate,
     "faithfulness": _faithfulness,
     "dataset": _dataset,
+    "index": _index,
+    "top": _top,
     "app": _app,
 }
 
