@@ -23,10 +23,12 @@ if TYPE_CHECKING:
         Route,
         Trace,
         ablate,
+        build_index,
         faithfulness,
         from_hf,
         load,
         mean_activations,
+        top_examples,
         trace,
     )
     from llm_flow.errors import LlmFlowError
@@ -37,10 +39,12 @@ __all__ = [
     "Trace",
     "__version__",
     "ablate",
+    "build_index",
     "faithfulness",
     "from_hf",
     "load",
     "mean_activations",
+    "top_examples",
     "trace",
 ]
 _API = set(__all__) - {"LlmFlowError", "__version__"}

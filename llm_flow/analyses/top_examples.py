@@ -182,3 +182,44 @@ def _sentence(unit: str, n: int, data: dict[str, Any]) -> str:
         suppressed = ", ".join(map(repr, data["suppressed"]))
         parts.append(f"its output promotes {promoted} and suppresses {suppressed}")
     return "; ".join(parts) + "."
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """A unit's top examples, histogram and automatic explanation: what ``llm-flow top``
+    prints (:meth:`to_dict`)."""
+
+    kind: Kind
+    layer: int
+    unit: int
+    examples: tuple[Example, ...]
+    histogram: dict[str, Any]
+    explanation: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "unit": f"{self.kind} {self.layer}.{self.unit}",
+            "kind": self.kind,
+            "layer": self.layer,
+            "index": self.unit,
+            "measure": RANKED[self.kind],
+            "examples": [e.to_dict() for e in self.examples],
+            "histogram": self.histogram,
+            "explanation": self.explanation,
+        }
+
+
+def unit_report(
+    llm: TransparentLlm, index: CorpusIndex, kind: str, layer: int, unit: int, k: int = 20
+) -> UnitReport:
+    """The :class:`UnitReport` of unit ``layer.unit`` of ``kind`` from ``index``."""
+    checked = check_unit(llm, kind, layer, unit)
+    examples = top_examples(llm, index, checked, layer, unit, k)
+    return UnitReport(
+        kind=checked,
+        layer=layer,
+        unit=unit,
+        examples=tuple(examples),
+        histogram=histogram_dict(index, checked, layer, unit),
+        explanation=explain(llm, checked, layer, unit, examples),
+    )

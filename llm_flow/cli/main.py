@@ -330,14 +330,7 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _top(args: argparse.Namespace) -> None:
-    from llm_flow.analyses.corpus_index import RANKED
-    from llm_flow.analyses.top_examples import (
-        check_unit,
-        explain,
-        histogram_dict,
-        parse_unit,
-        top_examples,
-    )
+    from llm_flow.analyses.top_examples import check_unit, parse_unit, unit_report
     from llm_flow.errors import IndexNotFoundError
     from llm_flow.io.corpus import open_corpus
     from llm_flow.io.index_store import find_index
@@ -356,17 +349,7 @@ def _top(args: argparse.Namespace) -> None:
             f"--{n} {getattr(args, n)}" for n in ("corpus", "model", "config") if getattr(args, n)
         ]
         raise IndexNotFoundError(f"{exc}; build it with: {' '.join(build)}") from None
-    examples = top_examples(llm, index, kind, layer, unit, args.k)
-    data = {
-        "unit": f"{kind} {layer}.{unit}",
-        "kind": kind,
-        "layer": layer,
-        "index": unit,
-        "measure": RANKED[checked],
-        "examples": [e.to_dict() for e in examples],
-        "histogram": histogram_dict(index, checked, layer, unit),
-        "explanation": explain(llm, kind, layer, unit, examples),
-    }
+    data = unit_report(llm, index, checked, layer, unit, args.k).to_dict()
     _write(json.dumps(data), None)
 
 
