@@ -12,8 +12,10 @@ fixed-length token windows (see :mod:`llm_flow.io.corpus`):
 - **expert** ``L.E`` of a mixture-of-experts layer: its router weight ``g_e(t)`` (0 where it was
   not chosen); ranked by it.
 
-The model's prepended BOS position is left out: it is the same token with the same (empty)
-context in every window, so it would fill a unit's examples with copies of one context.
+The first position of every window is left out. With a prepended BOS it is the same token in
+every window, so it would fill a unit's examples with copies of one context; without one (the
+packaged SmolLM2 prepends none) the model reads that token with no context at all, and as the
+attention sink many units take values there that they take nowhere else.
 
 Per unit the index keeps the top k samples, ordered by (value descending, window, position): a
 strict total order, so the top k of a set of windows is unique whatever batches it was computed
@@ -101,7 +103,7 @@ class CorpusIndex:
 
     settings: IndexSettings
     spans: tuple[tuple[int, int], ...]
-    n_tokens: int  # tokens the units were read at (prepended BOS positions left out)
+    n_tokens: int  # positions the units were read at (each window's first left out)
     top: Mapping[tuple[Kind, int], TopK]
     histograms: Mapping[tuple[Kind, int, str], np.ndarray]  # [U, len(edges) + 1] int64
     windows: Mapping[int, tuple[int, ...]]  # the token ids of every window an example is in
@@ -305,8 +307,8 @@ def index_windows(
     progress: IndexProgress | None = None,
 ) -> CorpusIndex:
     """Index ``windows`` ((number, token ids), in increasing number order): one forward pass per
-    window that stops after the last indexed layer, positions before ``skip`` (the prepended
-    BOS) left out, each batch of ``batch_windows`` windows reduced to its own index and merged
+    window that stops after the last indexed layer, positions before ``skip`` (the first)
+    left out, each batch of ``batch_windows`` windows reduced to its own index and merged
     into the running one. ``progress(windows, tokens)`` after each batch."""
     check_at_least("the window", settings.window, 2)
     check_at_least("k", settings.k, 1)

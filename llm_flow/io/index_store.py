@@ -50,7 +50,7 @@ from llm_flow.io.corpus import Corpus, open_corpus, special_prefix, token_window
 from llm_flow.models.base import TransparentLlm
 from llm_flow.models.loading import cache_dir
 
-FORMAT = 1
+FORMAT = 2  # 2: the first position of every window is left out
 DEFAULT_WINDOW = 64
 DEFAULT_K = 20
 
@@ -104,7 +104,8 @@ def build_index(
     stop = None if max_tokens is None else -(-max_tokens // window)
     started = time.perf_counter()
     windows = token_windows(llm, corpus, window, stop=stop)
-    index = index_windows(llm, windows, settings, skip=len(special_prefix(llm)), progress=progress)
+    skip = max(1, len(special_prefix(llm)))  # the first position: see corpus_index
+    index = index_windows(llm, windows, settings, skip=skip, progress=progress)
     save_index(index, folder, seconds=time.perf_counter() - started)
     return load_index(folder)
 
