@@ -120,9 +120,6 @@ class CorpusIndex:
             counts[kind] += top.values.shape[0]
         return counts
 
-    def layers_of(self, kind: Kind) -> list[int]:
-        return sorted(layer for k, layer in self.top if k == kind)
-
 
 def _empty(n_units: int, k: int) -> TopK:
     return TopK(

@@ -301,10 +301,11 @@ def _index(args: argparse.Namespace) -> None:
     corpus = open_corpus(args.corpus)
     llm = _load(args, _config(args.config))
     say = _progress()
+    total = "" if args.max_tokens is None else f"/{-(-args.max_tokens // args.window)}"
 
     def progress(windows: int, tokens: int) -> None:
         if say is not None:
-            say(f"indexed {windows} windows, {tokens} tokens")
+            say(f"indexed {windows}{total} windows, {tokens} tokens")
 
     index = build_index(
         llm,

@@ -22,7 +22,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +36,7 @@ TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 FILE_SUFFIXES = (*TEXT_SUFFIXES, *JSONL_SUFFIXES)
 JSON_FIELDS = ("text", "sentence")
+SHIPPED_LABEL = "the shipped corpus"
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Corpus:
 def default_corpus() -> Corpus:
     """The shipped corpus: three public-domain Project Gutenberg books
     (``sample_inputs/corpus/``)."""
-    return open_corpus(default_corpus_dir())
+    return replace(open_corpus(default_corpus_dir()), label=SHIPPED_LABEL)
 
 
 def open_corpus(source: str | Path | None = None, *, split: str = "train") -> Corpus:
