@@ -25,6 +25,7 @@ from llm_flow.analyses.corpus_index import (
     merge,
     parse_layers,
 )
+from llm_flow.analyses.lens import head_update
 from llm_flow.errors import CorpusError
 from llm_flow.io.corpus import open_corpus, token_windows
 from llm_flow.io.index_store import build_index, load_index, save_index
@@ -193,3 +194,27 @@ def test_layers_parse_and_are_checked() -> None:
     llm, _ = model("llama-gqa")
     with pytest.raises(CorpusError, match=r"layer 3 does not exist; valid layers are 0\.\.2"):
         build_index(llm, None, layers=[3])
+
+
+@pytest.mark.parametrize("arch", ["gemma3-postnorm", "neox-parallel", "gpt2-bias"])
+def test_other_families_heads_match_the_lens_and_neurons_the_hook(
+    corpus_file: Path, arch: str
+) -> None:
+    """Post-norm (the head's write scaled by the norm), parallel blocks and biased heads: each
+    head's best value is the norm of the lens's head update on a fresh run of its context."""
+    llm, _ = model(arch)
+    s = settings(llm, corpus_file, (1,))
+    index = index_windows(llm, windows(llm, corpus_file)[:6], s, skip=1)
+    heads, neurons = index.top["head", 1], index.top["neuron", 1]
+    for unit in range(heads.values.shape[0]):
+        ids = index.windows[int(heads.windows[unit, 0])]
+        position = int(heads.positions[unit, 0])
+        run = llm.run(list(ids[: position + 1]))
+        want = head_update(run, 1, unit, position).norm()
+        assert float(heads.values[unit, 0]) == pytest.approx(float(want), rel=1e-4, abs=1e-6)
+    got: list[torch.Tensor] = []
+    ids = index.windows[int(neurons.windows[5, 0])]
+    position = int(neurons.positions[5, 0])
+    hook = (llm.hook_name("neurons", 1), lambda tensor, hook: got.append(tensor[0, -1, 5]))
+    llm.logits_with_hooks(list(ids[: position + 1]), [hook])
+    assert float(neurons.values[5, 0]) == pytest.approx(float(got[0]), rel=1e-4, abs=1e-6)
