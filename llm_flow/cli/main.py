@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -347,8 +348,12 @@ def _top(args: argparse.Namespace) -> None:
     except IndexNotFoundError as exc:
         build = ["llm-flow index", f"--layers {layer}"]
         build += [
-            f"--{n} {getattr(args, n)}" for n in ("corpus", "model", "config") if getattr(args, n)
+            f"--{n} {shlex.quote(getattr(args, n))}"
+            for n in ("corpus", "model", "config")
+            if getattr(args, n)
         ]
+        if args.dtype != "float32":  # the index is keyed by the model's dtype too
+            build.append(f"--dtype {args.dtype}")
         raise IndexNotFoundError(f"{exc}; build it with: {' '.join(build)}") from None
     data = unit_report(llm, index, checked, layer, unit, args.k).to_dict()
     _write(json.dumps(data), None)
