@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from llm_flow.io.corpus import default_corpus
 from llm_flow.io.index_store import build_index
@@ -35,7 +36,7 @@ def test_a_neurons_best_example_reproduces_in_the_packaged_model(
     prefix = index.windows[window][: position + 1]
     got: list[float] = []
 
-    def grab(tensor, hook):  # type: ignore[no-untyped-def]
+    def grab(tensor: torch.Tensor, hook: object) -> None:
         got.append(float(tensor[0, -1, 7]))
 
     packaged_llm.logits_with_hooks(prefix, [(packaged_llm.hook_name("neurons", 2), grab)])

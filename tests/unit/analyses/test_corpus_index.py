@@ -64,30 +64,38 @@ def index_of(llm: BridgeLlm, corpus: Path, batch: int = 4) -> CorpusIndex:
     )
 
 
-def fresh(llm: BridgeLlm, hf: torch.nn.Module, ids: tuple[int, ...], layer: int) -> dict[str, Any]:
-    """The last position's neurons, head output norms, attention away shares and router weights
-    of ``layer``, from the model's hooks and the HF weights."""
-    got: dict[str, torch.Tensor] = {}
+@functools.cache
+def fresh(llm: BridgeLlm, hf: torch.nn.Module, ids: tuple[int, ...]) -> dict[int, dict[str, Any]]:
+    """Per layer, the last position's neurons, head output norms, attention away shares and
+    router weights, from one pass through the model's hooks and the HF weights (cached: many
+    examples share a context)."""
+    got: dict[tuple[int, str], torch.Tensor] = {}
 
-    def grab(key: str) -> Any:
+    def grab(key: tuple[int, str]) -> Any:
         def hook(tensor: torch.Tensor, hook: Any) -> None:
             got[key] = tensor.detach()
 
         return hook
 
     info = llm.info
-    sites = ["z", "pattern"] + (["experts"] if layer in info.moe_layers else ["neurons"])
-    llm.logits_with_hooks(list(ids), [(llm.hook_name(s, layer), grab(s)) for s in sites])  # type: ignore[arg-type]
-    out: dict[str, Any] = {"attention_away": 1 - got["pattern"][0, :, -1, 0]}
-    z = got["z"][0, -1].flatten().view(info.n_heads, -1)  # [H, d_head]
-    W_O = hf.model.layers[layer].self_attn.o_proj.weight.detach()  # [D, H · d_head]
-    per_head = W_O.T.view(info.n_heads, -1, W_O.shape[0])  # [H, d_head, D]
-    out["output_norm"] = torch.einsum("hk,hkd->hd", z, per_head).norm(dim=-1)
-    if "neurons" in got:
-        out["activation"] = got["neurons"][0, -1]
-    else:
-        out["router_weight"] = got["experts"][0, -1]
-    return out
+    hooks = []
+    for layer in range(info.n_layers):
+        sites = ["z", "pattern"] + (["experts"] if layer in info.moe_layers else ["neurons"])
+        hooks += [(llm.hook_name(s, layer), grab((layer, s))) for s in sites]
+    llm.logits_with_hooks(list(ids), hooks)
+    found: dict[int, dict[str, Any]] = {}
+    for layer in range(info.n_layers):
+        out: dict[str, Any] = {"attention_away": 1 - got[layer, "pattern"][0, :, -1, 0]}
+        z = got[layer, "z"][0, -1].flatten().view(info.n_heads, -1)  # [H, d_head]
+        W_O = hf.model.layers[layer].self_attn.o_proj.weight.detach()  # [D, H · d_head]
+        per_head = W_O.T.view(info.n_heads, -1, W_O.shape[0])  # [H, d_head, D]
+        out["output_norm"] = torch.einsum("hk,hkd->hd", z, per_head).norm(dim=-1)
+        if (layer, "neurons") in got:
+            out["activation"] = got[layer, "neurons"][0, -1]
+        else:
+            out["router_weight"] = got[layer, "experts"][0, -1]
+        found[layer] = out
+    return found
 
 
 @pytest.mark.parametrize(
@@ -112,7 +120,7 @@ def test_every_top_example_is_reproduced_by_a_fresh_forward_pass(
             ids = index.windows[int(top.windows[unit, rank])]
             position = int(top.positions[unit, rank])
             assert position >= 1  # the BOS position is never an example
-            want = fresh(llm, hf, ids[: position + 1], layer)
+            want = fresh(llm, hf, ids[: position + 1])[layer]
             value = float(top.values[unit, rank])
             assert value == pytest.approx(float(want[measure][unit]), rel=1e-4, abs=1e-6)
             if kind == "head":
