@@ -25,12 +25,14 @@ if TYPE_CHECKING:
         ablate,
         ablate_latents,
         attend,
+        build_index,
         faithfulness,
         from_hf,
         latents,
         load,
         load_sae,
         mean_activations,
+        top_examples,
         trace,
     )
     from llm_flow.errors import LlmFlowError
@@ -43,12 +45,14 @@ __all__ = [
     "ablate",
     "ablate_latents",
     "attend",
+    "build_index",
     "faithfulness",
     "from_hf",
     "latents",
     "load",
     "load_sae",
     "mean_activations",
+    "top_examples",
     "trace",
 ]
 _API = set(__all__) - {"LlmFlowError", "__version__"}

@@ -27,6 +27,7 @@ from llm_flow.analyses import ablation as _ablation
 from llm_flow.analyses import contrast as _contrast
 from llm_flow.analyses import interventions as _interventions
 from llm_flow.analyses import latents as _latents
+from llm_flow.analyses import top_examples as _top_examples
 from llm_flow.analyses.attend import attend
 from llm_flow.analyses.faithfulness import faithfulness
 from llm_flow.analyses.lens import TokenScore, logit_lens, parse_node
@@ -36,6 +37,7 @@ from llm_flow.engine import trace as _trace
 from llm_flow.engine.routes import DEFAULT_THRESHOLD
 from llm_flow.errors import InputError, UnknownModelError
 from llm_flow.io import export
+from llm_flow.io import index_store as _index_store
 from llm_flow.io.figure import flow_figure
 from llm_flow.models import TransparentLlm, load_model, wrap_hf
 from llm_flow.models import sae as _sae
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     import networkx as nx
     import plotly.graph_objects as go
 
+    from llm_flow.analyses.corpus_index import CorpusIndex, IndexProgress
     from llm_flow.analyses.interventions import MeanActivations, Mode
 
 __all__ = [
@@ -56,12 +59,14 @@ __all__ = [
     "ablate",
     "ablate_latents",
     "attend",
+    "build_index",
     "faithfulness",
     "from_hf",
     "latents",
     "load",
     "load_sae",
     "mean_activations",
+    "top_examples",
     "trace",
 ]
 
@@ -362,3 +367,49 @@ def ablate_latents(
         k=k,
         traced=traced,
     )
+
+
+def build_index(
+    model: TransparentLlm,
+    corpus: str | Path | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    window: int = _index_store.DEFAULT_WINDOW,
+    k: int = _index_store.DEFAULT_K,
+    max_tokens: int | None = None,
+    progress: IndexProgress | None = None,
+) -> CorpusIndex:
+    """The corpus index of ``model`` (``llm-flow index``): each neuron's, head's and expert's
+    top ``k`` examples and histogram over ``corpus`` (a text / JSONL / prompt file, a folder of
+    them or a Hugging Face dataset name; None: the shipped public-domain books), cut into
+    windows of ``window`` tokens, for ``layers`` (None: all), at most ``max_tokens`` tokens.
+    Read from the cache when built before; ``progress(windows, tokens)`` hears each batch."""
+    return _index_store.build_index(
+        model,
+        corpus,
+        layers=layers,
+        window=window,
+        k=k,
+        max_tokens=max_tokens,
+        progress=progress,
+    )
+
+
+def top_examples(
+    model: TransparentLlm,
+    kind: str,
+    layer: int,
+    unit: int,
+    *,
+    k: int = 20,
+    corpus: str | Path | None = None,
+    index: CorpusIndex | None = None,
+) -> _top_examples.UnitReport:
+    """The top ``k`` corpus examples of a ``"neuron"``, ``"head"`` or ``"expert"``
+    ``layer.unit`` (``llm-flow top``): ``.examples``, ``.histogram``, ``.explanation`` (an
+    automatic summary, no language model) and ``.to_dict()`` (the CLI's JSON). From ``index``,
+    or the newest saved index of ``corpus`` (None: the shipped one) that covers the layer."""
+    kind = _top_examples.check_unit(model, kind, layer, unit)
+    if index is None:
+        index = _index_store.find_index(model, corpus, kind, layer)
+    return _top_examples.unit_report(model, index, kind, layer, unit, k)

@@ -105,3 +105,12 @@ class ExportError(LlmFlowError):
 class SaeError(InputError):
     """An SAE cannot be read or used: a missing or malformed folder, another hook, a node with
     no SAE configured."""
+
+
+class CorpusError(InputError):
+    """A corpus cannot be read (missing file, bad JSON line, dataset offline) or an index cannot
+    be built, merged or queried as asked (unknown unit, layers it does not cover)."""
+
+
+class IndexNotFoundError(CorpusError):
+    """No corpus index of this model and corpus covers the unit asked for yet."""

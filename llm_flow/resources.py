@@ -1,6 +1,6 @@
 """Where llm-flow's bundled files live: the Streamlit app (``app/``), its Streamlit settings
 (``.streamlit/config.toml``), the configs (``config/local.json``, the random-model shapes in
-``config/shapes/``) and the sample prompts (``sample_inputs/``).
+``config/shapes/``), the sample prompts and the shipped corpus (``sample_inputs/``).
 
 In a checkout they are the repository's own folders. A wheel ships them inside the package, under
 ``llm_flow/bundle/`` (pyproject.toml maps the repository root there), laid out exactly as in the
@@ -45,3 +45,9 @@ def shapes_dir() -> Path:
 def sample_inputs_dir() -> Path:
     """``sample_inputs/``: prompt files and the benchmark's text."""
     return root() / "sample_inputs"
+
+
+def default_corpus_dir() -> Path:
+    """``sample_inputs/corpus/``: the shipped public-domain books the corpus index reads when no
+    corpus is named (its README.md says where each comes from)."""
+    return sample_inputs_dir() / "corpus"

@@ -32,7 +32,7 @@ from llm_flow.engine import nodes
 from llm_flow.engine.nodes import Node
 from llm_flow.engine.trace import Trace
 from llm_flow.errors import LensError
-from llm_flow.models.base import LayerRun, ModelRun
+from llm_flow.models.base import LayerRun, ModelRun, TransparentLlm
 from llm_flow.validate import check_position
 
 Block = Literal["attention", "ffn"]
@@ -286,7 +286,11 @@ def direct_logits(trace: Trace, update: Tensor, position: int) -> Tensor:
     """Direct effect of ``update`` [..., D] at ``position`` on the output logits → [..., V]
     float32: the final norm as a linear map with the run's frozen scale, then ``W_U`` (no bias).
     """
-    llm, run = trace.llm, trace.run
+    return run_direct_logits(trace.llm, trace.run, update, position)
+
+
+def run_direct_logits(llm: TransparentLlm, run: ModelRun, update: Tensor, position: int) -> Tensor:
+    """:func:`direct_logits` of a run that has no trace (no contribution graph)."""
     t = _index("position", position, run.n_tokens)
     normed = llm.final_norm_linear(update, run.final_scale[t])  # [..., D] float32
     W_U = llm.W_U  # [D, V]
@@ -304,8 +308,14 @@ def promoted_suppressed(
 ) -> tuple[list[TokenScore], list[TokenScore]]:
     """The ``k`` tokens an update [D] promotes most (highest direct logits, descending) and
     suppresses most (lowest, ascending: most negative first). ``prob`` is None."""
-    llm = trace.llm
-    logits = direct_logits(trace, update, position)  # [V]
+    return run_promoted_suppressed(trace.llm, trace.run, update, position, k=k)
+
+
+def run_promoted_suppressed(
+    llm: TransparentLlm, run: ModelRun, update: Tensor, position: int, *, k: int = 10
+) -> tuple[list[TokenScore], list[TokenScore]]:
+    """:func:`promoted_suppressed` of a run that has no trace (no contribution graph)."""
+    logits = run_direct_logits(llm, run, update, position)  # [V]
     k = _check_k(k, logits.numel())
     high = logits.topk(k)
     low = logits.topk(k, largest=False)

@@ -14,31 +14,27 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from llm_flow.cli.common import (
+    check_pair,
+    config_arg,
+    load_llm,
+    prompt_header,
+    stderr_progress,
+    write_out,
+)
 from llm_flow.cli.parser import DEFAULT_MEAN_PROMPTS, EXIT_USAGE, build_parser
-from llm_flow.config import AppConfig, default_config, load_config
+from llm_flow.cli.units import index_command, latents_command, sae_command, top_command
+from llm_flow.config import AppConfig
 from llm_flow.errors import InputError, LlmFlowError
-from llm_flow.placement import DeviceMap, parse_device_map
 from llm_flow.validate import check_at_least, check_threshold
 
 if TYPE_CHECKING:
     from llm_flow.analyses.interventions import MeanActivations
     from llm_flow.engine.trace import Trace
-    from llm_flow.models import BridgeLlm
     from llm_flow.models.sae import Sae
-
-
-def _progress() -> Callable[[str], None] | None:
-    if not sys.stderr.isatty():
-        return None
-
-    def say(message: str) -> None:
-        sys.stderr.write(f"llm-flow: {message}\n")
-
-    return say
 
 
 def _quiet_libraries() -> None:
@@ -53,34 +49,6 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         pass
-
-
-def _config(path: str | None) -> AppConfig:
-    return load_config(path) if path else default_config()
-
-
-def _load(args: argparse.Namespace, config: AppConfig) -> BridgeLlm:
-    from llm_flow.models import load_model
-
-    spec = config.model(args.model or config.default_model)
-    if args.device_map is not None:
-        spec = replace(spec, device_map=_device_map(args.device_map))
-    return load_model(spec, device=args.device, dtype=args.dtype, progress=_progress())
-
-
-def _device_map(text: str) -> DeviceMap:
-    """``--device-map``: a strategy name, or a JSON object module name → device."""
-    value: Any = text
-    if text.lstrip().startswith("{"):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(
-                f"--device-map is not valid JSON: {exc.msg} (column {exc.colno})"
-            ) from None
-    parsed = parse_device_map(value, "--device-map")
-    assert parsed is not None  # a string or an object is never None
-    return parsed
 
 
 def _trace(
@@ -99,32 +67,13 @@ def _trace(
     checks()
     floor = exact_floor(args.threshold)
     return trace(
-        _load(args, config), args.prompt, keep_patterns=keep_patterns, attention_floor=floor
+        load_llm(args, config), args.prompt, keep_patterns=keep_patterns, attention_floor=floor
     )
 
 
-def _write(text: str, out: str | None) -> None:
-    if out is None:
-        sys.stdout.write(text + "\n")
-        return
-    try:
-        Path(out).write_text(text + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise LlmFlowError(f"cannot write --out {out}: {exc.strerror}") from exc
-
-
-def _contrast_pair(args: argparse.Namespace) -> None:
-    if (args.target is None) != (args.distractor is None):
-        raise InputError("--target and --distractor go together; pass both or neither")
-
-
-def _prompt_header(tr: Trace) -> dict[str, Any]:
-    return {"model": tr.llm.info.name, "tokens": list(tr.tokens), "token_ids": list(tr.token_ids)}
-
-
 def _info(args: argparse.Namespace) -> None:
-    llm = _load(args, _config(args.config))
-    _write(json.dumps(llm.info.to_dict(), indent=2), None)
+    llm = load_llm(args, config_arg(args.config))
+    write_out(json.dumps(llm.info.to_dict(), indent=2), None)
 
 
 def _graph(args: argparse.Namespace) -> None:
@@ -133,10 +82,10 @@ def _graph(args: argparse.Namespace) -> None:
 
     def checks() -> None:
         check_threshold(args.threshold)
-        _contrast_pair(args)
+        check_pair(args)
 
     want_contrast = args.target is not None
-    tr = _trace(args, _config(args.config), checks=checks)
+    tr = _trace(args, config_arg(args.config), checks=checks)
     position = tr.position(args.position)
     renormalize = not args.no_renormalize
     if args.threshold == 0 and not renormalize:
@@ -151,19 +100,19 @@ def _graph(args: argparse.Namespace) -> None:
         direct = direct_effects(tr, pair)
     data = graph_json(tr, route, position=position, heads=args.heads, contrast=pair, direct=direct)
     text = json.dumps(data) if args.format == "json" else to_graphml(data)
-    _write(text, args.out)
+    write_out(text, args.out)
 
 
 def _bench(args: argparse.Namespace) -> None:
     from llm_flow.cli.bench import bench, format_table, parse_token_counts
 
     counts = parse_token_counts(args.tokens)
-    llm = _load(args, _config(args.config))
-    rows = bench(llm, counts, heads=args.heads, progress=_progress())
+    llm = load_llm(args, config_arg(args.config))
+    rows = bench(llm, counts, heads=args.heads, progress=stderr_progress())
     if args.json:
-        _write(json.dumps([r.to_dict() for r in rows], indent=2), None)
+        write_out(json.dumps([r.to_dict() for r in rows], indent=2), None)
     else:
-        _write(
+        write_out(
             f"{llm.info.name} on {llm.info.device} ({llm.info.dtype})\n" + format_table(rows), None
         )
 
@@ -209,7 +158,7 @@ def _ablate(args: argparse.Namespace) -> None:
     )
 
     def checks() -> None:
-        _contrast_pair(args)
+        check_pair(args)
         if ablation.is_empty and latents is None:
             raise InputError(
                 "nothing to ablate; pass --heads, --neurons, --experts, --edges and/or --latents"
@@ -217,7 +166,7 @@ def _ablate(args: argparse.Namespace) -> None:
         check_at_least("--top", args.top, 1)
         check_threshold(args.threshold)
 
-    config = _config(args.config)
+    config = config_arg(args.config)
     tr = _trace(args, config, keep_patterns=False, checks=checks)
     tr.position(args.position)
     validate(ablation, tr.llm.info, tr.n_tokens)  # before the mean pass: report bad ids at once
@@ -240,7 +189,7 @@ def _ablate(args: argparse.Namespace) -> None:
         k=args.top,
         traced=args.graph_diff,
     )
-    data = _prompt_header(tr) | {"target": args.target, "distractor": args.distractor}
+    data = prompt_header(tr) | {"target": args.target, "distractor": args.distractor}
     data |= result.to_dict()
     if latents is not None:
         data["ablated"]["latents"] = {
@@ -250,7 +199,7 @@ def _ablate(args: argparse.Namespace) -> None:
         }
     if args.graph_diff:
         data["graph_diff"] = result.route_diff(args.threshold, not args.no_renormalize).to_dict()
-    _write(json.dumps(data), None)
+    write_out(json.dumps(data), None)
 
 
 def _faithfulness(args: argparse.Namespace) -> None:
@@ -262,7 +211,7 @@ def _faithfulness(args: argparse.Namespace) -> None:
         if args.distractor is not None and args.target is None:
             raise InputError("--distractor needs --target too (or pass only --target)")
 
-    config = _config(args.config)
+    config = config_arg(args.config)
     tr = _trace(args, config, checks=checks)
     tr.position(args.position)
     means = _means(args, config, tr)
@@ -277,8 +226,8 @@ def _faithfulness(args: argparse.Namespace) -> None:
         means=means,
         seeds=tuple(range(args.seeds)),
     )
-    data = _prompt_header(tr) | {"mean_prompts": None if means is None else means.source}
-    _write(json.dumps(data | report.to_dict()), None)
+    data = prompt_header(tr) | {"mean_prompts": None if means is None else means.source}
+    write_out(json.dumps(data | report.to_dict()), None)
 
 
 def _attend(args: argparse.Namespace) -> None:
@@ -286,15 +235,15 @@ def _attend(args: argparse.Namespace) -> None:
     from llm_flow.engine.graph import ATTENTION_FLOOR
     from llm_flow.engine.trace import trace
 
-    config = _config(args.config)
+    config = config_arg(args.config)
     config.check_prompt(args.prompt)
     check_at_least("--top", args.top, 1)
     # No route is asked for: the graph stores only the edges ≥ the default floor.
-    tr = trace(_load(args, config), args.prompt, attention_floor=ATTENTION_FLOOR)
+    tr = trace(load_llm(args, config), args.prompt, attention_floor=ATTENTION_FLOOR)
     result = attend(
         tr, args.layer, args.head, args.query, args.source, top=args.top, experts=args.experts
     )
-    _write(json.dumps(_prompt_header(tr) | result.to_json()), None)
+    write_out(json.dumps(prompt_header(tr) | result.to_json()), None)
 
 
 def _dataset(args: argparse.Namespace) -> None:
@@ -305,11 +254,11 @@ def _dataset(args: argparse.Namespace) -> None:
     prompts = read_prompt_file(args.prompts)
     if args.out is not None:
         check_table_path(args.out)
-    config = _config(args.config)
+    config = config_arg(args.config)
     for prompt in prompts:
         config.check_prompt(prompt)
-    llm = _load(args, config)
-    say = _progress()
+    llm = load_llm(args, config)
+    say = stderr_progress()
 
     def progress(done: int, total: int) -> None:
         if say is not None:
@@ -317,7 +266,7 @@ def _dataset(args: argparse.Namespace) -> None:
 
     frame = dataset_frequencies(llm, prompts, threshold=args.threshold, on_prompt=progress)
     if args.out is None:
-        _write(frame.to_csv(index=False).rstrip("\n"), None)
+        write_out(frame.to_csv(index=False).rstrip("\n"), None)
     else:
         write_table(frame, args.out)
 
@@ -346,73 +295,6 @@ def _sae(args: argparse.Namespace, config: AppConfig, hook: str) -> Sae:
     return find_sae(spec.saes, spec.name, node.kind, node.layer)
 
 
-def _latents(args: argparse.Namespace) -> None:
-    from llm_flow.analyses.latents import latents
-    from llm_flow.analyses.lens import parse_node
-    from llm_flow.engine.trace import trace
-    from llm_flow.models.sae import find_sae, load_sae
-
-    config = _config(args.config)
-    config.check_prompt(args.prompt)
-    check_at_least("--top", args.top, 1)
-    _contrast_pair(args)
-    llm = _load(args, config)
-    tr = trace(llm, args.prompt)
-    node = parse_node(args.node, tr.n_layers, tr.n_tokens)
-    if args.sae is not None:
-        sae = load_sae(args.sae)  # latents() checks that it reads this node
-    else:
-        spec = config.model(args.model or config.default_model)
-        sae = find_sae(spec.saes, spec.name, node.kind, node.layer)
-    result = latents(
-        tr, args.node, sae, top=args.top, target=args.target, distractor=args.distractor
-    )
-    _write(json.dumps(_prompt_header(tr) | result.to_json()), None)
-
-
-def _sae_command(args: argparse.Namespace) -> None:
-    """``llm-flow sae train``: the only ``sae`` command so far."""
-    from llm_flow.models.sae import save_sae, trained_sae_dir
-    from llm_flow.models.sae_training import default_corpus, read_corpus, train_sae
-
-    texts = read_corpus(Path(args.corpus) if args.corpus else default_corpus())
-    config = _config(args.config)
-    llm = _load(args, config)
-    bar = _progress_bar()
-    trained = train_sae(
-        llm,
-        args.layer,
-        texts,
-        d_sae=args.d_sae,
-        k=args.k,
-        architecture="topk" if args.l1 is None else "standard",
-        l1=0.0 if args.l1 is None else args.l1,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
-        progress=bar,
-    )
-    spec = config.model(args.model or config.default_model)
-    hook = f"blocks.{args.layer}.hook_resid_post"
-    out = Path(args.out) if args.out else trained_sae_dir(spec.name, hook)
-    save_sae(trained.sae, out, model_name=spec.name)
-    _write(json.dumps(trained.to_dict() | {"model": spec.name, "path": str(out)}), None)
-
-
-def _progress_bar() -> Callable[[str, int, int], None] | None:
-    """A one-line progress bar on stderr when it is a terminal."""
-    if not sys.stderr.isatty():
-        return None
-
-    def draw(phase: str, done: int, total: int) -> None:
-        filled = 30 * done // max(total, 1)
-        end = "\n" if done == total else ""
-        sys.stderr.write(f"\rllm-flow: {phase:<11} [{'#' * filled:<30}] {done}/{total}{end}")
-        sys.stderr.flush()
-
-    return draw
-
-
 def _app(args: argparse.Namespace) -> None:
     from llm_flow.cli import launch
 
@@ -429,8 +311,10 @@ COMMANDS = {
     "faithfulness": _faithfulness,
     "attend": _attend,
     "dataset": _dataset,
-    "latents": _latents,
-    "sae": _sae_command,
+    "latents": latents_command,
+    "sae": sae_command,
+    "index": index_command,
+    "top": top_command,
     "app": _app,
 }
 

@@ -58,6 +58,30 @@ def _add_ablation_args(p: argparse.ArgumentParser, *, default_mode: str) -> None
     )
 
 
+def _add_corpus_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``index`` (build a corpus index) and ``top`` (a unit's top examples from it)."""
+    corpus_help = (
+        "text (.txt, .txt.gz), JSONL ({'text': …} per line), a prompt file, a folder of them, "
+        "or a Hugging Face dataset name (default: the shipped public-domain books)"
+    )
+    index = sub.add_parser("index", help="index a corpus: each unit's top examples")
+    index.add_argument("--corpus", help=corpus_help)
+    _add_model_args(index)
+    index.add_argument("--layers", help="layers to index, e.g. 0,3,5-7 (default: all)")
+    index.add_argument("--window", type=int, default=64, help="tokens per window (64)")
+    index.add_argument("--k", type=int, default=20, help="examples kept per unit (20)")
+    index.add_argument("--max-tokens", type=int, help="index at most this many tokens")
+
+    top = sub.add_parser("top", help="a neuron's, head's or expert's top corpus examples")
+    unit = top.add_mutually_exclusive_group(required=True)
+    unit.add_argument("--neuron", help="LAYER.NEURON, e.g. 5.120")
+    unit.add_argument("--head", help="LAYER.HEAD, e.g. 9.3")
+    unit.add_argument("--expert", help="LAYER.EXPERT of a mixture-of-experts layer, e.g. 3.1")
+    top.add_argument("--k", type=int, default=20, help="examples to print (20)")
+    top.add_argument("--corpus", help="the corpus the index was built on (default: the shipped)")
+    _add_model_args(top)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llm-flow", description="Information-flow routes of transformer LMs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -173,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"τ in [0, 1] ({DEFAULT_THRESHOLD})",
     )
     dataset.add_argument("--out", help="RESULTS.csv or RESULTS.parquet (default: CSV to stdout)")
+
+    _add_corpus_commands(sub)
 
     bench = sub.add_parser("bench", help="time forward / graph / routes and measure memory")
     _add_model_args(bench)

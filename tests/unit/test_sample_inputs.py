@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from pathlib import Path
@@ -54,3 +55,30 @@ def test_bench_text_is_long_enough_for_long_prompts() -> None:
     words = (SAMPLES / "bench_text.txt").read_text(encoding="utf-8").split()
     # 3,795 words are 4,342 SmolLM2 tokens: a 4096-token bench prompt needs no repetition.
     assert len(words) >= 3500
+
+
+CORPUS_BOOKS = {
+    "austen-pride-and-prejudice.txt.gz": "https://www.gutenberg.org/ebooks/1342",
+    "doyle-adventures-of-sherlock-holmes.txt.gz": "https://www.gutenberg.org/ebooks/1661",
+    "carroll-alice-in-wonderland.txt.gz": "https://www.gutenberg.org/ebooks/11",
+}
+
+
+def test_the_shipped_corpus_is_three_public_domain_books_with_their_sources() -> None:
+    folder = SAMPLES / "corpus"
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+
+    assert {p.name for p in folder.glob("*.txt.gz")} == set(CORPUS_BOOKS)
+    for name, url in CORPUS_BOOKS.items():
+        assert f"`{name}`" in readme and url in readme
+    assert readme.count("public domain in the United States") >= len(CORPUS_BOOKS)
+    words = sum(
+        len(gzip.decompress((folder / name).read_bytes()).decode("utf-8").split())
+        for name in CORPUS_BOOKS
+    )
+    # 281k words; the packaged SmolLM2 tokenizer makes 366,222 tokens of them (README.md there,
+    # checked in tests/integration/test_corpus_packaged.py).
+    assert words >= 250_000
+    assert "START OF THE PROJECT GUTENBERG" not in gzip.decompress(
+        (folder / "austen-pride-and-prejudice.txt.gz").read_bytes()
+    ).decode("utf-8")

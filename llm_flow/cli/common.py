@@ -1,0 +1,77 @@
+"""Helpers the ``llm-flow`` commands share: the config and model from the common arguments,
+progress on stderr, writing the JSON result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llm_flow.config import AppConfig, default_config, load_config
+from llm_flow.errors import InputError, LlmFlowError
+from llm_flow.placement import DeviceMap, parse_device_map
+
+if TYPE_CHECKING:
+    from llm_flow.engine.trace import Trace
+    from llm_flow.models import BridgeLlm
+
+
+def stderr_progress() -> Callable[[str], None] | None:
+    if not sys.stderr.isatty():
+        return None
+
+    def say(message: str) -> None:
+        sys.stderr.write(f"llm-flow: {message}\n")
+
+    return say
+
+
+def config_arg(path: str | None) -> AppConfig:
+    return load_config(path) if path else default_config()
+
+
+def load_llm(args: argparse.Namespace, config: AppConfig) -> BridgeLlm:
+    from llm_flow.models import load_model
+
+    spec = config.model(args.model or config.default_model)
+    if args.device_map is not None:
+        spec = replace(spec, device_map=device_map_arg(args.device_map))
+    return load_model(spec, device=args.device, dtype=args.dtype, progress=stderr_progress())
+
+
+def device_map_arg(text: str) -> DeviceMap:
+    """``--device-map``: a strategy name, or a JSON object module name → device."""
+    value: Any = text
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"--device-map is not valid JSON: {exc.msg} (column {exc.colno})"
+            ) from None
+    parsed = parse_device_map(value, "--device-map")
+    assert parsed is not None  # a string or an object is never None
+    return parsed
+
+
+def write_out(text: str, out: str | None) -> None:
+    if out is None:
+        sys.stdout.write(text + "\n")
+        return
+    try:
+        Path(out).write_text(text + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise LlmFlowError(f"cannot write --out {out}: {exc.strerror}") from exc
+
+
+def check_pair(args: argparse.Namespace) -> None:
+    if (args.target is None) != (args.distractor is None):
+        raise InputError("--target and --distractor go together; pass both or neither")
+
+
+def prompt_header(tr: Trace) -> dict[str, Any]:
+    return {"model": tr.llm.info.name, "tokens": list(tr.tokens), "token_ids": list(tr.token_ids)}
