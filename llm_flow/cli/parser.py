@@ -247,7 +247,9 @@ def _add_sae_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     train.add_argument("--layer", type=int, required=True, help="the residual after layer L")
     _add_model_args(train)
     train.add_argument(
-        "--corpus", help="a text file or a folder of *.txt files (default: the bundled corpus)"
+        "--corpus",
+        help="a text, .txt.gz or JSONL file, a folder of them, or a dataset name "
+        "(default: the shipped public-domain corpus)",
     )
     train.add_argument("--d-sae", type=int, default=4096, help="number of latents (4096)")
     train.add_argument("--k", type=int, default=32, help="active latents per token, top-k (32)")

@@ -21,6 +21,8 @@ from llm_flow.cli.common import (
 )
 from llm_flow.validate import check_at_least
 
+SAE_WINDOW = 128  # tokens per context the SAE's training residuals are read in
+
 
 def latents_command(args: argparse.Namespace) -> None:
     from llm_flow.analyses.latents import latents
@@ -48,17 +50,18 @@ def latents_command(args: argparse.Namespace) -> None:
 
 def sae_command(args: argparse.Namespace) -> None:
     """``llm-flow sae train``: the only ``sae`` command so far."""
+    from llm_flow.io.corpus import open_corpus, token_windows
     from llm_flow.models.sae import save_sae, trained_sae_dir
-    from llm_flow.models.sae_training import default_corpus, read_corpus, train_sae
+    from llm_flow.models.sae_training import train_sae
 
-    texts = read_corpus(Path(args.corpus) if args.corpus else default_corpus())
+    corpus = open_corpus(args.corpus)
     config = config_arg(args.config)
     llm = load_llm(args, config)
     bar = progress_bar()
     trained = train_sae(
         llm,
         args.layer,
-        texts,
+        (w.token_ids for w in token_windows(llm, corpus, SAE_WINDOW)),
         d_sae=args.d_sae,
         k=args.k,
         architecture="topk" if args.l1 is None else "standard",

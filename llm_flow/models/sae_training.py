@@ -7,50 +7,30 @@ subtracted before encoding, the encoder started as the decoder's transpose, unit
 kept after every Adam step, mean squared error as the loss. ``standard`` SAEs (ReLU) add the L1
 penalty ``λ Σ_i f_i ‖d_i‖`` (Bricken et al. 2023, "Towards Monosemanticity").
 
-Memory is bounded: the corpus is cut into windows of ``window`` tokens and the residual at the
-hook is kept for at most ``max_tokens`` tokens (the first token of each window, an attention sink
-with an outsized norm, is left out); each step samples a batch from that buffer. A tenth of the
+Memory is bounded: the corpus comes as token windows (``llm-flow sae train`` cuts the shipped
+corpus, or ``--corpus``, with :func:`llm_flow.io.corpus.token_windows`, as the corpus index does)
+and the residual at the hook is kept for at most ``max_tokens`` tokens (the first token of each
+window, an attention sink with an outsized norm, is left out); each step samples a batch from
+that buffer. A tenth of the
 windows is held out to report explained variance and L0 at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from llm_flow import resources
 from llm_flow.errors import SaeError
 from llm_flow.models.base import TransparentLlm
 from llm_flow.models.sae import Architecture, Sae
 
-# The corpus `llm-flow sae train` reads when given none: a file or folder of sample_inputs/.
-DEFAULT_CORPUS = "bench_text.txt"
 # (phase, done, total): phase "activations" (windows run) or "training" (steps done).
 TrainProgress = Callable[[str, int, int], None]
-
-
-def default_corpus() -> Path:
-    """The bundled corpus :data:`DEFAULT_CORPUS` (see :mod:`llm_flow.resources`)."""
-    return resources.sample_inputs_dir() / DEFAULT_CORPUS
-
-
-def read_corpus(path: Path) -> list[str]:
-    """The texts of a corpus: one file, or every ``*.txt`` file under a folder (sorted)."""
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    if not path.exists() or not files:
-        raise SaeError(f"no corpus at {str(path)!r}: give a text file or a folder of *.txt files")
-    try:
-        texts = [f.read_text(encoding="utf-8") for f in files]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SaeError(f"cannot read the corpus {str(path)!r}: {exc}") from None
-    return [t for t in texts if t.strip()]
 
 
 class _Captured(Exception):
@@ -59,18 +39,25 @@ class _Captured(Exception):
 
 def residuals(
     llm: TransparentLlm,
-    texts: Sequence[str],
+    windows: Iterable[Sequence[int]],
     hook: str,
     *,
-    window: int = 128,
     max_tokens: int = 32768,
     progress: TrainProgress | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The residual at ``hook`` for the corpus's tokens → ([N, D] float32, [N] window index),
-    at most ``max_tokens`` rows, each window's first token left out."""
-    ids = [i for text in texts for i in llm.encode(text)]
-    windows = [ids[s : s + window] for s in range(0, len(ids), window)]
-    windows = [w for w in windows if len(w) > 1][: math.ceil(max_tokens / max(window - 1, 1))]
+    """The residual at ``hook`` over token ``windows`` (each one a context the model reads, as
+    :func:`llm_flow.io.corpus.token_windows` cuts them) → ([N, D] float32, [N] window index), at
+    most ``max_tokens`` rows, each window's first token left out. Windows are read only while
+    rows are wanted."""
+    wanted: list[Sequence[int]] = []
+    rows_left = max_tokens
+    for w in windows:
+        if len(w) > 1:
+            wanted.append(w)
+            rows_left -= len(w) - 1
+        if rows_left <= 0:
+            break
+    windows = wanted
     if not windows:
         raise SaeError("the corpus is too short: it needs at least two tokens")
     rows: list[Tensor] = []
@@ -127,7 +114,7 @@ def evaluate(sae: Sae, x: Tensor) -> tuple[float, float]:
 def train_sae(
     llm: TransparentLlm,
     layer: int,
-    texts: Sequence[str],
+    windows: Iterable[Sequence[int]],
     *,
     d_sae: int = 4096,
     k: int = 32,
@@ -136,12 +123,12 @@ def train_sae(
     steps: int = 2000,
     batch_size: int = 1024,
     lr: float = 1e-3,
-    window: int = 128,
     max_tokens: int = 32768,
     seed: int = 0,
     progress: TrainProgress | None = None,
 ) -> TrainedSae:
-    """Train an SAE on ``blocks.{layer}.hook_resid_post`` over ``texts`` (see the module)."""
+    """Train an SAE on ``blocks.{layer}.hook_resid_post`` over the token ``windows`` of a
+    corpus (see the module)."""
     if architecture not in ("topk", "standard"):
         raise SaeError(f"cannot train a {architecture!r} SAE; train 'topk' or 'standard'")
     if not 0 <= layer < llm.info.n_layers:
@@ -152,7 +139,7 @@ def train_sae(
     if architecture == "topk" and k > d_sae:
         raise SaeError(f"--k ({k}) cannot exceed --d-sae ({d_sae})")
     hook = f"blocks.{layer}.hook_resid_post"
-    x, which = residuals(llm, texts, hook, window=window, max_tokens=max_tokens, progress=progress)
+    x, which = residuals(llm, windows, hook, max_tokens=max_tokens, progress=progress)
     n_windows = int(which.max()) + 1
     heldout = which >= n_windows - max(n_windows // 10, 1) if n_windows > 1 else which < 0
     train, test = (x[~heldout], x[heldout]) if bool(heldout.any()) else (x, x)

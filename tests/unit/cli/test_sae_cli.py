@@ -102,7 +102,10 @@ def test_ablate_latents_diffs_the_route(trained: dict[str, Any], cli: Any) -> No
         (("ablate", "--prompt", PROMPT, "--sae", "x"), "--sae goes with --latents"),
         (("ablate", "--prompt", PROMPT, "--latents", "blocks.1.hook_resid_post"), "HOOK:I"),
         (("sae", "train", "--layer", "9"), "outside 0..2"),
-        (("sae", "train", "--layer", "0", "--corpus", "/nope"), "no corpus at"),
+        (
+            ("sae", "train", "--layer", "0", "--corpus", "/nope.txt"),
+            "corpus file 'nope.txt' not found",
+        ),
     ],
 )
 def test_errors_are_one_line_exit_2(cli: Any, argv: tuple[str, ...], fragment: str) -> None:
