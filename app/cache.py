@@ -8,6 +8,8 @@ browser session, holding bounded LRU caches keyed by every argument that changes
   did not keep it (long prompts), by (trace key, layer);
 - ``head_maps``: per-head contribution maps by (trace key, layer);
 - ``attends``: QK attributions by (trace key, layer, head, query, source);
+- ``corpus_indexes``, ``unit_reports``: saved corpus indexes as loaded, and a unit's top
+  examples from one;
 - ``contrast_effects``: "why A instead of B?" — the contrast, direct effects and attributions
   (one backward pass) by :class:`ContrastKey` (trace key, position, target, distractor);
   ``contrast_tables``: the route's effect table by (contrast key, threshold, renormalize);
@@ -35,18 +37,17 @@ a key.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeAlias, TypeVar
+from typing import TypeAlias
 
 import pandas as pd
 import streamlit as st
 import torch
 
+from app.bounded import BoundedCache
 from llm_flow.analyses.ablation import AblationResult, ablate
 from llm_flow.analyses.attend import Attend
 from llm_flow.analyses.attend import attend as attend_edge
@@ -60,16 +61,20 @@ from llm_flow.analyses.contrast import (
     direct_effects,
     effect_rows,
 )
+from llm_flow.analyses.corpus_index import CorpusIndex, IndexProgress, Kind
 from llm_flow.analyses.dataset import DatasetComparison, compare_prompts, dataset_frequencies
 from llm_flow.analyses.faithfulness import FaithfulnessReport, faithfulness
 from llm_flow.analyses.interventions import Ablation, MeanActivations, Mode, mean_activations
+from llm_flow.analyses.top_examples import UnitReport
+from llm_flow.analyses.top_examples import unit_report as make_unit_report
 from llm_flow.config import AppConfig, ModelSpec
 from llm_flow.engine.graph import layer_head_contributions
 from llm_flow.engine.routes import Route
 from llm_flow.engine.trace import Trace, trace
+from llm_flow.io.index_store import build_index, find_index, model_key
 from llm_flow.io.prompts import read_prompt_file
 from llm_flow.models import BridgeLlm, load_model
-from llm_flow.models.base import LayerRun
+from llm_flow.models.base import LayerRun, TransparentLlm
 
 # Bounds of the process-wide caches. Two models: switching back and forth stays instant while
 # a 7B model in bf16 (~14 GB) cannot pile up; traces are small next to a model.
@@ -77,6 +82,8 @@ MAX_MODELS = 2
 MAX_TRACES = 16
 MAX_HEAD_MAPS = 32
 MAX_ATTENDS = 32
+MAX_CORPUS_INDEXES = 4  # an all-layer index of SmolLM2 holds 46k units' top examples
+MAX_UNIT_REPORTS = 64
 MAX_LAYER_RUNS = 2  # recomputed [H, T, T] patterns: 0.6 GB each for SmolLM2 at 4096 tokens
 # Attributions keep ∂LD/∂z for every head and position ([L, T, H, d_head]): few of them.
 MAX_CONTRAST_EFFECTS = 4
@@ -87,56 +94,6 @@ MAX_MEANS = 4
 MAX_ABLATIONS = 8
 MAX_FAITHFULNESS = 16
 MAX_DATASETS = 8
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-
-class BoundedCache(Generic[K, V]):
-    """A thread-safe LRU cache that computes each missing key once, even under concurrency.
-
-    ``computed`` counts computations (tests use it to prove a slider move ran no model).
-    A computation that raises caches nothing, so the next request retries.
-    """
-
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self.computed = 0
-        self._items: OrderedDict[K, V] = OrderedDict()
-        self._lock = threading.Lock()
-        self._key_locks: dict[K, threading.Lock] = {}
-
-    def peek(self, key: K) -> V | None:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            return None
-
-    def get(self, key: K, compute: Callable[[], V]) -> V:
-        found = self.peek(key)
-        if found is not None:
-            return found
-        with self._lock:
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:  # a second session asking for the same key waits for the first
-            found = self.peek(key)
-            if found is not None:
-                return found
-            try:
-                value = compute()
-            finally:
-                with self._lock:
-                    self._key_locks.pop(key, None)
-            with self._lock:
-                self._items[key] = value
-                self.computed += 1
-                while len(self._items) > self.max_entries:
-                    self._items.popitem(last=False)
-            return value
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -251,6 +208,12 @@ class Store:
         self.attends: BoundedCache[tuple[TraceKey, int, int, int, int], Attend] = BoundedCache(
             MAX_ATTENDS
         )
+        self.corpus_indexes: BoundedCache[tuple[str, str | None, Kind, int], CorpusIndex] = (
+            BoundedCache(MAX_CORPUS_INDEXES)
+        )
+        self.unit_reports: BoundedCache[tuple[str, Kind, int, int], UnitReport] = BoundedCache(
+            MAX_UNIT_REPORTS
+        )
         self.head_maps: BoundedCache[tuple[TraceKey, int], torch.Tensor] = BoundedCache(
             MAX_HEAD_MAPS
         )
@@ -339,6 +302,37 @@ def attend(cached: CachedTrace, layer: int, head: int, query: int, source: int) 
         (cached.key, layer, head, query, source),
         lambda: attend_edge(cached.trace, layer, head, query, source),
     )
+
+
+def corpus_index(llm: TransparentLlm, corpus: Path | None, kind: Kind, layer: int) -> CorpusIndex:
+    """The newest saved corpus index of ``llm`` over ``corpus`` (None: the shipped one) that
+    covers ``kind`` units of ``layer``, loaded once; :class:`IndexNotFoundError` (not cached)
+    while there is none."""
+    key = (model_key(llm), None if corpus is None else str(corpus), kind, layer)
+    return store().corpus_indexes.get(key, lambda: find_index(llm, corpus, kind, layer))
+
+
+def unit_report(
+    llm: TransparentLlm, corpus: Path | None, kind: Kind, layer: int, unit: int
+) -> UnitReport:
+    """A unit's top examples, histogram and automatic summary from :func:`corpus_index`."""
+    index = corpus_index(llm, corpus, kind, layer)
+    return store().unit_reports.get(
+        (str(index.path), kind, layer, unit),
+        lambda: make_unit_report(llm, index, kind, layer, unit),
+    )
+
+
+def build_corpus_index(
+    llm: TransparentLlm,
+    corpus: Path | None,
+    layer: int,
+    max_tokens: int | None,
+    progress: IndexProgress,
+) -> None:
+    """Index ``layer`` of ``llm`` over ``corpus`` (saved in the cache dir, where
+    :func:`corpus_index` finds it next)."""
+    build_index(llm, corpus, layers=[layer], max_tokens=max_tokens, progress=progress)
 
 
 # -- analyses ---------------------------------------------------------------------------------

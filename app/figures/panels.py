@@ -205,3 +205,28 @@ def score_terms_figure(
         clickmode="event+select",
     )
     return fig
+
+
+def histogram_figure(edges: Sequence[float], counts: Sequence[int], measure: str) -> go.Figure:
+    """A unit's histogram over a corpus, one bar per bin: ``counts[i]`` counts ``edges[i-1] ≤
+    x < edges[i]`` (the first and last: below / at or above the ends), empty bins left out and
+    the count axis logarithmic (a few large values next to many small ones)."""
+    labels = [f"< {edges[0]:.3g}"]
+    labels += [f"{lo:.3g} to {hi:.3g}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    labels.append(f"≥ {edges[-1]:.3g}")
+    shown = [(label, c) for label, c in zip(labels, counts, strict=True) if c]
+    fig = go.Figure(
+        go.Bar(
+            x=[label for label, _ in shown],
+            y=[c for _, c in shown],
+            marker_color=css_rgb(ATTENTION_RGB),
+            hovertemplate="%{x}: %{y} tokens<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=220,
+        margin=_MARGIN,
+        xaxis={"type": "category", "title": measure},
+        yaxis={"type": "log", "title": "tokens"},
+    )
+    return fig

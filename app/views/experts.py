@@ -34,9 +34,14 @@ def _label(expert: int | None) -> str:
 
 
 def experts_panel(
-    selection: Selection, run: ModelRun, token: str, token_tables: TokenTables
+    selection: Selection,
+    run: ModelRun,
+    token: str,
+    token_tables: TokenTables,
+    top_examples: Callable[[int], None],
 ) -> None:
-    """Everything below the FFN share line for an MoE block (``token``: the token, written)."""
+    """Everything below the FFN share line for an MoE block (``token``: the token, written);
+    ``top_examples(e)`` draws routed expert e's top examples from a corpus."""
     layer, t = selection.layer, selection.token
     layer_run = run.layers[layer]
     ex = layer_run.experts
@@ -77,7 +82,14 @@ def experts_panel(
         st.markdown(f"**Tokens the whole FFN block promotes and suppresses** at {token}")
         token_tables(block_update(run, layer, "ffn", t), t)
         return
-    _expert_neurons(selection, layer_run, run, expert, token, token_tables)
+    if expert is None:  # the shared expert: no router weight to rank a corpus by
+        _expert_neurons(selection, layer_run, run, expert, token, token_tables)
+        return
+    neurons_tab, examples = st.tabs(["Neurons", "Top examples"])
+    with neurons_tab:
+        _expert_neurons(selection, layer_run, run, expert, token, token_tables)
+    with examples:
+        top_examples(expert)
 
 
 def _describe(label: str, weight_of: dict[int, float]) -> str:

@@ -23,6 +23,7 @@ from app.cache import CachedTrace
 from app.figures import panels as panel_figures
 from app.figures import tables
 from app.selection import Selection
+from app.views.examples import top_examples_section
 from app.views.experts import experts_panel
 from app.views.why import why_tab
 from llm_flow.analyses.lens import (
@@ -34,6 +35,7 @@ from llm_flow.analyses.lens import (
     promoted_suppressed,
     update_between,
 )
+from llm_flow.config import AppConfig
 from llm_flow.engine.contributions import neuron_contributions
 from llm_flow.engine.graph import layer_head_contributions
 from llm_flow.engine.nodes import NODE_WORDS, describe_node, node_id, source_id
@@ -52,6 +54,7 @@ SINK_SHOWN = 1e-3  # attention-sink shares below this are rounding, not a sink
 
 @dataclass(frozen=True)
 class PanelContext:
+    cfg: AppConfig
     cached: CachedTrace
     route: Route
     normalize_lens: bool
@@ -164,8 +167,8 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
 
     n_tokens = run.n_tokens
     pattern = layer_run.pattern
-    attention_tab, contribution_tab, why = st.tabs(
-        ["Attention map", "Contribution map", "Why this source?"]
+    attention_tab, contribution_tab, why, examples = st.tabs(
+        ["Attention map", "Contribution map", "Why this source?", "Top examples"]
     )
     with attention_tab:
         if pattern is None:
@@ -229,6 +232,11 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
 
     with why:
         why_tab(ctx.cached, layer, head, t, s, f"{selection.id}|{choice}")
+    with examples:
+        if head is None:
+            st.info("Choose a head above to see where in a corpus it writes the most.")
+        else:
+            top_examples_section(ctx.cfg, ctx.cached, "head", layer, head, f"{selection.id}|{head}")
 
     who = "all heads" if head is None else f"head {head}"
     st.markdown(f"**Tokens {who} of layer {layer} promote and suppress** at {_token(tokens, t)}")
@@ -254,7 +262,13 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
     )
     if layer_run.experts is not None:
         experts_panel(
-            selection, run, _token(tokens, t), lambda update, at: _token_tables(ctx, update, at)
+            selection,
+            run,
+            _token(tokens, t),
+            lambda update, at: _token_tables(ctx, update, at),
+            lambda expert: top_examples_section(
+                ctx.cfg, ctx.cached, "expert", layer, expert, f"{selection.id}|e{expert}"
+            ),
         )
         return
     neurons, bias, residual = neuron_contributions(
@@ -310,7 +324,16 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
                 "row's promoted and suppressed tokens swapped."
             )
         update = neuron_update(run, layer, neuron, t)
-    _token_tables(ctx, update, t)
+    if neuron is None:
+        _token_tables(ctx, update, t)
+        return
+    tables_tab, examples = st.tabs(["Promoted and suppressed", "Top examples"])
+    with tables_tab:
+        _token_tables(ctx, update, t)
+    with examples:
+        top_examples_section(
+            ctx.cfg, ctx.cached, "neuron", layer, neuron, f"{selection.id}|{neuron}"
+        )
 
 
 # -- residual node ----------------------------------------------------------------------------

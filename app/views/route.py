@@ -167,7 +167,7 @@ def route_view(view: RouteView) -> None:
     # browser's slowest step, so a click's panel is not kept waiting behind it.
     with panel_column, st.spinner("Computing the panel…"):
         panels.selection_panel(
-            selection, panels.PanelContext(cached, route, settings.normalize_lens)
+            selection, panels.PanelContext(cfg, cached, route, settings.normalize_lens)
         )
     with graph_column:
         _prediction(sidebar.model_label, traced, position)

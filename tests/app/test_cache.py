@@ -9,7 +9,7 @@ import time
 import pytest
 
 from app import cache, session
-from app.cache import BoundedCache
+from app.bounded import BoundedCache
 from tests.app.apptest import assert_serving, route_caption, start
 from tests.app.conftest import PROMPTS
 
