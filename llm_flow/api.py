@@ -250,6 +250,20 @@ def _units(units: Units) -> str:
     return ",".join(f"{int(layer)}.{int(unit)}" for layer, unit in units)
 
 
+def _pair_ids(
+    tr: _trace.Trace, target: str | None, distractor: str | None
+) -> tuple[int | None, int | None]:
+    """Token ids of an ablation's target and distractor (either may be None; a distractor needs
+    a target)."""
+    if distractor is not None and target is None:
+        raise InputError("a distractor needs a target too; give both, or only a target")
+    if target is not None and distractor is not None:
+        return _contrast.contrast_ids(tr.llm, target, distractor)
+    if target is not None:
+        return _contrast.single_token(tr.llm, target, "target"), None
+    return None, None
+
+
 def ablate(
     tr: _trace.Trace,
     *,
@@ -278,13 +292,7 @@ def ablate(
         mode=mode,
         experts=_interventions.parse_experts(_units(experts)),
     )
-    target_id = distractor_id = None
-    if distractor is not None and target is None:
-        raise InputError("a distractor needs a target too; give both, or only a target")
-    if target is not None and distractor is not None:
-        target_id, distractor_id = _contrast.contrast_ids(tr.llm, target, distractor)
-    elif target is not None:
-        target_id = _contrast.single_token(tr.llm, target, "target")
+    target_id, distractor_id = _pair_ids(tr, target, distractor)
     return _ablation.ablate(
         tr,
         ablation,
@@ -351,11 +359,7 @@ def ablate_latents(
     """Scale the parts of SAE latents ``indices`` by ``scale`` (0 removes them) at every
     position and compare the prediction (``traced=True``: and the route) before and after."""
     loaded = sae if isinstance(sae, Sae) else _sae.load_sae(sae)
-    target_id = distractor_id = None
-    if target is not None and distractor is not None:
-        target_id, distractor_id = _contrast.contrast_ids(tr.llm, target, distractor)
-    elif target is not None:
-        target_id = _contrast.single_token(tr.llm, target, "target")
+    target_id, distractor_id = _pair_ids(tr, target, distractor)
     return _latents.ablate_latents(
         tr,
         loaded,
