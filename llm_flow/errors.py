@@ -88,7 +88,7 @@ class AttendError(InputError):
 
 class UnsupportedAnalysisError(LlmFlowError):
     """The model runs, but this analysis cannot be computed exactly for its design (e.g. QK
-    attribution of latent attention)."""
+    attribution where the attention rotates its queries and keys out of sight)."""
 
 
 class SelfCheckError(LlmFlowError):

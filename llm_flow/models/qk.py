@@ -84,12 +84,6 @@ def capture(
     block = bridge.blocks[layer]
     attn = block.attn
     architecture = str(bridge.cfg.architecture)
-    if hasattr(attn, "hook_kv_latent"):
-        raise UnsupportedAnalysisError(
-            f"QK attribution is not supported for {architecture}: its latent attention splits "
-            "each query and key into a rotary part and a compressed part that TransformerLens "
-            "exposes only separately"
-        )
     prefix = f"blocks.{layer}."
     names = set(bridge.hook_dict)
     got: dict[str, Any] = {}
@@ -239,6 +233,10 @@ def _final_qk(attn: Any, got: dict[str, Any], cfg: Any) -> tuple[Tensor, Tensor,
     same stage is read off a pass on parts."""
     if getattr(cfg, "qk_norm_after_rope", False) and "q_normed" in got:  # HunYuan
         rotary = _Rotary(("q_normed", "k_normed"), "bhtd", None)
+    elif hasattr(attn, "hook_kv_latent"):
+        # Latent attention (DeepSeek V2/V3): hook_q/hook_k hold the up-projected part and the
+        # rotated part (the key's shared by every head) concatenated, as they enter the score.
+        rotary = _Rotary(("q", "k"), "bhtd", None)
     elif "rot_q" in got:
         rotary = _Rotary(("rot_q", "rot_k"), "bthd", None)
     elif "cos" in got and hasattr(attn, "_apply_rotary_pos_emb"):  # fused q/k/v with rotary

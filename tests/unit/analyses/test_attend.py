@@ -1,7 +1,6 @@
 """QK attribution (llm_flow/analyses/attend.py) on every tiny family: the terms sum to the model's
 own score, checked against what the model computed without llm-flow's decomposition (the
-attention pattern's log-ratios, the HF model's own weights in float64), and families whose score
-cannot be split raise in words.
+attention pattern's log-ratios, the HF model's own weights in float64).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import torch
 
 from llm_flow.analyses.attend import REMAINDER, Attend, attend, residual_parts
 from llm_flow.engine.trace import Trace, trace
-from llm_flow.errors import AttendError, PositionError, SelfCheckError, UnsupportedAnalysisError
+from llm_flow.errors import AttendError, PositionError, SelfCheckError
 from llm_flow.models import qk, wrap_hf
 from llm_flow.models.checks import relative_error
 from tests.families import FAMILIES
@@ -23,9 +22,6 @@ from tests.tiny import random_model, tiny_tokenizer
 
 PROMPT = " ".join(f"w{i}" for i in (5, 17, 3, 42, 8, 23, 11, 30, 2))  # 10 tokens with BOS
 LAYER, HEAD, QUERY, SOURCE = 1, 3, 9, 7  # the source inside the sliding windows of 4
-# Latent attention: TransformerLens shows each query and key in two separate pieces.
-UNSUPPORTED = {"DeepSeek-V2", "DeepSeek-V3"}
-SUPPORTED = [name for name in FAMILIES if name not in UNSUPPORTED]
 RTOL = 1e-4
 
 
@@ -45,7 +41,7 @@ def _total(terms: list[dict[str, float]]) -> float:
     return math.fsum(term["value"] for term in terms)
 
 
-@pytest.mark.parametrize("name", SUPPORTED)
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_terms_sum_to_the_models_score(name: str) -> None:
     result = _attend(name)
     data = result.to_json()
@@ -83,12 +79,6 @@ def test_non_bilinear_scores_keep_their_remainder() -> None:
     assert abs(_attend("MPT").direct.remainder) > 1e-3
     assert not _attend("Gemma 2").bilinear
     assert _attend("Llama 3").bilinear and abs(_attend("Llama 3").direct.remainder) < 1e-6
-
-
-@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
-def test_families_that_cannot_be_split_say_so(name: str) -> None:
-    with pytest.raises(UnsupportedAnalysisError, match="QK attribution is not supported for"):
-        attend(_trace(name), LAYER, HEAD, QUERY, SOURCE)
 
 
 def test_top_lists_are_the_largest_terms_in_order() -> None:
@@ -155,7 +145,9 @@ def test_bad_edges_are_refused_in_words(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["Llama 3", "GPT-2", "Qwen3", "GPT-NeoX", "Mistral"])
+@pytest.mark.parametrize(
+    "name", ["Llama 3", "GPT-2", "Qwen3", "GPT-NeoX", "Mistral", "DeepSeek-V3"]
+)
 def test_half_precision_models_split_within_their_tolerance(name: str, dtype: torch.dtype) -> None:
     # Half-precision activations: the checks loosen by dtype as the graph's do (RTOL of
     # llm_flow.models.checks), and the LayerNorm/RMSNorm probe still tells them apart.
@@ -168,7 +160,7 @@ def test_half_precision_models_split_within_their_tolerance(name: str, dtype: to
     assert abs(result.direct.remainder) <= 0.05 * max(abs(result.direct.score), 0.1)
 
 
-@pytest.mark.parametrize("name", [n for n in SUPPORTED if FAMILIES[n].experts])
+@pytest.mark.parametrize("name", [n for n in FAMILIES if FAMILIES[n].experts])
 def test_experts_split_their_blocks_term(name: str) -> None:
     # Linear map, so a block's term is the sum of its experts' (and its shared expert's) terms;
     # whatever the block writes beyond its experts (an output bias) joins "bias".

@@ -1,10 +1,11 @@
 """QK attribution against a slow float64 reference written from the definition with the HF
 model's own weights: every query-side, key-side and paired term, not only their sum.
 
-Llama (RMSNorm, rotary, grouped-query heads) and GPT-2 (LayerNorm with a bias, learned
-positions, q/k biases), both with randomized norms and biases. The reference takes the residual
-parts from :func:`residual_parts` (checked here to sum to HF's own hidden state) and nothing else
-from llm-flow: no hook, no captured scale, no TransformerBridge.
+Llama (RMSNorm, rotary, grouped-query heads), GPT-2 (LayerNorm with a bias, learned positions,
+q/k biases) and DeepSeek V2/V3 (latent attention: RMSNorms inside the query and key paths, a
+rotary part shared by all heads), all with randomized norms and biases. The reference takes the
+residual parts from :func:`residual_parts` (checked here to sum to HF's own hidden state) and
+nothing else from llm-flow: no hook, no captured scale, no TransformerBridge.
 """
 
 from __future__ import annotations
@@ -72,7 +73,60 @@ def _gpt2(hf: torch.nn.Module, resid: Tensor) -> tuple[QkMap, float]:
     return qk, d**-0.5
 
 
-@pytest.mark.parametrize(("family", "build"), [("Llama 3", _llama), ("GPT-2", _gpt2)])
+def _rms(x: Tensor, eps: float) -> Tensor:
+    return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def _linear(layer: torch.nn.Module, x: Tensor, bias: bool) -> Tensor:
+    out = x @ layer.weight.to(f64).T
+    return out + layer.bias.to(f64) if bias and layer.bias is not None else out
+
+
+def _deepseek(hf: torch.nn.Module, resid: Tensor) -> tuple[QkMap, float]:
+    block = hf.model.layers[LAYER]
+    attn, norm = block.self_attn, block.input_layernorm
+    h_real = norm.weight.to(f64) * resid / _rms(resid, norm.variance_epsilon)
+    latent = attn.kv_lora_rank
+    kv_real = _linear(attn.kv_a_proj_with_mqa, h_real, True)[..., :latent]
+    scales = {"kv": _rms(kv_real, attn.kv_a_layernorm.variance_epsilon)}  # [T, 1] each
+    if attn.q_lora_rank is not None:
+        q_real = _linear(attn.q_a_proj, h_real, True)
+        scales["q"] = _rms(q_real, attn.q_a_layernorm.variance_epsilon)
+    positions = torch.arange(resid.shape[0])[None]
+    table = hf.model.rotary_emb(resid[None].float(), positions)
+    if isinstance(table, Tensor):  # V2: complex exp(i·angle) per pair
+        cos, sin = table[0].real.to(f64), table[0].imag.to(f64)
+    else:  # V3: cos and sin of cat(angles, angles)
+        cos, sin = (c[0, :, : c.shape[-1] // 2].to(f64) for c in table)
+    cos, sin = cos[:, None], sin[:, None]  # [T, 1, rope / 2]
+    rope, nope = attn.qk_rope_head_dim, attn.qk_nope_head_dim
+
+    def rotate(x: Tensor) -> Tensor:  # DeepSeek pairs dimensions (2i, 2i + 1)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+
+    def qk(parts: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
+        h = norm.weight.to(f64) * parts / _rms(resid, norm.variance_epsilon)
+        if attn.q_lora_rank is None:
+            q = _linear(attn.q_proj, h, bias)
+        else:
+            a = attn.q_a_layernorm.weight.to(f64) * _linear(attn.q_a_proj, h, bias) / scales["q"]
+            q = _linear(attn.q_b_proj, a, bias)
+        q = q.unflatten(-1, (-1, nope + rope))  # [N, T, H, nope + rope]
+        kv = _linear(attn.kv_a_proj_with_mqa, h, bias)
+        c = attn.kv_a_layernorm.weight.to(f64) * kv[..., :latent] / scales["kv"]
+        k_nope = _linear(attn.kv_b_proj, c, bias).unflatten(-1, (q.shape[2], -1))[..., :nope]
+        k_rope = rotate(kv[..., None, latent:]).expand(-1, -1, q.shape[2], -1)
+        q = torch.cat([q[..., :nope], rotate(q[..., nope:])], dim=-1)
+        return q, torch.cat([k_nope, k_rope], dim=-1)
+
+    return qk, attn.scaling
+
+
+@pytest.mark.parametrize(
+    ("family", "build"),
+    [("Llama 3", _llama), ("GPT-2", _gpt2), ("DeepSeek-V2", _deepseek), ("DeepSeek-V3", _deepseek)],
+)
 def test_every_term_matches_the_float64_reference(
     family: str, build: Callable[[torch.nn.Module, Tensor], tuple[QkMap, float]]
 ) -> None:
