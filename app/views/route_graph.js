@@ -250,10 +250,16 @@ function picture(d, r, selected, compact, baseLayout) {
   traces.push(handles(attHandles.x, attHandles.y, attHandles.ids, attHandles.texts, "attention"));
   traces.push(markers(squares.x, squares.y, squares.ids, squares.texts, "ffn",
     { size: 8, color: css(s.ffn_rgb), symbol: "square" }, "FFN block"));
+  // After-attention nodes smaller, in their own trace: one size per trace lets plotly.js style
+  // it once rather than point by point (llm_flow.io.route_shapes.route_nodes).
   const on = residualNodes(true);
-  traces.push(markers(on.x, on.y, on.ids, on.texts, "nodes",
-    { size: on.ids.map((i) => (i.startsWith("A") ? 5 : 8)), color: s.node_colour, symbol: "circle" },
-    "residual node", true));
+  for (const [afterAttention, size, name, legend] of [[true, 5, "residual node after attention", false],
+                                                      [false, 8, "residual node", true]]) {
+    const keep = on.ids.map((i) => i.startsWith("A") === afterAttention);
+    const pick = (values) => values.filter((_, k) => keep[k]);
+    traces.push(markers(pick(on.x), pick(on.y), pick(on.ids), pick(on.texts), "nodes",
+      { size, color: s.node_colour, symbol: "circle" }, name, legend));
+  }
   const chosen = cols.tokens.map((t) => t === d.position);
   traces.push({
     type: "scatter", x: cols.tokens.map((t) => X[t]), y: cols.tokens.map(() => y("A", L)),

@@ -144,8 +144,8 @@ def flow_figure(
             name="FFN block",
         )
     )
-    traces.append(
-        shapes.route_nodes(route, tokens, cols, name="residual node", sizes=(5, 8), legend=True)
+    traces += shapes.route_nodes(
+        route, tokens, cols, name="residual node", sizes=(5, 8), legend=True
     )
     traces.append(_output_row(graph.n_layers, tokens, trace.predictions, position, cols))
     if selected is not None:
@@ -341,7 +341,7 @@ def diff_figure(diff: RouteDiff, *, position: int, factor: float = DEFAULT_FACTO
         after_layer=before.after_layer | after.after_layer,
     )
     cols = layout.all_columns(graph.n_tokens)
-    traces: list[go.Scatter] = [shapes.route_nodes(union, tokens, cols, name="node", sizes=(4, 6))]
+    traces: list[go.Scatter] = shapes.route_nodes(union, tokens, cols, name="node", sizes=(4, 6))
     hx: list[float] = []
     hy: list[float] = []
     htext: list[str] = []

@@ -74,7 +74,13 @@ def test_a_route_node_names_the_residual_edge_into_it(traced: Trace) -> None:
     route = find_route(traced.graph, [-1], threshold=0.02, renormalize=True)
     fig = figure.flow_figure(traced, route, position=_last(traced))
     (nodes,) = _trace_with(fig, "residual node")
-    text = dict(zip(nodes.customdata, nodes.hovertext, strict=True))
+    (after_attention,) = _trace_with(fig, "residual node after attention")
+    assert all(i.startswith("A") for i in after_attention.customdata)
+    assert not any(i.startswith("A") for i in nodes.customdata)
+    assert (after_attention.marker.size, nodes.marker.size) == (5, 8)
+    ids = [*after_attention.customdata, *nodes.customdata]
+    hovers = [*after_attention.hovertext, *nodes.hovertext]
+    text = dict(zip(ids, hovers, strict=True))
     named = 0
     for kind, mask, weights in (
         ("A", route.attn_residual, route.attn_residual_weights),
@@ -85,7 +91,7 @@ def test_a_route_node_names_the_residual_edge_into_it(traced: Trace) -> None:
             assert f"residual in: weight {float(weights[layer, t]):.3f}" in text[node]
             named += 1
     assert named > 0
-    assert sum("residual in" in h for h in nodes.hovertext) == named
+    assert sum("residual in" in h for h in hovers) == named
     invisible = [t for t in fig.data if t.marker.color == "rgba(0, 0, 0, 0)"]
     assert [t.legendgroup for t in invisible] == ["attention"]
 
