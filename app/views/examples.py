@@ -23,10 +23,11 @@ from llm_flow.analyses.corpus_index import Kind
 from llm_flow.analyses.top_examples import Example
 from llm_flow.config import AppConfig
 from llm_flow.errors import IndexNotFoundError, LlmFlowError
+from llm_flow.io.index_store import DEFAULT_WINDOW
 from llm_flow.io.text import markdown_text
 
 SHIPPED = "the shipped corpus (public-domain books)"
-# Tokens a button press indexes (whole windows of 64): ~0.4 s per window on a 2-core CPU.
+# Tokens a button press indexes (whole windows): ~0.4 s per 64-token window on a 2-core CPU.
 BUILD_TOKENS = {"4,096 tokens": 4096, "16,384 tokens": 16384, "65,536 tokens": 65536, "all": None}
 SHOWN = 10
 AFTER_TOKENS = 4  # tokens shown after the activating one
@@ -105,7 +106,7 @@ def _build(
         return
     bar = st.progress(0.0, text="Indexing the corpus…")
     limit = BUILD_TOKENS[size]
-    total = None if limit is None else -(-limit // 64)
+    total = None if limit is None else -(-limit // DEFAULT_WINDOW)
 
     def progress(windows: int, tokens: int) -> None:
         done = windows / total if total else 0.0

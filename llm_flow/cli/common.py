@@ -18,6 +18,7 @@ from llm_flow.placement import DeviceMap, parse_device_map
 if TYPE_CHECKING:
     from llm_flow.engine.trace import Trace
     from llm_flow.models import BridgeLlm
+    from llm_flow.models.sae import Sae
 
 
 def stderr_progress() -> Callable[[str], None] | None:
@@ -75,3 +76,16 @@ def check_pair(args: argparse.Namespace) -> None:
 
 def prompt_header(tr: Trace) -> dict[str, Any]:
     return {"model": tr.llm.info.name, "tokens": list(tr.tokens), "token_ids": list(tr.token_ids)}
+
+
+def sae_arg(
+    args: argparse.Namespace, config: AppConfig, kind: str, layer: int, hook: str | None = None
+) -> Sae:
+    """The SAE on the residual node of ``kind`` at ``layer``: ``--sae`` (read for ``hook``
+    when given), else the model's config entry or the one ``sae train`` saved."""
+    from llm_flow.models.sae import find_sae, load_sae
+
+    if args.sae is not None:
+        return load_sae(args.sae, hook)
+    spec = config.model(args.model or config.default_model)
+    return find_sae(spec.saes, spec.name, kind, layer)

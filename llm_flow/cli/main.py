@@ -22,6 +22,7 @@ from llm_flow.cli.common import (
     config_arg,
     load_llm,
     prompt_header,
+    sae_arg,
     stderr_progress,
     write_out,
 )
@@ -283,16 +284,13 @@ def _latent_edit(args: argparse.Namespace) -> tuple[str, tuple[int, ...]] | None
 
 
 def _sae(args: argparse.Namespace, config: AppConfig, hook: str) -> Sae:
-    """The SAE on ``hook``: ``--sae``, else the model's config entry or a trained one."""
+    """The SAE on ``hook`` (:func:`~llm_flow.cli.common.sae_arg`)."""
     from llm_flow.engine.nodes import parse_node
-    from llm_flow.models.sae import find_sae, load_sae, node_of_hook
+    from llm_flow.models.sae import node_of_hook
 
-    if args.sae is not None:
-        return load_sae(args.sae, hook)
-    spec = config.model(args.model or config.default_model)
     node = parse_node(node_of_hook(hook, 0))
     assert node is not None  # node_of_hook spells valid node ids
-    return find_sae(spec.saes, spec.name, node.kind, node.layer)
+    return sae_arg(args, config, node.kind, node.layer, hook)
 
 
 def _app(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ from llm_flow.cli.common import (
     config_arg,
     load_llm,
     prompt_header,
+    sae_arg,
     stderr_progress,
     write_out,
 )
@@ -28,7 +29,6 @@ def latents_command(args: argparse.Namespace) -> None:
     from llm_flow.analyses.latents import latents
     from llm_flow.analyses.lens import parse_node
     from llm_flow.engine.trace import trace
-    from llm_flow.models.sae import find_sae, load_sae
 
     config = config_arg(args.config)
     config.check_prompt(args.prompt)
@@ -37,11 +37,7 @@ def latents_command(args: argparse.Namespace) -> None:
     llm = load_llm(args, config)
     tr = trace(llm, args.prompt)
     node = parse_node(args.node, tr.n_layers, tr.n_tokens)
-    if args.sae is not None:
-        sae = load_sae(args.sae)  # latents() checks that it reads this node
-    else:
-        spec = config.model(args.model or config.default_model)
-        sae = find_sae(spec.saes, spec.name, node.kind, node.layer)
+    sae = sae_arg(args, config, node.kind, node.layer)  # latents() checks it reads the node
     result = latents(
         tr, args.node, sae, top=args.top, target=args.target, distractor=args.distractor
     )
