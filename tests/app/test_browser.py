@@ -166,12 +166,32 @@ def _wait_for_panel(page: Any, prefix: str) -> None:
     page.wait_for_function(_SUBHEADER, arg=prefix, timeout=PANEL_MS)
 
 
+def _settle(page: Any) -> None:
+    """Wait until no script run has been in flight for a second: a click or keystroke during a
+    rerun can land on an element the rerun replaces, and a page rerun follows a fragment's with a
+    short idle gap between them (Streamlit marks its root with the run state)."""
+    page.evaluate("() => { window.__busyAt = performance.now(); }")
+    page.wait_for_function(
+        """() => {
+          const app = document.querySelector('[data-testid="stApp"]');
+          const now = performance.now();
+          if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') {
+            window.__busyAt = now;
+            return false;
+          }
+          return now - window.__busyAt > 1000;
+        }""",
+        timeout=GRAPH_S,
+    )
+
+
 def _no_tracebacks(page: Any) -> None:
     assert page.locator('[data-testid="stException"]').count() == 0
     assert page.locator('[data-testid="stAlertContentError"]').count() == 0
 
 
 def test_click_through_the_graph_in_chromium(server: tuple[str, str]) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     base, query = server
@@ -246,6 +266,7 @@ def test_click_through_the_graph_in_chromium(server: tuple[str, str]) -> None:
             page.screenshot(path=ARTIFACTS / "06-output-position.png")
 
             # Ablate a head: the expander must stay open through the reruns its widgets cause.
+            _settle(page)  # the page rerun the position change started
             page.get_by_text("Ablate components and check").click()
             # The heads picker of that expander (not the first multiselect of the page, which may
             # sit in the hidden dataset tab), once the expander has opened.
@@ -257,9 +278,21 @@ def test_click_through_the_graph_in_chromium(server: tuple[str, str]) -> None:
             page.keyboard.type("0.0")
             page.get_by_role("option", name="0.0", exact=True).click()
             page.keyboard.press("Escape")
-            page.wait_for_timeout(1500)  # the rerun the multiselect triggers
+            expander.locator("[data-tag]", has_text="0.0").wait_for(timeout=PANEL_MS)
+            _settle(page)  # the rerun the multiselect triggers
             page.get_by_role("button", name="Run ablation").click()
-            page.get_by_text("Route before vs after the ablation").wait_for(timeout=GRAPH_S)
+            outcome = page.get_by_text("Route before vs after the ablation").or_(
+                page.locator('[data-testid="stAlertContentError"]')
+            )
+            try:
+                outcome.first.wait_for(timeout=GRAPH_S)
+            except PlaywrightTimeout:
+                page.screenshot(path=ARTIFACTS / "07-no-ablation.png")
+                body = page.inner_text("body")
+                pytest.fail(f"no ablation result; the page ends with:\n{body[-3000:]}")
+            page.screenshot(path=ARTIFACTS / "07-route-diff.png")
+            _no_tracebacks(page)
+            assert page.get_by_text("Route before vs after the ablation").count() == 1
             page.wait_for_timeout(800)
             _no_tracebacks(page)
             assert page.get_by_text("Ablated (zero): heads 0.0.", exact=True).count() == 1
@@ -268,7 +301,6 @@ def test_click_through_the_graph_in_chromium(server: tuple[str, str]) -> None:
                 "(g._fullData || []).map(t => t.name || ''))"
             )
             assert any(re.fullmatch(r"lost \(\d+\)", name) for name in legends), legends
-            page.screenshot(path=ARTIFACTS / "07-route-diff.png")
         finally:
             browser.close()
 
