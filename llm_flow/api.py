@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from llm_flow.analyses import ablation as _ablation
 from llm_flow.analyses import contrast as _contrast
+from llm_flow.analyses import edge_latents as _edge_latents
 from llm_flow.analyses import interventions as _interventions
 from llm_flow.analyses import latents as _latents
 from llm_flow.analyses import top_examples as _top_examples
@@ -34,6 +35,7 @@ from llm_flow.analyses.lens import TokenScore, logit_lens, parse_node
 from llm_flow.config import default_config, load_config
 from llm_flow.engine import routes as _routes
 from llm_flow.engine import trace as _trace
+from llm_flow.engine.nodes import source_id
 from llm_flow.engine.routes import DEFAULT_THRESHOLD
 from llm_flow.errors import InputError, UnknownModelError
 from llm_flow.io import export
@@ -60,6 +62,7 @@ __all__ = [
     "ablate_latents",
     "attend",
     "build_index",
+    "edge_latents",
     "faithfulness",
     "from_hf",
     "latents",
@@ -342,6 +345,22 @@ def latents(
     return _latents.latents(
         tr, node, _node_sae(tr, node, sae), top=top, target=target, distractor=distractor
     )
+
+
+def edge_latents(
+    tr: _trace.Trace,
+    edge: str,
+    sae: Sae | str | Path | None = None,
+    *,
+    top: int = 20,
+) -> _edge_latents.EdgeLatents:
+    """The attention ``edge`` (``"I4_2->A5_7"``, ``"X0_2->A0_7"``) split over the SAE latents
+    of its source (``b_dec``, a ``bias`` part and the error too): each part's contribution to
+    the edge's part (they sum to 1); ``.to_json()`` is ``llm-flow latents --edge``. The SAE is
+    found as for :func:`latents` of the source node."""
+    layer, _, source = _edge_latents.parse_edge(edge, tr.n_layers, tr.n_tokens)
+    node = source_id(layer, source)
+    return _edge_latents.edge_latents(tr, edge, _node_sae(tr, node, sae), top=top)
 
 
 def ablate_latents(

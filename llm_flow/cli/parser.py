@@ -227,9 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_sae_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     """``latents`` and ``sae train`` (sparse autoencoders on the residual stream)."""
-    latents = sub.add_parser("latents", help="a residual node as SAE latents (JSON)")
+    latents = sub.add_parser(
+        "latents", help="a residual node, or an attention edge, as SAE latents (JSON)"
+    )
     latents.add_argument("--prompt", required=True, help="the text to analyse")
-    latents.add_argument("--node", required=True, help="residual node: I{l}_t, A{l}_t or X0_t")
+    where = latents.add_mutually_exclusive_group(required=True)
+    where.add_argument("--node", help="residual node: I{l}_t, A{l}_t or X0_t")
+    where.add_argument(
+        "--edge", help="attention edge I{l-1}_s->A{l}_t or X0_s->A0_t: its source's latents"
+    )
     _add_model_args(latents)
     latents.add_argument("--top", type=int, default=20, help="latents listed (20)")
     latents.add_argument("--sae", help="an SAE folder, params.npz or hub repo not in the config")

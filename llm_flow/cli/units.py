@@ -10,6 +10,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llm_flow.cli.common import (
     check_pair,
@@ -20,7 +21,12 @@ from llm_flow.cli.common import (
     stderr_progress,
     write_out,
 )
+from llm_flow.errors import InputError
 from llm_flow.validate import check_at_least
+
+if TYPE_CHECKING:
+    from llm_flow.config import AppConfig
+    from llm_flow.engine.trace import Trace
 
 SAE_WINDOW = 128  # tokens per context the SAE's training residuals are read in
 
@@ -34,13 +40,31 @@ def latents_command(args: argparse.Namespace) -> None:
     config.check_prompt(args.prompt)
     check_at_least("--top", args.top, 1)
     check_pair(args)
+    if args.edge is not None and args.target is not None:
+        raise InputError("--target and --distractor go with --node; an edge has no direct effect")
     llm = load_llm(args, config)
     tr = trace(llm, args.prompt)
+    if args.edge is not None:
+        _edge_latents(args, config, tr)
+        return
     node = parse_node(args.node, tr.n_layers, tr.n_tokens)
     sae = sae_arg(args, config, node.kind, node.layer)  # latents() checks it reads the node
     result = latents(
         tr, args.node, sae, top=args.top, target=args.target, distractor=args.distractor
     )
+    write_out(json.dumps(prompt_header(tr) | result.to_json()), None)
+
+
+def _edge_latents(args: argparse.Namespace, config: AppConfig, tr: Trace) -> None:
+    """``latents --edge``: the edge's part over the SAE latents of its source node."""
+    from llm_flow.analyses.edge_latents import edge_latents, parse_edge
+    from llm_flow.engine.nodes import parse_node, source_id
+
+    layer, _, source = parse_edge(args.edge, tr.n_layers, tr.n_tokens)
+    node = parse_node(source_id(layer, source))
+    assert node is not None  # source_id names a node
+    sae = sae_arg(args, config, node.kind, node.layer)  # edge_latents checks it reads the node
+    result = edge_latents(tr, args.edge, sae, top=args.top)
     write_out(json.dumps(prompt_header(tr) | result.to_json()), None)
 
 
