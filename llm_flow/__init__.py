@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         load_sae,
         mean_activations,
         top_examples,
+        top_latent_examples,
         trace,
     )
     from llm_flow.errors import LlmFlowError
@@ -55,6 +56,7 @@ __all__ = [
     "load_sae",
     "mean_activations",
     "top_examples",
+    "top_latent_examples",
     "trace",
 ]
 _API = set(__all__) - {"LlmFlowError", "__version__"}
