@@ -197,7 +197,8 @@ def _piece_values(trace: Trace, layer: int, s: int, pieces: Tensor) -> Tensor:
         padded = blank.expand(len(chunk), -1, -1).clone()
         padded[:, s] = chunk  # every other position stays zero: values are per position
         images.append(project(padded)[:, s].double().to(constant.device) - constant)
-    return torch.cat([*images, constant[None]])
+    # On the run's device, with the pieces: a layer of a split model may sit elsewhere.
+    return torch.cat([*images, constant[None]]).to(pieces.device)
 
 
 def _check(edge: str, parts: Tensor, whole: Tensor, dtype: torch.dtype) -> None:

@@ -6,9 +6,9 @@ With the per-token scale of the pre-attention norm and of any q/k norm frozen to
 model used, the path from a residual vector to the query (projection, q-norm, rotary) is affine
 per position, so the query of a sum of parts is the sum of the parts' queries plus a constant
 (docs: ARCHITECTURE, "QK attribution"); so are the values (a latent-attention model's latent
-norm frozen too). Nothing here recomputes rotary, norms or masks: the
-layer's own TransformerBridge attention runs on a batch of parts, its norms' ``hook_scale``
-replaced by the scales of the model's pass, and stops once the queries and keys exist.
+norm frozen too). Nothing here recomputes rotary, norms or masks: the layer's own
+TransformerBridge attention runs on a batch of parts, its norms' ``hook_scale`` replaced by the
+scales of the model's pass, and stops once the queries and keys (or the values) exist.
 """
 
 from __future__ import annotations
