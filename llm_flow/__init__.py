@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         ablate_latents,
         attend,
         build_index,
+        edge_latents,
         faithfulness,
         from_hf,
         latents,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
         load_sae,
         mean_activations,
         top_examples,
+        top_latent_examples,
         trace,
     )
     from llm_flow.errors import LlmFlowError
@@ -46,6 +48,7 @@ __all__ = [
     "ablate_latents",
     "attend",
     "build_index",
+    "edge_latents",
     "faithfulness",
     "from_hf",
     "latents",
@@ -53,6 +56,7 @@ __all__ = [
     "load_sae",
     "mean_activations",
     "top_examples",
+    "top_latent_examples",
     "trace",
 ]
 _API = set(__all__) - {"LlmFlowError", "__version__"}

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from llm_flow.analyses import ablation as _ablation
 from llm_flow.analyses import contrast as _contrast
+from llm_flow.analyses import edge_latents as _edge_latents
 from llm_flow.analyses import interventions as _interventions
 from llm_flow.analyses import latents as _latents
 from llm_flow.analyses import top_examples as _top_examples
@@ -34,6 +35,7 @@ from llm_flow.analyses.lens import TokenScore, logit_lens, parse_node
 from llm_flow.config import default_config, load_config
 from llm_flow.engine import routes as _routes
 from llm_flow.engine import trace as _trace
+from llm_flow.engine.nodes import source_id
 from llm_flow.engine.routes import DEFAULT_THRESHOLD
 from llm_flow.errors import InputError, UnknownModelError
 from llm_flow.io import export
@@ -60,6 +62,7 @@ __all__ = [
     "ablate_latents",
     "attend",
     "build_index",
+    "edge_latents",
     "faithfulness",
     "from_hf",
     "latents",
@@ -67,6 +70,7 @@ __all__ = [
     "load_sae",
     "mean_activations",
     "top_examples",
+    "top_latent_examples",
     "trace",
 ]
 
@@ -317,15 +321,23 @@ def load_sae(path_or_repo: str | Path, hook: str | None = None) -> Sae:
 def _node_sae(tr: _trace.Trace, node: str, sae: Sae | str | Path | None) -> Sae:
     """``sae`` as given (loaded if a path), else the default config's SAE for the node's hook
     (when the model is configured there) or the one ``llm-flow sae train`` left in the cache."""
+    parse_node(node, tr.n_layers, tr.n_tokens)
+    return _model_sae(tr.llm, node, sae)
+
+
+def _model_sae(
+    model: TransparentLlm, node: str, sae: Sae | str | Path | None, hook: str | None = None
+) -> Sae:
+    """:func:`_node_sae` for a model (``hook`` names the hook of files that do not)."""
     if isinstance(sae, Sae):
         return sae
     if sae is not None:
-        return _sae.load_sae(sae)
-    parsed = parse_node(node, tr.n_layers, tr.n_tokens)
+        return _sae.load_sae(sae, hook)
+    parsed = parse_node(node, model.info.n_layers)
     configured: tuple[tuple[str, str], ...] = ()
     with suppress(UnknownModelError):
-        configured = default_config().model(tr.llm.info.name).saes
-    return _sae.find_sae(configured, tr.llm.info.name, parsed.kind, parsed.layer)
+        configured = default_config().model(model.info.name).saes
+    return _sae.find_sae(configured, model.info.name, parsed.kind, parsed.layer)
 
 
 def latents(
@@ -342,6 +354,22 @@ def latents(
     return _latents.latents(
         tr, node, _node_sae(tr, node, sae), top=top, target=target, distractor=distractor
     )
+
+
+def edge_latents(
+    tr: _trace.Trace,
+    edge: str,
+    sae: Sae | str | Path | None = None,
+    *,
+    top: int = 20,
+) -> _edge_latents.EdgeLatents:
+    """The attention ``edge`` (``"I4_2->A5_7"``, ``"X0_2->A0_7"``) split over the SAE latents
+    of its source (``b_dec``, a ``bias`` part and the error too): each part's contribution to
+    the edge's part (they sum to 1); ``.to_json()`` is ``llm-flow latents --edge``. The SAE is
+    found as for :func:`latents` of the source node."""
+    layer, _, source = _edge_latents.parse_edge(edge, tr.n_layers, tr.n_tokens)
+    node = source_id(layer, source)
+    return _edge_latents.edge_latents(tr, edge, _node_sae(tr, node, sae), top=top)
 
 
 def ablate_latents(
@@ -382,12 +410,15 @@ def build_index(
     k: int = _index_store.DEFAULT_K,
     max_tokens: int | None = None,
     progress: IndexProgress | None = None,
+    saes: Sequence[Sae | str | Path] = (),
 ) -> CorpusIndex:
     """The corpus index of ``model`` (``llm-flow index``): each neuron's, head's and expert's
     top ``k`` examples and histogram over ``corpus`` (a text / JSONL / prompt file, a folder of
     them or a Hugging Face dataset name; None: the shipped public-domain books), cut into
-    windows of ``window`` tokens, for ``layers`` (None: all), at most ``max_tokens`` tokens.
-    Read from the cache when built before; ``progress(windows, tokens)`` hears each batch."""
+    windows of ``window`` tokens, for ``layers`` (None: all, or none when ``saes`` are given),
+    at most ``max_tokens`` tokens; and the latents of each SAE in ``saes`` (SAEs, paths /
+    repos, or hook names: the model's SAE there, as :func:`latents` finds it). Read from the
+    cache when built before; ``progress(windows, tokens)`` hears each batch."""
     return _index_store.build_index(
         model,
         corpus,
@@ -396,7 +427,16 @@ def build_index(
         k=k,
         max_tokens=max_tokens,
         progress=progress,
+        saes=[_index_sae(model, sae) for sae in saes],
     )
+
+
+def _index_sae(model: TransparentLlm, sae: Sae | str | Path) -> Sae:
+    """An SAE of ``build_index``'s ``saes``: as given, the model's on a hook name (as
+    :func:`latents` finds it), or read from a path or repo."""
+    if isinstance(sae, str) and _sae.HOOK.match(sae):
+        return _model_sae(model, _sae.node_of_hook(sae, 0), None)
+    return _model_sae(model, "X0_0", sae)
 
 
 def top_examples(
@@ -417,3 +457,27 @@ def top_examples(
     if index is None:
         index = _index_store.find_index(model, corpus, kind, layer)
     return _top_examples.unit_report(model, index, kind, layer, unit, k)
+
+
+def top_latent_examples(
+    model: TransparentLlm,
+    latent: str,
+    *,
+    sae: Sae | str | Path | None = None,
+    k: int = 20,
+    corpus: str | Path | None = None,
+    index: CorpusIndex | None = None,
+) -> _top_examples.UnitReport:
+    """The top ``k`` corpus examples of the SAE latent ``latent``
+    (``"blocks.3.hook_resid_post:12"``; ``llm-flow top --latent``): a :class:`UnitReport` as
+    :func:`top_examples` gives. The SAE is
+    ``sae`` (or a path), else the model's on that hook as :func:`latents` finds it; the index
+    is ``index``, or the newest saved index of ``corpus`` (None: the shipped one) built with
+    that SAE's weights (``build_index(..., saes=[…])``)."""
+    hook, unit = _top_examples.parse_latent(latent)
+    found = _model_sae(model, _sae.node_of_hook(hook, 0), sae, hook)
+    if index is None:
+        index, slot = _index_store.find_latent_index(model, corpus, found)
+    else:
+        slot = _index_store.latent_slot(index, found)
+    return _top_examples.latent_report(model, index, slot, unit, k)

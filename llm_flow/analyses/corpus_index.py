@@ -11,6 +11,10 @@ fixed-length token windows (see :mod:`llm_flow.io.corpus`):
   first token, ``1 − A[h, t, 0]`` (``attention_away``), kept with every example.
 - **expert** ``L.E`` of a mixture-of-experts layer: its router weight ``g_e(t)`` (0 where it was
   not chosen); ranked by it.
+- **latent** ``HOOK:I`` of a sparse autoencoder on a residual hook (:mod:`llm_flow.models.sae`):
+  its activation ``f_i`` of the residual there; ranked by it. The index's settings name each SAE
+  by hook, source and weights' fingerprint (:attr:`IndexSettings.saes`), and its units are keyed
+  ``("latent", n)`` with n the SAE's place in that list, where other kinds have their layer.
 
 The first position of every window is left out. With a prepended BOS it is the same token in
 every window, so it would fill a unit's examples with copies of one context; without one (the
@@ -42,15 +46,22 @@ from torch import Tensor
 
 from llm_flow.errors import CorpusError
 from llm_flow.models.base import LayerRun, TransparentLlm
+from llm_flow.models.sae import Sae, parse_hook
 from llm_flow.validate import check_at_least
 
-Kind = Literal["neuron", "head", "expert"]
-KINDS: tuple[Kind, ...] = ("neuron", "head", "expert")
-RANKED: dict[Kind, str] = {"neuron": "activation", "head": "output_norm", "expert": "router_weight"}
+Kind = Literal["neuron", "head", "expert", "latent"]
+KINDS: tuple[Kind, ...] = ("neuron", "head", "expert", "latent")
+RANKED: dict[Kind, str] = {
+    "neuron": "activation",
+    "head": "output_norm",
+    "expert": "router_weight",
+    "latent": "activation",
+}
 MEASURES: dict[Kind, tuple[str, ...]] = {
     "neuron": ("activation",),
     "head": ("output_norm", "attention_away"),
     "expert": ("router_weight",),
+    "latent": ("activation",),
 }
 _DECADES = np.logspace(-4, 3, 57, dtype=np.float64)  # 8 bins per decade
 SIGNED_EDGES = np.concatenate([-_DECADES[::-1], _DECADES]).astype(np.float32)
@@ -94,6 +105,14 @@ class IndexSettings:
     window: int
     k: int
     layers: tuple[int, ...]
+    saes: tuple[tuple[str, str, str], ...] = ()  # (hook, source, fingerprint) of each SAE
+
+
+def sae_entry(sae: Sae) -> tuple[str, str, str]:
+    """How an index's settings name ``sae``: (hook, source, fingerprint of its weights)."""
+    if sae.hook is None:
+        raise CorpusError(f"{sae.source}: the SAE names no hook; load it with hook=…")
+    return sae.hook, sae.source, sae.fingerprint()
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,6 +221,39 @@ def unit_samples(layer: LayerRun, kinds: Sequence[Kind], start: int) -> dict[Kin
     return out
 
 
+def hook_states(layer: LayerRun, hook: str) -> Tensor:
+    """The residual states [T, D] layer ``layer``'s ``hook`` (``blocks.{l}.hook_resid_pre``,
+    ``_mid`` or ``_post``) holds; parallel blocks have no middle state, and there ``_mid`` is
+    what attention alone wrote (as for the node ``A{l}``)."""
+    which = parse_hook(hook)[1]
+    if which == "pre":
+        return layer.resid_pre
+    if which == "post":
+        return layer.resid_post
+    if layer.resid_mid is None:
+        return layer.resid_pre + layer.attn_update
+    return layer.resid_mid
+
+
+def check_saes(llm: TransparentLlm, saes: Sequence[Sae]) -> tuple[tuple[str, str, str], ...]:
+    """Each SAE's :func:`sae_entry` once it reads a residual of this model;
+    :class:`CorpusError` otherwise."""
+    info = llm.info
+    for sae in saes:
+        hook = sae_entry(sae)[0]
+        if parse_hook(hook)[0] >= info.n_layers:
+            raise CorpusError(f"{hook!r} is not in {info.name}: it has {info.n_layers} layers")
+        if sae.d_in != info.d_model:
+            raise CorpusError(
+                f"{sae.source}: the SAE reads {sae.d_in}-dimensional states; "
+                f"{info.name}'s are {info.d_model}"
+            )
+    entries = tuple(sae_entry(sae) for sae in saes)
+    if len({entry[2] for entry in entries}) < len(entries):
+        raise CorpusError("the same SAE is listed twice")
+    return entries
+
+
 class _StopPass(Exception):
     """Stops a window's forward pass after the last indexed layer."""
 
@@ -302,14 +354,24 @@ def index_windows(
     skip: int = 0,
     batch_windows: int = BATCH_WINDOWS,
     progress: IndexProgress | None = None,
+    saes: Sequence[Sae] = (),
 ) -> CorpusIndex:
     """Index ``windows`` ((number, token ids), in increasing number order): one forward pass per
-    window that stops after the last indexed layer, positions before ``skip`` (the first)
-    left out, each batch of ``batch_windows`` windows reduced to its own index and merged
-    into the running one. ``progress(windows, tokens)`` after each batch."""
+    window that stops after the last indexed layer (or SAE hook), positions before ``skip``
+    (the first) left out, each batch of ``batch_windows`` windows reduced to its own index and
+    merged into the running one. ``saes`` are the SAEs ``settings.saes`` names, in its order.
+    ``progress(windows, tokens)`` after each batch."""
     check_at_least("the window", settings.window, 2)
     check_at_least("k", settings.k, 1)
-    last = max(settings.layers)
+    entries = tuple(sae_entry(sae) for sae in saes)
+    if entries != settings.saes:
+        raise CorpusError("the SAEs given are not the ones the index's settings name")
+    at_layer: dict[int, list[tuple[int, str, Sae]]] = {}
+    for n, ((hook, _, _), sae) in enumerate(zip(entries, saes, strict=True)):
+        at_layer.setdefault(parse_hook(hook)[0], []).append((n, hook, sae))
+    if not settings.layers and not saes:
+        raise CorpusError("nothing to index: give layers, SAEs or both")
+    last = max([*settings.layers, *at_layer])
     wanted = set(settings.layers)
     running: CorpusIndex | None = None
     batch = _Batch({}, [], [])
@@ -331,6 +393,9 @@ def index_windows(
         if layer.index in wanted:
             for kind, measures in unit_samples(layer, KINDS, skip).items():
                 batch.samples.setdefault((kind, layer.index), []).append(measures)
+        for n, hook, sae in at_layer.get(layer.index, []):
+            states = hook_states(layer, hook)[skip:].float().cpu()  # [T', D]
+            batch.samples.setdefault(("latent", n), []).append([sae.encode(states)])
         if layer.index == last:
             raise _StopPass
 

@@ -6,7 +6,8 @@ pass over ``token_ids[:position + 1]`` gives the same value), the activating tok
 window's text. :func:`explain` summarizes them without a language model, after TDB's neuron
 viewer: the tokens the unit fires on most often, the tokens that usually come just before, and
 for a neuron or expert the tokens its output promotes and suppresses through the unembedding at
-its best example (:func:`llm_flow.analyses.lens.run_promoted_suppressed`).
+its best example (:func:`llm_flow.analyses.lens.run_promoted_suppressed`). An SAE latent
+``HOOK:I`` is a unit too (:func:`latent_report`), found in the index by its SAE.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from llm_flow.analyses.corpus_index import EDGES, KINDS, RANKED, CorpusIndex, Kind
+from llm_flow.analyses.corpus_index import EDGES, KINDS, RANKED, CorpusIndex, Kind, TopK
 from llm_flow.analyses.lens import expert_update, neuron_update, run_promoted_suppressed
 from llm_flow.errors import CorpusError, IndexNotFoundError
 from llm_flow.models.base import TransparentLlm
+from llm_flow.models.sae import parse_hook
 from llm_flow.validate import check_at_least
 
 LABEL = "automatic summary (no language model)"
@@ -60,6 +62,11 @@ def check_unit(llm: TransparentLlm, kind: str, layer: int, unit: int) -> Kind:
     """``kind`` as a :data:`Kind` once ``layer`` and ``unit`` exist in the model;
     :class:`CorpusError` listing the valid ones."""
     info = llm.info
+    if kind == "latent":
+        raise CorpusError(
+            "an SAE latent is named by its SAE's hook and its index (HOOK:INDEX), not by a layer "
+            "and a unit; the kinds named that way are neuron, head, expert"
+        )
     if kind not in KINDS:
         raise CorpusError(f"unknown unit kind {kind!r}; valid kinds are {', '.join(KINDS)}")
     if not 0 <= layer < info.n_layers:
@@ -88,6 +95,13 @@ def top_examples(
     top = index.top.get((checked, layer))
     if top is None:
         raise IndexNotFoundError(f"this corpus index does not cover {kind}s of layer {layer}")
+    return _examples(llm, index, top, unit, k)
+
+
+def _examples(
+    llm: TransparentLlm, index: CorpusIndex, top: TopK, unit: int, k: int
+) -> list[Example]:
+    """The ``k`` best examples of row ``unit`` of ``top``."""
     examples = []
     for rank in range(min(k, top.k)):
         window = int(top.windows[unit, rank])
@@ -127,14 +141,21 @@ def histogram_dict(index: CorpusIndex, kind: Kind, layer: int, unit: int) -> dic
 
 
 def explain(
-    llm: TransparentLlm, kind: str, layer: int, unit: int, examples: list[Example]
+    llm: TransparentLlm,
+    kind: str,
+    layer: int,
+    unit: int,
+    examples: list[Example],
+    *,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """An automatic summary of a unit from its top examples: ``label``, ``text`` (one
-    paragraph), ``top_tokens`` and ``preceding_tokens`` ([token, count], most frequent first),
-    ``contexts`` (the best examples' last tokens, the activating one in brackets) and, for a
-    neuron or expert, ``promoted`` / ``suppressed`` (tokens its output raises / lowers most at
-    its best example)."""
-    checked = check_unit(llm, kind, layer, unit)
+    paragraph, naming the unit ``name``, by default ``kind layer.unit``), ``top_tokens`` and
+    ``preceding_tokens`` ([token, count], most frequent first), ``contexts`` (the best examples'
+    last tokens, the activating one in brackets) and, for a neuron or expert, ``promoted`` /
+    ``suppressed`` (tokens its output raises / lowers most at its best example). ``kind``
+    ``"latent"``: ``layer`` is not checked."""
+    checked = kind if kind == "latent" else check_unit(llm, kind, layer, unit)
     tokens = Counter(e.token for e in examples)
     before = Counter(
         llm.token_strings([e.token_ids[e.position - 1]])[0] for e in examples if e.position > 0
@@ -157,7 +178,7 @@ def explain(
         up, down = run_promoted_suppressed(llm, run, update, best.position, k=SUMMARY_TOKENS)
         data["promoted"] = [s.token for s in up]
         data["suppressed"] = [s.token for s in down]
-    data["text"] = _sentence(f"{kind} {layer}.{unit}", len(examples), data)
+    data["text"] = _sentence(name or f"{kind} {layer}.{unit}", len(examples), data)
     return data
 
 
@@ -187,7 +208,7 @@ def _sentence(unit: str, n: int, data: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class UnitReport:
     """A unit's top examples, histogram and automatic explanation: what ``llm-flow top``
-    prints (:meth:`to_dict`)."""
+    prints (:meth:`to_dict`). A latent's ``hook`` is its SAE's (``layer`` that hook's layer)."""
 
     kind: Kind
     layer: int
@@ -195,12 +216,21 @@ class UnitReport:
     examples: tuple[Example, ...]
     histogram: dict[str, Any]
     explanation: dict[str, Any]
+    hook: str | None = None
+
+    @property
+    def name(self) -> str:
+        """As ``top`` names it: ``neuron 5.120``, ``head 3.1``, ``latent HOOK:9`` …"""
+        where = f"{self.hook}:" if self.hook is not None else f"{self.layer}."
+        return f"{self.kind} {where}{self.unit}"
 
     def to_dict(self) -> dict[str, Any]:
+        hook = {} if self.hook is None else {"hook": self.hook}
         return {
-            "unit": f"{self.kind} {self.layer}.{self.unit}",
+            "unit": self.name,
             "kind": self.kind,
             "layer": self.layer,
+            **hook,
             "index": self.unit,
             "measure": RANKED[self.kind],
             "examples": [e.to_dict() for e in self.examples],
@@ -222,4 +252,42 @@ def unit_report(
         examples=tuple(examples),
         histogram=histogram_dict(index, checked, layer, unit),
         explanation=explain(llm, checked, layer, unit, examples),
+    )
+
+
+def parse_latent(text: str) -> tuple[str, int]:
+    """``"blocks.3.hook_resid_post:12"`` → (hook, latent 12); :class:`CorpusError` showing the
+    form."""
+    hook, sep, unit = text.strip().rpartition(":")
+    if not (sep and unit.isdigit()):
+        raise CorpusError(
+            f"cannot read latent {text!r}; write it as HOOK:INDEX, e.g. blocks.3.hook_resid_post:12"
+        )
+    parse_hook(hook)
+    return hook, int(unit)
+
+
+def latent_report(
+    llm: TransparentLlm, index: CorpusIndex, slot: int, unit: int, k: int = 20
+) -> UnitReport:
+    """The :class:`UnitReport` of latent ``unit`` of the SAE in place ``slot`` of the index's
+    settings (:func:`llm_flow.io.index_store.find_latent_index` finds both)."""
+    check_at_least("k", k, 1)
+    hook = index.settings.saes[slot][0]
+    top = index.top["latent", slot]
+    size = top.values.shape[0]
+    if not 0 <= unit < size:
+        raise CorpusError(
+            f"latent {unit} does not exist in the SAE on {hook}; valid: 0..{size - 1}"
+        )
+    examples = _examples(llm, index, top, unit, k)
+    name = f"latent {hook}:{unit}"
+    return UnitReport(
+        kind="latent",
+        layer=parse_hook(hook)[0],
+        unit=unit,
+        examples=tuple(examples),
+        histogram=histogram_dict(index, "latent", slot, unit),
+        explanation=explain(llm, "latent", slot, unit, examples, name=name),
+        hook=hook,
     )

@@ -89,3 +89,17 @@ def sae_arg(
         return load_sae(args.sae, hook)
     spec = config.model(args.model or config.default_model)
     return find_sae(spec.saes, spec.name, kind, layer)
+
+
+def hook_sae(args: argparse.Namespace, config: AppConfig, hook: str, sae: str | None) -> Sae:
+    """The SAE on residual ``hook``: ``sae`` (a path or repo, read for ``hook``) when given,
+    else the model's as :func:`sae_arg` finds it for the node the hook reads."""
+    from llm_flow.engine.nodes import parse_node
+    from llm_flow.models.sae import find_sae, load_sae, node_of_hook
+
+    if sae is not None:
+        return load_sae(sae, hook)
+    node = parse_node(node_of_hook(hook, 0))
+    assert node is not None  # node_of_hook names a node
+    spec = config.model(args.model or config.default_model)
+    return find_sae(spec.saes, spec.name, node.kind, node.layer)

@@ -71,14 +71,27 @@ def _add_corpus_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     index.add_argument("--window", type=int, default=64, help="tokens per window (64)")
     index.add_argument("--k", type=int, default=20, help="examples kept per unit (20)")
     index.add_argument("--max-tokens", type=int, help="index at most this many tokens")
+    index.add_argument(
+        "--sae",
+        action="append",
+        help="index an SAE's latents too (repeatable): a hook such as blocks.3.hook_resid_post "
+        "(the model's SAE there: its config entry or the trained one), or an SAE folder, "
+        "params.npz or hub repo; with --sae and no --layers only latents are indexed",
+    )
 
-    top = sub.add_parser("top", help="a neuron's, head's or expert's top corpus examples")
+    top = sub.add_parser("top", help="a neuron's, head's, expert's or latent's top examples")
     unit = top.add_mutually_exclusive_group(required=True)
     unit.add_argument("--neuron", help="LAYER.NEURON, e.g. 5.120")
     unit.add_argument("--head", help="LAYER.HEAD, e.g. 9.3")
     unit.add_argument("--expert", help="LAYER.EXPERT of a mixture-of-experts layer, e.g. 3.1")
+    unit.add_argument(
+        "--latent", help="HOOK:INDEX of an SAE latent, e.g. blocks.3.hook_resid_post:12"
+    )
     top.add_argument("--k", type=int, default=20, help="examples to print (20)")
     top.add_argument("--corpus", help="the corpus the index was built on (default: the shipped)")
+    top.add_argument(
+        "--sae", help="--latent: an SAE folder, params.npz or hub repo not in the config"
+    )
     _add_model_args(top)
 
 
@@ -227,9 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_sae_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     """``latents`` and ``sae train`` (sparse autoencoders on the residual stream)."""
-    latents = sub.add_parser("latents", help="a residual node as SAE latents (JSON)")
+    latents = sub.add_parser(
+        "latents", help="a residual node, or an attention edge, as SAE latents (JSON)"
+    )
     latents.add_argument("--prompt", required=True, help="the text to analyse")
-    latents.add_argument("--node", required=True, help="residual node: I{l}_t, A{l}_t or X0_t")
+    where = latents.add_mutually_exclusive_group(required=True)
+    where.add_argument("--node", help="residual node: I{l}_t, A{l}_t or X0_t")
+    where.add_argument(
+        "--edge", help="attention edge I{l-1}_s->A{l}_t or X0_s->A0_t: its source's latents"
+    )
     _add_model_args(latents)
     latents.add_argument("--top", type=int, default=20, help="latents listed (20)")
     latents.add_argument("--sae", help="an SAE folder, params.npz or hub repo not in the config")

@@ -4,10 +4,12 @@
 weights) holds:
 
 - ``index.json``: the format version, the settings (model, model fingerprint, corpus label and
-  SHA-256, window, k, layers), the window spans, token count, the histogram edges of every
-  measure and the seconds the build took;
-- ``examples.parquet``: one row per (kind, layer, unit, rank): ``activation`` (the ranked
-  measure), ``window``, ``position``, ``attention_away`` (heads; null otherwise);
+  SHA-256, window, k, layers, and the SAEs as (hook, source, fingerprint of the weights)), the
+  window spans, token count, the histogram edges of every measure and the seconds the build
+  took;
+- ``examples.parquet``: one row per (kind, layer, unit, rank) (a latent's ``layer`` is its SAE's
+  place in the settings' list): ``activation`` (the ranked measure), ``window``, ``position``,
+  ``attention_away`` (heads; null otherwise);
 - ``histograms.parquet``: one row per (kind, layer, unit, measure): ``counts`` (a list of
   ``len(edges) + 1`` int64 counts);
 - ``windows.parquet``: ``window`` and ``token_ids`` of every window an example refers to.
@@ -24,7 +26,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,12 +45,14 @@ from llm_flow.analyses.corpus_index import (
     Kind,
     TopK,
     check_layers,
+    check_saes,
     index_windows,
 )
 from llm_flow.errors import CorpusError, IndexNotFoundError
 from llm_flow.io.corpus import Corpus, open_corpus, special_prefix, token_windows
 from llm_flow.models.base import TransparentLlm
 from llm_flow.models.loading import cache_dir
+from llm_flow.models.sae import Sae
 
 FORMAT = 2  # 2: the first position of every window is left out
 DEFAULT_WINDOW = 64
@@ -82,10 +86,13 @@ def build_index(
     k: int = DEFAULT_K,
     max_tokens: int | None = None,
     progress: IndexProgress | None = None,
+    saes: Sequence[Sae] = (),
 ) -> CorpusIndex:
     """The corpus index of ``llm`` over ``corpus`` (None: the shipped corpus): read from the
     cache when this model, corpus and settings were indexed before, else built in one streamed
-    pass (at most ``max_tokens`` tokens, rounded up to whole windows) and saved there."""
+    pass (at most ``max_tokens`` tokens, rounded up to whole windows) and saved there. The
+    units of ``layers`` (None: every layer, or none when ``saes`` are given) and the latents of
+    every SAE in ``saes``."""
     corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
     if max_tokens is not None and max_tokens < 1:
         raise CorpusError(f"the token limit must be at least 1, got {max_tokens}")
@@ -96,7 +103,8 @@ def build_index(
         corpus_hash=corpus.content_hash(),
         window=window,
         k=k,
-        layers=check_layers(llm, layers),
+        layers=() if layers is None and saes else check_layers(llm, layers),
+        saes=check_saes(llm, saes),
     )
     folder = _folder(settings, max_tokens)
     if (folder / "index.json").is_file():
@@ -105,7 +113,7 @@ def build_index(
     started = time.perf_counter()
     windows = token_windows(llm, corpus, window, stop=stop)
     skip = max(1, len(special_prefix(llm)))  # the first position: see corpus_index
-    index = index_windows(llm, windows, settings, skip=skip, progress=progress)
+    index = index_windows(llm, windows, settings, skip=skip, progress=progress, saes=saes)
     save_index(index, folder, seconds=time.perf_counter() - started)
     return load_index(folder)
 
@@ -187,7 +195,8 @@ def load_index(folder: Path) -> CorpusIndex:
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise CorpusError(f"cannot read the corpus index {folder.name!r}: {exc}") from None
     raw = meta["settings"]
-    settings = IndexSettings(**(raw | {"layers": tuple(raw["layers"])}))
+    saes = tuple(tuple(entry) for entry in raw.get("saes", ()))
+    settings = IndexSettings(**(raw | {"layers": tuple(raw["layers"]), "saes": saes}))
     top: dict[tuple[Kind, int], TopK] = {}
     k = settings.k
     column = {
@@ -234,15 +243,14 @@ def _groups(table: pa.Table, keys: Sequence[str]) -> list[tuple[int, int, tuple[
     return runs
 
 
-def find_index(
-    llm: TransparentLlm, corpus: Corpus | str | Path | None, kind: Kind, layer: int
-) -> CorpusIndex:
-    """The newest saved index of this model and corpus that covers ``kind`` units of
-    ``layer``; :class:`IndexNotFoundError` when there is none."""
-    corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
+def _matching(
+    llm: TransparentLlm, corpus: Corpus, covers: Callable[[dict[str, Any]], bool]
+) -> tuple[list[tuple[float, Path]], list[dict[str, Any]]]:
+    """The saved indexes of this model and corpus whose settings ``covers`` accepts, as (time,
+    folder), and the settings of all of them (accepted or not)."""
     digest, key = corpus.content_hash(), model_key(llm)
     found: list[tuple[float, Path]] = []
-    covered: set[int] = set()
+    seen: list[dict[str, Any]] = []
     root = index_root()
     for meta_file in root.glob("*/index.json") if root.is_dir() else []:
         try:
@@ -254,13 +262,58 @@ def find_index(
             continue
         if s.get("model_key") != key:
             continue
-        covered.update(s.get("layers", []))
-        if layer in s.get("layers", []):
+        seen.append(s)
+        if covers(s):
             found.append((meta_file.stat().st_mtime, meta_file.parent))
+    return found, seen
+
+
+def find_index(
+    llm: TransparentLlm, corpus: Corpus | str | Path | None, kind: Kind, layer: int
+) -> CorpusIndex:
+    """The newest saved index of this model and corpus that covers ``kind`` units of
+    ``layer``; :class:`IndexNotFoundError` when there is none."""
+    corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
+    found, seen = _matching(llm, corpus, lambda s: layer in s.get("layers", []))
     if not found:
+        covered = {n for s in seen for n in s.get("layers", [])}
         where = f" (indexed layers: {', '.join(map(str, sorted(covered)))})" if covered else ""
         raise IndexNotFoundError(
             f"no corpus index of {llm.info.name} over {corpus.label} covers layer {layer} "
             f"yet{where}"
         )
     return load_index(max(found)[1])
+
+
+def find_latent_index(
+    llm: TransparentLlm, corpus: Corpus | str | Path | None, sae: Sae
+) -> tuple[CorpusIndex, int]:
+    """The newest saved index of this model and corpus that covers the latents of ``sae`` (the
+    same weights, wherever they were read from), and the SAE's place in its settings;
+    :class:`IndexNotFoundError` when there is none."""
+    corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
+    fingerprint = sae.fingerprint()
+
+    def covers(s: dict[str, Any]) -> bool:
+        return any(entry[2] == fingerprint for entry in s.get("saes", []))
+
+    found, _ = _matching(llm, corpus, covers)
+    if not found:
+        raise IndexNotFoundError(
+            f"no corpus index of {llm.info.name} over {corpus.label} covers the latents of "
+            f"the SAE {sae.source or sae.hook} yet"
+        )
+    index = load_index(max(found)[1])
+    return index, latent_slot(index, sae)
+
+
+def latent_slot(index: CorpusIndex, sae: Sae) -> int:
+    """The place of ``sae`` (by its weights' fingerprint) in ``index``'s settings;
+    :class:`IndexNotFoundError` when the index does not cover it."""
+    fingerprints = [entry[2] for entry in index.settings.saes]
+    fingerprint = sae.fingerprint()
+    if fingerprint not in fingerprints:
+        raise IndexNotFoundError(
+            f"this corpus index does not cover the latents of the SAE {sae.source or sae.hook}"
+        )
+    return fingerprints.index(fingerprint)

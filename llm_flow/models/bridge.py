@@ -442,11 +442,7 @@ class BridgeLlm(TransparentLlm):
     def _layer_run(self, layer: int, act: dict[str, Tensor], intervened: bool) -> LayerRun:
         pattern = act["pattern"]
         n_heads = pattern.shape[0]
-        values = act["values"]  # [T, n_kv_heads, d_head]; MLA's hook_v is [H, T, d_head]
-        if self._mla:
-            values = values.transpose(0, 1)
-        if values.shape[1] != n_heads:  # grouped-query attention: K/V heads are shared
-            values = values.repeat_interleave(n_heads // values.shape[1], dim=1)
+        values = qk.value_heads(act["values"], n_heads, latent=self._mla)  # [T, H, d_head]
         n_tokens = values.shape[0]
         ones = torch.ones(n_tokens, dtype=self._dtype, device=self._device)
         # Post-norm: update = x · g / rms(x); g is folded into the weights, 1/rms kept per token.

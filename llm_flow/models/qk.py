@@ -1,12 +1,14 @@
-"""One attention layer's queries, keys and scores, and its query/key maps with every norm's
-scale frozen: what QK attribution (:mod:`llm_flow.analyses.attend`) decomposes.
+"""One attention layer's queries, keys and scores, and its query/key and value maps with every
+norm's scale frozen: what QK attribution (:mod:`llm_flow.analyses.attend`) and the latents of an
+attention edge (:mod:`llm_flow.analyses.edge_latents`) decompose.
 
 With the per-token scale of the pre-attention norm and of any q/k norm frozen to the ones the
 model used, the path from a residual vector to the query (projection, q-norm, rotary) is affine
 per position, so the query of a sum of parts is the sum of the parts' queries plus a constant
-(docs: ARCHITECTURE, "QK attribution"). Nothing here recomputes rotary, norms or masks: the
-layer's own TransformerBridge attention runs on a batch of parts, its norms' ``hook_scale``
-replaced by the scales of the model's pass, and stops once the queries and keys exist.
+(docs: ARCHITECTURE, "QK attribution"); so are the values (a latent-attention model's latent
+norm frozen too). Nothing here recomputes rotary, norms or masks: the layer's own
+TransformerBridge attention runs on a batch of parts, its norms' ``hook_scale`` replaced by the
+scales of the model's pass, and stops once the queries and keys (or the values) exist.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from llm_flow.models.weights import norm_affine
 _GRABS = {
     "q": "hook_q",
     "k": "hook_k",
+    "v": "hook_v",
     "rot_q": "hook_rot_q",
     "rot_k": "hook_rot_k",
     "q_normed": "hook_q_normed",
@@ -67,6 +70,9 @@ class QkCapture:
     # Residual vectors [N, T, D] (part n at every position) → (queries [N, T, H, d_qk],
     # keys [N, T, H_kv, d_qk]), affine: the image of zeros is the norm and projection biases.
     project: Callable[[Tensor], tuple[Tensor, Tensor]] = field(compare=False, repr=False)
+    # Residual vectors [N, T, D] → values [N, T, H, d_head] per query head (as LayerRun.values),
+    # affine the same way.
+    project_values: Callable[[Tensor], Tensor] = field(compare=False, repr=False)
 
 
 def capture(
@@ -142,7 +148,10 @@ def capture(
         scores = raw.float().masked_fill(raw <= torch.finfo(raw.dtype).min / 2, -torch.inf)
         scale = _scale(hf_attn, queries, keys, scores)
 
-    def project(parts: Tensor) -> tuple[Tensor, Tensor]:
+    n_heads, latent = int(got["pattern"].shape[1]), hasattr(attn, "hook_kv_latent")
+
+    def run_parts(parts: Tensor, sources: tuple[str, ...]) -> dict[str, Tensor]:
+        """The attention's hooks ``sources`` (keys of _GRABS) on a batch of residual parts."""
         x = hidden(parts)
         args = got["args"][1:]
         # No cache: the pass's own would grow by the parts' keys.
@@ -153,7 +162,7 @@ def capture(
         def keep(key: str) -> Callable[[Tensor, Any], None]:
             def hook(tensor: Tensor, hook: Any) -> None:
                 out[key] = tensor.detach()
-                if len(out) == len(rotary.sources):  # no [N, H, T, T] scores are computed
+                if len(out) == len(sources):  # no [N, H, T, T] scores are computed
                     raise _Stop
 
             return hook
@@ -164,23 +173,29 @@ def capture(
         run_hooks: list[tuple[str, Callable[[Tensor, Any], Tensor | None]]] = [
             (name, freeze(value)) for name, value in frozen.items()
         ]
-        run_hooks += [(f"{prefix}attn.{_GRABS[k]}", keep(k)) for k in rotary.sources]
+        run_hooks += [(f"{prefix}attn.{_GRABS[k]}", keep(k)) for k in sources]
 
-        def run(batch: Tensor) -> tuple[Tensor, Tensor]:
+        def run(batch: Tensor) -> dict[str, Tensor]:
             out.clear()
             hooked = bridge.hooks(fwd_hooks=run_hooks)
             with hooked, contextlib.suppress(_Stop), warnings.catch_warnings():
                 # A frozen scale is an edit, on purpose: TransformerLens warns of each one.
                 warnings.filterwarnings("ignore", message=".*edited hook_scale")
                 attn(batch, *args, **kwargs)
-            return rotary.apply(attn, out)
+            return dict(out)
 
         with lock, torch.inference_mode():  # the hooks are on modules other passes share
             try:
                 return run(x)
             except RuntimeError:  # arguments shaped for one sequence (ALiBi, caches): one by one
                 one = [run(x[n : n + 1]) for n in range(x.shape[0])]
-                return torch.cat([q for q, _ in one]), torch.cat([k for _, k in one])
+                return {key: torch.cat([o[key] for o in one]) for key in sources}
+
+    def project(parts: Tensor) -> tuple[Tensor, Tensor]:
+        return rotary.apply(attn, run_parts(parts, rotary.sources))
+
+    def project_values(parts: Tensor) -> Tensor:
+        return value_heads(run_parts(parts, ("v",))["v"], n_heads, latent=latent)
 
     return QkCapture(
         queries=queries,
@@ -190,7 +205,18 @@ def capture(
         scale=scale,
         bilinear=softcap is None and not alibi,
         project=project,
+        project_values=project_values,
     )
+
+
+def value_heads(values: Tensor, n_heads: int, *, latent: bool) -> Tensor:
+    """``hook_v``'s values [..., T, H_kv, d] (latent attention's: [..., H, T, d]) as one slice
+    per query head [..., T, H, d]: grouped-query K/V heads expanded to the heads sharing them."""
+    if latent:
+        values = values.transpose(-3, -2)
+    if values.shape[-2] != n_heads:
+        values = values.repeat_interleave(n_heads // values.shape[-2], dim=-2)
+    return values
 
 
 @dataclass(frozen=True)

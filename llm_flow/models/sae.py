@@ -25,6 +25,7 @@ SAELens names residual hooks as TransformerLens does; :func:`hook_of_node` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -135,6 +136,17 @@ class Sae:
         """The reconstruction ``(f W_dec + b_dec) / c`` [..., d_in] (``scale`` = c, default 1)."""
         out = acts @ self.W_dec.to(acts) + self.b_dec.to(acts)
         return out if scale is None else out / scale[..., None]
+
+    def fingerprint(self) -> str:
+        """A hash of what the activations depend on (architecture, settings, weights): two SAEs
+        with the same fingerprint encode alike, wherever they were read from."""
+        digest = hashlib.sha256()
+        facts = [self.architecture, self.apply_b_dec_to_input, self.normalize_activations, self.k]
+        digest.update(json.dumps(facts).encode())
+        for tensor in (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold):
+            if tensor is not None:
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def with_hook(self, hook: str) -> Sae:
         """This SAE read on ``hook`` (Gemma Scope files do not name theirs)."""

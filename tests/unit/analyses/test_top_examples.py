@@ -61,7 +61,32 @@ def test_a_head_report_and_the_errors(corpus_file: Path) -> None:
     assert len(report.examples) == 2 and report.examples[0].attention_away is not None
     assert "promoted" not in report.explanation
     assert set(report.histogram) == {"measure", "edges", "counts", "attention_away"}
-    with pytest.raises(CorpusError, match="valid kinds are neuron, head, expert"):
+    with pytest.raises(CorpusError, match="valid kinds are neuron, head, expert, latent"):
+        lf.top_examples(llm, "synapse", 0, 1, index=index)
+    with pytest.raises(CorpusError, match=r"SAE's hook and its index \(HOOK:INDEX\)"):
         lf.top_examples(llm, "latent", 0, 1, index=index)
     with pytest.raises(CorpusError, match="head 4 does not exist in layer 0; valid: 0..3"):
         lf.top_examples(llm, "head", 0, 4, index=index)
+
+
+def test_a_latent_report_through_the_api(
+    corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llm_flow.models.sae import save_sae, trained_sae_dir
+    from tests.unit.analyses.test_latents import random_sae
+
+    monkeypatch.setenv("LLM_FLOW_CACHE", str(tmp_path / "cache"))
+    llm = tiny_llm("llama-gqa")
+    hook = "blocks.1.hook_resid_post"
+    folder = save_sae(random_sae(hook), trained_sae_dir(llm.info.name, hook))
+    with pytest.raises(IndexNotFoundError, match="covers the latents"):
+        lf.top_latent_examples(llm, f"{hook}:2", corpus=corpus_file)
+    index = lf.build_index(llm, corpus_file, window=8, k=3, saes=[hook])  # the trained SAE
+    assert index.settings.saes[0][:2] == (hook, str(folder))
+    found = lf.top_latent_examples(llm, f"{hook}:2", k=2, corpus=corpus_file)  # the trained SAE
+    given = lf.top_latent_examples(llm, f"{hook}:2", sae=folder, k=2, index=index)
+    assert found.to_dict() == given.to_dict()
+    assert found.name == f"latent {hook}:2" and len(found.examples) == 2
+    other = random_sae(hook, seed=5)
+    with pytest.raises(IndexNotFoundError, match="does not cover the latents"):
+        lf.top_latent_examples(llm, f"{hook}:2", sae=other, index=index)

@@ -63,7 +63,12 @@ def test_index_then_top_round_trip(
     summary = cli_json(capsys, "index", *base, "--layers", "1-2", "--window", "10", "--k", "3")
     assert Path(summary["index"]).is_dir()
     assert summary["layers"] == [1, 2] and summary["windows"] == 16  # 144 words, 9 per window
-    assert summary["tokens"] == 144 and summary["units"] == {"neuron": 96, "head": 8, "expert": 0}
+    assert summary["tokens"] == 144 and summary["units"] == {
+        "neuron": 96,
+        "head": 8,
+        "expert": 0,
+        "latent": 0,
+    }
     assert cli_json(capsys, "index", *base, "--layers", "1-2", "--window", "10", "--k", "3") == (
         summary
     )
@@ -124,3 +129,34 @@ def test_experts_of_a_mixture_of_experts_model(
     assert data["measure"] == "router_weight" and len(data["examples"]) == 3
     assert all(0 <= e["activation"] <= 1 for e in data["examples"])
     assert "promoted" in data["explanation"]
+
+
+def test_latents_index_then_top(
+    capsys: pytest.CaptureFixture[str], setup: tuple[str, str], tmp_path: Path
+) -> None:
+    from llm_flow.models.sae import save_sae
+    from tests.unit.analyses.test_latents import D_SAE, random_sae
+
+    config, corpus = setup
+    hook = "blocks.1.hook_resid_post"
+    folder = str(save_sae(random_sae(hook), tmp_path / "sae"))
+    base = ("--config", config, "--corpus", corpus)
+    err = one_error(capsys, "top", "--latent", f"{hook}:3", "--sae", folder, *base)
+    assert f"llm-flow index --sae {folder}" in err and "covers the latents" in err
+    summary = cli_json(capsys, "index", *base, "--sae", folder, "--window", "10", "--k", "3")
+    assert summary["layers"] == [] and summary["units"]["latent"] == D_SAE
+    assert [(s["hook"], s["source"]) for s in summary["saes"]] == [(hook, folder)]
+
+    data = cli_json(capsys, "top", "--latent", f"{hook}:3", "--sae", folder, *base, "--k", "2")
+    assert data["unit"] == f"latent {hook}:3" and data["hook"] == hook and data["index"] == 3
+    assert len(data["examples"]) == 2 and all(set(e) >= EXAMPLE_KEYS for e in data["examples"])
+    values = [e["activation"] for e in data["examples"]]
+    assert values == sorted(values, reverse=True)
+    assert sum(data["histogram"]["counts"]) == summary["tokens"]
+    # A hook without --sae: the model's SAE there, of which the config names none.
+    err = one_error(capsys, "index", *base, "--sae", "blocks.0.hook_resid_post")
+    assert '"saes": {"blocks.0.hook_resid_post"' in err
+    err = one_error(capsys, "top", "--latent", f"{hook}:{D_SAE}", "--sae", folder, *base)
+    assert f"valid: 0..{D_SAE - 1}" in err
+    assert "--sae goes with --latent" in one_error(capsys, "top", "--head", "1.0", "--sae", folder)
+    assert "HOOK:INDEX" in one_error(capsys, "top", "--latent", hook, *base)

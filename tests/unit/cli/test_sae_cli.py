@@ -16,6 +16,7 @@ from tests.tiny import prompt
 
 PROMPT = prompt(6)
 HOOK = "blocks.1.hook_resid_post"
+CONTRAST = ("--target", " w1", "--distractor", " w2")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,16 @@ def test_latents_with_sae_path_and_contrast(trained: dict[str, Any], cli: Any) -
     assert all("direct_effect_diff" in latent for latent in json.loads(out)["latents"])
 
 
+def test_latents_of_an_edge(trained: dict[str, Any], cli: Any) -> None:
+    code, out, err = cli("latents", "--prompt", PROMPT, "--edge", "I1_2->A2_4", "--top", "3")
+    assert code == 0, err
+    data = json.loads(out)
+    assert (data["edge"], data["source"], data["target"]) == ("I1_2->A2_4", "I1_2", "A2_4")
+    assert data["hook"] == HOOK and len(data["latents"]) == min(3, data["l0"])
+    total = sum(data[f"{part}_contribution"] for part in ("latents", "b_dec", "bias", "error"))
+    assert total == pytest.approx(1)
+
+
 def test_ablate_latents_diffs_the_route(trained: dict[str, Any], cli: Any) -> None:
     code, out, err = cli(
         "ablate", "--prompt", PROMPT, "--latents", f"{HOOK}:0,1,2,3", "--graph-diff",
@@ -99,6 +110,11 @@ def test_ablate_latents_diffs_the_route(trained: dict[str, Any], cli: Any) -> No
         (("latents", "--prompt", PROMPT, "--node", "I0_3"), '"saes": {"blocks.0.hook_resid_post"'),
         (("latents", "--prompt", PROMPT, "--node", "M1_3"), "unknown node id"),
         (("latents", "--prompt", PROMPT, "--node", "I1_3", "--sae", "/nope"), "no SAE at"),
+        (("latents", "--prompt", PROMPT, "--edge", "I1_3"), "not an attention edge"),
+        (("latents", "--prompt", PROMPT, "--edge", "I0_2->A1_3"), '"saes": {"blocks.0.hook'),
+        (("latents", "--prompt", PROMPT, "--edge", "I0_2->A1_9"), "outside this run"),
+        (("latents", "--prompt", PROMPT, "--edge", "I1_2->A2_4", *CONTRAST), "go with --node"),
+        (("latents", "--prompt", PROMPT, "--edge", "I1_2->A2_4", "--node", "I1_2"), "not allowed"),
         (("ablate", "--prompt", PROMPT, "--sae", "x"), "--sae goes with --latents"),
         (("ablate", "--prompt", PROMPT, "--latents", "blocks.1.hook_resid_post"), "HOOK:I"),
         (("sae", "train", "--layer", "9"), "outside 0..2"),
