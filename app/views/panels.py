@@ -5,7 +5,8 @@
 - FFN block → neuron panel: the top neurons by contribution (activation sign shown), and the
   chosen neuron's (or the whole block's) promoted and suppressed tokens; for a mixture of
   experts, the experts panel (``app/views/experts.py``);
-- residual node → logit lens with rank changes, and what the block just below it wrote.
+- residual node → logit lens with rank changes, and what the block just below it wrote; its SAE
+  latents when the model has an SAE there (``app/views/latents.py``).
 
 The math is llm-flow's (``engine.graph``, ``engine.contributions``, ``analyses.lens``); this
 module only lays it out.
@@ -25,6 +26,7 @@ from app.figures import tables
 from app.selection import Selection
 from app.views.examples import top_examples_section
 from app.views.experts import experts_panel
+from app.views.latents import latents_tab
 from app.views.why import why_tab
 from llm_flow.analyses.lens import (
     block_update,
@@ -58,6 +60,7 @@ class PanelContext:
     cached: CachedTrace
     route: Route
     normalize_lens: bool
+    pair: tuple[str, str] | None = None  # the sidebar's target and distractor, when valid
 
 
 def selection_panel(selection: Selection | None, ctx: PanelContext) -> None:
@@ -340,13 +343,24 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
 
 
 def residual_panel(selection: Selection, ctx: PanelContext) -> None:
+    layer, t = selection.layer, selection.token
+    st.subheader(f"Residual {selection.id}")
+    st.markdown(
+        f"{describe_node(selection.node, layer).capitalize()} at "
+        f"{_token(ctx.cached.trace.tokens, t)}."
+    )
+    lens_tab, latents = st.tabs(["Logit lens", "SAE latents"])
+    with lens_tab:
+        _lens_tab(selection, ctx)
+    with latents:
+        latents_tab(ctx.cached, selection, ctx.pair)
+
+
+def _lens_tab(selection: Selection, ctx: PanelContext) -> None:
     traced = ctx.cached.trace
     run = traced.run
     node = selection.id
     layer, t = selection.layer, selection.token
-    tokens = run.tokens
-    st.subheader(f"Residual {node}")
-    st.markdown(f"{describe_node(selection.node, layer).capitalize()} at {_token(tokens, t)}.")
     lens = logit_lens(traced, node, normalize=ctx.normalize_lens, k=TOP_TOKENS)
     previous = previous_node(node, run.n_layers)
     st.markdown("**Logit lens** · top tokens")
