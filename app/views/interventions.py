@@ -166,8 +166,11 @@ def _latent_edit(ctx: Context, text: str, scale: float) -> LatentEdit | None:
 def _key(
     ctx: Context, ablation: Ablation, mean_file: str | None, latents: LatentEdit | None
 ) -> AblationKey:
-    """The ablation's cache key; a mean file only matters when components are mean-ablated."""
-    means = None if ablation.is_empty else _means_key(ctx, mean_file)
+    """The ablation's cache key; the mode and mean file only matter when components are
+    ablated (latents alone are scaled, whatever the mode)."""
+    if ablation.is_empty:
+        return AblationKey(ctx.cached.key, ctx.position, Ablation(), None, ctx.pair, latents)
+    means = _means_key(ctx, mean_file)
     return AblationKey(ctx.cached.key, ctx.position, ablation, means, ctx.pair, latents)
 
 

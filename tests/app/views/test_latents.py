@@ -6,6 +6,7 @@ SAE in SAELens's format attached through the config's ``"saes"``."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import llm_flow as lf
-from app import session
+from app import cache, latents_cache, session
 from app.figures.tables import B_DEC, DIFF_COLUMN, ERROR, LATENT_COLUMNS
 from llm_flow.models.sae import save_sae
 from tests.app.apptest import CONTRAST, assert_serving, errors, start
@@ -83,6 +84,9 @@ def test_a_residual_node_lists_its_latents_b_dec_and_the_error(
     summary = " | ".join(m.value for m in at.markdown)
     assert f"**{want.l0}** active latents" in summary
     assert f"explained variance **{want.explained_variance:.3f}**" in summary
+    computed = latents_cache.store().computed
+    at.slider(key=session.THRESHOLD).set_value(0.1).run()  # another route, the same node
+    assert latents_cache.store().computed == computed and latents_table(at).equals(table)
 
     # Without a contrast there is no target − distractor column.
     at.text_input(key=session.TARGET).set_value("")
@@ -120,6 +124,17 @@ def test_ablating_a_selected_latent_shows_the_route_before_and_after(
     at.button(key="run_ablation").click().run()
     assert_serving(at)
     assert any(f"SAE latents {HOOK}:{index},1 scaled by 3" in c.value for c in at.caption)
+
+    # Another factor marks the result stale; latents alone take no mean file in mean mode.
+    at.number_input(key=session.LATENT_SCALE).set_value(2.0).run()
+    stale = re.sub(r"\\(.)", r"\1", " | ".join(w.value for w in at.warning))  # unescaped
+    assert f"latents {HOOK}:{index},1 ×3 → {HOOK}:{index},1 ×2" in stale
+    means = cache.store().means.computed
+    at.radio(key=session.ABLATION_MODE).set_value("mean").run()
+    at.button(key="run_ablation").click().run()
+    assert_serving(at)
+    assert not at.warning and cache.store().means.computed == means
+    assert any(f"SAE latents {HOOK}:{index},1 scaled by 2." in c.value for c in at.caption)
 
 
 def test_without_an_sae_the_tab_says_how_to_attach_one_and_bad_saes_are_errors(
