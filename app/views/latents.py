@@ -15,9 +15,11 @@ from app import latents_cache, saes, session
 from app.cache import CachedTrace
 from app.figures import tables
 from app.latents_cache import LatentsKey
+from app.saes import SaeRef
 from app.selection import Selection, selected_row
 from app.views.errors import show_error
 from llm_flow.analyses.latents import Latent, Latents
+from llm_flow.engine.nodes import source_id
 from llm_flow.errors import LlmFlowError
 from llm_flow.models.sae import hooks_of_node
 
@@ -44,8 +46,8 @@ def latents_tab(cached: CachedTrace, selection: Selection, pair: tuple[str, str]
         return
     st.markdown(
         f"SAE on `{result.hook}`: **{result.l0}** active latents (L0), explained variance "
-        f"**{result.explained_variance:.3f}**; the error ε makes up "
-        f"{result.error_contribution:.3f} of the node."
+        f"**{result.explained_variance:.3f}**; the error ε has "
+        f"a contribution of {result.error_contribution:.3f}."
     )
     key = f"latents|{node}"
     st.dataframe(
@@ -98,4 +100,28 @@ def latent_examples(hook: str, index: int) -> None:
     st.info(
         f"No corpus index covers SAE latents yet, so {hook}:{index} has no top examples here; "
         "neurons, heads and experts have theirs in their panels."
+    )
+
+
+def source_sae(cached: CachedTrace, layer: int, source: int) -> SaeRef | None:
+    """The SAE on the source node of an attention edge into ``layer`` from token ``source``."""
+    kind, at = ("X", 0) if layer == 0 else ("I", layer - 1)
+    return saes.node_sae(cached.key.model.spec, kind, at)
+
+
+def source_latents_tab(ref: SaeRef, layer: int, source: int) -> None:
+    """The heads panel's "Source latents" tab, offered when the edge's source has an SAE: a way
+    to that node's latents. How the edge itself splits over them (z[t,s] = Σ latent parts +
+    b_dec part + ε part, through the frozen-scale norm) needs the core's edge split, which does
+    not exist yet; its table goes here."""
+    node = source_id(layer, source)
+    st.caption(
+        f"The source {node} has an SAE on `{ref.hook}`. How this edge splits over its latents is "
+        "not computed yet; its own latents are in its panel."
+    )
+    st.button(
+        f"Show {node}'s latents",
+        key=f"source_latents|{node}",
+        on_click=session.select,
+        args=(node,),
     )

@@ -1,7 +1,8 @@
 """The panel beside the graph: what the clicked edge, FFN block or residual node does.
 
 - attention edge → heads panel: each head's share of the edge, the chosen head's attention and
-  contribution maps, and the tokens it promotes or suppresses at the target position;
+  contribution maps, and the tokens it promotes or suppresses at the target position (a
+  "Source latents" tab when the source node has an SAE);
 - FFN block → neuron panel: the top neurons by contribution (activation sign shown), and the
   chosen neuron's (or the whole block's) promoted and suppressed tokens; for a mixture of
   experts, the experts panel (``app/views/experts.py``);
@@ -26,7 +27,7 @@ from app.figures import tables
 from app.selection import Selection
 from app.views.examples import top_examples_section
 from app.views.experts import experts_panel
-from app.views.latents import latents_tab
+from app.views.latents import latents_tab, source_latents_tab, source_sae
 from app.views.why import why_tab
 from llm_flow.analyses.lens import (
     block_update,
@@ -170,8 +171,10 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
 
     n_tokens = run.n_tokens
     pattern = layer_run.pattern
-    attention_tab, contribution_tab, why, examples = st.tabs(
+    sae = source_sae(ctx.cached, layer, s)
+    attention_tab, contribution_tab, why, examples, *source_latents = st.tabs(
         ["Attention map", "Contribution map", "Why this source?", "Top examples"]
+        + (["Source latents"] if sae is not None else [])
     )
     with attention_tab:
         if pattern is None:
@@ -240,6 +243,9 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
             st.info("Choose a head above to see where in a corpus it writes the most.")
         else:
             top_examples_section(ctx.cfg, ctx.cached, "head", layer, head, f"{selection.id}|{head}")
+    if sae is not None:
+        with source_latents[0]:
+            source_latents_tab(sae, layer, s)
 
     who = "all heads" if head is None else f"head {head}"
     st.markdown(f"**Tokens {who} of layer {layer} promote and suppress** at {_token(tokens, t)}")

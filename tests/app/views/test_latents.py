@@ -146,6 +146,8 @@ def test_without_an_sae_the_tab_says_how_to_attach_one_and_bad_saes_are_errors(
     at.text_input(key=session.ABLATE_LATENTS).input("blocks.0.hook_resid_post:1")
     at.button(key="run_ablation").click().run()
     assert "has no SAE on 'blocks.0.hook_resid_post'" in errors(at)
+    select_node(at, "X0_2")
+    assert any('"blocks.0.hook_resid_pre": PATH_OR_REPO' in c.value for c in at.caption)
 
     config, _ = sae_config  # an SAE of another width: an error in words, the app serves on
     save_sae(random_sae(HOOK, d_in=16), tmp_path / "narrow")
@@ -157,3 +159,19 @@ def test_without_an_sae_the_tab_says_how_to_attach_one_and_bad_saes_are_errors(
     at.run()
     assert "16-dimensional" in errors(at)
     assert not at.exception and any(s.value == f"Residual {NODE}" for s in at.subheader)
+
+
+def test_an_edge_from_a_node_with_an_sae_leads_to_its_latents(
+    sae_config: tuple[Path, Path],
+) -> None:
+    at = start({"threshold": "0"})
+    select_node(at, "I1_2->A2_5")  # from I1_2, which has the SAE
+    assert any(
+        "How this edge splits over its latents is not computed" in c.value for c in at.caption
+    )
+    at.button(key="source_latents|I1_2").click().run()
+    assert_serving(at)
+    assert at.session_state[session.SELECTION] == "I1_2"
+    assert list(latents_table(at)["latent"].iloc[-2:]) == [B_DEC, ERROR]
+    select_node(at, "I0_2->A1_5")  # from I0_2: no SAE, no tab
+    assert not any("How this edge splits" in c.value for c in at.caption)
