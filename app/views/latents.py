@@ -21,6 +21,7 @@ from app.views.errors import show_error
 from llm_flow.analyses.latents import Latent, Latents
 from llm_flow.engine.nodes import source_id
 from llm_flow.errors import LlmFlowError
+from llm_flow.io.text import display_token, markdown_text
 from llm_flow.models.sae import hooks_of_node
 
 _NUMBER = st.column_config.NumberColumn(format="%.3f")
@@ -59,18 +60,27 @@ def latents_tab(cached: CachedTrace, selection: Selection, pair: tuple[str, str]
         width="stretch",
         column_config={name: _NUMBER for name in [*tables.LATENT_COLUMNS[1:], tables.DIFF_COLUMN]},
     )
-    predicted = result.predicted_token
+    predicted = _quoted(result.predicted_token)
     st.caption(
         f"The node's state = Σ active latents fᵢ·dᵢ + b_dec + ε. **contribution**: each part's "
         "proximity to the state, normalized over all parts (they sum to 1). **direct effect**: "
-        f"the part through the final norm (scale frozen) onto the logit of “{predicted}”, the "
+        f"the part through the final norm (scale frozen) onto the logit of {predicted}, the "
         "prediction here"
-        + (f"; **{tables.DIFF_COLUMN}**: onto “{pair[0]}” − “{pair[1]}”" if pair else "")
-        + f". Source: {ref.source}. Select a latent's row for its top examples and to scale it."
+        + (
+            f"; **{tables.DIFF_COLUMN}**: onto {_quoted(pair[0])} − {_quoted(pair[1])}"
+            if pair
+            else ""
+        )
+        + f". Source: {markdown_text(ref.source)}. Select a latent's row for its top examples "
+        "and to scale it."
     )
     row = selected_row(st.session_state.get(key))
     if row is not None and row < len(result.latents):
         _latent(result, result.latents[row], node)
+
+
+def _quoted(token: str) -> str:
+    return f"“{markdown_text(display_token(token))}”"
 
 
 def _latent(result: Latents, latent: Latent, node: str) -> None:
@@ -88,7 +98,7 @@ def _latent(result: Latents, latent: Latent, node: str) -> None:
         args=(name, scale),
     )
     st.caption(
-        f"Runs the model with {name}'s part scaled by the factor at every position (0 removes "
+        f"Runs the model with `{name}`'s part scaled by the factor at every position (0 removes "
         "it), in “Ablate components” below: the prediction and the route before and after."
     )
 
@@ -98,7 +108,7 @@ def latent_examples(hook: str, index: int) -> None:
     it does (``llm-flow top --latent HOOK:I``), this calls
     :func:`app.views.examples.top_examples_section` for the latent instead."""
     st.info(
-        f"No corpus index covers SAE latents yet, so {hook}:{index} has no top examples here; "
+        f"No corpus index covers SAE latents yet, so `{hook}:{index}` has no top examples here; "
         "neurons, heads and experts have theirs in their panels."
     )
 
