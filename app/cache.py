@@ -16,7 +16,7 @@ browser session, holding bounded LRU caches keyed by every argument that changes
 - ``means``: mean activations for mean ablation by :class:`MeansKey` (model key, prompt file,
   its mtime);
 - ``ablations``: traced ablations (before/after prediction and the ablated run's graph, so a
-  route diff at any τ only re-runs routes) by :class:`AblationKey`;
+  route diff at any τ only re-runs routes) by :class:`AblationKey`, SAE latents included;
 - ``faithfulness``: faithfulness reports by :class:`FaithfulnessKey`;
 - ``datasets``: dataset-mode tables by :class:`DatasetKey`.
 
@@ -48,6 +48,7 @@ import streamlit as st
 import torch
 
 from app.bounded import BoundedCache
+from app.saes import LatentEdit, get_sae
 from llm_flow.analyses.ablation import AblationResult, ablate
 from llm_flow.analyses.attend import Attend
 from llm_flow.analyses.attend import attend as attend_edge
@@ -65,6 +66,7 @@ from llm_flow.analyses.corpus_index import CorpusIndex, IndexProgress, Kind
 from llm_flow.analyses.dataset import DatasetComparison, compare_prompts, dataset_frequencies
 from llm_flow.analyses.faithfulness import FaithfulnessReport, faithfulness
 from llm_flow.analyses.interventions import Ablation, MeanActivations, Mode, mean_activations
+from llm_flow.analyses.latents import latent_hooks
 from llm_flow.analyses.top_examples import UnitReport
 from llm_flow.analyses.top_examples import unit_report as make_unit_report
 from llm_flow.config import AppConfig, ModelSpec
@@ -140,6 +142,7 @@ class AblationKey:
     ablation: Ablation
     means: MeansKey | None
     contrast: tuple[str, str] | None  # target, distractor (already checked)
+    latents: LatentEdit | None = None
 
 
 @dataclass(frozen=True)
@@ -387,16 +390,21 @@ def get_ablation(
     means: MeanActivations | None,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> AblationResult:
-    """Before/after of ``key.ablation`` on ``cached`` (validated by the core:
-    ``InterventionError``), traced so that :meth:`AblationResult.route_diff` works."""
+    """Before/after of ``key.ablation`` and ``key.latents`` on ``cached`` (validated by the
+    core: ``InterventionError``, ``SaeError``), traced so that :meth:`AblationResult.route_diff`
+    works."""
 
     def compute() -> AblationResult:
         target_id = distractor_id = None
         if key.contrast is not None:
             target_id, distractor_id = contrast_ids(cached.trace.llm, *key.contrast)
+        edit, llm = key.latents, cached.trace.llm
         return ablate(
             cached.trace,
             key.ablation,
+            hooks=[]
+            if edit is None
+            else latent_hooks(llm, get_sae(edit.sae), edit.indices, edit.scale),
             means=means,
             position=key.position,
             target_id=target_id,

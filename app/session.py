@@ -48,6 +48,8 @@ ABLATE_HEADS = "ablate_heads"
 ABLATE_NEURONS = "ablate_neurons"
 ABLATE_EXPERTS = "ablate_experts"
 ABLATE_EDGE = "ablate_edge"
+ABLATE_LATENTS = "ablate_latents"
+LATENT_SCALE = "latent_scale"
 ABLATION_MODE = "ablation_mode"
 MEAN_FILE = "mean_file"
 FAITHFULNESS_DRAWS = "faithfulness_draws"
@@ -68,6 +70,7 @@ _TABLE_ROW = "table_row"
 _SHOWN_DATASET = "shown_dataset"
 _DATASET_DRAWN_AT = "dataset_drawn_at"
 _PREFERRED_UNIT = "preferred_unit"
+_ABLATION_ASKED = "ablation_asked"
 
 CUSTOM_CHOICE = "Custom model…"
 
@@ -367,6 +370,21 @@ def show_ablation(key: AblationKey) -> None:
 def shown_ablation() -> AblationKey | None:
     key: AblationKey | None = st.session_state.get(SHOWN_ABLATION)
     return key
+
+
+def ablate_latent(latent: str, scale: float) -> None:
+    """A latents panel's "scale this latent": the interventions below open with only ``latent``
+    (``HOOK:I``) to scale by ``scale``, and run it (:func:`take_ablation_request`)."""
+    ss = st.session_state
+    ss[ABLATE_LATENTS], ss[LATENT_SCALE] = latent, scale
+    ss[ABLATE_HEADS], ss[ABLATE_EXPERTS], ss[ABLATE_NEURONS], ss[ABLATE_EDGE] = [], [], "", False
+    ss[INTERVENTIONS] = True
+    ss[_ABLATION_ASKED] = True
+
+
+def take_ablation_request() -> bool:
+    """Whether a panel asked the interventions to run their ablation (once)."""
+    return bool(st.session_state.pop(_ABLATION_ASKED, False))
 
 
 def show_faithfulness(key: FaithfulnessKey) -> None:

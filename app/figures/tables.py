@@ -1,5 +1,6 @@
 """The explorer's tables as pandas frames: token tables (logit lens, promoted/suppressed), the
-contrast effect table, an ablation's top tokens, the faithfulness report and a route diff."""
+contrast effect table, a residual node's SAE latents, an ablation's top tokens, the faithfulness
+report and a route diff."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from app.selection import effect_selection
 from llm_flow.analyses.ablation import Outcome
 from llm_flow.analyses.contrast import small_weight_large_effect
 from llm_flow.analyses.faithfulness import FaithfulnessReport
+from llm_flow.analyses.latents import Latents
 from llm_flow.analyses.lens import TokenScore
 from llm_flow.analyses.route_diff import DEFAULT_FACTOR, EdgeChange
 from llm_flow.engine.nodes import parse_node
@@ -101,6 +103,42 @@ def effect_units(table: pd.DataFrame) -> tuple[int | None, ...]:
     return tuple(
         int(table[column[k]].iloc[i]) if k in column else None for i, k in enumerate(table["kind"])
     )
+
+
+# -- SAE latents ------------------------------------------------------------------------------
+
+
+B_DEC = "b_dec"
+ERROR = "error ε"
+LATENT_COLUMNS = ["latent", "activation", "contribution", "direct effect"]
+DIFF_COLUMN = "Δ target − distractor"
+
+
+def latents_table(result: Latents, contrast: bool) -> pd.DataFrame:
+    """One row per listed latent (by contribution, as :func:`~llm_flow.analyses.latents.latents`
+    lists them: row i is ``result.latents[i]``), then the other active latents together when
+    some are not listed, then ``b_dec`` and the error, always: the contributions sum to 1.
+    ``contrast`` adds each latent's direct effect on target − distractor."""
+    rest = result.latents_contribution - sum(latent.contribution for latent in result.latents)
+    n_rest = result.l0 - len(result.latents)
+    rows: list[tuple[object, ...]] = [
+        (
+            str(latent.index),
+            latent.activation,
+            latent.contribution,
+            latent.direct_effect,
+            latent.direct_effect_diff,
+            " ".join(table_token(t) for t in latent.promoted),
+            " ".join(table_token(t) for t in latent.suppressed),
+        )
+        for latent in result.latents
+    ]
+    if n_rest:
+        rows.append((f"{n_rest} other active", None, rest, None, None, "", ""))
+    rows.append((B_DEC, None, result.b_dec_contribution, result.b_dec_direct_effect, None, "", ""))
+    rows.append((ERROR, None, result.error_contribution, result.error_direct_effect, None, "", ""))
+    table = pd.DataFrame(rows, columns=[*LATENT_COLUMNS, DIFF_COLUMN, "promotes", "suppresses"])
+    return table if contrast else table.drop(columns=DIFF_COLUMN)
 
 
 # -- interventions ----------------------------------------------------------------------------

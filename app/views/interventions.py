@@ -1,5 +1,6 @@
-"""Interventions: ablate heads, neurons, experts or the selected edge, compare the route before
-and after, and check the route's faithfulness.
+"""Interventions: ablate heads, neurons, experts or the selected edge, scale SAE latents (when
+the model has SAEs: :mod:`app.saes`), compare the route before and after, and check the route's
+faithfulness.
 
 Wiring only: :func:`llm_flow.analyses.ablation.ablate` (traced, so that
 :meth:`~llm_flow.analyses.ablation.AblationResult.route_diff` compares the routes at any τ) and
@@ -17,10 +18,11 @@ from typing import TypeVar
 
 import streamlit as st
 
-from app import cache, session, stale
+from app import cache, saes, session, stale
 from app.cache import AblationKey, CachedTrace, FaithfulnessKey, LoadedModel, MeansKey, ModelKey
 from app.figures import tables
 from app.prompts import offered_files
+from app.saes import LatentEdit
 from app.selection import Selection
 from app.views.errors import show_error
 from llm_flow.analyses.ablation import AblationResult
@@ -34,6 +36,7 @@ from llm_flow.analyses.interventions import (
     parse_heads,
     parse_neurons,
 )
+from llm_flow.analyses.latents import parse_latents
 from llm_flow.analyses.route_diff import DEFAULT_FACTOR
 from llm_flow.config import AppConfig
 from llm_flow.errors import InterventionError, LlmFlowError
@@ -127,7 +130,12 @@ def _means(ctx: Context, name: str | None) -> tuple[MeansKey | None, MeanActivat
 
 
 def _ablation(
-    heads: list[str], neurons: str, experts: list[str], edge: Selection | None, mode: Mode
+    heads: list[str],
+    neurons: str,
+    experts: list[str],
+    edge: Selection | None,
+    mode: Mode,
+    latents: LatentEdit | None,
 ) -> Ablation:
     edges: tuple[EdgeRef, ...] = ()
     if edge is not None and edge.source is not None:
@@ -139,11 +147,31 @@ def _ablation(
         mode=mode,
         experts=parse_experts(",".join(experts)),
     )
-    if ablation.is_empty:
+    if ablation.is_empty and latents is None:
         raise InterventionError(
-            "nothing to ablate; choose heads or experts, type neurons or tick the selected edge"
+            "nothing to ablate; choose heads or experts, type neurons or latents or tick the "
+            "selected edge"
         )
     return ablation
+
+
+def _latent_edit(ctx: Context, text: str, scale: float) -> LatentEdit | None:
+    """The typed ``HOOK:I,…`` latents (None when empty) on the SAE the CLI would use."""
+    if not text.strip():
+        return None
+    hook, indices = parse_latents(text.strip())
+    return LatentEdit(saes.hook_sae(ctx.model_key.spec, hook), indices, scale)
+
+
+def _key(
+    ctx: Context, ablation: Ablation, mean_file: str | None, latents: LatentEdit | None
+) -> AblationKey:
+    """The ablation's cache key; the mode and mean file only matter when components are
+    ablated (latents alone are scaled, whatever the mode)."""
+    if ablation.is_empty:
+        return AblationKey(ctx.cached.key, ctx.position, Ablation(), None, ctx.pair, latents)
+    means = _means_key(ctx, mean_file)
+    return AblationKey(ctx.cached.key, ctx.position, ablation, means, ctx.pair, latents)
 
 
 def _shown(shown: AblationKey | FaithfulnessKey | None, ctx: Context) -> bool:
@@ -151,7 +179,12 @@ def _shown(shown: AblationKey | FaithfulnessKey | None, ctx: Context) -> bool:
     return shown is not None and shown.trace == ctx.cached.key and shown.position == ctx.position
 
 
-ABLATION_LABELS = {"ablation": "ablation", "means": "mean file", "contrast": "contrast"}
+ABLATION_LABELS = {
+    "ablation": "ablation",
+    "latents": "latents",
+    "means": "mean file",
+    "contrast": "contrast",
+}
 FAITHFULNESS_LABELS = {
     "threshold": "τ",
     "renormalize": "renormalize",
@@ -200,6 +233,8 @@ def _stale_notice(
 def ablation_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
     info = ctx.model.llm.info
     units = "heads, experts, neurons" if info.moe_layers else "heads, neurons"
+    if saes.model_sae_hooks(ctx.model_key.spec):
+        units += ", SAE latents"
     st.markdown(f"**Ablate** {units} or the selected attention edge, and re-run")
     left, middle, right = st.columns([3, 2, 2])  # room for a few head tags
     heads = left.multiselect(
@@ -234,25 +269,23 @@ def ablation_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
         else:
             use_edge = st.checkbox(f"the selected edge {edge.id}", key=session.ABLATE_EDGE)
     chosen_edge = edge if use_edge else None
-    clicked = st.button("Run ablation", key="run_ablation")
+    latents, scale = _latent_controls(ctx)
+
+    def current_key() -> AblationKey:
+        edit = _latent_edit(ctx, latents, scale)
+        ablation = _ablation(heads, neurons, experts, chosen_edge, mode, edit)
+        return _key(ctx, ablation, mean_file, edit)
+
+    asked = session.take_ablation_request()  # a latent panel's "ablate this latent"
+    clicked = st.button("Run ablation", key="run_ablation") or asked
     shown = session.shown_ablation()
     shown = shown if shown is not None and _shown(shown, ctx) else None
     if shown is not None and not clicked:
-        current = _current(
-            lambda: AblationKey(
-                ctx.cached.key,
-                ctx.position,
-                _ablation(heads, neurons, experts, chosen_edge, mode),
-                _means_key(ctx, mean_file),
-                ctx.pair,
-            )
-        )
-        clicked = _stale_notice(shown, current, ABLATION_LABELS, "rerun_ablation")
+        clicked = _stale_notice(shown, _current(current_key), ABLATION_LABELS, "rerun_ablation")
     if clicked:
         try:
-            ablation = _ablation(heads, neurons, experts, chosen_edge, mode)
-            means_key, means = _means(ctx, mean_file)
-            key = AblationKey(ctx.cached.key, ctx.position, ablation, means_key, ctx.pair)
+            key = current_key()
+            _, means = _means(ctx, None if key.means is None else mean_file)
             bar = st.progress(0.0, text="Running the model with the ablation…")
 
             def on_layer(done: int, total: int) -> None:
@@ -267,12 +300,34 @@ def ablation_part(ctx: Context, mode: Mode, mean_file: str | None) -> None:
         except LlmFlowError as exc:
             show_error(exc, "Fix the components above and run the ablation again.")
     result = cache.cached_ablation(shown) if shown is not None else None
-    if result is not None:
-        _before_after(result, ctx.pair)
+    if result is not None and shown is not None:
+        _before_after(result, ctx.pair, shown.latents)
         _route_diff(result, ctx)
 
 
-def _before_after(result: AblationResult, pair: tuple[str, str] | None) -> None:
+def _latent_controls(ctx: Context) -> tuple[str, float]:
+    """The latents to scale and the factor, offered when the model has SAEs ("", 0 otherwise)."""
+    hooks = saes.model_sae_hooks(ctx.model_key.spec)
+    if not hooks:
+        return "", 0.0
+    ss = st.session_state
+    if not isinstance(ss.get(session.LATENT_SCALE), float):
+        ss[session.LATENT_SCALE] = 0.0
+    left, right = st.columns([5, 2])
+    text: str = left.text_input(
+        "SAE latents (HOOK:I, …)",
+        key=session.ABLATE_LATENTS,
+        placeholder=f"e.g. {hooks[0]}:12,40",
+        help=f"This model has SAEs on {', '.join(hooks)}. Each latent's part fᵢ·dᵢ is scaled at "
+        "every position, where the next layer reads the residual.",
+    )
+    scale: float = right.number_input("scaled by", step=0.5, key=session.LATENT_SCALE)
+    return text, scale
+
+
+def _before_after(
+    result: AblationResult, pair: tuple[str, str] | None, latents: LatentEdit | None
+) -> None:
     what = result.ablation.to_dict()
     parts = [
         f"{name} {', '.join(what[name])}"
@@ -280,7 +335,11 @@ def _before_after(result: AblationResult, pair: tuple[str, str] | None) -> None:
         if what[name]
     ]
     how = f"mean over {result.means_source}" if result.means_source else what["mode"]
-    st.caption(f"Ablated ({how}): {'; '.join(parts)}.")
+    done = [f"Ablated ({how}): {'; '.join(parts)}"] if parts else []
+    if latents is not None:
+        indices = ",".join(map(str, latents.indices))
+        done.append(f"SAE latents {latents.sae.hook}:{indices} scaled by {latents.scale:g}")
+    st.caption(f"{'; '.join(done)}.")
     before, after = st.columns(2)
     for column, title, outcome in (
         (before, "Before", result.before),

@@ -1,11 +1,13 @@
 """The panel beside the graph: what the clicked edge, FFN block or residual node does.
 
 - attention edge → heads panel: each head's share of the edge, the chosen head's attention and
-  contribution maps, and the tokens it promotes or suppresses at the target position;
+  contribution maps, and the tokens it promotes or suppresses at the target position (a
+  "Source latents" tab when the source node has an SAE);
 - FFN block → neuron panel: the top neurons by contribution (activation sign shown), and the
   chosen neuron's (or the whole block's) promoted and suppressed tokens; for a mixture of
   experts, the experts panel (``app/views/experts.py``);
-- residual node → logit lens with rank changes, and what the block just below it wrote.
+- residual node → logit lens with rank changes, and what the block just below it wrote; its SAE
+  latents when the model has an SAE there (``app/views/latents.py``).
 
 The math is llm-flow's (``engine.graph``, ``engine.contributions``, ``analyses.lens``); this
 module only lays it out.
@@ -25,6 +27,7 @@ from app.figures import tables
 from app.selection import Selection
 from app.views.examples import top_examples_section
 from app.views.experts import experts_panel
+from app.views.latents import latents_tab, source_latents_tab, source_sae
 from app.views.why import why_tab
 from llm_flow.analyses.lens import (
     block_update,
@@ -58,6 +61,7 @@ class PanelContext:
     cached: CachedTrace
     route: Route
     normalize_lens: bool
+    pair: tuple[str, str] | None = None  # the sidebar's target and distractor, when valid
 
 
 def selection_panel(selection: Selection | None, ctx: PanelContext) -> None:
@@ -167,8 +171,10 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
 
     n_tokens = run.n_tokens
     pattern = layer_run.pattern
-    attention_tab, contribution_tab, why, examples = st.tabs(
+    sae = source_sae(ctx.cached, layer, s)
+    attention_tab, contribution_tab, why, examples, *source_latents = st.tabs(
         ["Attention map", "Contribution map", "Why this source?", "Top examples"]
+        + (["Source latents"] if sae is not None else [])
     )
     with attention_tab:
         if pattern is None:
@@ -237,6 +243,9 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
             st.info("Choose a head above to see where in a corpus it writes the most.")
         else:
             top_examples_section(ctx.cfg, ctx.cached, "head", layer, head, f"{selection.id}|{head}")
+    if sae is not None:
+        with source_latents[0]:
+            source_latents_tab(sae, layer, s)
 
     who = "all heads" if head is None else f"head {head}"
     st.markdown(f"**Tokens {who} of layer {layer} promote and suppress** at {_token(tokens, t)}")
@@ -340,13 +349,24 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
 
 
 def residual_panel(selection: Selection, ctx: PanelContext) -> None:
+    layer, t = selection.layer, selection.token
+    st.subheader(f"Residual {selection.id}")
+    st.markdown(
+        f"{describe_node(selection.node, layer).capitalize()} at "
+        f"{_token(ctx.cached.trace.tokens, t)}."
+    )
+    lens_tab, latents = st.tabs(["Logit lens", "SAE latents"])
+    with lens_tab:
+        _lens_tab(selection, ctx)
+    with latents:
+        latents_tab(ctx.cached, selection, ctx.pair)
+
+
+def _lens_tab(selection: Selection, ctx: PanelContext) -> None:
     traced = ctx.cached.trace
     run = traced.run
     node = selection.id
     layer, t = selection.layer, selection.token
-    tokens = run.tokens
-    st.subheader(f"Residual {node}")
-    st.markdown(f"{describe_node(selection.node, layer).capitalize()} at {_token(tokens, t)}.")
     lens = logit_lens(traced, node, normalize=ctx.normalize_lens, k=TOP_TOKENS)
     previous = previous_node(node, run.n_layers)
     st.markdown("**Logit lens** · top tokens")

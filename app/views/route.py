@@ -167,7 +167,8 @@ def route_view(view: RouteView) -> None:
     # browser's slowest step, so a click's panel is not kept waiting behind it.
     with panel_column, st.spinner("Computing the panel…"):
         panels.selection_panel(
-            selection, panels.PanelContext(cfg, cached, route, settings.normalize_lens)
+            selection,
+            panels.PanelContext(cfg, cached, route, settings.normalize_lens, contrast_view.pair),
         )
     with graph_column:
         _prediction(sidebar.model_label, traced, position)

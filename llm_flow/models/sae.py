@@ -332,25 +332,52 @@ def save_sae(sae: Sae, folder: Path, model_name: str = "") -> Path:
 def trained_sae_dir(model_name: str, hook: str) -> Path:
     """Where ``llm-flow sae train`` keeps the SAE of a model on a hook:
     ``<cache>/saes/<model>/<hook>/`` (the model name made a safe folder name)."""
+    return _trained_root(model_name) / hook
+
+
+def _trained_root(model_name: str) -> Path:
     safe = re.sub(r"[^\w.\-]+", "_", model_name).strip("_") or "model"
-    return cache_dir() / "saes" / safe / hook
+    return cache_dir() / "saes" / safe
+
+
+def locate_sae(
+    configured: tuple[tuple[str, str], ...], model_name: str, kind: str, layer: int
+) -> tuple[str, str] | None:
+    """(hook, source) of the SAE on the residual node of ``kind`` (X, A or I) at ``layer``,
+    unloaded: the one a model's config entry names (``configured``: its ``saes`` pairs) for any
+    hook that reads that node, else the one ``llm-flow sae train`` left in the cache; None when
+    there is neither."""
+    hooks = hooks_of_node(kind, layer)
+    sources = dict(configured)
+    for hook in hooks:
+        if hook in sources:
+            return hook, sources[hook]
+    for hook in hooks:
+        if (trained_sae_dir(model_name, hook) / CFG_FILE).is_file():
+            return hook, str(trained_sae_dir(model_name, hook))
+    return None
+
+
+def sae_hooks(configured: tuple[tuple[str, str], ...], model_name: str) -> tuple[str, ...]:
+    """Every hook a model has an SAE on (its config entry's and the trained ones), by layer."""
+    root = _trained_root(model_name)
+    trained = [
+        folder.name
+        for folder in (root.iterdir() if root.is_dir() else ())
+        if HOOK.match(folder.name) and (folder / CFG_FILE).is_file()
+    ]
+    return tuple(sorted({*dict(configured), *trained}, key=parse_hook))
 
 
 def find_sae(
     configured: tuple[tuple[str, str], ...], model_name: str, kind: str, layer: int
 ) -> Sae:
-    """The SAE on the residual node of ``kind`` (X, A or I) at ``layer``: the one a model's
-    config entry names (``configured``: its ``saes`` pairs) for any hook that reads that node,
-    else the one ``llm-flow sae train`` left in the cache; :class:`SaeError` naming the config
-    key otherwise."""
+    """The SAE :func:`locate_sae` finds, loaded; :class:`SaeError` naming the config key when
+    there is none."""
+    found = locate_sae(configured, model_name, kind, layer)
+    if found is not None:
+        return load_sae(found[1], found[0])
     hooks = hooks_of_node(kind, layer)
-    sources = dict(configured)
-    for hook in hooks:
-        if hook in sources:
-            return load_sae(sources[hook], hook)
-    for hook in hooks:
-        if (trained_sae_dir(model_name, hook) / CFG_FILE).is_file():
-            return load_sae(trained_sae_dir(model_name, hook), hook)
     train = f"; or train one: llm-flow sae train --layer {layer}" if kind == "I" else ""
     raise SaeError(
         f"no SAE for the {kind}{layer} residual of model {model_name!r}: add "

@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from app.figures.tables import (
+    B_DEC,
+    DIFF_COLUMN,
+    ERROR,
     effect_ids,
     effect_table,
     effect_units,
     faithfulness_table,
+    latents_table,
     route_diff_table,
     table_token,
     token_table,
@@ -19,6 +23,7 @@ from app.selection import parse_selection
 from llm_flow.analyses.ablation import Outcome, TokenProb
 from llm_flow.analyses.contrast import analyse_contrast
 from llm_flow.analyses.faithfulness import FaithfulnessReport, Score
+from llm_flow.analyses.latents import Latent, Latents
 from llm_flow.analyses.lens import TokenScore
 from llm_flow.analyses.route_diff import EdgeChange
 from llm_flow.engine.routes import find_route
@@ -182,3 +187,32 @@ def test_small_route_weight_large_effect_is_flagged() -> None:
     )
     assert list(table[FLAG]) == list(large & table["weight"].notna())
     assert table[FLAG].any()
+
+
+def test_latents_table_lists_the_rest_b_dec_and_the_error() -> None:
+    shown = [
+        Latent(7, 2.0, 0.4, 1.5, -0.5, (" a", "b"), ("c",)),
+        Latent(3, 1.0, 0.2, -0.25, 0.75, (), ()),
+    ]
+    result = Latents(
+        node="I1_2",
+        hook="blocks.1.hook_resid_post",
+        predicted_token=" a",
+        latents=tuple(shown),
+        latents_contribution=0.7,
+        b_dec_contribution=0.1,
+        error_contribution=0.2,
+        b_dec_direct_effect=0.05,
+        error_direct_effect=-0.125,
+        explained_variance=0.9,
+        l0=5,
+    )
+    table = latents_table(result, contrast=True)
+    assert list(table["latent"]) == ["7", "3", "3 other active", B_DEC, ERROR]
+    assert list(table["contribution"]) == pytest.approx([0.4, 0.2, 0.1, 0.1, 0.2])
+    assert list(table["direct effect"].iloc[[0, 1, 3, 4]]) == [1.5, -0.25, 0.05, -0.125]
+    assert list(table[DIFF_COLUMN].iloc[:2]) == [-0.5, 0.75]
+    assert table["promotes"].iloc[0] == "␣a b"
+    assert DIFF_COLUMN not in latents_table(result, contrast=False).columns
+    every = Latents(**{**result.__dict__, "l0": 2, "latents_contribution": 0.6})
+    assert list(latents_table(every, contrast=False)["latent"]) == ["7", "3", B_DEC, ERROR]

@@ -12,7 +12,16 @@ import torch
 from safetensors.torch import save_file
 
 from llm_flow.errors import OfflineError, SaeError
-from llm_flow.models.sae import find_sae, hooks_of_node, load_sae, node_of_hook, save_sae
+from llm_flow.models.sae import (
+    find_sae,
+    hooks_of_node,
+    load_sae,
+    locate_sae,
+    node_of_hook,
+    sae_hooks,
+    save_sae,
+    trained_sae_dir,
+)
 
 D_IN, D_SAE = 8, 24
 
@@ -154,3 +163,24 @@ def test_find_sae_names_the_config_key(tmp_path: Path, monkeypatch: pytest.Monke
     (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
     found = find_sae((("blocks.2.hook_resid_pre", str(tmp_path / "sae")),), "tiny", "I", 1)
     assert found.hook == "blocks.2.hook_resid_pre"
+
+
+def test_locate_sae_prefers_the_config_and_lists_every_hook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLM_FLOW_CACHE", str(tmp_path / "cache"))
+    assert locate_sae((), "tiny", "I", 1) is None and sae_hooks((), "tiny") == ()
+    trained = trained_sae_dir("tiny", "blocks.1.hook_resid_post")
+    write_saelens(trained, {"architecture": "standard"})
+    assert locate_sae((), "tiny", "I", 1) == ("blocks.1.hook_resid_post", str(trained))
+    configured = (("blocks.2.hook_resid_pre", "owner/repo"), ("blocks.0.hook_resid_mid", "x"))
+    # The config entry wins over the trained SAE, on either hook that reads the node.
+    assert locate_sae(configured, "tiny", "I", 1) == ("blocks.2.hook_resid_pre", "owner/repo")
+    assert locate_sae(configured, "tiny", "A", 0) == ("blocks.0.hook_resid_mid", "x")
+    assert locate_sae(configured, "tiny", "I", 0) is None
+    assert sae_hooks(configured, "tiny") == (
+        "blocks.0.hook_resid_mid",
+        "blocks.1.hook_resid_post",
+        "blocks.2.hook_resid_pre",
+    )
+    assert sae_hooks((), "other") == ()
