@@ -12,6 +12,7 @@ import pandas as pd
 from app.selection import effect_selection
 from llm_flow.analyses.ablation import Outcome
 from llm_flow.analyses.contrast import small_weight_large_effect
+from llm_flow.analyses.edge_latents import EdgeLatents
 from llm_flow.analyses.faithfulness import FaithfulnessReport
 from llm_flow.analyses.latents import Latents
 from llm_flow.analyses.lens import TokenScore
@@ -139,6 +140,30 @@ def latents_table(result: Latents, contrast: bool) -> pd.DataFrame:
     rows.append((ERROR, None, result.error_contribution, result.error_direct_effect, None, "", ""))
     table = pd.DataFrame(rows, columns=[*LATENT_COLUMNS, DIFF_COLUMN, "promotes", "suppresses"])
     return table if contrast else table.drop(columns=DIFF_COLUMN)
+
+
+EDGE_LATENT_COLUMNS = ["part", "activation", "contribution"]
+BIAS = "biases (norm, value)"
+
+
+def edge_latents_table(result: EdgeLatents) -> pd.DataFrame:
+    """One row per listed latent of the edge's source (by contribution to the edge's part), then
+    the other active latents together when some are not listed, then ``b_dec``, the biases and
+    the error, always: the contributions sum to 1."""
+    rest = result.latents_contribution - sum(latent.contribution for latent in result.latents)
+    n_rest = result.l0 - len(result.latents)
+    rows: list[tuple[object, ...]] = [
+        (f"latent {latent.index}", latent.activation, latent.contribution)
+        for latent in result.latents
+    ]
+    if n_rest:
+        rows.append((f"{n_rest} other active latents", None, rest))
+    rows += [
+        (B_DEC, None, result.b_dec_contribution),
+        (BIAS, None, result.bias_contribution),
+        (ERROR, None, result.error_contribution),
+    ]
+    return pd.DataFrame(rows, columns=EDGE_LATENT_COLUMNS)
 
 
 # -- interventions ----------------------------------------------------------------------------

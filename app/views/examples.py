@@ -1,15 +1,18 @@
-"""A unit's "Top examples" from a corpus index (TDB's neuron viewer, for neurons, heads and
-experts): the contexts where the unit is most active, the activating token marked, with the
-activation, the unit's histogram over the corpus and the automatic summary (no language model).
+"""A unit's "Top examples" from a corpus index (TDB's neuron viewer, for neurons, heads,
+experts and SAE latents): the contexts where the unit is most active, the activating token
+marked, with the activation, the unit's histogram over the corpus and the automatic summary (no
+language model).
 
-The index comes from ``llm-flow index`` or from the button here, which builds the unit's layer
-for a chosen corpus (the shipped public-domain books, or a prompt file of the config's
-``prompts_dir``) with a progress bar. A demo server builds nothing: its owner runs the command.
+The index comes from ``llm-flow index`` or from the button here, which indexes the unit's layer
+(or its SAE's latents) over a chosen corpus (the shipped public-domain books, or a prompt file of
+the config's ``prompts_dir``) with a progress bar. A demo server builds nothing: its owner runs
+the command.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -19,8 +22,8 @@ from app import cache
 from app.cache import CachedTrace
 from app.figures import panels as panel_figures
 from app.prompts import offered_files
-from llm_flow.analyses.corpus_index import Kind
-from llm_flow.analyses.top_examples import Example
+from llm_flow.analyses.corpus_index import IndexProgress, Kind
+from llm_flow.analyses.top_examples import Example, UnitReport
 from llm_flow.config import AppConfig
 from llm_flow.errors import IndexNotFoundError, LlmFlowError
 from llm_flow.io.index_store import DEFAULT_WINDOW
@@ -54,18 +57,42 @@ def example_rows(
     return pd.DataFrame(rows, columns=["activation", "context"])
 
 
-def top_examples_section(
-    cfg: AppConfig, cached: CachedTrace, kind: Kind, layer: int, unit: int, key: str
-) -> None:
-    """The examples of ``kind`` unit ``layer.unit``, or how to build an index that has them."""
+@dataclass(frozen=True)
+class Unit:
+    """What a "Top examples" section shows: ``report`` reads the unit's report from the index of
+    a corpus (None: the shipped one; :class:`IndexNotFoundError` while there is none), ``build``
+    indexes what the unit needs (at most so many tokens), ``what`` names that in the button
+    ("layer 3") and ``command`` is the CLI's way to build it."""
+
+    report: Callable[[Path | None], UnitReport]
+    build: Callable[[Path | None, int | None, IndexProgress], None]
+    what: str
+    command: str
+
+
+def layer_unit(cached: CachedTrace, kind: Kind, layer: int, unit: int) -> Unit:
+    """Neuron, head or expert ``layer.unit`` of ``kind``: indexed with its whole layer."""
+    llm = cached.trace.llm
+    return Unit(
+        report=lambda corpus: cache.unit_report(llm, corpus, kind, layer, unit),
+        build=lambda corpus, limit, progress: cache.build_corpus_index(
+            llm, corpus, layer, limit, progress
+        ),
+        what=f"layer {layer}",
+        command=f"llm-flow index --layers {layer}",
+    )
+
+
+def top_examples_section(cfg: AppConfig, cached: CachedTrace, unit: Unit, key: str) -> None:
+    """The examples of ``unit``, or how to build an index that has them."""
     llm = cached.trace.llm
     choices = corpus_choices(cfg)
     choice: str = st.selectbox("Corpus", choices, key=f"corpus|{key}")
     try:
         corpus = _corpus_path(cfg, choice)
-        report = cache.unit_report(llm, corpus, kind, layer, unit)
+        report = unit.report(corpus)
     except IndexNotFoundError as exc:
-        _build(cfg, cached, corpus, layer, str(exc), key)
+        _build(cfg, unit, corpus, str(exc), key)
         return
     except LlmFlowError as exc:
         st.warning(markdown_text(str(exc)))
@@ -92,17 +119,13 @@ def top_examples_section(
     )
 
 
-def _build(
-    cfg: AppConfig, cached: CachedTrace, corpus: Path | None, layer: int, why: str, key: str
-) -> None:
+def _build(cfg: AppConfig, unit: Unit, corpus: Path | None, why: str, key: str) -> None:
     st.info(markdown_text(why) + ".")
     if cfg.demo_mode:
-        st.caption(
-            f"Indexes are built on this server by its owner: `llm-flow index --layers {layer}`."
-        )
+        st.caption(f"Indexes are built on this server by its owner: `{unit.command}`.")
         return
     size: str = st.selectbox("Index", list(BUILD_TOKENS), key=f"index_size|{key}")
-    if not st.button(f"Build the index of layer {layer}", key=f"build_index|{key}"):
+    if not st.button(f"Build the index of {unit.what}", key=f"build_index|{key}"):
         return
     bar = st.progress(0.0, text="Indexing the corpus…")
     limit = BUILD_TOKENS[size]
@@ -113,7 +136,7 @@ def _build(
         bar.progress(min(done, 1.0), text=f"Indexed {windows} windows, {tokens} tokens")
 
     try:
-        cache.build_corpus_index(cached.trace.llm, corpus, layer, limit, progress)
+        unit.build(corpus, limit, progress)
     except LlmFlowError as exc:
         st.warning(markdown_text(str(exc)))
         return

@@ -25,7 +25,7 @@ from app.cache import CachedTrace
 from app.figures import panels as panel_figures
 from app.figures import tables
 from app.selection import Selection
-from app.views.examples import top_examples_section
+from app.views.examples import layer_unit, top_examples_section
 from app.views.experts import experts_panel
 from app.views.latents import latents_tab, source_latents_tab, source_sae
 from app.views.why import why_tab
@@ -242,10 +242,11 @@ def heads_panel(selection: Selection, ctx: PanelContext) -> None:
         if head is None:
             st.info("Choose a head above to see where in a corpus it writes the most.")
         else:
-            top_examples_section(ctx.cfg, ctx.cached, "head", layer, head, f"{selection.id}|{head}")
+            unit = layer_unit(ctx.cached, "head", layer, head)
+            top_examples_section(ctx.cfg, ctx.cached, unit, f"{selection.id}|{head}")
     if sae is not None:
         with source_latents[0]:
-            source_latents_tab(sae, layer, s)
+            source_latents_tab(ctx.cached, sae, selection.id)
 
     who = "all heads" if head is None else f"head {head}"
     st.markdown(f"**Tokens {who} of layer {layer} promote and suppress** at {_token(tokens, t)}")
@@ -276,7 +277,10 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
             _token(tokens, t),
             lambda update, at: _token_tables(ctx, update, at),
             lambda expert: top_examples_section(
-                ctx.cfg, ctx.cached, "expert", layer, expert, f"{selection.id}|e{expert}"
+                ctx.cfg,
+                ctx.cached,
+                layer_unit(ctx.cached, "expert", layer, expert),
+                f"{selection.id}|e{expert}",
             ),
         )
         return
@@ -340,9 +344,8 @@ def ffn_panel(selection: Selection, ctx: PanelContext) -> None:
     with tables_tab:
         _token_tables(ctx, update, t)
     with examples:
-        top_examples_section(
-            ctx.cfg, ctx.cached, "neuron", layer, neuron, f"{selection.id}|{neuron}"
-        )
+        unit = layer_unit(ctx.cached, "neuron", layer, neuron)
+        top_examples_section(ctx.cfg, ctx.cached, unit, f"{selection.id}|{neuron}")
 
 
 # -- residual node ----------------------------------------------------------------------------
@@ -359,7 +362,7 @@ def residual_panel(selection: Selection, ctx: PanelContext) -> None:
     with lens_tab:
         _lens_tab(selection, ctx)
     with latents:
-        latents_tab(ctx.cached, selection, ctx.pair)
+        latents_tab(ctx.cfg, ctx.cached, selection, ctx.pair)
 
 
 def _lens_tab(selection: Selection, ctx: PanelContext) -> None:

@@ -15,7 +15,14 @@ from streamlit.testing.v1 import AppTest
 
 import llm_flow as lf
 from app import cache, latents_cache, session
-from app.figures.tables import B_DEC, DIFF_COLUMN, ERROR, LATENT_COLUMNS
+from app.figures.tables import (
+    B_DEC,
+    BIAS,
+    DIFF_COLUMN,
+    EDGE_LATENT_COLUMNS,
+    ERROR,
+    LATENT_COLUMNS,
+)
 from llm_flow.models.sae import save_sae
 from tests.app.apptest import CONTRAST, assert_serving, errors, start
 from tests.app.conftest import PROMPTS, write_config
@@ -84,9 +91,9 @@ def test_a_residual_node_lists_its_latents_b_dec_and_the_error(
     summary = " | ".join(m.value for m in at.markdown)
     assert f"**{want.l0}** active latents" in summary
     assert f"explained variance **{want.explained_variance:.3f}**" in summary
-    computed = latents_cache.store().computed
+    computed = latents_cache.store().latents.computed
     at.slider(key=session.THRESHOLD).set_value(0.1).run()  # another route, the same node
-    assert latents_cache.store().computed == computed and latents_table(at).equals(table)
+    assert latents_cache.store().latents.computed == computed and latents_table(at).equals(table)
 
     # Without a contrast there is no target − distractor column.
     at.text_input(key=session.TARGET).set_value("")
@@ -103,7 +110,7 @@ def test_ablating_a_selected_latent_shows_the_route_before_and_after(
     index = int(latents_table(at)["latent"].iloc[0])
     at.session_state[f"latents|{NODE}"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
     at.run()
-    assert any("No corpus index covers SAE latents" in i.value for i in at.info)
+    assert any("covers the latents of the SAE" in i.value for i in at.info)  # none built yet
     at.button(key=f"ablate_latent|{NODE}|{index}").click().run()
     assert_serving(at)
     assert at.text_input(key=session.ABLATE_LATENTS).value == f"{HOOK}:{index}"
@@ -161,17 +168,54 @@ def test_without_an_sae_the_tab_says_how_to_attach_one_and_bad_saes_are_errors(
     assert not at.exception and any(s.value == f"Residual {NODE}" for s in at.subheader)
 
 
-def test_an_edge_from_a_node_with_an_sae_leads_to_its_latents(
+def test_an_edge_from_a_node_with_an_sae_splits_over_its_latents(
     sae_config: tuple[Path, Path],
 ) -> None:
+    config, folder = sae_config
+    edge = "I1_2->A2_5"  # from I1_2, which has the SAE
     at = start({"threshold": "0"})
-    select_node(at, "I1_2->A2_5")  # from I1_2, which has the SAE
-    assert any(
-        "How this edge splits over its latents is not computed" in c.value for c in at.caption
+    select_node(at, edge)
+    (table,) = [d.value for d in at.dataframe if list(d.value.columns) == EDGE_LATENT_COLUMNS]
+    want = lf.edge_latents(lf.trace(lf.load("tiny", config=config), PROMPTS[0]), edge, folder)
+    listed = table.iloc[: len(want.latents)]
+    assert list(listed["part"]) == [f"latent {latent.index}" for latent in want.latents]
+    assert list(listed["contribution"]) == pytest.approx(
+        [latent.contribution for latent in want.latents], abs=1e-6
     )
-    at.button(key="source_latents|I1_2").click().run()
+    assert list(table["part"].iloc[-3:]) == [B_DEC, BIAS, ERROR]  # always shown
+    assert list(table["contribution"].iloc[-3:]) == pytest.approx(
+        [want.b_dec_contribution, want.bias_contribution, want.error_contribution], abs=1e-6
+    )
+    assert table["contribution"].sum() == pytest.approx(1, abs=1e-6)
+    at.button(key=f"source_latents|{edge}").click().run()
     assert_serving(at)
     assert at.session_state[session.SELECTION] == "I1_2"
     assert list(latents_table(at)["latent"].iloc[-2:]) == [B_DEC, ERROR]
-    select_node(at, "I0_2->A1_5")  # from I0_2: no SAE, no tab
-    assert not any("How this edge splits" in c.value for c in at.caption)
+    select_node(at, "I0_2->A1_5")  # from I0_2: no SAE, no split
+    assert not any(list(d.value.columns) == EDGE_LATENT_COLUMNS for d in at.dataframe)
+
+
+def test_a_latent_builds_the_index_of_its_sae_and_shows_its_examples(
+    sae_config: tuple[Path, Path],
+) -> None:
+    config, folder = sae_config
+    at = start({"threshold": "0"})
+    select_node(at, NODE)
+    index = int(latents_table(at)["latent"].iloc[0])
+    at.session_state[f"latents|{NODE}"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    key = f"{NODE}|{HOOK}:{index}"
+    at.selectbox(key=f"corpus|{key}").set_value("more.txt").run()
+    assert any("covers the latents of the SAE" in i.value for i in at.info)
+    at.button(key=f"build_index|{key}").click().run()
+    assert_serving(at)
+    (shown,) = [
+        list(d.value["activation"])
+        for d in at.dataframe
+        if list(d.value.columns) == ["activation", "context"]
+    ]
+    model = lf.load("tiny", config=config)
+    want = lf.top_latent_examples(
+        model, f"{HOOK}:{index}", sae=folder, corpus=config.parent / "prompts" / "more.txt"
+    )
+    assert shown and shown == pytest.approx([e.activation for e in want.examples[: len(shown)]])
