@@ -136,8 +136,23 @@ def latents_table(result: Latents, contrast: bool) -> pd.DataFrame:
     ]
     if n_rest:
         rows.append((f"{n_rest} other active", None, rest, None, None, "", ""))
-    rows.append((B_DEC, None, result.b_dec_contribution, result.b_dec_direct_effect, None, "", ""))
-    rows.append((ERROR, None, result.error_contribution, result.error_direct_effect, None, "", ""))
+    rows += [
+        (name, None, contribution, effect, diff, "", "")
+        for name, contribution, effect, diff in (
+            (
+                B_DEC,
+                result.b_dec_contribution,
+                result.b_dec_direct_effect,
+                result.b_dec_direct_effect_diff,
+            ),
+            (
+                ERROR,
+                result.error_contribution,
+                result.error_direct_effect,
+                result.error_direct_effect_diff,
+            ),
+        )
+    ]
     table = pd.DataFrame(rows, columns=[*LATENT_COLUMNS, DIFF_COLUMN, "promotes", "suppresses"])
     return table if contrast else table.drop(columns=DIFF_COLUMN)
 

@@ -85,6 +85,8 @@ class Latents:
     error_direct_effect: float
     explained_variance: float
     l0: int
+    b_dec_direct_effect_diff: float | None = None
+    error_direct_effect_diff: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's ``llm-flow latents`` object (docs/architecture.md, "CLI contract")."""
@@ -100,6 +102,13 @@ class Latents:
             "error_direct_effect": self.error_direct_effect,
             "explained_variance": self.explained_variance,
             "l0": self.l0,
+        } | {
+            name: value
+            for name, value in (
+                ("b_dec_direct_effect_diff", self.b_dec_direct_effect_diff),
+                ("error_direct_effect_diff", self.error_direct_effect_diff),
+            )
+            if value is not None
         }
 
 
@@ -196,6 +205,8 @@ def latents(
         error_direct_effect=float(effects[n + 1, 0]),
         explained_variance=float(1 - error.pow(2).sum() / centred.pow(2).sum().clamp_min(1e-300)),
         l0=n,
+        b_dec_direct_effect_diff=None if diffs is None else diffs[n],
+        error_direct_effect_diff=None if diffs is None else diffs[n + 1],
     )
 
 

@@ -88,6 +88,9 @@ def test_a_residual_node_lists_its_latents_b_dec_and_the_error(
     assert b_dec["contribution"] == pytest.approx(want.b_dec_contribution, abs=1e-6)
     assert error["contribution"] == pytest.approx(want.error_contribution, abs=1e-6)
     assert error["direct effect"] == pytest.approx(want.error_direct_effect, abs=1e-5)
+    assert [b_dec[DIFF_COLUMN], error[DIFF_COLUMN]] == pytest.approx(
+        [want.b_dec_direct_effect_diff, want.error_direct_effect_diff], abs=1e-5
+    )
     summary = " | ".join(m.value for m in at.markdown)
     assert f"**{want.l0}** active latents" in summary
     assert f"explained variance **{want.explained_variance:.3f}**" in summary

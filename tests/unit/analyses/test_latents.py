@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llm_flow.analyses.contrast import contrast_ids
 from llm_flow.analyses.latents import (
     ablate_latents,
     decompose,
@@ -86,6 +87,22 @@ def test_json_contract_and_contrast(tr: Trace) -> None:
         first
     )
     assert len(first["promoted"]) == len(first["suppressed"]) == 5
+    # On target − distractor too, b_dec and the error included, the parts add up to the state's.
+    everything = latents(tr, "I1_2", sae, top=D_SAE, target=" w1", distractor=" w2")
+    assert everything.b_dec_direct_effect_diff is not None
+    assert everything.error_direct_effect_diff is not None
+    ids = contrast_ids(tr.llm, " w1", " w2")
+    unembed = tr.llm.W_U[:, ids[0]] - tr.llm.W_U[:, ids[1]]
+    x = residual_vector(tr.run, "I1_2")
+    whole = float(tr.llm.final_norm_linear(x, tr.run.final_scale[2]) @ unembed)
+    parts_sum = (
+        sum(latent.direct_effect_diff or 0.0 for latent in everything.latents)
+        + everything.b_dec_direct_effect_diff
+        + everything.error_direct_effect_diff
+    )
+    assert parts_sum == pytest.approx(whole, rel=1e-4, abs=1e-4)
+    assert {"b_dec_direct_effect_diff", "error_direct_effect_diff"} <= set(everything.to_json())
+    assert "b_dec_direct_effect_diff" not in latents(tr, "I1_2", sae).to_json()
 
 
 def test_wrong_node_or_hook_is_refused(tr: Trace) -> None:
