@@ -282,9 +282,9 @@ def parse_layers(text: str) -> list[int]:
     return layers
 
 
-def check_layers(llm: TransparentLlm, layers: Sequence[int] | None) -> tuple[int, ...]:
-    """The layers to index (None: all), sorted; :class:`CorpusError` listing the valid ones."""
-    n_layers = llm.info.n_layers
+def check_layers(n_layers: int, layers: Sequence[int] | None) -> tuple[int, ...]:
+    """The layers to index of a model of ``n_layers`` (None: all), sorted; :class:`CorpusError`
+    listing the valid ones."""
     if layers is None:
         return tuple(range(n_layers))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
