@@ -20,10 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm_flow.cli import parser
-from llm_flow.config import load_config
 from tests.cli_runner import run_cli
 from tests.conftest import SavedTiny
-from tests.tiny import prompt
+from tests.tiny import prompt, tiny_hf_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI_MAIN = "import sys; from llm_flow.cli import main; sys.exit(main())"
@@ -128,25 +127,38 @@ def test_index_on_ray_writes_the_in_process_index(
     assert meta[0]["spans"] == [[0, 40]]
 
 
-def test_index_progress_advances_as_chunks_come_back(
+def test_the_api_builds_the_same_index_on_ray_with_progress_per_chunk(
     cluster: Any, files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from llm_flow.distributed import ModelRecipe, RayOptions, ray_index
+    import llm_flow as lf
 
-    monkeypatch.setenv("LLM_FLOW_CACHE", str(tmp_path))
-    spec = load_config(files / "config.json").model("tiny")
+    model = lf.load("tiny", config=files / "config.json")
+    corpus = files / "corpus.txt"
+    monkeypatch.setenv("LLM_FLOW_CACHE", str(tmp_path / "here"))
+    here = lf.build_index(model, corpus, layers=[1], window=10)
+    monkeypatch.setenv("LLM_FLOW_CACHE", str(tmp_path / "there"))
     seen: list[tuple[int, int]] = []
-    index = ray_index(
-        ModelRecipe(spec),
-        files / "corpus.txt",
+    there = lf.build_index(
+        model,
+        corpus,
         layers=[1],
         window=10,
-        options=RayOptions(workers=2),
-        progress=lambda w, t: seen.append((w, t)),
+        ray=True,
+        workers=2,
+        progress=lambda *p: seen.append(p),
     )
     # 40 windows in chunks of 16: three calls, cumulative, ending at the whole corpus.
-    assert [w for w, _ in seen] == sorted(w for w, _ in seen) and len(seen) == 3
-    assert seen[-1] == (40, 360) == (index.n_windows, index.n_tokens)
+    assert len(seen) == 3 and seen == sorted(seen) and seen[-1] == (40, 360)
+    assert there.windows == here.windows and there.top.keys() == here.top.keys()
+    for key, top in here.top.items():
+        for field in ("values", "windows", "positions", "extra"):
+            a, b = getattr(top, field), getattr(there.top[key], field)
+            assert a.tobytes() == b.tobytes(), (key, field)
+    for key, counts in here.histograms.items():
+        assert (there.histograms[key] == counts).all()
+
+    with pytest.raises(lf.LlmFlowError, match="load it with lf.load"):
+        lf.build_index(lf.from_hf(tiny_hf_model("llama-gqa"), tiny_tokenizer()), corpus, ray=True)
 
 
 def test_a_worker_error_is_the_in_process_error(
