@@ -155,7 +155,7 @@ class _Worker:
 class WorkerPool:
     """Actors that each hold the model once (see :func:`worker_pool`)."""
 
-    def __init__(self, ray: Any, actors: Sequence[Any], info: ModelInfo, facts: ModelFacts):
+    def __init__(self, ray: Any, actors: Sequence[Any], info: ModelInfo, facts: ModelFacts) -> None:
         self._ray = ray
         self._actors = list(actors)
         self.info = info
@@ -231,7 +231,12 @@ class WorkerPool:
         while ahead:
             yield from self._get(ahead.popleft())
 
-    def _map(self, method: str, jobs: Iterable[tuple[int, tuple[Any, ...]]], take: Any) -> None:
+    def _map(
+        self,
+        method: str,
+        jobs: Iterable[tuple[int, tuple[Any, ...]]],
+        take: Callable[[int, Any], None],
+    ) -> None:
         """Call ``method`` with each job's arguments on a free worker (one call in flight per
         worker), and ``take(key, result)`` as results come back."""
         free = list(self._actors)
