@@ -51,6 +51,11 @@ def load_llm(args: argparse.Namespace, config: AppConfig) -> BridgeLlm:
     return load_model(spec, device=args.device, dtype=args.dtype, progress=stderr_progress())
 
 
+def check_ray_args(args: argparse.Namespace) -> None:
+    if args.workers is not None and args.ray is None:
+        raise InputError("--workers goes with --ray; add --ray to run on Ray workers")
+
+
 def ray_job(args: argparse.Namespace, config: AppConfig) -> tuple[ModelRecipe, RayOptions]:
     """What ``--ray [ADDRESS]`` and ``--workers`` ask for: the model every worker loads and where
     the job runs. Imports :mod:`llm_flow.distributed` (never imported without ``--ray``)."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from llm_flow.cli.common import (
     check_pair,
+    check_ray_args,
     config_arg,
     load_llm,
     prompt_header,
@@ -257,6 +258,7 @@ def _dataset(args: argparse.Namespace) -> None:
     from llm_flow.analyses.dataset import check_dataset, check_table_path, write_table
     from llm_flow.io.prompts import read_prompt_file
 
+    check_ray_args(args)
     prompts = read_prompt_file(args.prompts)
     check_dataset(prompts, args.threshold)
     if args.out is not None:

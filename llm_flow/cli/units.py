@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llm_flow.cli.common import (
     check_pair,
+    check_ray_args,
     config_arg,
     load_llm,
     prompt_header,
@@ -93,6 +94,7 @@ def index_command(args: argparse.Namespace) -> None:
     from llm_flow.analyses.corpus_index import parse_layers
     from llm_flow.io.corpus import open_corpus
 
+    check_ray_args(args)
     layers = None if args.layers is None else parse_layers(args.layers)
     check_at_least("--window", args.window, 2)
     check_at_least("--k", args.k, 1)

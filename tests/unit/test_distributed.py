@@ -196,6 +196,20 @@ def test_bad_worker_requests_are_one_line(
     assert code == 2 and out == "" and err.count("\n") == 1 and needle in err, err
 
 
+@pytest.mark.parametrize("command", ["dataset", "index"])
+def test_workers_without_ray_is_one_line(
+    capsys: pytest.CaptureFixture[str], files: Path, command: str
+) -> None:
+    source = ("--prompts", "prompts.txt") if command == "dataset" else ("--corpus", "corpus.txt")
+    code, out, err = run_cli(
+        capsys,
+        *(command, "--config", str(files / "config.json")),
+        *(source[0], str(files / source[1]), "--workers", "2"),
+    )
+    assert (code, out) == (2, "")
+    assert err == "llm-flow: error: --workers goes with --ray; add --ray to run on Ray workers\n"
+
+
 def test_without_ray_installed_the_error_says_how_to_install_it(
     capsys: pytest.CaptureFixture[str], files: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
