@@ -17,6 +17,7 @@ everything in ``llm_flow.engine`` and ``llm_flow.analyses`` accepts them as they
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, fields, replace
@@ -32,7 +33,7 @@ from llm_flow.analyses import top_examples as _top_examples
 from llm_flow.analyses.attend import attend
 from llm_flow.analyses.faithfulness import faithfulness
 from llm_flow.analyses.lens import TokenScore, logit_lens, parse_node
-from llm_flow.config import default_config, load_config
+from llm_flow.config import ModelSpec, default_config, load_config
 from llm_flow.engine import routes as _routes
 from llm_flow.engine import trace as _trace
 from llm_flow.engine.nodes import source_id
@@ -102,7 +103,15 @@ def load(
             device_map=spec.device_map if device_map is None else parse_device_map(device_map),
             max_memory=spec.max_memory if max_memory is None else parse_max_memory(max_memory),
         )
-    return load_model(spec, device=device, dtype=dtype, progress=progress)
+    model = load_model(spec, device=device, dtype=dtype, progress=progress)
+    _LOADED_FROM[model] = (spec, device, dtype)
+    return model
+
+
+# How lf.load loaded each model still alive: what Ray workers load again (build_index(ray=…)).
+_LOADED_FROM: weakref.WeakKeyDictionary[TransparentLlm, tuple[ModelSpec, str | None, str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def from_hf(
@@ -411,6 +420,8 @@ def build_index(
     max_tokens: int | None = None,
     progress: IndexProgress | None = None,
     saes: Sequence[Sae | str | Path] = (),
+    ray: str | bool = False,
+    workers: int | None = None,
 ) -> CorpusIndex:
     """The corpus index of ``model`` (``llm-flow index``): each neuron's, head's and expert's
     top ``k`` examples and histogram over ``corpus`` (a text / JSONL / prompt file, a folder of
@@ -418,7 +429,32 @@ def build_index(
     windows of ``window`` tokens, for ``layers`` (None: all, or none when ``saes`` are given),
     at most ``max_tokens`` tokens; and the latents of each SAE in ``saes`` (SAEs, paths /
     repos, or hook names: the model's SAE there, as :func:`latents` finds it). Read from the
-    cache when built before; ``progress(windows, tokens)`` hears each batch."""
+    cache when built before; ``progress(windows, tokens)`` hears each batch.
+
+    ``ray=True`` (a local cluster) or ``ray="HOST:PORT"`` builds the same index as a Ray job
+    (``llm-flow index --ray``) on ``workers`` workers that each load ``model`` again as
+    :func:`load` loaded it (a model from :func:`from_hf` cannot be sent)."""
+    found = [_index_sae(model, sae) for sae in saes]
+    if ray:
+        from llm_flow.distributed import LOCAL, ModelRecipe, RayOptions, ray_index
+
+        if model not in _LOADED_FROM:
+            raise InputError(
+                "Ray workers load the model themselves from its config entry: load it with "
+                "lf.load(...) to build the index on Ray"
+            )
+        spec, device, dtype = _LOADED_FROM[model]
+        return ray_index(
+            ModelRecipe(spec, device, dtype),
+            corpus,
+            layers=layers,
+            window=window,
+            k=k,
+            max_tokens=max_tokens,
+            options=RayOptions(LOCAL if ray is True else ray, workers),
+            progress=progress,
+            saes=found,
+        )
     return _index_store.build_index(
         model,
         corpus,
@@ -427,7 +463,7 @@ def build_index(
         k=k,
         max_tokens=max_tokens,
         progress=progress,
-        saes=[_index_sae(model, sae) for sae in saes],
+        saes=found,
     )
 
 

@@ -98,6 +98,11 @@ class SelfCheckError(LlmFlowError):
     """
 
 
+class DistributedError(LlmFlowError):
+    """A Ray job cannot run: ray is not installed, the cluster cannot be reached or lacks the
+    resources asked for, or a worker died."""
+
+
 class ExportError(LlmFlowError):
     """A figure cannot be written in the asked format (e.g. PNG/SVG without kaleido)."""
 

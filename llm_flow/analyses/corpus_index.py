@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from llm_flow.errors import CorpusError
-from llm_flow.models.base import LayerRun, TransparentLlm
+from llm_flow.models.base import LayerRun, ModelInfo, TransparentLlm
 from llm_flow.models.sae import Sae, parse_hook
 from llm_flow.validate import check_at_least
 
@@ -235,10 +235,9 @@ def hook_states(layer: LayerRun, hook: str) -> Tensor:
     return layer.resid_mid
 
 
-def check_saes(llm: TransparentLlm, saes: Sequence[Sae]) -> tuple[tuple[str, str, str], ...]:
-    """Each SAE's :func:`sae_entry` once it reads a residual of this model;
+def check_saes(info: ModelInfo, saes: Sequence[Sae]) -> tuple[tuple[str, str, str], ...]:
+    """Each SAE's :func:`sae_entry` once it reads a residual of the model ``info`` describes;
     :class:`CorpusError` otherwise."""
-    info = llm.info
     for sae in saes:
         hook = sae_entry(sae)[0]
         if parse_hook(hook)[0] >= info.n_layers:
@@ -334,9 +333,9 @@ def parse_layers(text: str) -> list[int]:
     return layers
 
 
-def check_layers(llm: TransparentLlm, layers: Sequence[int] | None) -> tuple[int, ...]:
-    """The layers to index (None: all), sorted; :class:`CorpusError` listing the valid ones."""
-    n_layers = llm.info.n_layers
+def check_layers(n_layers: int, layers: Sequence[int] | None) -> tuple[int, ...]:
+    """The layers to index of a model of ``n_layers`` (None: all), sorted; :class:`CorpusError`
+    listing the valid ones."""
     if layers is None:
         return tuple(range(n_layers))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]

@@ -80,19 +80,27 @@ class Appearances:
     experts: Tensor  # [L, 2, E + 1] bool; the last column is the shared expert
     expert_hits: Tensor  # [L, 2, E + 1] number of route FFN nodes where it reached τ
     expert_weight: Tensor  # [L, 2, E + 1] sum of its contributions there
+    shared: bool = False  # whether the model has a shared expert (rows of kind shared_expert)
 
 
-_FIELDS = (
-    "heads",
-    "head_hits",
-    "head_weight",
-    "ffn",
-    "ffn_hits",
-    "ffn_weight",
-    "experts",
-    "expert_hits",
-    "expert_weight",
-)
+def _total(counts: Sequence[Appearances]) -> Appearances:
+    """Every field summed over the prompts, in their order (as float)."""
+
+    def total(field: str) -> Tensor:
+        return torch.stack([getattr(a, field).float() for a in counts]).sum(0)
+
+    return Appearances(
+        heads=total("heads"),
+        head_hits=total("head_hits"),
+        head_weight=total("head_weight"),
+        ffn=total("ffn"),
+        ffn_hits=total("ffn_hits"),
+        ffn_weight=total("ffn_weight"),
+        experts=total("experts"),
+        expert_hits=total("expert_hits"),
+        expert_weight=total("expert_weight"),
+        shared=any(a.shared for a in counts),
+    )
 
 
 def route_appearances(run: ModelRun, route: Route, threshold: float) -> Appearances:
@@ -122,6 +130,9 @@ def route_appearances(run: ModelRun, route: Route, threshold: float) -> Appearan
         experts=expert_hits > 0,
         expert_hits=expert_hits,
         expert_weight=expert_weight,
+        shared=any(
+            lr.experts is not None and lr.experts.shared_acts is not None for lr in run.layers
+        ),
     )
 
 
@@ -147,6 +158,20 @@ def _expert_appearances(run: ModelRun, route: Route, threshold: float) -> tuple[
     return hits, weight
 
 
+def check_dataset(prompts: Sequence[str], threshold: float) -> None:
+    """What dataset mode needs before any model runs: some prompts and τ in [0, 1]."""
+    if not prompts:
+        raise DatasetError("no prompts to run; the prompt file must hold one prompt per line")
+    check_threshold(threshold)
+
+
+def prompt_appearances(llm: TransparentLlm, prompt: str, threshold: float) -> Appearances:
+    """Trace one prompt and return the :class:`Appearances` of its route to the last token."""
+    tr = trace(llm, prompt, attention_floor=exact_floor(threshold))
+    route = find_route(tr.graph, [-1], threshold, renormalize=False)
+    return route_appearances(tr.run, route, threshold)
+
+
 def dataset_frequencies(
     llm: TransparentLlm,
     prompts: Sequence[str],
@@ -157,24 +182,22 @@ def dataset_frequencies(
     """Run every prompt, extract its route to the last token and aggregate (columns
     :data:`COLUMNS`; ``head`` is empty for FFN rows). ``on_prompt(done, total)`` reports
     progress."""
-    import pandas as pd
-
-    if not prompts:
-        raise DatasetError("no prompts to run; the prompt file must hold one prompt per line")
-    check_threshold(threshold)
+    check_dataset(prompts, threshold)
     counts: list[Appearances] = []
     for i, prompt in enumerate(prompts):
-        tr = trace(llm, prompt, attention_floor=exact_floor(threshold))
-        route = find_route(tr.graph, [-1], threshold, renormalize=False)
-        counts.append(route_appearances(tr.run, route, threshold))
-        experts = [lr.experts for lr in tr.run.layers if lr.experts is not None]
-        shared = any(x.shared_acts is not None for x in experts)
+        counts.append(prompt_appearances(llm, prompt, threshold))
         if on_prompt is not None:
             on_prompt(i + 1, len(prompts))
-    total = Appearances(
-        *(torch.stack([getattr(a, f).float() for a in counts]).sum(0) for f in _FIELDS)
-    )
-    n = len(prompts)
+    return frequency_table(counts, llm.info.moe_layers)
+
+
+def frequency_table(counts: Sequence[Appearances], moe_layers: Sequence[int]) -> pd.DataFrame:
+    """The dataset table of the prompts whose appearances are ``counts`` (in prompt order: the
+    weight sums add in that order, so the same list gives the same table bit for bit)."""
+    import pandas as pd
+
+    total = _total(counts)
+    n = len(counts)
     n_layers, _, n_heads = total.heads.shape
     layer_idx = torch.arange(n_layers)
     head_rows = pd.DataFrame(
@@ -202,7 +225,7 @@ def dataset_frequencies(
             "weight_sum": total.ffn_weight.flatten().tolist(),
         }
     )
-    parts = [head_rows, ffn_rows, _expert_rows(total, llm.info.moe_layers, shared)]
+    parts = [head_rows, ffn_rows, _expert_rows(total, moe_layers)]
     frame = pd.concat([p for p in parts if len(p)], ignore_index=True)
     frame["n_prompts"] = n
     frame["frequency"] = frame["count"] / n
@@ -212,7 +235,7 @@ def dataset_frequencies(
     return frame[list(COLUMNS)]
 
 
-def _expert_rows(total: Appearances, moe_layers: Sequence[int], shared: bool) -> pd.DataFrame:
+def _expert_rows(total: Appearances, moe_layers: Sequence[int]) -> pd.DataFrame:
     """Rows of the routed experts (and the shared expert, where the model has one) of every
     mixture-of-experts layer."""
     import pandas as pd
@@ -220,7 +243,7 @@ def _expert_rows(total: Appearances, moe_layers: Sequence[int], shared: bool) ->
     n_experts = total.experts.shape[-1] - 1
     rows = []
     for layer in moe_layers:
-        for e in range(n_experts + (1 if shared else 0)):
+        for e in range(n_experts + (1 if total.shared else 0)):
             for c, cls in enumerate(POSITION_CLASSES):
                 rows.append(
                     {

@@ -11,11 +11,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm_flow.config import AppConfig, default_config, load_config
+from llm_flow.config import AppConfig, ModelSpec, default_config, load_config
 from llm_flow.errors import InputError, LlmFlowError
 from llm_flow.placement import DeviceMap, parse_device_map
 
 if TYPE_CHECKING:
+    from llm_flow.distributed import ModelRecipe, RayOptions
     from llm_flow.engine.trace import Trace
     from llm_flow.models import BridgeLlm
     from llm_flow.models.sae import Sae
@@ -35,13 +36,33 @@ def config_arg(path: str | None) -> AppConfig:
     return load_config(path) if path else default_config()
 
 
-def load_llm(args: argparse.Namespace, config: AppConfig) -> BridgeLlm:
-    from llm_flow.models import load_model
-
+def model_spec(args: argparse.Namespace, config: AppConfig) -> ModelSpec:
+    """The config entry of ``--model`` (or the default model), with ``--device-map`` applied."""
     spec = config.model(args.model or config.default_model)
     if args.device_map is not None:
         spec = replace(spec, device_map=device_map_arg(args.device_map))
+    return spec
+
+
+def load_llm(args: argparse.Namespace, config: AppConfig) -> BridgeLlm:
+    from llm_flow.models import load_model
+
+    spec = model_spec(args, config)
     return load_model(spec, device=args.device, dtype=args.dtype, progress=stderr_progress())
+
+
+def check_ray_args(args: argparse.Namespace) -> None:
+    if args.workers is not None and args.ray is None:
+        raise InputError("--workers goes with --ray; add --ray to run on Ray workers")
+
+
+def ray_job(args: argparse.Namespace, config: AppConfig) -> tuple[ModelRecipe, RayOptions]:
+    """What ``--ray [ADDRESS]`` and ``--workers`` ask for: the model every worker loads and where
+    the job runs. Imports :mod:`llm_flow.distributed` (never imported without ``--ray``)."""
+    from llm_flow.distributed import ModelRecipe, RayOptions
+
+    recipe = ModelRecipe(model_spec(args, config), device=args.device, dtype=args.dtype)
+    return recipe, RayOptions(address=args.ray, workers=args.workers)
 
 
 def device_map_arg(text: str) -> DeviceMap:

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING
 
 from llm_flow.cli.common import (
     check_pair,
+    check_ray_args,
     config_arg,
     load_llm,
     prompt_header,
+    ray_job,
     sae_arg,
     stderr_progress,
     write_out,
@@ -105,6 +107,11 @@ def _graph(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.dataset:
+        from llm_flow.cli.bench_dataset import dataset_bench_command
+
+        dataset_bench_command(args)
+        return
     from llm_flow.cli.bench import bench, format_table, parse_token_counts
 
     counts = parse_token_counts(args.tokens)
@@ -248,24 +255,35 @@ def _attend(args: argparse.Namespace) -> None:
 
 
 def _dataset(args: argparse.Namespace) -> None:
-    from llm_flow.analyses.dataset import check_table_path, dataset_frequencies, write_table
+    from llm_flow.analyses.dataset import check_dataset, check_table_path, write_table
     from llm_flow.io.prompts import read_prompt_file
 
-    check_threshold(args.threshold)
+    check_ray_args(args)
     prompts = read_prompt_file(args.prompts)
+    check_dataset(prompts, args.threshold)
     if args.out is not None:
         check_table_path(args.out)
     config = config_arg(args.config)
     for prompt in prompts:
         config.check_prompt(prompt)
-    llm = load_llm(args, config)
     say = stderr_progress()
 
     def progress(done: int, total: int) -> None:
         if say is not None:
             say(f"prompt {done}/{total}")
 
-    frame = dataset_frequencies(llm, prompts, threshold=args.threshold, on_prompt=progress)
+    if args.ray is not None:
+        from llm_flow.distributed import ray_dataset
+
+        recipe, options = ray_job(args, config)
+        frame = ray_dataset(
+            recipe, prompts, threshold=args.threshold, options=options, on_prompt=progress
+        )
+    else:
+        from llm_flow.analyses.dataset import dataset_frequencies
+
+        llm = load_llm(args, config)
+        frame = dataset_frequencies(llm, prompts, threshold=args.threshold, on_prompt=progress)
     if args.out is None:
         write_out(frame.to_csv(index=False).rstrip("\n"), None)
     else:

@@ -11,6 +11,10 @@ import sys
 from llm_flow.engine.routes import DEFAULT_THRESHOLD
 
 EXIT_USAGE = 2
+# llm_flow.distributed's LOCAL and DEFAULT_CPU_WORKERS (that module imports ray's helpers: it is
+# imported only when --ray is given); tests/unit/cli/test_ray_cli.py checks they agree.
+RAY_LOCAL = "local"
+RAY_CPU_WORKERS = 2
 DEFAULT_MEAN_PROMPTS = "factual.txt"
 
 
@@ -58,6 +62,23 @@ def _add_ablation_args(p: argparse.ArgumentParser, *, default_mode: str) -> None
     )
 
 
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const=RAY_LOCAL,
+        metavar="ADDRESS",
+        help="run as a Ray job on the cluster at ADDRESS (HOST:PORT, or auto); without ADDRESS "
+        "on a local cluster started for the job (needs: pip install 'llm-flow[ray]')",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="--ray: workers, each holding the model once (default: one per GPU of the cluster "
+        f"with --device cuda, else {RAY_CPU_WORKERS} sharing the cluster's CPUs)",
+    )
+
+
 def _add_corpus_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     """``index`` (build a corpus index) and ``top`` (a unit's top examples from it)."""
     corpus_help = (
@@ -78,6 +99,7 @@ def _add_corpus_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
         "(the model's SAE there: its config entry or the trained one), or an SAE folder, "
         "params.npz or hub repo; with --sae and no --layers only latents are indexed",
     )
+    _add_ray_args(index)
 
     top = sub.add_parser("top", help="a neuron's, head's, expert's or latent's top examples")
     unit = top.add_mutually_exclusive_group(required=True)
@@ -210,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"τ in [0, 1] ({DEFAULT_THRESHOLD})",
     )
     dataset.add_argument("--out", help="RESULTS.csv or RESULTS.parquet (default: CSV to stdout)")
+    _add_ray_args(dataset)
 
     _add_corpus_commands(sub)
 
@@ -220,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--heads",
         action="store_true",
         help="also time the per-head contributions of every query of the middle layer",
+    )
+    bench.add_argument(
+        "--dataset",
+        action="store_true",
+        help="instead: dataset mode's prompts / s in-process and as Ray jobs of 1 and 2 workers",
+    )
+    bench.add_argument(
+        "--ray",
+        default=RAY_LOCAL,
+        metavar="ADDRESS",
+        help="--dataset: the Ray cluster (default: a local one started for each run)",
     )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
 

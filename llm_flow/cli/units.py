@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 
 from llm_flow.cli.common import (
     check_pair,
+    check_ray_args,
     config_arg,
     hook_sae,
     load_llm,
     prompt_header,
+    ray_job,
     sae_arg,
     stderr_progress,
     write_out,
@@ -117,14 +119,13 @@ def progress_bar() -> Callable[[str, int, int], None] | None:
 def index_command(args: argparse.Namespace) -> None:
     from llm_flow.analyses.corpus_index import parse_layers
     from llm_flow.io.corpus import open_corpus
-    from llm_flow.io.index_store import build_index
 
+    check_ray_args(args)
     layers = None if args.layers is None else parse_layers(args.layers)
     check_at_least("--window", args.window, 2)
     check_at_least("--k", args.k, 1)
     corpus = open_corpus(args.corpus)
     config = config_arg(args.config)
-    llm = load_llm(args, config)
     saes = [_index_sae(args, config, value) for value in args.sae or []]
     say = stderr_progress()
     total = "" if args.max_tokens is None else f"/{-(-args.max_tokens // args.window)}"
@@ -133,16 +134,34 @@ def index_command(args: argparse.Namespace) -> None:
         if say is not None:
             say(f"indexed {windows}{total} windows, {tokens} tokens")
 
-    index = build_index(
-        llm,
-        corpus,
-        layers=layers,
-        window=args.window,
-        k=args.k,
-        max_tokens=args.max_tokens,
-        progress=progress,
-        saes=saes,
-    )
+    if args.ray is not None:
+        from llm_flow.distributed import ray_index
+
+        recipe, options = ray_job(args, config)
+        index = ray_index(
+            recipe,
+            corpus,
+            layers=layers,
+            window=args.window,
+            k=args.k,
+            max_tokens=args.max_tokens,
+            options=options,
+            progress=progress,
+            saes=saes,
+        )
+    else:
+        from llm_flow.io.index_store import build_index
+
+        index = build_index(
+            load_llm(args, config),
+            corpus,
+            layers=layers,
+            window=args.window,
+            k=args.k,
+            max_tokens=args.max_tokens,
+            progress=progress,
+            saes=saes,
+        )
     summary = {
         "index": str(index.path),
         "model": index.settings.model,

@@ -21,7 +21,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -207,14 +207,37 @@ def token_windows(
     """The corpus's windows ``start ≤ index < stop`` (None: to the end), each ``window`` tokens
     long with the model's prefix (the last one may be shorter). The corpus is read in pieces and
     stops being read after window ``stop − 1``."""
-    prefix = special_prefix(llm)
+    pieces = (llm.encode(text) for text in corpus.texts())
+    return cut_windows(pieces, special_prefix(llm), window, start=start, stop=stop)
+
+
+def cut_windows(
+    pieces: Iterable[Sequence[int]],
+    prefix: Sequence[int],
+    window: int,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[Window]:
+    """:func:`token_windows` of a corpus already tokenized piece by piece (``pieces``, read
+    lazily) for a model whose prompts start with ``prefix``."""
     body = window - len(prefix)
     if body < 1:
         raise CorpusError(f"a window of {window} tokens leaves no room for text; use at least 2")
+    return _cut(pieces, tuple(prefix), body, start, stop)
+
+
+def _cut(
+    pieces: Iterable[Sequence[int]],
+    prefix: tuple[int, ...],
+    body: int,
+    start: int,
+    stop: int | None,
+) -> Iterator[Window]:
     buffer: list[int] = []
     index = 0
-    for text in corpus.texts():
-        buffer.extend(llm.encode(text))
+    for piece in pieces:
+        buffer.extend(piece)
         while len(buffer) >= body:
             if stop is not None and index >= stop:
                 return

@@ -27,7 +27,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,26 +94,81 @@ def build_index(
     units of ``layers`` (None: every layer, or none when ``saes`` are given) and the latents of
     every SAE in ``saes``."""
     corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
-    if max_tokens is not None and max_tokens < 1:
-        raise CorpusError(f"the token limit must be at least 1, got {max_tokens}")
-    settings = IndexSettings(
-        model=llm.info.name,
-        model_key=model_key(llm),
+    facts = ModelFacts.of(llm)
+    entries = check_saes(llm.info, saes)
+    settings = index_settings(facts, corpus, layers=layers, window=window, k=k, saes=entries)
+
+    def build(stop: int | None) -> CorpusIndex:
+        windows = token_windows(llm, corpus, window, stop=stop)
+        return index_windows(llm, windows, settings, skip=facts.skip, progress=progress, saes=saes)
+
+    return cached_index(settings, max_tokens, build)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What an index's settings and windows need to know of a model: what a process that does
+    not hold the model (a Ray job's driver) asks a worker for."""
+
+    name: str
+    model_key: str
+    n_layers: int
+    prefix: tuple[int, ...]  # what the model puts in front of a prompt: every window's start
+
+    @classmethod
+    def of(cls, llm: TransparentLlm) -> ModelFacts:
+        return cls(llm.info.name, model_key(llm), llm.info.n_layers, tuple(special_prefix(llm)))
+
+    @property
+    def skip(self) -> int:
+        """Positions left out at the start of every window: the first (see corpus_index)."""
+        return max(1, len(self.prefix))
+
+
+def index_settings(
+    facts: ModelFacts,
+    corpus: Corpus,
+    *,
+    layers: Sequence[int] | None,
+    window: int,
+    k: int,
+    saes: tuple[tuple[str, str, str], ...] = (),
+) -> IndexSettings:
+    """The settings of an index of the model ``facts`` describe over ``corpus``: the units of
+    ``layers`` (None: every layer, or none when there are SAEs) and the latents of the SAEs of
+    ``saes`` (:func:`~llm_flow.analyses.corpus_index.check_saes`'s entries)."""
+    return IndexSettings(
+        model=facts.name,
+        model_key=facts.model_key,
         corpus=corpus.label,
         corpus_hash=corpus.content_hash(),
         window=window,
         k=k,
-        layers=() if layers is None and saes else check_layers(llm, layers),
-        saes=check_saes(llm, saes),
+        layers=() if layers is None and saes else check_layers(facts.n_layers, layers),
+        saes=saes,
     )
+
+
+def check_max_tokens(max_tokens: int | None) -> None:
+    """A token limit is None (the whole corpus) or at least 1."""
+    if max_tokens is not None and max_tokens < 1:
+        raise CorpusError(f"the token limit must be at least 1, got {max_tokens}")
+
+
+def cached_index(
+    settings: IndexSettings,
+    max_tokens: int | None,
+    build: Callable[[int | None], CorpusIndex],
+) -> CorpusIndex:
+    """The index of ``settings`` over at most ``max_tokens`` tokens: read from the cache, or
+    ``build(stop)`` (the windows before number ``stop``; None: all), saved and read back."""
+    check_max_tokens(max_tokens)
     folder = _folder(settings, max_tokens)
     if (folder / "index.json").is_file():
         return load_index(folder)
-    stop = None if max_tokens is None else -(-max_tokens // window)
+    stop = None if max_tokens is None else -(-max_tokens // settings.window)
     started = time.perf_counter()
-    windows = token_windows(llm, corpus, window, stop=stop)
-    skip = max(1, len(special_prefix(llm)))  # the first position: see corpus_index
-    index = index_windows(llm, windows, settings, skip=skip, progress=progress, saes=saes)
+    index = build(stop)
     save_index(index, folder, seconds=time.perf_counter() - started)
     return load_index(folder)
 

@@ -54,7 +54,7 @@ def saes() -> list[Sae]:
 
 def settings(llm: BridgeLlm, corpus: Path, layers: tuple[int, ...] = ()) -> IndexSettings:
     c = open_corpus(corpus)
-    entries = check_saes(llm, saes())
+    entries = check_saes(llm.info, saes())
     return IndexSettings(
         llm.info.name, "test", c.label, c.content_hash(), WINDOW, K, layers, entries
     )
@@ -196,10 +196,10 @@ def test_saes_and_latent_names_are_checked() -> None:
     with pytest.raises(SaeError, match="not a residual hook"):
         parse_latent("blocks.1.attn:3")
     with pytest.raises(CorpusError, match="3 layers"):
-        check_saes(llm, [random_sae("blocks.3.hook_resid_pre")])
+        check_saes(llm.info, [random_sae("blocks.3.hook_resid_pre")])
     with pytest.raises(CorpusError, match="16-dimensional"):
-        check_saes(llm, [random_sae(POST, d_in=16)])
+        check_saes(llm.info, [random_sae(POST, d_in=16)])
     with pytest.raises(CorpusError, match="twice"):
-        check_saes(llm, [random_sae(POST), random_sae(POST)])
+        check_saes(llm.info, [random_sae(POST), random_sae(POST)])
     with pytest.raises(CorpusError, match="names no hook"):
-        check_saes(llm, [random_sae(None)])  # type: ignore[arg-type]
+        check_saes(llm.info, [random_sae(None)])  # type: ignore[arg-type]
