@@ -17,10 +17,8 @@ everything in ``llm_flow.engine`` and ``llm_flow.analyses`` accepts them as they
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,22 +30,19 @@ from llm_flow.analyses import latents as _latents
 from llm_flow.analyses import top_examples as _top_examples
 from llm_flow.analyses.attend import attend
 from llm_flow.analyses.faithfulness import faithfulness
-from llm_flow.analyses.lens import TokenScore, logit_lens, parse_node
-from llm_flow.config import ModelSpec, default_config, load_config
+from llm_flow.analyses.lens import TokenScore, logit_lens
+from llm_flow.api_models import LOADED_FROM, from_hf, load, load_sae, model_sae, node_sae
 from llm_flow.engine import routes as _routes
 from llm_flow.engine import trace as _trace
 from llm_flow.engine.nodes import source_id
 from llm_flow.engine.routes import DEFAULT_THRESHOLD
-from llm_flow.errors import InputError, UnknownModelError
+from llm_flow.errors import InputError
 from llm_flow.io import export
 from llm_flow.io import index_store as _index_store
 from llm_flow.io.figure import flow_figure
-from llm_flow.models import TransparentLlm, load_model, wrap_hf
+from llm_flow.models import TransparentLlm
 from llm_flow.models import sae as _sae
-from llm_flow.models.dispatch import is_dispatched
-from llm_flow.models.loading import Progress, resolve_device, resolve_dtype
 from llm_flow.models.sae import Sae
-from llm_flow.placement import parse_device_map, parse_max_memory
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -74,64 +69,6 @@ __all__ = [
     "top_latent_examples",
     "trace",
 ]
-
-
-def load(
-    name: str | None = None,
-    *,
-    config: str | Path | None = None,
-    device: str | None = None,
-    dtype: str = "float32",
-    device_map: str | Mapping[str, int | str] | None = None,
-    max_memory: Mapping[str | int, int | str] | None = None,
-    progress: Progress | None = None,
-) -> TransparentLlm:
-    """The model ``name`` of ``config`` (default: the repository's config/local.json and its
-    default model, the packaged SmolLM2), on ``device`` (default: the CPU) in ``dtype``.
-    ``progress(message)`` hears about slow steps (the first load of a packaged model dequantizes
-    it, ~20 s).
-
-    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"``, or module name → device, as
-    transformers takes it) splits a model too large for one GPU over several, within
-    ``max_memory`` (device → size such as ``"70GiB"``); it overrides the config entry's. The
-    contributions are then computed on ``device``, by default the embedding's device."""
-    cfg = default_config() if config is None else load_config(config)
-    spec = cfg.model(cfg.default_model if name is None else name)
-    if device_map is not None or max_memory is not None:
-        spec = replace(
-            spec,
-            device_map=spec.device_map if device_map is None else parse_device_map(device_map),
-            max_memory=spec.max_memory if max_memory is None else parse_max_memory(max_memory),
-        )
-    model = load_model(spec, device=device, dtype=dtype, progress=progress)
-    _LOADED_FROM[model] = (spec, device, dtype)
-    return model
-
-
-# How lf.load loaded each model still alive: what Ray workers load again (build_index(ray=…)).
-_LOADED_FROM: weakref.WeakKeyDictionary[TransparentLlm, tuple[ModelSpec, str | None, str]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def from_hf(
-    hf_model: Any,
-    tokenizer: Any,
-    *,
-    name: str | None = None,
-    prepend_bos: bool | None = None,
-) -> TransparentLlm:
-    """Any already-loaded transformers causal LM (on its own device and dtype, or dispatched
-    over several with a ``device_map``: contributions are then computed on the embedding's
-    device) and its tokenizer. ``prepend_bos=None`` follows the tokenizer (see
-    ``config/local.json``)."""
-    first = next(hf_model.parameters())
-    # A model loaded from a folder is named by the folder, not by a full server path.
-    source = Path(str(getattr(hf_model.config, "name_or_path", "") or "")).name
-    label = name or source or type(hf_model).__name__
-    device = None if is_dispatched(hf_model) else resolve_device(str(first.device))
-    dtype = resolve_dtype(str(first.dtype).removeprefix("torch."))
-    return wrap_hf(label, hf_model, tokenizer, device=device, dtype=dtype, prepend_bos=prepend_bos)
 
 
 def _fields(obj: Any) -> dict[str, Any]:
@@ -321,34 +258,6 @@ def ablate(
 # -- sparse-autoencoder latents ---------------------------------------------------------------
 
 
-def load_sae(path_or_repo: str | Path, hook: str | None = None) -> Sae:
-    """An SAE from a SAELens folder, a Gemma Scope ``params.npz`` or a hub repository
-    ``owner/name[/folder]`` (``hook`` names the hook for files that do not)."""
-    return _sae.load_sae(path_or_repo, hook)
-
-
-def _node_sae(tr: _trace.Trace, node: str, sae: Sae | str | Path | None) -> Sae:
-    """``sae`` as given (loaded if a path), else the default config's SAE for the node's hook
-    (when the model is configured there) or the one ``llm-flow sae train`` left in the cache."""
-    parse_node(node, tr.n_layers, tr.n_tokens)
-    return _model_sae(tr.llm, node, sae)
-
-
-def _model_sae(
-    model: TransparentLlm, node: str, sae: Sae | str | Path | None, hook: str | None = None
-) -> Sae:
-    """:func:`_node_sae` for a model (``hook`` names the hook of files that do not)."""
-    if isinstance(sae, Sae):
-        return sae
-    if sae is not None:
-        return _sae.load_sae(sae, hook)
-    parsed = parse_node(node, model.info.n_layers)
-    configured: tuple[tuple[str, str], ...] = ()
-    with suppress(UnknownModelError):
-        configured = default_config().model(model.info.name).saes
-    return _sae.find_sae(configured, model.info.name, parsed.kind, parsed.layer)
-
-
 def latents(
     tr: _trace.Trace,
     node: str,
@@ -361,7 +270,7 @@ def latents(
     """The residual ``node`` (``"I5_3"``) as SAE latents, ``b_dec`` and the error: each part's
     contribution (they sum to 1) and direct effect; ``.to_json()`` is ``llm-flow latents``."""
     return _latents.latents(
-        tr, node, _node_sae(tr, node, sae), top=top, target=target, distractor=distractor
+        tr, node, node_sae(tr, node, sae), top=top, target=target, distractor=distractor
     )
 
 
@@ -378,7 +287,7 @@ def edge_latents(
     found as for :func:`latents` of the source node."""
     layer, _, source = _edge_latents.parse_edge(edge, tr.n_layers, tr.n_tokens)
     node = source_id(layer, source)
-    return _edge_latents.edge_latents(tr, edge, _node_sae(tr, node, sae), top=top)
+    return _edge_latents.edge_latents(tr, edge, node_sae(tr, node, sae), top=top)
 
 
 def ablate_latents(
@@ -438,12 +347,12 @@ def build_index(
     if ray:
         from llm_flow.distributed import LOCAL, ModelRecipe, RayOptions, ray_index
 
-        if model not in _LOADED_FROM:
+        if model not in LOADED_FROM:
             raise InputError(
                 "Ray workers load the model themselves from its config entry: load it with "
                 "lf.load(...) to build the index on Ray"
             )
-        spec, device, dtype = _LOADED_FROM[model]
+        spec, device, dtype = LOADED_FROM[model]
         return ray_index(
             ModelRecipe(spec, device, dtype),
             corpus,
@@ -471,8 +380,8 @@ def _index_sae(model: TransparentLlm, sae: Sae | str | Path) -> Sae:
     """An SAE of ``build_index``'s ``saes``: as given, the model's on a hook name (as
     :func:`latents` finds it), or read from a path or repo."""
     if isinstance(sae, str) and _sae.HOOK.match(sae):
-        return _model_sae(model, _sae.node_of_hook(sae, 0), None)
-    return _model_sae(model, "X0_0", sae)
+        return model_sae(model, _sae.node_of_hook(sae, 0), None)
+    return model_sae(model, "X0_0", sae)
 
 
 def top_examples(
@@ -511,7 +420,7 @@ def top_latent_examples(
     is ``index``, or the newest saved index of ``corpus`` (None: the shipped one) built with
     that SAE's weights (``build_index(..., saes=[…])``)."""
     hook, unit = _top_examples.parse_latent(latent)
-    found = _model_sae(model, _sae.node_of_hook(hook, 0), sae, hook)
+    found = model_sae(model, _sae.node_of_hook(hook, 0), sae, hook)
     if index is None:
         index, slot = _index_store.find_latent_index(model, corpus, found)
     else:
