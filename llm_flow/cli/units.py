@@ -10,7 +10,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llm_flow.cli.common import (
     check_pair,
@@ -134,34 +134,23 @@ def index_command(args: argparse.Namespace) -> None:
         if say is not None:
             say(f"indexed {windows}{total} windows, {tokens} tokens")
 
+    settings: dict[str, Any] = {
+        "layers": layers,
+        "window": args.window,
+        "k": args.k,
+        "max_tokens": args.max_tokens,
+        "progress": progress,
+        "saes": saes,
+    }
     if args.ray is not None:
         from llm_flow.distributed import ray_index
 
         recipe, options = ray_job(args, config)
-        index = ray_index(
-            recipe,
-            corpus,
-            layers=layers,
-            window=args.window,
-            k=args.k,
-            max_tokens=args.max_tokens,
-            options=options,
-            progress=progress,
-            saes=saes,
-        )
+        index = ray_index(recipe, corpus, options=options, **settings)
     else:
         from llm_flow.io.index_store import build_index
 
-        index = build_index(
-            load_llm(args, config),
-            corpus,
-            layers=layers,
-            window=args.window,
-            k=args.k,
-            max_tokens=args.max_tokens,
-            progress=progress,
-            saes=saes,
-        )
+        index = build_index(load_llm(args, config), corpus, **settings)
     summary = {
         "index": str(index.path),
         "model": index.settings.model,
