@@ -103,6 +103,18 @@ class RayOptions:
     workers: int | None = None
 
 
+def _keep_to_share() -> None:
+    """torch's and numba's threads: as many as this Ray worker's CPUs (at least 1)."""
+    import numba
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    threads = max(1, int(cpus))
+    torch.set_num_threads(min(threads, torch.get_num_threads()))
+    numba.set_num_threads(min(threads, numba.get_num_threads()))
+
+
 class _Worker:
     """A Ray actor's state: the model, loaded once, and the index of the windows it was given.
     A load error is kept and raised by the first call, so the driver sees it as it is."""
@@ -123,6 +135,9 @@ class _Worker:
         # thread count torch runs with from then on. Done here, every prompt and window of the
         # job runs with the same threads, as in a warm in-process run.
         contributions_of(self._llm.run("Warm up the kernels.").layers[0])
+        # Then each worker keeps to its share of the node's cores: by default torch and numba
+        # each take every core, and two workers on one node would oversubscribe it.
+        _keep_to_share()
 
     def _model(self) -> TransparentLlm:
         if self._error is not None:

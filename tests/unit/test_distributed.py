@@ -41,15 +41,24 @@ def cluster() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def warm_driver() -> None:
-    """One CPU kernel call in this process first: numba's threading layer sets torch's thread
-    count when it starts, so a cold in-process run computes its first prompt with other threads
-    than the rest (and than the workers, which warm up when they load), which moves float sums
-    by an ulp."""
+def warm_driver() -> Iterator[None]:
+    """This process computes as each worker of the 2-CPU cluster does: warm (numba's threading
+    layer sets torch's thread count when it starts, so a cold run computes its first prompt with
+    other threads than the rest) and on one thread, the workers' share of the cores. Another
+    thread count moves float sums by an ulp."""
+    import numba
+    import torch
+
     from llm_flow.engine.graph import contributions_of
     from tests.tiny import tiny_llm
 
     contributions_of(tiny_llm("llama-gqa").run("w1 w2 w3").layers[0])
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads[0])
+    numba.set_num_threads(threads[1])
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +297,14 @@ def test_the_parser_defaults_are_the_modules() -> None:
 
     assert parser.RAY_LOCAL == distributed.LOCAL
     assert parser.RAY_CPU_WORKERS == distributed.DEFAULT_CPU_WORKERS
+
+
+def test_the_bench_compares_counts_exactly_and_weights_to_float32_rounding() -> None:
+    from llm_flow.cli.bench_dataset import WEIGHT_RTOL, same_table
+
+    table = pd.DataFrame({"kind": ["head", "ffn"], "count": [3, 5], "mean_weight": [0.25, 0.5]})
+    rounded = table.assign(mean_weight=table["mean_weight"] * (1 + WEIGHT_RTOL / 10))
+    assert same_table(rounded, table)
+    assert not same_table(table.assign(mean_weight=[0.25, 0.5001]), table)
+    assert not same_table(table.assign(count=[3, 6]), table)
+    assert not same_table(table.iloc[:1], table)
