@@ -141,7 +141,7 @@ def source_latents_tab(cached: CachedTrace, ref: SaeRef, edge: str) -> None:
     st.markdown(
         f"Which latents of `{result.hook}` at {result.source} this edge carries "
         f"({result.l0} active there): its part, of L1 norm {result.part_norm:.3g} and weight "
-        f"{result.weight:.3f} in the graph, as the source's SAE parts."
+        f"{result.weight:.3f} in the graph (before renormalizing), as the source's SAE parts."
     )
     st.dataframe(
         tables.edge_latents_table(result),
