@@ -21,8 +21,6 @@ included). This module imports triton: import it only once triton is known to be
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
@@ -37,32 +35,28 @@ BLOCK_S = 16
 BLOCK_D = 32
 NUM_WARPS = 4
 
-# Triton reads a parameter's annotation ("constexpr" marks compile-time constants); other
-# parameters are pointers or integers, typed ``Any`` for mypy (triton ships no type hints).
-Arg = Any
-
 
 @triton.jit
 def _attention_prox_kernel(
-    y_ptr: Arg,  # whole [T, D]
-    a_ptr: Arg,  # pattern [H, T, S]
-    u_ptr: Arg,  # head outputs [S, H, D]
-    scale_ptr: Arg,  # [T]
-    out_ptr: Arg,  # prox [T, S], float32, zero-filled
-    n_q: Arg,
-    n_s: Arg,
-    n_heads: Arg,
-    d_model: Arg,
-    y_st: Arg,
-    y_sd: Arg,
-    a_sh: Arg,
-    a_st: Arg,
-    a_ss: Arg,
-    u_ss: Arg,
-    u_sh: Arg,
-    u_sd: Arg,
-    out_st: Arg,
-    out_ss: Arg,
+    y_ptr,  # whole [T, D]
+    a_ptr,  # pattern [H, T, S]
+    u_ptr,  # head outputs [S, H, D]
+    scale_ptr,  # [T]
+    out_ptr,  # prox [T, S], float32, zero-filled
+    n_q,
+    n_s,
+    n_heads,
+    d_model,
+    y_st,
+    y_sd,
+    a_sh,
+    a_st,
+    a_ss,
+    u_ss,
+    u_sh,
+    u_sd,
+    out_st,
+    out_ss,
     BLOCK_Q: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -108,27 +102,27 @@ def _attention_prox_kernel(
 
 @triton.jit
 def _head_prox_kernel(
-    y_ptr: Arg,  # whole [T, D]
-    a_ptr: Arg,  # pattern at the rows [H, R, S]
-    u_ptr: Arg,  # head outputs [S, H, D]
-    scale_ptr: Arg,  # [T]
-    rows_ptr: Arg,  # query positions [R], int64
-    out_ptr: Arg,  # prox [R, S, H], float32, zero-filled
-    n_rows: Arg,
-    n_s: Arg,
-    n_heads: Arg,
-    d_model: Arg,
-    y_st: Arg,
-    y_sd: Arg,
-    a_sh: Arg,
-    a_sr: Arg,
-    a_ss: Arg,
-    u_ss: Arg,
-    u_sh: Arg,
-    u_sd: Arg,
-    out_sr: Arg,
-    out_ss: Arg,
-    out_sh: Arg,
+    y_ptr,  # whole [T, D]
+    a_ptr,  # pattern at the rows [H, R, S]
+    u_ptr,  # head outputs [S, H, D]
+    scale_ptr,  # [T]
+    rows_ptr,  # query positions [R], int64
+    out_ptr,  # prox [R, S, H], float32, zero-filled
+    n_rows,
+    n_s,
+    n_heads,
+    d_model,
+    y_st,
+    y_sd,
+    a_sh,
+    a_sr,
+    a_ss,
+    u_ss,
+    u_sh,
+    u_sd,
+    out_sr,
+    out_ss,
+    out_sh,
     BLOCK_Q: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
