@@ -16,7 +16,7 @@ from torch import Tensor
 
 from llm_flow.errors import LlmFlowError, SelfCheckError
 from llm_flow.models.base import LayerRun
-from llm_flow.models.checks import RTOL, check_layer, relative_error
+from llm_flow.models.checks import CHECKED_ROWS, RTOL, check_layer, checked_rows, relative_error
 from tests.tiny import prompt, tiny_llm
 
 LAYER = 2  # the last layer, so "layer 2" cannot be matched by an unrelated "layer 0"
@@ -153,3 +153,36 @@ def test_relative_error() -> None:
     # Exact: |101 − 100| / 200 is one correctly rounded float64 division, as 1 / 200 is.
     assert relative_error(torch.tensor([101.0, -200.0]), whole) == 1 / 200
     assert not relative_error(torch.tensor([float("nan"), -200.0]), whole) <= RTOL[torch.float32]
+
+
+def test_checked_rows_spread_over_a_long_prompt() -> None:
+    assert checked_rows(CHECKED_ROWS) is None  # every row of a short prompt
+    for n in (CHECKED_ROWS + 1, 1000, 8191):
+        rows = checked_rows(n)
+        assert rows is not None
+        assert len(rows) == CHECKED_ROWS
+        assert rows[0] == 0 and rows[-1] == n - 1
+        assert bool((rows.diff() > 0).all())
+        # no stretch of the prompt is left out: gaps are the even spacing, rounded
+        assert int(rows.diff().max()) <= -(-(n - 1) // (CHECKED_ROWS - 1))
+
+
+def test_a_long_prompt_checks_the_products_at_spread_rows() -> None:
+    """Past ``most_rows`` tokens the products are redone at spread rows: a wrong weight or a
+    corrupted checked row fails there, and a row left out still meets the residual identity,
+    which is checked at every row."""
+    long = tiny_llm("gpt2-bias").run(prompt(40)).layers[LAYER]
+    rows = checked_rows(long.resid_pre.shape[0], 8)
+    assert rows is not None
+    check_layer(long, most_rows=8)
+    bad_w = dataclasses.replace(long, W_O=bumped(long.W_O, 0.5))
+    with pytest.raises(SelfCheckError, match="attention: Σ per-head parts"):
+        check_layer(bad_w, most_rows=8)
+    with pytest.raises(SelfCheckError, match="FFN: Σ per-neuron parts"):
+        check_layer(dataclasses.replace(long, W_out=bumped(long.W_out, 0.5)), most_rows=8)
+    unchecked = next(t for t in range(long.resid_pre.shape[0]) if t not in rows.tolist())
+    for row, block in ((int(rows[3]), "attention: Σ per-head"), (unchecked, "resid_pre + update")):
+        update = long.attn_update.clone()
+        update[row] += 1e-2 * float(update.abs().max())
+        with pytest.raises(SelfCheckError, match=re.escape(block)):
+            check_layer(dataclasses.replace(long, attn_update=update), most_rows=8)
