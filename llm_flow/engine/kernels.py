@@ -43,35 +43,35 @@ def query_tile(n_rows: int) -> int:
 
 # fastmath lets LLVM vectorize the reductions; inputs are finite (the run's self-checks passed).
 @njit(fastmath=True, cache=True, inline="always")
-def _four(w: np.ndarray, u_s: np.ndarray, h: int) -> tuple:
-    """Weights and rows of heads h … h + 3. Only with fewer than four heads in all do some lie
-    past the last: their weight buffer entries are 0, and they read row 0."""
-    last = u_s.shape[0] - 1
+def _four(w: np.ndarray, u: np.ndarray, s: int, h: int) -> tuple:
+    """Weights and rows ``u[h, s]`` of heads h … h + 3. Only with fewer than four heads in all
+    do some lie past the last: their weight buffer entries are 0, and they read the last row."""
+    last = u.shape[0] - 1
     return (
         w[h],
-        u_s[min(h, last)],
+        u[min(h, last), s],
         w[h + 1],
-        u_s[min(h + 1, last)],
+        u[min(h + 1, last), s],
         w[h + 2],
-        u_s[min(h + 2, last)],
+        u[min(h + 2, last), s],
         w[h + 3],
-        u_s[min(h + 3, last)],
+        u[min(h + 3, last), s],
     )
 
 
 @njit(fastmath=True, cache=True)
 def _start_pair(
-    wa: np.ndarray, wb: np.ndarray, u_s: np.ndarray, za: np.ndarray, zb: np.ndarray
+    wa: np.ndarray, wb: np.ndarray, u: np.ndarray, s: int, za: np.ndarray, zb: np.ndarray
 ) -> int:
     """Write the sum of heads 0 … r − 1 into ``za``/``zb`` (r = 1 … 4: what is left over once
     the heads after them come in fours; zeros when four heads or fewer); returns r."""
-    n_h, d_model = u_s.shape
+    n_h, d_model = u.shape[0], u.shape[2]
     if n_h <= 4:
         za[:] = 0.0
         zb[:] = 0.0
         return 0
     r = (n_h - 1) % 4 + 1
-    a0, x0, a1, x1, a2, x2, a3, x3 = _four(wa, u_s, 0)
+    a0, x0, a1, x1, a2, x2, a3, x3 = _four(wa, u, s, 0)
     b0, b1, b2, b3 = wb[0], wb[1], wb[2], wb[3]
     if r < 4:  # heads past r get weight 0 here; the next pass starts at r
         a3 = b3 = np.float32(0.0)
@@ -89,7 +89,8 @@ def _start_pair(
 def _pair_prox(
     wa: np.ndarray,
     wb: np.ndarray,
-    u_s: np.ndarray,
+    u: np.ndarray,
+    s: int,
     za: np.ndarray,
     zb: np.ndarray,
     sign_a: np.ndarray,
@@ -97,23 +98,23 @@ def _pair_prox(
     sign_b: np.ndarray,
     abs_b: np.ndarray,
 ) -> tuple:
-    """Proximities of the parts ``z = Σ_h w[h] · u_s[h]`` of one source at two queries a, b
+    """Proximities of the parts ``z = Σ_h w[h] · u[h, s]`` of one source s at two queries a, b
     (weights ``wa``/``wb``) to their wholes (``sign``/``abs`` of y).
 
     Each head row is read once for both queries, four heads per pass over the scratch ``za``/
     ``zb``; the last pass adds the last four heads and reduces in the same loop, so a part is
     read back once: ``max(Σ_d a_d − 2·Σ_d max(a_d − |y_d|, 0), 0)``, ``a_d = sign_d·z_d``.
     """
-    n_h, d_model = u_s.shape
-    h = _start_pair(wa, wb, u_s, za, zb)
+    n_h, d_model = u.shape[0], u.shape[2]
+    h = _start_pair(wa, wb, u, s, za, zb)
     while h < n_h - 4:
-        a0, x0, a1, x1, a2, x2, a3, x3 = _four(wa, u_s, h)
+        a0, x0, a1, x1, a2, x2, a3, x3 = _four(wa, u, s, h)
         b0, b1, b2, b3 = wb[h], wb[h + 1], wb[h + 2], wb[h + 3]
         for d in range(d_model):
             za[d] += a0 * x0[d] + a1 * x1[d] + a2 * x2[d] + a3 * x3[d]
             zb[d] += b0 * x0[d] + b1 * x1[d] + b2 * x2[d] + b3 * x3[d]
         h += 4
-    a0, x0, a1, x1, a2, x2, a3, x3 = _four(wa, u_s, h)
+    a0, x0, a1, x1, a2, x2, a3, x3 = _four(wa, u, s, h)
     b0, b1, b2, b3 = wb[h], wb[h + 1], wb[h + 2], wb[h + 3]
     zero = np.float32(0.0)
     linear_a = overshoot_a = linear_b = overshoot_b = zero
@@ -146,15 +147,16 @@ def _token_tile(
     zb = np.empty(u.shape[2], dtype=np.float32)
     wa = np.zeros(max(n_h, 4), dtype=np.float32)  # padded for models with fewer than 4 heads
     wb = np.zeros(max(n_h, 4), dtype=np.float32)
-    for s in range(min(q1, pattern.shape[2])):  # causal: sources after the tile's last query add 0
-        u_s = u[s]  # read from memory once, reused by every query of the tile from cache
+    # causal: sources after the tile's last query add 0. Each source's rows u[:, s] are read from
+    # memory once and reused by every query of the tile from cache.
+    for s in range(min(q1, pattern.shape[2])):
         for ta in range(max(q0, s), q1, 2):
             tb = min(ta + 1, q1 - 1)
             for h in range(n_h):
                 wa[h] = pattern[h, ta, s] * scale[ta]
                 wb[h] = pattern[h, tb, s] * scale[tb]
             out[ta, s], out[tb, s] = _pair_prox(
-                wa, wb, u_s, za, zb, sign[ta], y_abs[ta], sign[tb], y_abs[tb]
+                wa, wb, u, s, za, zb, sign[ta], y_abs[ta], sign[tb], y_abs[tb]
             )
 
 
@@ -168,7 +170,7 @@ def _attention_prox(
     out: np.ndarray,
     tile: int,
 ) -> None:
-    """pattern [H, T, S], scale [T], u [S, H, D], sign/|y| [T, D] → out [T, S]."""
+    """pattern [H, T, S], scale [T], u [H, S, D], sign/|y| [T, D] → out [T, S]."""
     n_q = pattern.shape[1]
     n_tiles = (n_q + tile - 1) // tile
     for i in prange((n_tiles + 1) // 2):
@@ -193,13 +195,12 @@ def _head_tile(
     """out[r, s, h] for the rows r0 ≤ r < r1 (query t = rows[r]), every source s ≤ t, head h.
 
     The part is ``w · u[s, h]`` with a single weight w, so ``a_d = w · sign_d · u_d``."""
-    n_h, d_model = u.shape[1], u.shape[2]
+    n_h, d_model = u.shape[0], u.shape[2]
     zero = np.float32(0.0)
     last = 0
     for r in range(r0, r1):
         last = max(last, rows[r])
     for s in range(min(last + 1, pattern.shape[2])):
-        u_s = u[s]
         for r in range(r0, r1):
             t = rows[r]
             if s > t:
@@ -211,7 +212,7 @@ def _head_tile(
                 linear = zero
                 overshoot = zero
                 for d in range(d_model):
-                    along = w * (sign[t, d] * u_s[h, d])
+                    along = w * (sign[t, d] * u[h, s, d])
                     linear += along
                     overshoot += max(along - y_abs[t, d], zero)
                 out[r, s, h] = max(linear - np.float32(2.0) * overshoot, zero)
@@ -228,7 +229,8 @@ def _head_prox(
     out: np.ndarray,
     tile: int,
 ) -> None:
-    """pattern [H, R, S] and scale [R] at the query ``rows`` [R] → out [R, S, H] (in place)."""
+    """pattern [H, R, S] and scale [R] at the query ``rows`` [R], u [H, S, D] → out [R, S, H]
+    (in place)."""
     n_r = rows.shape[0]
     n_tiles = (n_r + tile - 1) // tile
     for i in prange((n_tiles + 1) // 2):
@@ -246,6 +248,13 @@ def _signs_and_abs(whole: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return sign.contiguous().numpy(), whole.abs().contiguous().numpy()
 
 
+def _head_major(head_outputs: Tensor) -> np.ndarray:
+    """[S, H, D] head outputs as a contiguous [H, S, D] array: each head's rows of a source lie
+    along D as the kernels read them, and :meth:`LayerRun.head_outputs` (a view of its batched
+    product's [H, S, D] result) needs no copy."""
+    return head_outputs.transpose(0, 1).contiguous().numpy()
+
+
 def attention_proximity_cpu(
     whole: Tensor, pattern: Tensor, head_outputs: Tensor, scale: Tensor
 ) -> Tensor:
@@ -253,7 +262,7 @@ def attention_proximity_cpu(
     → prox [T, S] (zero for s > t)."""
     sign, y_abs = _signs_and_abs(whole)
     out = np.zeros((whole.shape[0], pattern.shape[-1]), dtype=np.float32)
-    u = head_outputs.contiguous().numpy()
+    u = _head_major(head_outputs)
     a = pattern.contiguous().numpy()  # read in place: a query-major copy cost ~15 % of the kernel
     tile = query_tile(whole.shape[0])
     _attention_prox(a, scale.contiguous().numpy(), u, sign, y_abs, out, tile)
@@ -268,7 +277,7 @@ def head_proximity_cpu(
     sign, y_abs = _signs_and_abs(whole)
     n_s, n_h = pattern.shape[-1], pattern.shape[0]
     out = np.zeros((len(rows), n_s, n_h), dtype=np.float32)
-    u = head_outputs.contiguous().numpy()
+    u = _head_major(head_outputs)
     index = rows.to(torch.int64).contiguous()
     row_scale = scale[index].contiguous().numpy()
     _head_prox(

@@ -219,9 +219,10 @@ class LayerRun:
         head_outputs[s, h]``.
         """
         # W_O ([H, d_head, D]) travels rather than the [T, H, D] result: smaller past a few
-        # tokens.
+        # tokens. One batched product per head; the result is a view of its [H, T, D] output,
+        # the layout the CPU kernels read (no copy there).
         W_O = self.W_O.to(device=self.values.device, dtype=dtype)
-        return torch.einsum("shk,hkd->shd", self.values.to(dtype), W_O)
+        return torch.bmm(self.values.to(dtype).transpose(0, 1), W_O).transpose(0, 1)
 
     def holds_attention(self, rows: Tensor | None) -> bool:
         """Whether the pattern is here for the query ``rows`` (None: every row)."""

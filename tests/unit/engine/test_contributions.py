@@ -253,7 +253,7 @@ def test_fused_kernel_tiles_of_any_size_give_the_same_proximities(tile: int) -> 
     whole, pattern, u, scale = _random_layer(n, h, d, seed=tile)
     sign, y_abs = kernels._signs_and_abs(whole)
     out = torch.zeros(n, n).numpy()
-    args = (pattern.numpy(), scale.numpy(), u.numpy(), sign, y_abs, out, tile)
+    args = (pattern.numpy(), scale.numpy(), kernels._head_major(u), sign, y_abs, out, tile)
     kernels._attention_prox(*args)
     exact = attention_proximity(
         whole.double(), pattern.double(), u.double(), scale.double(), backend="torch"
