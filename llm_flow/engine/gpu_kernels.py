@@ -29,7 +29,7 @@ from torch import Tensor
 from llm_flow.errors import DeviceError
 
 # Tile sizes: a [Q, S, D] float32 block of parts lives in registers (16·16·32 = 8192 floats,
-# 64 per thread with 4 warps). Not tuned on hardware yet; scripts/gpu-check.sh times them.
+# 64 per thread with 4 warps). scripts/triton_tiles.py times other choices on a GPU.
 BLOCK_Q = 16
 BLOCK_S = 16
 BLOCK_D = 32
@@ -181,16 +181,23 @@ def _check_device(device: torch.device) -> None:
 
 
 def attention_proximity_triton(
-    whole: Tensor, pattern: Tensor, head_outputs: Tensor, scale: Tensor
+    whole: Tensor,
+    pattern: Tensor,
+    head_outputs: Tensor,
+    scale: Tensor,
+    *,
+    tiles: tuple[int, int, int, int] = (BLOCK_Q, BLOCK_S, BLOCK_D, NUM_WARPS),
 ) -> Tensor:
     """whole [T, D], pattern [H, T, S], head_outputs [S, H, D], scale [T], on one device, any
-    float dtype → prox [T, S] float32 (zero for s > t)."""
+    float dtype → prox [T, S] float32 (zero for s > t). ``tiles``: (query, source and model
+    block sizes, warps per program), powers of two; scripts/triton_tiles.py times choices."""
     n_q, d_model = whole.shape
     n_heads, _, n_s = pattern.shape
+    block_q, block_s, block_d, num_warps = tiles
     out = torch.zeros(n_q, n_s, dtype=torch.float32, device=whole.device)
     if out.numel() == 0 or d_model == 0:
         return out
-    grid = (triton.cdiv(n_q, BLOCK_Q), triton.cdiv(n_s, BLOCK_S))
+    grid = (triton.cdiv(n_q, block_q), triton.cdiv(n_s, block_s))
     _check_device(whole.device)
     _attention_prox_kernel[grid](
         whole,
@@ -206,10 +213,10 @@ def attention_proximity_triton(
         *pattern.stride(),
         *head_outputs.stride(),
         *out.stride(),
-        BLOCK_Q=BLOCK_Q,
-        BLOCK_S=BLOCK_S,
-        BLOCK_D=BLOCK_D,
-        num_warps=NUM_WARPS,
+        BLOCK_Q=block_q,
+        BLOCK_S=block_s,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     return out
 
