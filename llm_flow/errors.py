@@ -38,6 +38,10 @@ class DeviceError(LlmFlowError):
     """The requested device or dtype is not available (e.g. CUDA on a CPU-only machine)."""
 
 
+class KernelError(DeviceError):
+    """A Triton kernel did not compile or does not fit this GPU (e.g. its shared memory)."""
+
+
 class LaunchError(LlmFlowError):
     """The explorer cannot be started (Streamlit, or a file the package bundles, is missing)."""
 

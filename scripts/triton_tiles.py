@@ -21,20 +21,16 @@ import torch
 
 from llm_flow.engine import gpu_kernels
 
-# (query block, source block, model block, warps): the default first.
-CHOICES = [
-    (gpu_kernels.BLOCK_Q, gpu_kernels.BLOCK_S, gpu_kernels.BLOCK_D, gpu_kernels.NUM_WARPS),
+# (query block, source block, model block, warps); None: the default for the shape.
+CHOICES: list[tuple[int, int, int, int] | None] = [
+    None,
+    (16, 8, 32, 8),
+    (16, 4, 32, 4),
+    (16, 8, 16, 4),
     (16, 16, 32, 8),
-    (16, 16, 64, 4),
-    (16, 16, 64, 8),
-    (32, 32, 16, 4),
-    (32, 32, 16, 8),
-    (32, 32, 32, 8),
-    (32, 16, 32, 4),
-    (64, 32, 16, 8),
-    (64, 64, 8, 8),
-    (32, 64, 16, 8),
-    (16, 32, 32, 4),
+    (16, 4, 64, 4),
+    (32, 8, 32, 4),
+    (32, 8, 32, 8),
 ]
 
 
@@ -67,7 +63,7 @@ def main() -> None:
         reference = gpu_kernels.attention_proximity_triton(*inputs)
         for tiles in CHOICES:
             row: dict[str, object] = {"tokens": n_tokens, "heads": n_heads, "d_model": d_model}
-            row["tiles"] = list(tiles)
+            row["tiles"] = list(tiles or gpu_kernels.token_tiles(n_heads))
             try:
                 out = gpu_kernels.attention_proximity_triton(*inputs, tiles=tiles)
                 torch.cuda.synchronize()

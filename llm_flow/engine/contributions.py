@@ -27,13 +27,16 @@ Everything here is pure tensor math: no model, no I/O.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from llm_flow.errors import KernelError
 
 Backend = Literal["auto", "torch", "kernel", "triton"]
 QUERY_TILE = 64  # query rows per tile: enough rows for the batched products to run well
@@ -102,7 +105,25 @@ def kernel_for(device: torch.device, accumulation: torch.dtype = torch.float32) 
         return "torch"
     if device.type == "cpu":
         return "numba"
-    return "triton" if triton_runs_on(device) else "torch"
+    return "triton" if triton_runs_on(device) and not _TRITON_FAILED else "torch"
+
+
+# Why the Triton kernels did not compile here, once they have not (then "auto" stops trying).
+_TRITON_FAILED: list[KernelError] = []
+
+
+def _on_triton(run: Callable[[], Tensor], *, asked: bool) -> Tensor | None:
+    """``run()`` (a Triton kernel); when the kernel does not compile on this GPU, the error if
+    the caller ``asked`` for Triton, else None after a warning: "auto" then takes the torch
+    path, here and for the rest of the process (slower, the same numbers)."""
+    try:
+        return run()
+    except KernelError as exc:
+        if asked:
+            raise
+        _TRITON_FAILED.append(exc)
+        logging.getLogger(__name__).warning("%s; contributions use the torch path instead", exc)
+        return None
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -147,7 +168,12 @@ def attention_proximity(
     if backend == "triton" or (backend == "auto" and kernel_for(whole.device, acc) == "triton"):
         from llm_flow.engine.gpu_kernels import attention_proximity_triton
 
-        return attention_proximity_triton(whole, pattern, head_outputs, scale)
+        prox = _on_triton(
+            lambda: attention_proximity_triton(whole, pattern, head_outputs, scale),
+            asked=backend == "triton",
+        )
+        if prox is not None:
+            return prox
     if backend == "kernel" or (backend == "auto" and kernel_for(whole.device, acc) == "numba"):
         from llm_flow.engine.kernels import attention_proximity_cpu
 
@@ -193,7 +219,12 @@ def head_proximity(
     if backend == "triton" or (backend == "auto" and kernel_for(whole.device, acc) == "triton"):
         from llm_flow.engine.gpu_kernels import head_proximity_triton
 
-        return head_proximity_triton(whole, pattern, head_outputs, scale, rows)
+        prox = _on_triton(
+            lambda: head_proximity_triton(whole, pattern, head_outputs, scale, rows),
+            asked=backend == "triton",
+        )
+        if prox is not None:
+            return prox
     if backend == "kernel" or (backend == "auto" and kernel_for(whole.device, acc) == "numba"):
         from llm_flow.engine.kernels import head_proximity_cpu
 

@@ -26,7 +26,7 @@ from llm_flow.engine.contributions import (  # noqa: E402
     head_proximity,
     kernel_for,
 )
-from llm_flow.errors import DeviceError  # noqa: E402
+from llm_flow.errors import DeviceError, KernelError  # noqa: E402
 from tests.kernel_cases import (  # noqa: E402
     attention_inputs,
     head_bound,
@@ -77,6 +77,49 @@ def test_auto_picks_triton_on_cuda_for_float32_only(monkeypatch: pytest.MonkeyPa
     assert kernel_for(cuda) == "torch"
 
 
+def test_a_kernel_that_does_not_fit_the_gpu_is_a_kernel_error_in_words() -> None:
+    """What Triton raises when a kernel does not compile (here: its shared memory) arrives as
+    a :class:`KernelError` naming the kernel and the reason, not as Triton's traceback."""
+    from triton.runtime.errors import OutOfResources
+
+    class Unfit:
+        __name__ = "_unfit_kernel"
+
+        def __getitem__(self, grid: object) -> object:
+            def launch(*args: object, **meta: object) -> None:
+                raise OutOfResources(331776, 232448, "shared memory")
+
+            return launch
+
+    with pytest.raises(KernelError, match=r"_unfit_kernel does not run on this GPU .*shared"):
+        gpu_kernels._launch(Unfit(), (1, 1))
+
+
+def test_auto_falls_back_to_torch_once_triton_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under "auto" a kernel that does not run on this GPU is said once (a warning) and the
+    torch path takes over for the rest of the process; asked for by name, it is an error."""
+    from llm_flow.engine import contributions
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(contributions, "_TRITON_FAILED", [])
+    assert kernel_for(cuda) == "triton"
+
+    def unfit() -> torch.Tensor:
+        raise KernelError("the Triton kernel _k does not run on this GPU (shared memory)")
+
+    with pytest.raises(KernelError):
+        contributions._on_triton(unfit, asked=True)
+    assert kernel_for(cuda) == "triton"  # an explicit request changes nothing for "auto"
+    with caplog.at_level("WARNING"):
+        assert contributions._on_triton(unfit, asked=False) is None
+    assert "does not run on this GPU" in caplog.text and "torch path" in caplog.text
+    assert kernel_for(cuda) == "torch"
+
+
 def test_compiled_kernels_refuse_cpu_tensors_in_words() -> None:
     if INTERPRETED:
         pytest.skip("the interpreter takes CPU tensors")
@@ -98,6 +141,27 @@ def test_token_kernel_equals_the_torch_path(
     assert kernel.dtype == torch.float32 and kernel.shape == (n, n)
     assert ((kernel.double() - reference.double()).abs() <= token_bound(inputs)).all()
     assert (kernel.triu(1) == 0).all()
+
+
+def test_token_tiles_take_fewer_sources_past_64_heads() -> None:
+    """Four sources a tile (the fastest on an H200) while a tile's head outputs fit the shared
+    memory budget; heads pad to a power of two of at least 16 for the tensor cores."""
+    assert [gpu_kernels.heads_block(h) for h in (1, 9, 16, 17, 32, 65)] == [16, 16, 16, 32, 32, 128]
+    assert gpu_kernels.token_tiles(9) == gpu_kernels.token_tiles(64) == (16, 4, 32, 4)
+    assert gpu_kernels.token_tiles(128)[1] == 2
+    assert gpu_kernels.token_tiles(256)[1] == 1
+
+
+@runs_kernels
+@pytest.mark.parametrize(("n", "n_heads", "d_model"), [(24, 33, 24), (21, 65, 16)])
+def test_token_kernel_with_many_heads_equals_the_torch_path(
+    n: int, n_heads: int, d_model: int
+) -> None:
+    """Heads padded past a power of two, and tiles of 4 and 2 sources."""
+    inputs = attention_inputs(n, n_heads, d_model, device=DEVICE, seed=n)
+    kernel = attention_proximity(*inputs, backend="triton")
+    reference = attention_proximity(*inputs, backend="torch")
+    assert ((kernel.double() - reference.double()).abs() <= token_bound(inputs)).all()
 
 
 @runs_kernels
