@@ -148,7 +148,8 @@ function picture(d, r, selected, compact, baseLayout) {
   const src = (l, t) => (l === 0 ? nid("X", 0, t) : nid("I", l - 1, t));
   const nodeText = (kind, l, t) =>
     `<b>${nid(kind, l, t)}</b> ${kind === "X" ? "" : `layer ${l} · `}${s.node_words[kind]}<br>token ${t}: ${tok[t]}`;
-  const css = (rgb) => `rgb(${rgb[0]}, ${rgb[1]}, ${rgb[2]})`;
+  // Hex, as llm_flow.io.plot.css_rgb: plotly.js parses a marker's colour for every point.
+  const css = (rgb) => `#${rgb.map((c) => c.toString(16).padStart(2, "0")).join("")}`;
   const traces = [];
   const markers = (xs, ys, ids, texts, group, marker, name, showlegend = false) => ({
     type: "scatter", x: xs, y: ys, mode: "markers", marker, customdata: ids, hovertext: texts,
@@ -157,7 +158,7 @@ function picture(d, r, selected, compact, baseLayout) {
     unselected: { marker: { opacity: marker.opacity ?? 1 } },
   });
   const handles = (xs, ys, ids, texts, group) =>
-    markers(xs, ys, ids, texts, group, { size: 11, color: "rgba(0, 0, 0, 0)" });
+    markers(xs, ys, ids, texts, group, { size: 11, color: s.invisible });
 
   // A node on the route names the weight of the residual edge into it: residual edges have no
   // click handles (one marker per edge made each redraw ~40 % slower).
