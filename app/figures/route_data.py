@@ -138,6 +138,7 @@ def _style() -> dict[str, Any]:
         "residual_rgb": list(plot.RESIDUAL_RGB),
         "node_colour": plot.NODE_COLOUR,
         "highlight": plot.HIGHLIGHT,
+        "invisible": plot.INVISIBLE,
         "node_words": dict(NODE_WORDS),
         "position_prefix": POSITION_PREFIX,
     }

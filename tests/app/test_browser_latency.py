@@ -82,6 +82,17 @@ _CLIENT_EDGES = """(tau) => {
   const count = (m) => m.reduce((n, v) => n + v, 0);
   return r.attention.length + count(r.attnResidual) + 2 * count(r.ffn) + count(r.ffnResidual);
 }"""
+# Traces whose drawing lacks some of their non-blank texts (the chosen position's prediction,
+# the "⋯" of hidden tokens): plotly.js never re-adds a text it once dropped for a blank one.
+_MISSING_TEXTS = f"""() => {{
+  const gd = {_GRAPH}();
+  return [...gd.querySelectorAll('g.trace.scatter')].filter(g => {{
+    const trace = g.__data__[0].trace;
+    const wanted = (Array.isArray(trace.text) ? trace.text : []).filter(t => String(t).trim());
+    const shown = [...g.querySelectorAll('g.textpoint text')].filter(t => t.textContent.trim());
+    return shown.length < wanted.length;
+  }}).map(g => g.__data__[0].trace.name);
+}}"""
 _PANEL_SHOWN = """(prefix) => {
   const found = [...document.querySelectorAll('h3')]
     .some(h => h.innerText.trim().startsWith(prefix));
@@ -177,6 +188,7 @@ def _slider_steps(page: Any, numbers: dict[str, Any], name: str = "slider_step")
         page.keyboard.press("ArrowRight")
         page.wait_for_function(_CHANGED, arg=before, timeout=STEP_MS, polling="raf")
         redraw.append(_elapsed(page, "done"))
+        assert page.evaluate(_MISSING_TEXTS) == [], "a redraw lost a trace's texts"
         client = page.evaluate("() => window.__llmFlowRedraw || null")
         pressed = page.evaluate("() => window.__lf.input")
         assert client is not None and client["started"] > pressed  # drawn by the browser

@@ -64,7 +64,7 @@ def test_every_route_edge_and_block_is_clickable(traced: Trace) -> None:
     (row,) = _trace_with(fig, "output position")
     assert [figure.parse_position(c) for c in row.customdata] == list(range(traced.n_tokens))
     assert row.text[-1] == plotly_text(traced.predictions[-1].token)
-    assert all(text == "" for text in row.text[:-1])
+    assert all(text == " " for text in row.text[:-1])  # blank, yet a text element
     assert "FFN block" in blocks.hovertext[at] and f"layer {first_layer} · " in blocks.hovertext[at]
 
 
@@ -92,7 +92,7 @@ def test_a_route_node_names_the_residual_edge_into_it(traced: Trace) -> None:
             named += 1
     assert named > 0
     assert sum("residual in" in h for h in hovers) == named
-    invisible = [t for t in fig.data if t.marker.color == "rgba(0, 0, 0, 0)"]
+    invisible = [t for t in fig.data if t.marker.color == plot.INVISIBLE]
     assert [t.legendgroup for t in invisible] == ["attention"]
 
 
@@ -106,7 +106,7 @@ def test_handles_are_invisible_but_lines_are_not(traced: Trace) -> None:
     route = find_route(traced.graph, [-1], threshold=0.02)
     fig = figure.flow_figure(traced, route, position=_last(traced))
     handles = [t for t in fig.data if t.customdata is not None and "->" in str(t.customdata[0])]
-    assert handles and handles[0].marker.color == "rgba(0, 0, 0, 0)"
+    assert handles and handles[0].marker.color == plot.INVISIBLE
     lines = [t for t in fig.data if t.mode == "lines" and t.x is not None and len(t.x) > 1]
     assert lines and all(t.hoverinfo == "skip" for t in lines)  # clicks go to the handles
 
