@@ -97,19 +97,20 @@ def triton_runs_on(device: torch.device) -> bool:
     )
 
 
+# Why the Triton kernels did not compile here, once they have not (then "auto" stops trying).
+_TRITON_FAILED: list[KernelError] = []
+
+
 def kernel_for(device: torch.device, accumulation: torch.dtype = torch.float32) -> str:
     """The proximity kernel "auto" picks: for float32 work ``numba`` (the fused CPU kernel) on a
-    CPU and ``triton`` (:mod:`llm_flow.engine.gpu_kernels`) where :func:`triton_runs_on`;
-    ``torch`` (the tiled reference) otherwise, float64 always."""
+    CPU and ``triton`` (:mod:`llm_flow.engine.gpu_kernels`) where :func:`triton_runs_on` and
+    no Triton kernel has failed to compile in this process; ``torch`` (the tiled reference)
+    otherwise, float64 always."""
     if accumulation != torch.float32:
         return "torch"
     if device.type == "cpu":
         return "numba"
     return "triton" if triton_runs_on(device) and not _TRITON_FAILED else "torch"
-
-
-# Why the Triton kernels did not compile here, once they have not (then "auto" stops trying).
-_TRITON_FAILED: list[KernelError] = []
 
 
 def _on_triton(run: Callable[[], Tensor], *, asked: bool) -> Tensor | None:
