@@ -81,8 +81,17 @@ def proximity(whole: Tensor, parts: Tensor) -> Tensor:
 
 def normalize(prox: Tensor, dim: int = -1) -> Tensor:
     """Divide by the sum over ``dim`` (a whole with no positive part gets all zeros)."""
-    total = prox.sum(dim, keepdim=True)
-    return torch.where(total > 0, prox / total.clamp_min(torch.finfo(prox.dtype).tiny), 0.0)
+    return prox / divisor(prox.sum(dim, keepdim=True))
+
+
+def divisor(total: Tensor) -> Tensor:
+    """What proximities summing to ``total`` are divided by: the total, or +inf where it is not
+    positive, so that a whole with no positive part gets zeros (its parts are all 0).
+
+    The choice is made on the totals, not on every part: ``torch.where`` over a layer's [T, T]
+    shares cost more on a CPU than the division itself.
+    """
+    return torch.where(total > 0, total, torch.inf)
 
 
 @cache
@@ -295,11 +304,14 @@ def layer_contributions(
     attn_prox = attention_proximity(
         attn_whole, pattern, head_outputs, attn_scale, memory_budget=memory_budget, backend=backend
     )
-    c = normalize(torch.cat([attn_prox, proximity(attn_whole, fixed)], dim=1))
-    n_src = attn_prox.shape[1]
-    attention, residual, bias = c[:, :n_src], c[:, n_src], c[:, n_src + 1]
+    fixed_prox = proximity(attn_whole, fixed)  # [T, K]
+    # Both normalized by their common total, without concatenating them (a [T, T + K] copy);
+    # attn_prox is this function's own, so it is divided in place.
+    by = divisor(attn_prox.sum(1, keepdim=True) + fixed_prox.sum(1, keepdim=True))  # [T, 1]
+    attention, fixed_c = attn_prox.div_(by), fixed_prox / by
+    residual, bias = fixed_c[:, 0], fixed_c[:, 1]
     if resid_mid is None:
-        ffn = c[:, n_src + 2]
+        ffn = fixed_c[:, 2]
         ffn_residual = 1 - ffn
     else:
         ffn_c = normalize(proximity(resid_post, torch.stack([mlp_update, resid_mid], dim=1)))
