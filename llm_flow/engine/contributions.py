@@ -69,14 +69,16 @@ def _prox_(z: Tensor, sign_y: Tensor, abs_y: Tensor) -> Tensor:
     return (linear - 2 * overshoot).clamp_min_(0)
 
 
-def proximity(whole: Tensor, parts: Tensor) -> Tensor:
+def proximity(whole: Tensor, parts: Tensor, *, scratch: bool = False) -> Tensor:
     """Proximity of each part to the whole: ``whole`` [..., D], ``parts`` [..., K, D] → [..., K].
 
-    The elementwise form ``Σ_d (|y_d| − |y_d − z_d|)``, clamped at 0.
+    The elementwise form ``Σ_d (|y_d| − |y_d − z_d|)``, clamped at 0. ``scratch``: ``parts`` is
+    the caller's own (e.g. just stacked) and may be overwritten, rather than copied first.
     """
     acc = accumulation_dtype(whole, parts)
     y = whole.to(acc).unsqueeze(-2)  # [..., 1, D]
-    return _prox_(parts.to(acc).clone(), signs(y), y.abs())
+    z = parts.to(acc) if scratch else parts.to(acc, copy=True)
+    return _prox_(z, signs(y), y.abs())
 
 
 def normalize(prox: Tensor, dim: int = -1) -> Tensor:
@@ -304,7 +306,7 @@ def layer_contributions(
     attn_prox = attention_proximity(
         attn_whole, pattern, head_outputs, attn_scale, memory_budget=memory_budget, backend=backend
     )
-    fixed_prox = proximity(attn_whole, fixed)  # [T, K]
+    fixed_prox = proximity(attn_whole, fixed, scratch=True)  # [T, K]
     # Both normalized by their common total, without concatenating them (a [T, T + K] copy);
     # attn_prox is this function's own, so it is divided in place.
     by = divisor(attn_prox.sum(1, keepdim=True) + fixed_prox.sum(1, keepdim=True))  # [T, 1]
@@ -314,7 +316,8 @@ def layer_contributions(
         ffn = fixed_c[:, 2]
         ffn_residual = 1 - ffn
     else:
-        ffn_c = normalize(proximity(resid_post, torch.stack([mlp_update, resid_mid], dim=1)))
+        ffn_parts = torch.stack([mlp_update, resid_mid], dim=1)  # [T, 2, D]
+        ffn_c = normalize(proximity(resid_post, ffn_parts, scratch=True))
         ffn, ffn_residual = ffn_c[:, 0], ffn_c[:, 1]
     f32 = torch.float32
     return LayerContributions(
