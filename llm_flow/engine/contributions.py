@@ -48,9 +48,14 @@ def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _signs(y: Tensor) -> Tensor:
-    """sign(y) with sign(0) = +1, as the elementwise identity above needs."""
-    return torch.where(y >= 0, 1.0, -1.0).to(y.dtype)
+def signs(y: Tensor) -> Tensor:
+    """sign(y) with sign(0) = +1, as the elementwise identity above needs.
+
+    Built from the comparison's 0/1 rather than ``torch.where(y >= 0, 1.0, -1.0)``: on a CPU the
+    select took 1.15 ms for a [1024, 576] residual against 0.35 ms for this (measured), and every
+    layer takes the signs of three wholes.
+    """
+    return (y >= 0).to(y.dtype).mul_(2).sub_(1)
 
 
 def _prox_(z: Tensor, sign_y: Tensor, abs_y: Tensor) -> Tensor:
@@ -64,20 +69,31 @@ def _prox_(z: Tensor, sign_y: Tensor, abs_y: Tensor) -> Tensor:
     return (linear - 2 * overshoot).clamp_min_(0)
 
 
-def proximity(whole: Tensor, parts: Tensor) -> Tensor:
+def proximity(whole: Tensor, parts: Tensor, *, scratch: bool = False) -> Tensor:
     """Proximity of each part to the whole: ``whole`` [..., D], ``parts`` [..., K, D] → [..., K].
 
-    The elementwise form ``Σ_d (|y_d| − |y_d − z_d|)``, clamped at 0.
+    The elementwise form ``Σ_d (|y_d| − |y_d − z_d|)``, clamped at 0. ``scratch``: ``parts`` is
+    the caller's own (e.g. just stacked) and may be overwritten, rather than copied first.
     """
     acc = accumulation_dtype(whole, parts)
     y = whole.to(acc).unsqueeze(-2)  # [..., 1, D]
-    return _prox_(parts.to(acc).clone(), _signs(y), y.abs())
+    z = parts.to(acc) if scratch else parts.to(acc, copy=True)
+    return _prox_(z, signs(y), y.abs())
 
 
 def normalize(prox: Tensor, dim: int = -1) -> Tensor:
     """Divide by the sum over ``dim`` (a whole with no positive part gets all zeros)."""
-    total = prox.sum(dim, keepdim=True)
-    return torch.where(total > 0, prox / total.clamp_min(torch.finfo(prox.dtype).tiny), 0.0)
+    return prox / divisor(prox.sum(dim, keepdim=True))
+
+
+def divisor(total: Tensor) -> Tensor:
+    """What proximities summing to ``total`` are divided by: the total, or +inf where it is not
+    positive, so that a whole with no positive part gets zeros (its parts are all 0).
+
+    The choice is made on the totals, not on every part: ``torch.where`` over a layer's [T, T]
+    shares cost more on a CPU than the division itself.
+    """
+    return torch.where(total > 0, total, torch.inf)
 
 
 @cache
@@ -185,7 +201,7 @@ def attention_proximity(
     n_q, d_model = whole.shape
     n_s = pattern.shape[-1]
     y = whole.to(acc)
-    y_sign, y_abs = _signs(y), y.abs()
+    y_sign, y_abs = signs(y), y.abs()
     u = head_outputs.to(acc)  # [S, H, D]
     a = pattern.to(acc) * scale.to(acc)[None, :, None]  # [H, T, S]
     out = torch.zeros(n_q, n_s, dtype=acc, device=whole.device)
@@ -245,7 +261,7 @@ def head_proximity(
         y = whole[idx].to(acc)[:, None, None, :]  # (R, 1, 1, D)
         a = pattern[:, i : i + step].to(acc) * scale[idx].to(acc)[None, :, None]  # (H, R, S)
         z = a.permute(1, 2, 0)[..., None] * u[None]  # (R, S, H, D)
-        out[i : i + step] = _prox_(z, _signs(y), y.abs())
+        out[i : i + step] = _prox_(z, signs(y), y.abs())
     return out
 
 
@@ -290,14 +306,18 @@ def layer_contributions(
     attn_prox = attention_proximity(
         attn_whole, pattern, head_outputs, attn_scale, memory_budget=memory_budget, backend=backend
     )
-    c = normalize(torch.cat([attn_prox, proximity(attn_whole, fixed)], dim=1))
-    n_src = attn_prox.shape[1]
-    attention, residual, bias = c[:, :n_src], c[:, n_src], c[:, n_src + 1]
+    fixed_prox = proximity(attn_whole, fixed, scratch=True)  # [T, K]
+    # Both normalized by their common total, without concatenating them (a [T, T + K] copy);
+    # attn_prox is this function's own, so it is divided in place.
+    by = divisor(attn_prox.sum(1, keepdim=True) + fixed_prox.sum(1, keepdim=True))  # [T, 1]
+    attention, fixed_c = attn_prox.div_(by), fixed_prox / by
+    residual, bias = fixed_c[:, 0], fixed_c[:, 1]
     if resid_mid is None:
-        ffn = c[:, n_src + 2]
+        ffn = fixed_c[:, 2]
         ffn_residual = 1 - ffn
     else:
-        ffn_c = normalize(proximity(resid_post, torch.stack([mlp_update, resid_mid], dim=1)))
+        ffn_parts = torch.stack([mlp_update, resid_mid], dim=1)  # [T, 2, D]
+        ffn_c = normalize(proximity(resid_post, ffn_parts, scratch=True))
         ffn, ffn_residual = ffn_c[:, 0], ffn_c[:, 1]
     f32 = torch.float32
     return LayerContributions(

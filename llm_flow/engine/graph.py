@@ -66,11 +66,14 @@ def sparse_layer(c: LayerContributions, floor: float = ATTENTION_FLOOR) -> Spars
     the rest summed per row; the dense [T, T] is sparsified where it was computed."""
     check_attention_floor(floor)
     keep = (c.attention >= floor).tril_()  # causal also at floor 0
+    # Row-major. The weights are gathered at these indices: indexing by the mask would search
+    # the [T, T] mask for them a second time (1.2 of a layer's 3.5 ms at 1024 tokens).
+    rows, sources = keep.nonzero(as_tuple=True)
     return SparseLayer(
         floor=floor,
         counts=keep.sum(1).cpu(),
-        sources=keep.nonzero()[:, 1].to(torch.int32).cpu(),  # row-major
-        weights=c.attention[keep].cpu(),
+        sources=sources.to(torch.int32).cpu(),
+        weights=c.attention[rows, sources].cpu(),
         dropped=torch.where(keep, 0.0, c.attention).sum(1).cpu(),
         attn_residual=c.attn_residual.cpu(),
         attn_bias=c.attn_bias.cpu(),
