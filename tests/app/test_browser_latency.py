@@ -3,13 +3,14 @@ prompt of the packaged SmolLM2: how long a threshold-slider step takes until the
 redrawn and a click on the graph until its panel shows, median over several steps. A slider
 step is redrawn by the browser itself (app/views/route_graph.js); the report splits that time
 into the wait until the page's slider reports its value, the route search + figure building and
-plotly.js's drawing.
+plotly.js's drawing (markers and edges on a WebGL canvas, texts in SVG).
 
 The times are *printed* (and saved to ``test-artifacts/latency.json``), never asserted: they
 depend on the machine and its load. What is asserted is behaviour: each slider step changes the
-route, the long prompt opens on the route's tokens only and the whole route fits the window, the
-mouse wheel over the graph scrolls the page (zoom is the toolbar's), a slow step shows a spinner,
-and an over-long paste into "Add a prompt" gets the prompt-length error.
+route, the graph is drawn on a canvas with its texts in SVG, the long prompt opens on the route's
+tokens only and the whole route fits the window, the mouse wheel over the graph scrolls the page
+(zoom is the toolbar's), a slow step shows a spinner, and an over-long paste into "Add a prompt"
+gets the prompt-length error.
 
 It needs SmolLM2 itself (a tiny random model's config limits prompts to 120 characters, and its
 timings would say nothing): the session's ``packaged_llm`` fixture puts it in the cache first.
@@ -111,6 +112,11 @@ _SCROLLED = f"""() => {{
   while (el) {{ total += el.scrollTop || 0; el = el.parentElement; }}
   return total;
 }}"""
+_TRACE_TYPES = f"""() => {{
+  const types = {{scatter: 0, scattergl: 0}};
+  for (const t of {_GRAPH}()._fullData) types[t.type] = (types[t.type] || 0) + 1;
+  return types;
+}}"""
 _X_RANGE = f"() => [...{_GRAPH}()._fullLayout.xaxis.range]"
 # Pixel boxes of the plot area and of every route node, in the viewport.
 _GEOMETRY = f"""() => {{
@@ -171,9 +177,11 @@ def _caption_after(page: Any, caption: str) -> str:
 
 
 def _slider_steps(page: Any, numbers: dict[str, Any], name: str = "slider_step") -> None:
-    """Arrow-key steps of the τ slider: each must change the route, redrawn in the browser
-    (app/views/route_graph.js) before the server answers; time to redraw, to idle. After each
-    step the browser's route at the slider's τ must have the server's edge count (caption)."""
+    """Arrow-key steps of the τ slider, right and left in turn: each must change the route,
+    redrawn in the browser (app/views/route_graph.js) before the server answers; time to redraw,
+    to idle. After each step the browser's route at the slider's τ must have the server's edge
+    count (caption). The steps stay at the opening τ and the next one up, where the route is the
+    largest (stepping one way only, the route shrinks and later steps cost less)."""
     thumb = page.locator('[data-testid="stSlider"] input[type="range"]').first
     thumb.scroll_into_view_if_needed()
     redraw: list[float] = []
@@ -181,11 +189,11 @@ def _slider_steps(page: Any, numbers: dict[str, Any], name: str = "slider_step")
     waited: list[float] = []
     build: list[float] = []
     plotly: list[float] = []
-    for _ in range(SLIDER_STEPS):
+    for step in range(SLIDER_STEPS):
         before = page.evaluate(_SIGNATURE)
         caption = page.get_by_text("Route:").first.inner_text()
         thumb.focus()
-        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowRight" if step % 2 == 0 else "ArrowLeft")
         page.wait_for_function(_CHANGED, arg=before, timeout=STEP_MS, polling="raf")
         redraw.append(_elapsed(page, "done"))
         assert page.evaluate(_MISSING_TEXTS) == [], "a redraw lost a trace's texts"
@@ -315,6 +323,10 @@ def test_long_prompt_latency_wheel_and_paste_in_chromium(
             geometry = page.evaluate(_GEOMETRY)
             numbers["graph_px"] = round(geometry["height"])
             numbers["columns_shown"] = geometry["outputs"]
+            # Markers and edges on a WebGL canvas (this Chromium renders WebGL in software),
+            # texts in SVG above it.
+            numbers["trace_types"] = page.evaluate(_TRACE_TYPES)
+            assert numbers["trace_types"]["scattergl"] > 0 and numbers["trace_types"]["scatter"] > 0
             assert geometry["gaps"] == 2, "no marks for hidden tokens"
             assert geometry["height"] <= VIEWPORT["height"]
             assert geometry["labels"] <= geometry["bottom"], "token labels below the figure"
