@@ -13,7 +13,9 @@ is the honest baseline: the model's own transformers forward over the same token
 capture or check and its fastest attention implementation (``baseline`` says which; the faster of
 two), and ``end_to_end`` = (forward_s + graph_s) / hf_forward_s, what a graph costs in plain
 forward passes; with ``heads``, ``heads_s`` is the per-head contributions of every query of the
-middle layer (what the app's head map computes). ``kernel`` and ``device`` say what the numbers were measured with.
+middle layer (what the app's head map computes). The graph keeps the attention edges a trace of
+those tokens keeps (every causal edge while they fit its budget). ``kernel`` and ``device`` say
+what the numbers were measured with.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from llm_flow.engine.graph import (
     sparse_layer,
 )
 from llm_flow.engine.routes import find_route
+from llm_flow.engine.trace import attention_floor_for
 from llm_flow.errors import InputError, LlmFlowError
 from llm_flow.models.base import LayerRun, TransparentLlm
 
@@ -171,14 +174,17 @@ class _Pass:
     graph: FlowGraph
 
 
-def _graph_pass(llm: TransparentLlm, prompt: str, device: torch.device, heads: bool) -> _Pass:
+def _graph_pass(
+    llm: TransparentLlm, token_ids: Sequence[int], device: torch.device, heads: bool
+) -> _Pass:
     middle = llm.info.n_layers // 2
+    floor = attention_floor_for(llm, len(token_ids))  # the graph a trace of them stores
     done: list[SparseLayer] = []
     spent = {"graph": 0.0, "heads": 0.0}
 
     def reduce(layer: LayerRun) -> None:
         start = time.perf_counter()
-        done.append(sparse_layer(contributions_of(layer)))
+        done.append(sparse_layer(contributions_of(layer), floor))
         _sync(device)
         spent["graph"] += time.perf_counter() - start
         if heads and layer.index == middle:
@@ -191,7 +197,7 @@ def _graph_pass(llm: TransparentLlm, prompt: str, device: torch.device, heads: b
     peak: list[float] = []
     with _peak_rss(peak):
         start = time.perf_counter()
-        run = llm.run(prompt, on_layer=reduce, keep_patterns=False)
+        run = llm.run(token_ids, on_layer=reduce, keep_patterns=False)
         graph_start = time.perf_counter()
         graph = FlowGraph.from_layers(run, done)
         end = time.perf_counter()
@@ -220,9 +226,9 @@ def _bench_row(llm: TransparentLlm, prompt: str, device: torch.device, heads: bo
     # for taking its memory from the OS (page faults on ~1 GB at 1024 tokens: 0.9-1.3 s of
     # forward_s on the 2-core CPU, measured), which the baseline, run after it, never did.
     # Memory is the first pass's: what a graph needs beyond what the process held before.
-    first, second = (_graph_pass(llm, prompt, device, heads) for _ in range(2))
+    token_ids = llm.tokenize(prompt)
+    first, second = (_graph_pass(llm, token_ids, device, heads) for _ in range(2))
     timed = min(first, second, key=lambda p: p.forward_s + p.graph_s)
-    token_ids = first.graph.token_ids
     hf_forward_s = min(_hf_forward_s(llm, token_ids, device) for _ in range(2))
     start = time.perf_counter()
     for threshold in ROUTE_THRESHOLDS:
