@@ -74,3 +74,21 @@ def test_the_cpu_is_named_by_its_model(tmp_path: Path) -> None:
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t: fpu\n")
     assert _cpu_model(cpuinfo) == f"Example CPU 9000, {platform.machine()}"
     assert _cpu_model(tmp_path / "absent") == (platform.processor() or platform.machine())
+
+
+def test_bench_builds_the_graph_a_trace_would() -> None:
+    """bench sparsifies at the floor a trace of the same tokens uses (every causal edge while
+    they fit the trace's budget, as 12 tokens do), so it times the graph the app and the CLI
+    build."""
+    import torch
+
+    from llm_flow.cli import bench
+    from llm_flow.engine.trace import attention_floor_for
+    from tests.tiny import prompt, tiny_llm
+
+    llm = tiny_llm("llama-gqa")
+    token_ids = llm.tokenize(prompt(12))
+    graph = bench._graph_pass(llm, token_ids, torch.device("cpu"), heads=False).graph
+    n = len(token_ids)
+    assert graph.attention_floor == attention_floor_for(llm, n) == 0.0
+    assert len(graph.attn_weights) == llm.info.n_layers * n * (n + 1) // 2  # every causal edge
