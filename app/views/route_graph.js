@@ -152,6 +152,36 @@ function keyed(traces) {
   });
 }
 
+// Drawn on a WebGL canvas where the browser has one: plotly.js styles every SVG point one by
+// one (parsing its colour each time), so a τ step on a 400-token route (~2,000 markers, ~2,000
+// edge segments) took ~230 ms of SVG work and takes ~60 ms on a canvas (headless Chromium on the
+// 2-core machine, software WebGL; issue 12). Texts stay SVG: the canvas clips them to the plot
+// area (the chosen position's prediction sits above it), so a trace with markers and texts is
+// split into its markers on the canvas and its texts in SVG, which hover skips (hover compares
+// canvas points by their centres and SVG points by their edges: mixed, an SVG marker next to a
+// canvas one would win). Without WebGL the figure stays SVG, as the server's figure is exported
+// (llm_flow.io.figure).
+function onCanvas(traces, invisible) {
+  if (window.__llmFlowWebgl === undefined) {
+    const gl = document.createElement("canvas").getContext("webgl");
+    window.__llmFlowWebgl = !!gl;
+    if (gl && gl.getExtension("WEBGL_lose_context")) gl.getExtension("WEBGL_lose_context").loseContext();
+  }
+  if (!window.__llmFlowWebgl) return traces;
+  return traces.flatMap((t) => {
+    const modes = String(t.mode).split("+");
+    if (t.type !== "scatter" || !modes.some((m) => m !== "text")) return [t];
+    const drawn = { ...t, type: "scattergl", mode: modes.filter((m) => m !== "text").join("+") };
+    if (!modes.includes("text")) return [drawn];
+    // The texts keep their markers, invisible, which place them (textposition) as drawn.
+    const texts = { type: "scatter", mode: t.mode, x: t.x, y: t.y, text: t.text, textposition: t.textposition,
+      textfont: t.textfont, marker: { ...t.marker, color: invisible }, cliponaxis: false, hoverinfo: "skip",
+      showlegend: false, name: `${t.name} (text)`, uid: `${t.uid}-text` };
+    delete drawn.text;
+    return [drawn, texts];
+  });
+}
+
 function picture(d, r, selected, compact, baseLayout) {
   const s = d.style, T = d.n_tokens, L = d.n_layers, tok = d.tokens;
   const cols = columns(d, r, selected, compact);
@@ -393,7 +423,7 @@ export default function (component) {
       layout.margin = { ...layout.margin, l: size.l, r: size.r, t: size.t, b: size.b };
       layout.xaxis.automargin = false; layout.yaxis.automargin = false;
     }
-    Plotly.react(state.gd, fig.data, layout, state.data.config);
+    Plotly.react(state.gd, onCanvas(fig.data, state.prepared.style.invisible), layout, state.data.config);
     state.drawn = key;
     // The full view of a long prompt labels edges from off-screen sources ("← s"), which only
     // the server's figure has: take it when the server answers at this τ.
@@ -412,7 +442,7 @@ export default function (component) {
     if (state.drawn !== server || state.approximate) {
       const fig = JSON.parse(data.figure);
       state.layout = fig.layout;
-      Plotly.react(state.gd, keyed(fig.data), themed(fig.layout, parentElement), data.config);
+      Plotly.react(state.gd, onCanvas(keyed(fig.data), state.prepared.style.invisible), themed(fig.layout, parentElement), data.config);
       state.drawn = server;
       state.approximate = false;
     } else if (!state.layout) {

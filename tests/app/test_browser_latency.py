@@ -3,13 +3,14 @@ prompt of the packaged SmolLM2: how long a threshold-slider step takes until the
 redrawn and a click on the graph until its panel shows, median over several steps. A slider
 step is redrawn by the browser itself (app/views/route_graph.js); the report splits that time
 into the wait until the page's slider reports its value, the route search + figure building and
-plotly.js's drawing.
+plotly.js's drawing (markers and edges on a WebGL canvas, texts in SVG).
 
 The times are *printed* (and saved to ``test-artifacts/latency.json``), never asserted: they
 depend on the machine and its load. What is asserted is behaviour: each slider step changes the
-route, the long prompt opens on the route's tokens only and the whole route fits the window, the
-mouse wheel over the graph scrolls the page (zoom is the toolbar's), a slow step shows a spinner,
-and an over-long paste into "Add a prompt" gets the prompt-length error.
+route, the graph is drawn on a canvas with its texts in SVG, the long prompt opens on the route's
+tokens only and the whole route fits the window, the mouse wheel over the graph scrolls the page
+(zoom is the toolbar's), a slow step shows a spinner, and an over-long paste into "Add a prompt"
+gets the prompt-length error.
 
 It needs SmolLM2 itself (a tiny random model's config limits prompts to 120 characters, and its
 timings would say nothing): the session's ``packaged_llm`` fixture puts it in the cache first.
@@ -110,6 +111,11 @@ _SCROLLED = f"""() => {{
   let total = window.scrollY, el = {_GRAPH}();
   while (el) {{ total += el.scrollTop || 0; el = el.parentElement; }}
   return total;
+}}"""
+_TRACE_TYPES = f"""() => {{
+  const types = {{scatter: 0, scattergl: 0}};
+  for (const t of {_GRAPH}()._fullData) types[t.type] = (types[t.type] || 0) + 1;
+  return types;
 }}"""
 _X_RANGE = f"() => [...{_GRAPH}()._fullLayout.xaxis.range]"
 # Pixel boxes of the plot area and of every route node, in the viewport.
@@ -317,6 +323,10 @@ def test_long_prompt_latency_wheel_and_paste_in_chromium(
             geometry = page.evaluate(_GEOMETRY)
             numbers["graph_px"] = round(geometry["height"])
             numbers["columns_shown"] = geometry["outputs"]
+            # Markers and edges on a WebGL canvas (this Chromium renders WebGL in software),
+            # texts in SVG above it.
+            numbers["trace_types"] = page.evaluate(_TRACE_TYPES)
+            assert numbers["trace_types"]["scattergl"] > 0 and numbers["trace_types"]["scatter"] > 0
             assert geometry["gaps"] == 2, "no marks for hidden tokens"
             assert geometry["height"] <= VIEWPORT["height"]
             assert geometry["labels"] <= geometry["bottom"], "token labels below the figure"
