@@ -88,7 +88,7 @@ def test_bench_builds_the_graph_a_trace_would() -> None:
 
     llm = tiny_llm("llama-gqa")
     token_ids = llm.tokenize(prompt(12))
-    graph = bench._graph_pass(llm, token_ids, torch.device("cpu"), heads=False).graph
+    _, graph = bench._graph_pass(llm, token_ids, torch.device("cpu"), heads=False)
     n = len(token_ids)
     assert graph.attention_floor == attention_floor_for(llm, n) == 0.0
     assert len(graph.attn_weights) == llm.info.n_layers * n * (n + 1) // 2  # every causal edge
