@@ -165,7 +165,8 @@ function onCanvas(traces, invisible) {
   if (window.__llmFlowWebgl === undefined) {
     const gl = document.createElement("canvas").getContext("webgl");
     window.__llmFlowWebgl = !!gl;
-    if (gl && gl.getExtension("WEBGL_lose_context")) gl.getExtension("WEBGL_lose_context").loseContext();
+    const probe = gl && gl.getExtension("WEBGL_lose_context"); // give the probe's context back
+    if (probe) probe.loseContext();
   }
   if (!window.__llmFlowWebgl) return traces;
   return traces.flatMap((t) => {
