@@ -174,14 +174,25 @@ function onCanvas(traces, invisible) {
     if (t.type !== "scatter" || !modes.some((m) => m !== "text")) return [t];
     const drawn = { ...t, type: "scattergl", mode: modes.filter((m) => m !== "text").join("+") };
     if (!modes.includes("text")) return [drawn];
-    // The texts keep their markers, invisible, which place them (textposition) as drawn.
-    const texts = { type: "scatter", mode: t.mode, x: t.x, y: t.y, text: t.text, textposition: t.textposition,
-      textfont: t.textfont, marker: { ...t.marker, color: invisible }, cliponaxis: false, hoverinfo: "skip",
+    // The texts keep their markers, invisible, which place them (textposition) as drawn; only
+    // points with a text are kept (the output row's blanks made plotly.js style ~60 empty texts
+    // on every τ step).
+    const keep = Array.isArray(t.text) ? t.text.map((text) => String(text).trim() !== "") : null;
+    const pick = (values) => (keep && Array.isArray(values) ? values.filter((_, k) => keep[k]) : values);
+    const marker = { ...t.marker, color: invisible, size: pick(t.marker && t.marker.size) };
+    const texts = { type: "scatter", mode: t.mode, x: pick(t.x), y: pick(t.y), text: pick(t.text),
+      textposition: pick(t.textposition), textfont: t.textfont, marker, cliponaxis: false, hoverinfo: "skip",
       showlegend: false, name: `${t.name} (text)`, uid: `${t.uid}-text` };
     delete drawn.text;
     return [drawn, texts];
   });
 }
+
+// The canvas at the screen's resolution: plotly.js draws WebGL at twice it by default
+// (plotGlPixelRatio 2), four times the pixels, which a software WebGL (a machine without a GPU)
+// rasterizes on the CPU: ~35 ms of each τ step on a 400-token route (issue 12). The toolbar's
+// camera, whose image embeds the canvas, follows the same ratio; the page's downloads are vector.
+const drawConfig = (config) => ({ ...config, plotGlPixelRatio: Math.max(1, window.devicePixelRatio || 1) });
 
 function picture(d, r, selected, compact, baseLayout) {
   const s = d.style, T = d.n_tokens, L = d.n_layers, tok = d.tokens;
@@ -424,7 +435,7 @@ export default function (component) {
       layout.margin = { ...layout.margin, l: size.l, r: size.r, t: size.t, b: size.b };
       layout.xaxis.automargin = false; layout.yaxis.automargin = false;
     }
-    Plotly.react(state.gd, onCanvas(fig.data, state.prepared.style.invisible), layout, state.data.config);
+    Plotly.react(state.gd, onCanvas(fig.data, state.prepared.style.invisible), layout, drawConfig(state.data.config));
     state.drawn = key;
     // The full view of a long prompt labels edges from off-screen sources ("← s"), which only
     // the server's figure has: take it when the server answers at this τ.
@@ -443,7 +454,7 @@ export default function (component) {
     if (state.drawn !== server || state.approximate) {
       const fig = JSON.parse(data.figure);
       state.layout = fig.layout;
-      Plotly.react(state.gd, onCanvas(keyed(fig.data), state.prepared.style.invisible), themed(fig.layout, parentElement), data.config);
+      Plotly.react(state.gd, onCanvas(keyed(fig.data), state.prepared.style.invisible), themed(fig.layout, parentElement), drawConfig(data.config));
       state.drawn = server;
       state.approximate = false;
     } else if (!state.layout) {

@@ -117,6 +117,9 @@ _TRACE_TYPES = f"""() => {{
   for (const t of {_GRAPH}()._fullData) types[t.type] = (types[t.type] || 0) + 1;
   return types;
 }}"""
+# The graph's WebGL canvases: backing-store pixels against CSS pixels × devicePixelRatio.
+_CANVAS_SCALE = f"""() => [...{_GRAPH}().querySelectorAll('canvas.gl-canvas')]
+  .map(c => c.width / (c.getBoundingClientRect().width * window.devicePixelRatio))"""
 _X_RANGE = f"() => [...{_GRAPH}()._fullLayout.xaxis.range]"
 # Pixel boxes of the plot area and of every route node, in the viewport.
 _GEOMETRY = f"""() => {{
@@ -327,6 +330,9 @@ def test_long_prompt_latency_wheel_and_paste_in_chromium(
             # texts in SVG above it.
             numbers["trace_types"] = page.evaluate(_TRACE_TYPES)
             assert numbers["trace_types"]["scattergl"] > 0 and numbers["trace_types"]["scatter"] > 0
+            # ... at the screen's resolution (plotly.js's default, twice it, cost ~35 ms a step).
+            scales = page.evaluate(_CANVAS_SCALE)
+            assert scales and all(abs(scale - 1) < 0.01 for scale in scales), scales
             assert geometry["gaps"] == 2, "no marks for hidden tokens"
             assert geometry["height"] <= VIEWPORT["height"]
             assert geometry["labels"] <= geometry["bottom"], "token labels below the figure"
