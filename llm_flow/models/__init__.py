@@ -12,6 +12,7 @@ from llm_flow.models.base import LayerRun, ModelInfo, ModelRun, TransparentLlm
 from llm_flow.models.bridge import BridgeLlm
 from llm_flow.models.dispatch import check_devices
 from llm_flow.models.loading import Progress, cache_dir, load_hf, resolve_device, resolve_dtype
+from llm_flow.models.memory import keep_freed_memory
 from llm_flow.models.random import byte_tokenizer, random_model, shape_config
 from llm_flow.models.support import check_supported, unsupported
 from llm_flow.placement import as_dict, device_map_arg
@@ -45,6 +46,7 @@ def wrap_hf(
         # The bridge picks its adapter from it; models built from a config lack it.
         config.architectures = [type(hf_model).__name__]
     check_supported(config)
+    keep_freed_memory()  # a pass's patterns reuse the last pass's memory, not fresh pages
     max_tokens = getattr(config, "max_position_embeddings", None)
     try:
         return BridgeLlm(
