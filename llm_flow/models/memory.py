@@ -5,9 +5,10 @@ fresh ``mmap`` and gives it back to the OS when freed, so every such tensor is p
 again, zero-filled by the kernel, on every pass. An attention pattern is one: [H, T, T] float32 is
 37.7 MiB for SmolLM2 (9 heads) at 1024 tokens, and the instrumented pass makes several per layer.
 Raising the threshold lets the heap serve them, so a layer reuses what the layer before it freed.
-Measured on the 2-core CPU, SmolLM2 at 1024 tokens: a process's first graph (forward + graph) went
-from ~7.1 to ~5.7 s; later ones, which glibc's adapted threshold already partly served from the
-heap, by 0–0.4 s (within the noise of ``llm-flow bench``); the peak memory rose ~0.3 GB.
+Measured on the 2-core CPU, SmolLM2 at 1024 tokens: a process's first graph (forward + graph)
+went from 7.2–7.4 to 6.0–6.1 s (two runs each); later ones, which glibc's adapted threshold
+already partly served from the heap, by 0–0.4 s (within the noise of ``llm-flow bench``); the
+peak memory rose ~0.3 GB.
 """
 
 from __future__ import annotations
