@@ -169,6 +169,7 @@ def attention_proximity(
     head_outputs: Tensor,
     scale: Tensor,
     *,
+    head_factors: tuple[Tensor, Tensor] | None = None,
     memory_budget: int | None = None,
     backend: Backend = "auto",
 ) -> Tensor:
@@ -176,10 +177,12 @@ def attention_proximity(
 
     whole [T, D] (the residual after the block), pattern [H, T, S], head_outputs [S, H, D],
     scale [T] (post-norm 1/rms, ones otherwise) → prox [T, S]. Row t is zero for s > t.
-    ``backend``: "auto" picks :func:`kernel_for`'s kernel: the fused CPU kernel
-    (:mod:`llm_flow.engine.kernels`, "kernel") or the Triton kernel ("triton", CUDA; on CPU
+    ``backend``: "auto" picks :func:`kernel_for`'s kernel: the CPU kernel
+    (:mod:`llm_flow.engine.token_kernel`, "kernel") or the Triton kernel ("triton", CUDA; on CPU
     tensors only in Triton's interpreter) for float32 work, the tiled torch version otherwise.
     The kernels accumulate in float32 and allocate no parts (``memory_budget`` is the torch path's).
+    ``head_factors``: (values [S, H, d_head], W_O [H, d_head, D]) whose per-head products are
+    ``head_outputs``; the CPU kernel then computes its linear sums d_head- rather than D-long.
     """
     acc = accumulation_dtype(whole, head_outputs)
     if backend == "triton" or (backend == "auto" and kernel_for(whole.device, acc) == "triton"):
@@ -192,11 +195,14 @@ def attention_proximity(
         if prox is not None:
             return prox
     if backend == "kernel" or (backend == "auto" and kernel_for(whole.device, acc) == "numba"):
-        from llm_flow.engine.kernels import attention_proximity_cpu
+        from llm_flow.engine.token_kernel import attention_proximity_cpu
 
         f32 = torch.float32
+        factors = None
+        if head_factors is not None:
+            factors = (head_factors[0].to(f32), head_factors[1].to(f32))
         return attention_proximity_cpu(
-            whole.to(f32), pattern.to(f32), head_outputs.to(f32), scale.to(f32)
+            whole.to(f32), pattern.to(f32), head_outputs.to(f32), scale.to(f32), factors
         )
     n_q, d_model = whole.shape
     n_s = pattern.shape[-1]
@@ -292,6 +298,7 @@ def layer_contributions(
     head_outputs: Tensor,
     attn_scale: Tensor,
     attn_bias: Tensor,
+    head_factors: tuple[Tensor, Tensor] | None = None,
     memory_budget: int | None = None,
     backend: Backend = "auto",
 ) -> LayerContributions:
@@ -299,12 +306,18 @@ def layer_contributions(
 
     attn_bias [D] (or [T, D] per token) is the (post-norm-folded) output bias; with
     ``attn_scale`` [T] it becomes the per-token bias part ``attn_scale[t] · attn_bias``, its own
-    part, never silently dropped.
+    part, never silently dropped. ``head_factors`` as :func:`attention_proximity`.
     """
     attn_whole = resid_post if resid_mid is None else resid_mid
     fixed = _fixed_attention_parts(resid_pre, resid_mid, mlp_update, attn_scale, attn_bias)
     attn_prox = attention_proximity(
-        attn_whole, pattern, head_outputs, attn_scale, memory_budget=memory_budget, backend=backend
+        attn_whole,
+        pattern,
+        head_outputs,
+        attn_scale,
+        head_factors=head_factors,
+        memory_budget=memory_budget,
+        backend=backend,
     )
     fixed_prox = proximity(attn_whole, fixed, scratch=True)  # [T, K]
     # Both normalized by their common total, without concatenating them (a [T, T + K] copy);

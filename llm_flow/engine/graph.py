@@ -195,7 +195,8 @@ def contributions_of(layer: LayerRun, *, memory_budget: int | None = None) -> La
             f"layer {layer.index} holds no attention pattern of every row; run with patterns"
         )
     tensors = _attention_sum(layer, layer.pattern)
-    return layer_contributions(**tensors, memory_budget=memory_budget)  # type: ignore[arg-type]
+    factors = (layer.values, layer.W_O.to(layer.values.device))
+    return layer_contributions(**tensors, head_factors=factors, memory_budget=memory_budget)  # type: ignore[arg-type]
 
 
 def layer_head_contributions(

@@ -229,10 +229,9 @@ def _random_layer(
     ("n", "h"),
     [(1, 1), (17, 3), (33, 4), (40, 5), (19, 6), (21, 7), (16, 8), (70, 9), (23, 13)],
 )
-def test_fused_kernel_equals_float64_for_any_tile_and_head_count(n: int, h: int) -> None:
-    """Query tiles of 16 (one, partial, several; odd row counts leave a query without a pair)
-    and heads added four at a time after a first pass of H − 4 mod 4 (1 … 4) heads: every
-    (query, source) pair exactly once, for H below, at and past multiples of four."""
+def test_fused_kernel_equals_float64_for_any_prompt_length_and_head_count(n: int, h: int) -> None:
+    """Prompts within one source block and past it, for head counts below, at and past
+    multiples of four: every (query, source) pair exactly once."""
     whole, pattern, u, scale = _random_layer(n, h, 24, seed=n + h)
     kernel = attention_proximity(whole, pattern, u, scale, backend="kernel")
     exact = attention_proximity(
@@ -243,24 +242,47 @@ def test_fused_kernel_equals_float64_for_any_tile_and_head_count(n: int, h: int)
     assert (kernel.triu(1) == 0).all()
 
 
-@pytest.mark.parametrize("tile", [1, 3, 16, 64])
-def test_fused_kernel_tiles_of_any_size_give_the_same_proximities(tile: int) -> None:
-    """``query_tile`` picks 16-64 rows by prompt length and thread count; any size covers every
-    (query, source) pair once (64 here is one partial tile of 45 rows)."""
-    from llm_flow.engine import kernels
+@pytest.mark.parametrize(
+    ("n", "heavy"),
+    [(64, 0.05), (65, 0.05), (150, 0.05), (150, 0.0), (150, 2.0), (3, 2.0)],
+)
+def test_token_kernel_any_source_block_and_heavy_split_gives_float64(n: int, heavy: float) -> None:
+    """Source blocks of 64 (one exactly full, one source over, a partial third), and pairs
+    split at any weight: 0 sends every pair through pass C (every dimension), 2 (above any
+    pair's ‖A‖₂ ≤ 1) every pair through the bounded pass B; the proximities are the same."""
+    from llm_flow.engine.token_kernel import attention_proximity_cpu
 
-    n, h, d = 45, 5, 24
-    whole, pattern, u, scale = _random_layer(n, h, d, seed=tile)
-    sign, y_abs = kernels._signs_and_abs(whole)
-    out = torch.zeros(n, n).numpy()
-    args = (pattern.numpy(), scale.numpy(), kernels._head_major(u), sign, y_abs, out, tile)
-    kernels._attention_prox(*args)
+    whole, pattern, u, scale = _random_layer(n, 5, 24, seed=n)
+    kernel = attention_proximity_cpu(whole, pattern, u, scale, heavy=heavy)
     exact = attention_proximity(
         whole.double(), pattern.double(), u.double(), scale.double(), backend="torch"
     )
-    bound = f32_tol(terms=h + 2 * d) * _parts_l1(pattern, u, scale)
-    assert ((torch.from_numpy(out).double() - exact).abs() <= bound).all()
-    assert (torch.from_numpy(out).triu(1) == 0).all()
+    bound = f32_tol(terms=5 + 2 * 24) * _parts_l1(pattern, u, scale)
+    assert ((kernel.double() - exact).abs() <= bound).all()
+    assert (kernel.triu(1) == 0).all()
+
+
+@pytest.mark.parametrize(("n", "h"), [(1, 1), (40, 3), (150, 9)])
+def test_token_kernel_linear_term_through_the_head_factors(n: int, h: int) -> None:
+    """Given values and W_O, the linear term is computed as d_head-long products
+    (sign(y)·W_Oᵀ)·v: the same proximities as from the head outputs, within the rounding of
+    products over d_head and over D."""
+    gen = torch.Generator().manual_seed(n + h)
+    whole, pattern, _, scale = _random_layer(n, h, 24, seed=n + h)
+    values = torch.randn(n, h, 8, generator=gen)
+    w_o = torch.randn(h, 8, 24, generator=gen)
+    u = torch.einsum("shk,hkd->shd", values, w_o)
+    kernel = attention_proximity(
+        whole, pattern, u, scale, head_factors=(values, w_o), backend="kernel"
+    )
+    exact = attention_proximity(
+        whole.double(), pattern.double(), u.double(), scale.double(), backend="torch"
+    )
+    # The factored products sum |v|·|W_O| terms: bounded by their size, not the parts' L1.
+    factored = torch.einsum("shk,hkd->sh", values.double().abs(), w_o.double().abs())
+    terms = torch.einsum("hts,sh->ts", pattern.double(), factored) * scale.double()[:, None]
+    bound = f32_tol(terms=h + 2 * 24 + 8) * (_parts_l1(pattern, u, scale) + terms)
+    assert ((kernel.double() - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("h", [1, 4, 6, 9])
