@@ -50,7 +50,9 @@ HEAVY = 0.05
 # The bound is compared in float32: widened by this factor (far above the rounding of the norms),
 # a dimension on the edge is looked at rather than missed.
 MARGIN = np.float32(1.0001)
-QUERY_BLOCK = 256  # query rows per matrix product of the linear term (bounds its memory)
+# Query rows per block: one matrix product of the linear term, one set of working rows (their
+# memory: 256 × T × (3 + H) floats, 9 MB for SmolLM2 at 1024 tokens).
+QUERY_BLOCK = 256
 
 
 @njit(fastmath=True, cache=True)
@@ -59,77 +61,79 @@ def _weights_row(
     r: int,
     pattern: np.ndarray,
     dots: np.ndarray,
-    lin: np.ndarray,
-    weight: np.ndarray,
-    over: np.ndarray,
-    light: np.ndarray,
+    scratch: tuple,
     heavy: np.float32,
 ) -> None:
-    """Pass A for query t (row r of ``dots``): lin[t, s] = Σ_h A·dots (unscaled), weight[t, s]
-    = ‖A[:, t, s]‖₂, over[t] zeroed, light[t, b] = the largest weight ≤ ``heavy`` in block b."""
+    """Pass A for query t, row r of its query block: lin[r, s] = Σ_h A·dots (unscaled),
+    weight[r, s] = ‖A[:, t, s]‖₂, over[r] zeroed, light[r, b] = the largest weight ≤ ``heavy``
+    of source block b, and the row's weights copied block-major for pass B (0 past t)."""
+    lin, weight, over, light, a_blocks = scratch
     n_h, n_s = pattern.shape[0], min(t + 1, pattern.shape[2])
     n_b = (n_s + SOURCE_BLOCK - 1) // SOURCE_BLOCK
     zero = np.float32(0.0)
     for s in range(n_b * SOURCE_BLOCK):
-        lin[t, s] = zero
-        weight[t, s] = zero
-        over[t, s] = zero
+        lin[r, s] = zero
+        weight[r, s] = zero
+        over[r, s] = zero
     for h in range(n_h):
+        row = pattern[h, t]
         for s in range(n_s):
-            a = pattern[h, t, s]
-            lin[t, s] += a * dots[h, r, s]
-            weight[t, s] += a * a
+            a = row[s]
+            lin[r, s] += a * dots[h, r, s]
+            weight[r, s] += a * a
+        for b in range(n_b):
+            s0 = b * SOURCE_BLOCK
+            if s0 + SOURCE_BLOCK <= n_s:
+                for j in range(SOURCE_BLOCK):
+                    a_blocks[b, r, h, j] = row[s0 + j]
+            else:  # the block holding t (or the last source): later sources add 0
+                for j in range(SOURCE_BLOCK):
+                    a_blocks[b, r, h, j] = row[s0 + j] if s0 + j < n_s else zero
     for s in range(n_s):
-        weight[t, s] = np.sqrt(weight[t, s]) * MARGIN
+        weight[r, s] = np.sqrt(weight[r, s]) * MARGIN
     for b in range(n_b):
         top = zero
         for s in range(b * SOURCE_BLOCK, (b + 1) * SOURCE_BLOCK):
-            w = weight[t, s]
+            w = weight[r, s]
             top = max(top, w if w <= heavy else zero)
-        light[t, b] = top
+        light[r, b] = top
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _pass_a(
-    q0: int,
-    pattern: np.ndarray,
-    dots: np.ndarray,
-    lin: np.ndarray,
-    weight: np.ndarray,
-    over: np.ndarray,
-    light: np.ndarray,
-    heavy: np.float32,
+    q0: int, pattern: np.ndarray, dots: np.ndarray, scratch: tuple, heavy: np.float32
 ) -> None:
     """Pass A for the queries q0 … q0 + len(dots[0]) − 1 (rows of similar length)."""
     for r in prange(dots.shape[1]):
-        _weights_row(q0 + r, r, pattern, dots, lin, weight, over, light, heavy)
+        _weights_row(q0 + r, r, pattern, dots, scratch, heavy)
 
 
 @njit(fastmath=True, cache=True)
 def _light_block(
     b: int,
-    pattern: np.ndarray,
+    q0: int,
+    n_rows: int,
     scale: np.ndarray,
     u_blocks: np.ndarray,
     u_top: np.ndarray,
     sign: np.ndarray,
     y_abs: np.ndarray,
-    over: np.ndarray,
-    light: np.ndarray,
+    scratch: tuple,
 ) -> None:
-    """Pass B for source block b: over[t, s] += the overshoot of the block's parts at every
-    query t ≥ its first source, in the dimensions the bound cannot rule out."""
-    n_h, n_q, n_s = pattern.shape
-    d_model = y_abs.shape[1]
+    """Pass B for source block b and the ``n_rows`` queries from q0: over[r, s] += the
+    overshoot of the block's parts at every query t ≥ its first source, in the dimensions the
+    bound cannot rule out."""
+    _, _, over, light, a_blocks = scratch
+    n_h, d_model = a_blocks.shape[2], y_abs.shape[1]
     zero, half = np.float32(0.0), np.float32(0.5)
     s0 = b * SOURCE_BLOCK
     u_b, top_b = u_blocks[b], u_top[b]  # [D, H, block], [D]
-    a = np.empty((n_h, SOURCE_BLOCK), dtype=np.float32)
     z = np.empty(SOURCE_BLOCK, dtype=np.float32)
     acc = np.empty(SOURCE_BLOCK, dtype=np.float32)
     dims = np.empty(d_model, dtype=np.int64)
-    for t in range(s0, n_q):
-        bound = abs(scale[t]) * light[t, b]
+    for r in range(max(0, s0 - q0), n_rows):
+        t = q0 + r
+        bound = abs(scale[t]) * light[r, b]
         y_t = y_abs[t]
         n_dims = 0
         for d in range(d_model):  # branch-free: the index is kept when the bound reaches |y|
@@ -137,10 +141,7 @@ def _light_block(
             n_dims += 1 if bound * top_b[d] > y_t[d] else 0
         if n_dims == 0:
             continue
-        for h in range(n_h):  # this query's weights on the block (0 past t and past the last)
-            for j in range(SOURCE_BLOCK):
-                s = s0 + j
-                a[h, j] = pattern[h, t, s] if s <= t and s < n_s else zero
+        a = a_blocks[b, r]  # [H, block]: this query's weights on the block
         for j in range(SOURCE_BLOCK):
             acc[j] = zero
         for k in range(n_dims):
@@ -154,53 +155,53 @@ def _light_block(
             for j in range(SOURCE_BLOCK):
                 x = sy * z[j] - ay
                 acc[j] += half * (x + abs(x))  # max(x, 0), exactly, in a form LLVM vectorizes
-        for j in range(min(SOURCE_BLOCK, over.shape[1] - s0)):
-            over[t, s0 + j] += acc[j]
+        for j in range(SOURCE_BLOCK):
+            over[r, s0 + j] += acc[j]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _pass_b(
-    pattern: np.ndarray,
+    q0: int,
+    n_rows: int,
     scale: np.ndarray,
     u_blocks: np.ndarray,
     u_top: np.ndarray,
     sign: np.ndarray,
     y_abs: np.ndarray,
-    over: np.ndarray,
-    light: np.ndarray,
+    scratch: tuple,
 ) -> None:
-    """Pass B over every source block; block b serves the queries from its first source on, so
-    blocks are handed to threads in pairs (i, n − 1 − i) of equal work. Each writes only its own
-    columns of ``over``."""
-    n_b = u_blocks.shape[0]
+    """Pass B over the source blocks up to the query block's last query. The blocks past its
+    first query serve fewer rows, so blocks go to threads in pairs (i, n − 1 − i). Each writes
+    only its own columns of ``over``."""
+    n_b = (q0 + n_rows + SOURCE_BLOCK - 1) // SOURCE_BLOCK
     for i in prange((n_b + 1) // 2):
-        _light_block(i, pattern, scale, u_blocks, u_top, sign, y_abs, over, light)
+        _light_block(i, q0, n_rows, scale, u_blocks, u_top, sign, y_abs, scratch)
         k = n_b - 1 - i
         if k != i:
-            _light_block(k, pattern, scale, u_blocks, u_top, sign, y_abs, over, light)
+            _light_block(k, q0, n_rows, scale, u_blocks, u_top, sign, y_abs, scratch)
 
 
 @njit(fastmath=True, cache=True)
 def _heavy_row(
     t: int,
+    r: int,
     pattern: np.ndarray,
     scale: np.ndarray,
     u: np.ndarray,
     sign: np.ndarray,
     y_abs: np.ndarray,
-    lin: np.ndarray,
-    weight: np.ndarray,
-    over: np.ndarray,
+    scratch: tuple,
     out: np.ndarray,
     z: np.ndarray,
     heavy: np.float32,
 ) -> None:
-    """Pass C for query t: the overshoot of its heavy pairs over every dimension, then
-    out[t, s] = max(scale · lin − 2 · over, 0)."""
+    """Pass C for query t (row r of its block): the overshoot of its heavy pairs over every
+    dimension, then out[t, s] = max(scale · lin − 2 · over, 0)."""
+    lin, weight, over, _, _ = scratch
     n_h, d_model = pattern.shape[0], y_abs.shape[1]
     zero, st = np.float32(0.0), scale[t]
     for s in range(min(t + 1, pattern.shape[2])):
-        if weight[t, s] > heavy:
+        if weight[r, s] > heavy:
             for d in range(d_model):
                 z[d] = zero
             for h in range(n_h):
@@ -210,31 +211,27 @@ def _heavy_row(
             total = zero
             for d in range(d_model):
                 total += max(sign[t, d] * st * z[d] - y_abs[t, d], zero)
-            over[t, s] = total
-        out[t, s] = max(st * lin[t, s] - np.float32(2.0) * over[t, s], zero)
+            over[r, s] = total
+        out[t, s] = max(st * lin[r, s] - np.float32(2.0) * over[r, s], zero)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _pass_c(
+    q0: int,
+    n_rows: int,
     pattern: np.ndarray,
     scale: np.ndarray,
     u: np.ndarray,
     sign: np.ndarray,
     y_abs: np.ndarray,
-    lin: np.ndarray,
-    weight: np.ndarray,
-    over: np.ndarray,
+    scratch: tuple,
     out: np.ndarray,
     heavy: np.float32,
 ) -> None:
-    """Pass C over every query, rows handed out in pairs (i, T − 1 − i)."""
-    n_q = out.shape[0]
-    for i in prange((n_q + 1) // 2):
+    """Pass C over the query block's rows."""
+    for r in prange(n_rows):
         z = np.empty(u.shape[2], dtype=np.float32)
-        _heavy_row(i, pattern, scale, u, sign, y_abs, lin, weight, over, out, z, heavy)
-        k = n_q - 1 - i
-        if k != i:
-            _heavy_row(k, pattern, scale, u, sign, y_abs, lin, weight, over, out, z, heavy)
+        _heavy_row(q0 + r, r, pattern, scale, u, sign, y_abs, scratch, out, z, heavy)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -295,21 +292,27 @@ def attention_proximity_cpu(
     u_t = head_outputs.transpose(0, 1)  # [H, S, D]
     u = head_major(head_outputs)
     n_b = (n_s + SOURCE_BLOCK - 1) // SOURCE_BLOCK
-    width = n_b * SOURCE_BLOCK
-    a = pattern.contiguous().numpy()
-    lin = np.empty((n_q, width), dtype=np.float32)
-    weight = np.empty((n_q, width), dtype=np.float32)
-    over = np.empty((n_q, width), dtype=np.float32)
-    light = np.empty((n_q, n_b), dtype=np.float32)
-    for q0 in range(0, n_q, QUERY_BLOCK):
-        q1 = min(n_q, q0 + QUERY_BLOCK)
-        dots = _linear_dots(sign_t, u_t, factors, q0, q1).contiguous().numpy()
-        _pass_a(q0, a, dots, lin, weight, over, light, np.float32(heavy))
+    width, n_rows = n_b * SOURCE_BLOCK, min(n_q, QUERY_BLOCK)
     u_blocks = np.empty((n_b, d_model, n_h, SOURCE_BLOCK), dtype=np.float32)
     u_top = np.empty((n_b, d_model), dtype=np.float32)
     _source_blocks(u, u_blocks, u_top)
+    a = pattern.contiguous().numpy()
     sc = scale.contiguous().numpy()
-    _pass_b(a, sc, u_blocks, u_top, sign, y_abs, over, light)
-    out = np.zeros((n_q, n_s), dtype=np.float32)
-    _pass_c(a, sc, u, sign, y_abs, lin, weight, over, out, np.float32(heavy))
+    # One query block's working rows (lin, weight, over, light, the weights block-major).
+    f32 = np.float32
+    scratch = (
+        np.empty((n_rows, width), dtype=f32),
+        np.empty((n_rows, width), dtype=f32),
+        np.empty((n_rows, width), dtype=f32),
+        np.empty((n_rows, n_b), dtype=f32),
+        np.empty((n_b, n_rows, n_h, SOURCE_BLOCK), dtype=f32),
+    )
+    out = np.zeros((n_q, n_s), dtype=f32)
+    h = np.float32(heavy)
+    for q0 in range(0, n_q, QUERY_BLOCK):
+        q1 = min(n_q, q0 + QUERY_BLOCK)
+        dots = _linear_dots(sign_t, u_t, factors, q0, q1).contiguous().numpy()
+        _pass_a(q0, a, dots, scratch, h)
+        _pass_b(q0, q1 - q0, sc, u_blocks, u_top, sign, y_abs, scratch)
+        _pass_c(q0, q1 - q0, a, sc, u, sign, y_abs, scratch, out, h)
     return torch.from_numpy(out)
