@@ -258,18 +258,20 @@ def _source_blocks(u: np.ndarray, u_blocks: np.ndarray, u_top: np.ndarray) -> No
             u_top[b, d] = np.sqrt(top) * MARGIN
 
 
-def _linear_dots(
-    sign: Tensor, u: Tensor, factors: tuple[Tensor, Tensor] | None, q0: int, q1: int
-) -> Tensor:
-    """``sign(y_t) · u[s, h]`` for the queries q0 … q1 − 1 and their causal sources → [H, q, q1]:
-    through the d_head-long factors when given (values [S, H, dh], W_O [H, dh, D]), else D-long."""
+def _linear_factors(
+    sign: Tensor, u: Tensor, factors: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, Tensor]:
+    """(left [H, T, k], right [H, k, S]) whose product is ``sign(y_t) · u[s, h]`` [H, T, S]:
+    k = d_head through the factors when given (values [S, H, dh], W_O [H, dh, D]), else D."""
     if factors is None:
-        return torch.matmul(sign[q0:q1], u[:, :q1].transpose(1, 2))
+        return sign.expand(u.shape[0], -1, -1), u.transpose(1, 2).contiguous()
     values, w_o = factors
     n_h, d_head, d_model = w_o.shape
-    # One product for every head: [q, D] @ [D, H·dh].
-    q = (sign[q0:q1] @ w_o.permute(2, 0, 1).reshape(d_model, n_h * d_head)).view(-1, n_h, d_head)
-    return torch.bmm(q.transpose(0, 1), values[:q1].permute(1, 2, 0))
+    # One product for every head: [T, D] @ [D, H·dh].
+    left = sign @ w_o.permute(2, 0, 1).reshape(d_model, n_h * d_head)
+    return left.view(-1, n_h, d_head).transpose(0, 1).contiguous(), values.permute(
+        1, 2, 0
+    ).contiguous()
 
 
 def attention_proximity_cpu(
@@ -309,9 +311,10 @@ def attention_proximity_cpu(
     )
     out = np.zeros((n_q, n_s), dtype=f32)
     h = np.float32(heavy)
+    left, right = _linear_factors(sign_t, u_t, factors)
     for q0 in range(0, n_q, QUERY_BLOCK):
         q1 = min(n_q, q0 + QUERY_BLOCK)
-        dots = _linear_dots(sign_t, u_t, factors, q0, q1).contiguous().numpy()
+        dots = torch.bmm(left[:, q0:q1], right[:, :, :q1]).numpy()  # [H, q, q1], causal sources
         _pass_a(q0, a, dots, scratch, h)
         _pass_b(q0, q1 - q0, sc, u_blocks, u_top, sign, y_abs, scratch)
         _pass_c(q0, q1 - q0, a, sc, u, sign, y_abs, scratch, out, h)
