@@ -1,4 +1,5 @@
-"""The per-head attention proximities on a CPU (numba), and what the CPU kernels share.
+"""The per-head attention proximities on a CPU (numba), what the CPU kernels share, and a
+layer's kept attention edges as CSR rows (:func:`edge_rows_cpu`).
 
 The torch path in :mod:`llm_flow.engine.contributions` builds each part vector ``z[t, s, h]``
 (D floats) in memory before reducing it; on a CPU that is memory-bound. This kernel builds a part
@@ -136,3 +137,57 @@ def head_proximity_cpu(
         query_tile(len(rows)),
     )
     return torch.from_numpy(out)
+
+
+@njit(parallel=True, cache=True)
+def _count_edges(attention: np.ndarray, floor: np.float32, counts: np.ndarray) -> None:
+    for t in prange(attention.shape[0]):
+        kept = 0
+        for s in range(min(t + 1, attention.shape[1])):
+            kept += 1 if attention[t, s] >= floor else 0
+        counts[t] = kept
+
+
+@njit(parallel=True, cache=True)
+def _fill_edges(
+    attention: np.ndarray,
+    floor: np.float32,
+    offsets: np.ndarray,
+    sources: np.ndarray,
+    weights: np.ndarray,
+    dropped: np.ndarray,
+) -> None:
+    for t in prange(attention.shape[0]):
+        k = offsets[t]
+        below = np.float32(0.0)
+        for s in range(min(t + 1, attention.shape[1])):
+            w = attention[t, s]
+            if w >= floor:
+                sources[k] = s
+                weights[k] = w
+                k += 1
+            else:
+                below += w
+        dropped[t] = below
+
+
+def edge_rows_cpu(attention: Tensor, floor: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A float32 CPU [T, S] of edge weights → (counts [T] int64, sources [n] int32, weights [n],
+    dropped [T]): each row's causal edges ≥ ``floor`` in source order, and the sum of the rest.
+    Two passes over the rows (count, then fill at the counts' offsets): ~0.4 ms at 1024 tokens
+    against ~3.5-6 ms for torch's nonzero, gather and masked sum (measured)."""
+    a = attention.contiguous().numpy()
+    counts = np.empty(a.shape[0], dtype=np.int64)
+    _count_edges(a, np.float32(floor), counts)
+    offsets = np.zeros(a.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    sources = np.empty(offsets[-1], dtype=np.int32)
+    weights = np.empty(offsets[-1], dtype=np.float32)
+    dropped = np.empty(a.shape[0], dtype=np.float32)
+    _fill_edges(a, np.float32(floor), offsets, sources, weights, dropped)
+    return (
+        torch.from_numpy(counts),
+        torch.from_numpy(sources),
+        torch.from_numpy(weights),
+        torch.from_numpy(dropped),
+    )
