@@ -118,8 +118,9 @@ def head_major(head_outputs: Tensor) -> np.ndarray:
 def head_proximity_cpu(
     whole: Tensor, pattern: Tensor, head_outputs: Tensor, scale: Tensor, rows: Tensor
 ) -> Tensor:
-    """float32 CPU tensors as :func:`attention_proximity_cpu`, but ``pattern`` [H, R, S] holds
-    the attention at the query ``rows`` [R] → per-head prox [R, S, H] (zero for s > t)."""
+    """float32 CPU tensors: whole [T, D], head_outputs [S, H, D], scale [T], and ``pattern``
+    [H, R, S], the attention at the query ``rows`` [R] → per-head prox [R, S, H] (zero for
+    s > t)."""
     sign, y_abs = _signs_and_abs(whole)
     n_s, n_h = pattern.shape[-1], pattern.shape[0]
     out = np.zeros((len(rows), n_s, n_h), dtype=np.float32)
