@@ -113,20 +113,11 @@ def _pass_a(
 
 
 @njit(fastmath=True, cache=True)
-def _light_block(
-    b: int,
-    q0: int,
-    n_rows: int,
-    scale: np.ndarray,
-    u_blocks: np.ndarray,
-    u_top: np.ndarray,
-    sign: np.ndarray,
-    y_abs: np.ndarray,
-    scratch: tuple,
-) -> None:
+def _light_block(b: int, q0: int, n_rows: int, inputs: tuple, scratch: tuple) -> None:
     """Pass B for source block b and the ``n_rows`` queries from q0: over[r, s] += the
     overshoot of the block's parts at every query t ≥ its first source, in the dimensions the
-    bound cannot rule out."""
+    bound cannot rule out. ``inputs``: scale [T], u_blocks, u_top, sign and |y| [T, D]."""
+    scale, u_blocks, u_top, sign, y_abs = inputs
     _, _, over, light, a_blocks = scratch
     n_h, d_model = a_blocks.shape[2], y_abs.shape[1]
     zero, half = np.float32(0.0), np.float32(0.5)
@@ -164,43 +155,26 @@ def _light_block(
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _pass_b(
-    q0: int,
-    n_rows: int,
-    scale: np.ndarray,
-    u_blocks: np.ndarray,
-    u_top: np.ndarray,
-    sign: np.ndarray,
-    y_abs: np.ndarray,
-    scratch: tuple,
-) -> None:
+def _pass_b(q0: int, n_rows: int, inputs: tuple, scratch: tuple) -> None:
     """Pass B over the source blocks up to the query block's last query. The blocks past its
     first query serve fewer rows, so blocks go to threads in pairs (i, n − 1 − i). Each writes
     only its own columns of ``over``."""
     n_b = (q0 + n_rows + SOURCE_BLOCK - 1) // SOURCE_BLOCK
     for i in prange((n_b + 1) // 2):
-        _light_block(i, q0, n_rows, scale, u_blocks, u_top, sign, y_abs, scratch)
+        _light_block(i, q0, n_rows, inputs, scratch)
         k = n_b - 1 - i
         if k != i:
-            _light_block(k, q0, n_rows, scale, u_blocks, u_top, sign, y_abs, scratch)
+            _light_block(k, q0, n_rows, inputs, scratch)
 
 
 @njit(fastmath=True, cache=True)
 def _heavy_row(
-    t: int,
-    r: int,
-    pattern: np.ndarray,
-    scale: np.ndarray,
-    u: np.ndarray,
-    sign: np.ndarray,
-    y_abs: np.ndarray,
-    scratch: tuple,
-    out: np.ndarray,
-    z: np.ndarray,
-    heavy: np.float32,
+    t: int, r: int, inputs: tuple, scratch: tuple, out: np.ndarray, z: np.ndarray
 ) -> None:
     """Pass C for query t (row r of its block): the overshoot of its heavy pairs over every
-    dimension, then out[t, s] = max(scale · lin − 2 · over, 0)."""
+    dimension, then out[t, s] = max(scale · lin − 2 · over, 0). ``inputs``: pattern, scale,
+    u [H, S, D], sign and |y| [T, D], and the weight above which a pair is heavy."""
+    pattern, scale, u, sign, y_abs, heavy = inputs
     lin, weight, over, _, _ = scratch
     n_h, d_model = pattern.shape[0], y_abs.shape[1]
     zero, st = np.float32(0.0), scale[t]
@@ -220,22 +194,11 @@ def _heavy_row(
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _pass_c(
-    q0: int,
-    n_rows: int,
-    pattern: np.ndarray,
-    scale: np.ndarray,
-    u: np.ndarray,
-    sign: np.ndarray,
-    y_abs: np.ndarray,
-    scratch: tuple,
-    out: np.ndarray,
-    heavy: np.float32,
-) -> None:
+def _pass_c(q0: int, n_rows: int, inputs: tuple, scratch: tuple, out: np.ndarray) -> None:
     """Pass C over the query block's rows."""
     for r in prange(n_rows):
-        z = np.empty(u.shape[2], dtype=np.float32)
-        _heavy_row(q0 + r, r, pattern, scale, u, sign, y_abs, scratch, out, z, heavy)
+        z = np.empty(inputs[2].shape[2], dtype=np.float32)
+        _heavy_row(q0 + r, r, inputs, scratch, out, z)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -320,6 +283,6 @@ def attention_proximity_cpu(
         q1 = min(n_q, q0 + QUERY_BLOCK)
         dots = torch.bmm(left[:, q0:q1], right[:, :, :q1]).numpy()  # [H, q, q1], causal sources
         _pass_a(q0, a, dots, scratch, h)
-        _pass_b(q0, q1 - q0, sc, u_blocks, u_top, sign, y_abs, scratch)
-        _pass_c(q0, q1 - q0, a, sc, u, sign, y_abs, scratch, out, h)
+        _pass_b(q0, q1 - q0, (sc, u_blocks, u_top, sign, y_abs), scratch)
+        _pass_c(q0, q1 - q0, (a, sc, u, sign, y_abs, h), scratch, out)
     return torch.from_numpy(out)
