@@ -200,7 +200,8 @@ def attention_proximity(
         f32 = torch.float32
         factors = None
         if head_factors is not None:
-            factors = (head_factors[0].to(f32), head_factors[1].to(f32))
+            values, w_o = (t.to(device=whole.device, dtype=f32) for t in head_factors)
+            factors = (values, w_o)
         return attention_proximity_cpu(
             whole.to(f32), pattern.to(f32), head_outputs.to(f32), scale.to(f32), factors
         )

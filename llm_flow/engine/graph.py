@@ -212,7 +212,7 @@ def contributions_of(layer: LayerRun, *, memory_budget: int | None = None) -> La
             f"layer {layer.index} holds no attention pattern of every row; run with patterns"
         )
     tensors = _attention_sum(layer, layer.pattern)
-    factors = (layer.values, layer.W_O.to(layer.values.device))
+    factors = (layer.values, layer.W_O)  # W_O stays on its layer's device until used
     return layer_contributions(**tensors, head_factors=factors, memory_budget=memory_budget)  # type: ignore[arg-type]
 
 
