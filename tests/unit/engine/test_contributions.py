@@ -244,10 +244,11 @@ def test_fused_kernel_equals_float64_for_any_prompt_length_and_head_count(n: int
 
 @pytest.mark.parametrize(
     ("n", "heavy"),
-    [(64, 0.05), (65, 0.05), (150, 0.05), (150, 0.0), (150, 2.0), (3, 2.0)],
+    [(64, 0.05), (65, 0.05), (150, 0.05), (150, 0.0), (150, 2.0), (3, 2.0), (300, 0.05)],
 )
 def test_token_kernel_any_source_block_and_heavy_split_gives_float64(n: int, heavy: float) -> None:
-    """Source blocks of 64 (one exactly full, one source over, a partial third), and pairs
+    """Source blocks of 64 (one exactly full, one source over, a partial third), query blocks
+    of 256 (300 tokens: a second one, whose rows start past several source blocks), and pairs
     split at any weight: 0 sends every pair through pass C (every dimension), 2 (above any
     pair's ‖A‖₂ ≤ 1) every pair through the bounded pass B; the proximities are the same."""
     from llm_flow.engine.token_kernel import attention_proximity_cpu
