@@ -103,7 +103,7 @@ def _head_prox(
             )
 
 
-def _signs_and_abs(whole: Tensor) -> tuple[np.ndarray, np.ndarray]:
+def signs_and_abs(whole: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """sign(y) with sign(0) = +1, and |y|, as contiguous float32 arrays."""
     return signs(whole).contiguous().numpy(), whole.abs().contiguous().numpy()
 
@@ -121,7 +121,7 @@ def head_proximity_cpu(
     """float32 CPU tensors: whole [T, D], head_outputs [S, H, D], scale [T], and ``pattern``
     [H, R, S], the attention at the query ``rows`` [R] → per-head prox [R, S, H] (zero for
     s > t)."""
-    sign, y_abs = _signs_and_abs(whole)
+    sign, y_abs = signs_and_abs(whole)
     n_s, n_h = pattern.shape[-1], pattern.shape[0]
     out = np.zeros((len(rows), n_s, n_h), dtype=np.float32)
     u = head_major(head_outputs)

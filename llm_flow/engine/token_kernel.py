@@ -42,8 +42,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from llm_flow.engine.contributions import signs
-from llm_flow.engine.kernels import head_major
+from llm_flow.engine.kernels import head_major, signs_and_abs
 
 # Sources per block in pass B. The loops over a block's sources are what LLVM vectorizes: at 64
 # they run as four AVX-512 registers; at 32 they fell to scalar code (measured, 2× slower).
@@ -254,12 +253,10 @@ def attention_proximity_cpu(
     → prox [T, S] (zero for s > t). ``factors``: (values [S, H, d_head], W_O [H, d_head, D]) with
     ``head_outputs[s, h] = values[s, h] @ W_O[h]``, for the cheaper linear term. ``heavy``: the
     weight above which a pair gets every dimension (any value gives the same proximities)."""
-    sign_t, y_abs_t = signs(whole), whole.abs()
-    sign, y_abs = sign_t.contiguous().numpy(), y_abs_t.contiguous().numpy()
+    sign, y_abs = signs_and_abs(whole)
     n_q, d_model = whole.shape
     n_h, n_s = pattern.shape[0], pattern.shape[2]
-    u_t = head_outputs.transpose(0, 1)  # [H, S, D]
-    u = head_major(head_outputs)
+    u = head_major(head_outputs)  # [H, S, D]
     n_b = (n_s + SOURCE_BLOCK - 1) // SOURCE_BLOCK
     width, n_rows = n_b * SOURCE_BLOCK, min(n_q, QUERY_BLOCK)
     u_blocks = np.empty((n_b, d_model, n_h, SOURCE_BLOCK), dtype=np.float32)
@@ -278,7 +275,7 @@ def attention_proximity_cpu(
     )
     out = np.zeros((n_q, n_s), dtype=f32)
     h = np.float32(heavy)
-    left, right = _linear_factors(sign_t, u_t, factors)
+    left, right = _linear_factors(torch.from_numpy(sign), torch.from_numpy(u), factors)
     for q0 in range(0, n_q, QUERY_BLOCK):
         q1 = min(n_q, q0 + QUERY_BLOCK)
         dots = torch.bmm(left[:, q0:q1], right[:, :, :q1]).numpy()  # [H, q, q1], causal sources
