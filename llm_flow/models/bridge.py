@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from llm_flow.errors import PromptError, UnsupportedModelError
-from llm_flow.models import qk
+from llm_flow.models import capture_attention, qk
 from llm_flow.models.base import (
     Hook,
     HookSite,
@@ -159,12 +159,8 @@ class BridgeLlm(TransparentLlm):
         # The unembedding is the one weight copied to the contribution device (when it is not
         # there already): every logit-lens reading multiplies by it.
         self._W_U = self._bridge.W_U.detach().to(self._device) * logit_factor
-        b_U = self._bridge.b_U
-        self._b_U = (
-            torch.zeros_like(self._W_U[0])
-            if b_U is None
-            else b_U.detach().to(self._device) * logit_factor
-        )
+        b_U = torch.zeros_like(self._W_U[0]) if self._bridge.b_U is None else self._bridge.b_U
+        self._b_U = b_U.detach().to(self._device) * logit_factor
         moe = next(iter(self._moe.values()), None)
         self._info = ModelInfo(
             name=name,
@@ -327,7 +323,10 @@ class BridgeLlm(TransparentLlm):
                     hook_fn = finish(layer) if key == "resid_post" else store(layer, key)
                     hooks.append((name, hook_fn))
         hooks.append(("ln_final.hook_scale", final_scale))
-        logits = self._forward(token_ids, hooks, routing, grad=False, capture=True)
+        # Interventions need TransformerLens's attention: a pattern edit must reach the output.
+        logits = self._forward(
+            token_ids, hooks, routing, grad=False, capture=True, blocked=not fwd_hooks
+        )
         return ModelRun(
             model_name=self._name,
             token_ids=tuple(token_ids),
@@ -355,9 +354,11 @@ class BridgeLlm(TransparentLlm):
         *,
         grad: bool,
         capture: bool,
+        blocked: bool = False,
     ) -> Tensor:
         """One pass; ``capture`` attaches what a run's MoE decomposition reads (else the MoE
-        blocks are hooked only where ``routing`` intervenes)."""
+        blocks are hooked only where ``routing`` intervenes); ``blocked`` runs the attention of
+        :mod:`~llm_flow.models.capture_attention` where the model allows it."""
         tokens = torch.tensor([token_ids], device=self._input_device)
         with self._lock, ExitStack() as stack, warnings.catch_warnings():
             if grad:
@@ -369,6 +370,8 @@ class BridgeLlm(TransparentLlm):
                 if capture or layer in routing:
                     for handle in moe.attach(routing.get(layer), capture=capture):
                         stack.callback(handle.remove)
+            if blocked:
+                stack.enter_context(capture_attention.capturing(self._bridge))
             # Said once, in words, by edits_pattern's callers: not per pass on stderr.
             warnings.filterwarnings("ignore", message=".*hook_pattern returned a modified tensor")
             logits: Tensor = self._bridge.run_with_hooks(tokens, fwd_hooks=hooks)
