@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ def test_bench_builds_the_graph_a_trace_would() -> None:
 
     llm = tiny_llm("llama-gqa")
     token_ids = llm.tokenize(prompt(12))
-    _, graph = bench._graph_pass(llm, token_ids, torch.device("cpu"), heads=False)
+    _, graph = bench._graph_pass(llm, token_ids, torch.device("cpu"), heads=False, peaks=[])
     n = len(token_ids)
     assert graph.attention_floor == attention_floor_for(llm, n) == 0.0
     assert len(graph.attn_weights) == llm.info.n_layers * n * (n + 1) // 2  # every causal edge
@@ -116,6 +117,37 @@ def test_bench_times_the_faster_pass_and_reports_the_first(monkeypatch: pytest.M
         return replace(measured, forward_s=forward_s, graph_s=graph_s, graph_extra_mb=extra), graph
 
     monkeypatch.setattr(bench, "_graph_pass", fixed)
-    row = bench._bench_row(tiny_llm("llama-gqa"), prompt(8), torch.device("cpu"), heads=False)
+    row = bench._bench_row(
+        tiny_llm("llama-gqa"), prompt(8), torch.device("cpu"), heads=False, peaks=[]
+    )
     assert (row.forward_s, row.graph_s, row.first_pass_s) == (1.0, 1.5, 5.0)
     assert row.graph_extra_mb == 700.0
+
+
+@pytest.mark.parametrize("high_water_mark", [True, False])
+def test_peak_memory_of_a_block_and_of_the_process(
+    high_water_mark: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peak inside a block counts a buffer allocated and freed there; the process's peak
+    keeps what it reached before the block (the mark is reset at the block's start)."""
+    import numpy as np
+
+    from llm_flow.cli import bench
+
+    if not high_water_mark:  # the sampling thread of systems without a resettable mark
+        monkeypatch.setattr(bench, "_reset_max_rss", lambda: False)
+    # Above glibc's mmap threshold as a loaded model sets it (256 MiB): mapped afresh, so resident
+    # memory rises by them rather than reusing the heap's free pages.
+    block_mb, earlier_mb = 300, 400
+    earlier = np.ones(earlier_mb * 2**20 // 8)  # touched, then freed: the process's earlier peak
+    del earlier
+    before = bench._rss_mb()
+    result: list[float] = []
+    peaks: list[float] = []
+    with bench._peak_rss(result, peaks):
+        block = np.ones(block_mb * 2**20 // 8)
+        time.sleep(0.05)  # a sampler's interval is 2 ms
+        del block
+    # Pages of other allocations may come and go meanwhile: a quarter of a buffer is the margin.
+    assert block_mb * 0.75 <= result[0] - before <= (block_mb + earlier_mb) / 2  # not earlier's
+    assert max(peaks) >= before + earlier_mb * 0.75
