@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llm_flow.models.dispatch import is_dispatched
+
 # The name the pass's attention function and mask function are registered under.
 IMPLEMENTATION = "llm_flow_capture"
 # Query rows per block: 128 against 256 measured 14.2 against 15.2 ms a SmolLM2 layer at 1024
@@ -185,8 +187,10 @@ def _attention_components(bridge: Any) -> list[Any] | None:
 def capturing(bridge: Any) -> Iterator[bool]:
     """Within it, ``bridge``'s passes run every attention module as above and fire
     ``hook_pattern`` after the fact; yields False (and changes nothing) for a model it cannot
-    serve, whose passes stay TransformerLens's."""
-    components = _attention_components(bridge)
+    serve (another attention bridge class, a model split over devices), whose passes stay
+    TransformerLens's."""
+    # Split over devices, TransformerLens's forward keeps doing the moves it was tested with.
+    components = None if is_dispatched(bridge.original_model) else _attention_components(bridge)
     if components is None:
         yield False
         return

@@ -159,3 +159,15 @@ def test_only_a_causal_additive_mask_is_blocked() -> None:
     assert not capture_attention._causal(bidirectional)
     assert not capture_attention._causal(_mask(5).bool())
     assert not capture_attention._causal(_mask(5)[..., :4])
+
+
+def test_a_model_split_over_devices_keeps_transformer_lens_attention(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bridge = _llm("Llama 3")._bridge
+    with capture_attention.capturing(bridge) as served:
+        assert served
+    monkeypatch.setattr(bridge.original_model, "hf_device_map", {"model": "cpu"}, raising=False)
+    with capture_attention.capturing(bridge) as served:
+        assert not served
+        assert all("forward" not in block.attn.__dict__ for block in bridge.blocks)
