@@ -156,8 +156,8 @@ def _bridged(component: Any) -> Callable[..., Any]:
     hf_module = component.original_component
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        out, pattern = hf_module(*args, **kwargs)
-        return component.hook_out(out), pattern
+        out, *rest = hf_module(*args, **kwargs)  # (output, pattern), as the bridge returns
+        return component.hook_out(out), *rest
 
     return forward
 
