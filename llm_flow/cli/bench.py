@@ -80,8 +80,17 @@ def _rss_mb() -> float:
 
 
 def _max_rss_mb() -> float:
-    """The process's peak resident memory (Linux: since the last :func:`_reset_max_rss`)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak resident memory (MB): Linux's high-water mark (VmHWM, since the last
+    :func:`_reset_max_rss`), elsewhere getrusage's. Not getrusage on Linux: it also reports the
+    parent's resident size when the process was forked, which no reset lowers."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024  # bytes there, else kB
 
 
 def _reset_max_rss() -> bool:
