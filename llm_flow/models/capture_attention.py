@@ -106,15 +106,13 @@ def attention(
 ) -> tuple[Tensor, Tensor]:
     """The attention function of a capture pass (transformers' attention interface): the
     output and the pattern, which ``module``'s bridge hooks (``hook_pattern``)."""
-    eager = _eager(module)
-    assert eager is not None  # capturing() bridges only modules whose file has one
     capture = _CAPTURES[module]
-    generic = _is_generic(eager) and dropout == 0.0 and key.shape[-2] == query.shape[-2]
+    generic = capture.generic and dropout == 0.0 and key.shape[-2] == query.shape[-2]
     # Without a mask eager attends everywhere: not causal, so not blocked.
     if generic and attention_mask is not None and capture.causal(attention_mask):
         out, pattern = _blocked(query, key, value, attention_mask, scaling)
     else:
-        out, pattern = eager(
+        out, pattern = capture.eager(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     capture.hook(pattern)
@@ -123,11 +121,14 @@ def attention(
 
 @dataclass(frozen=True)
 class _Capture:
-    """What :func:`attention` needs of one module's pass: its bridge's ``hook_pattern``, and the
-    pass's verdicts of :func:`_causal` by mask (every layer gets the same mask tensor: checked
-    once, not per layer, which at 4096 tokens read 64 MB each time)."""
+    """What :func:`attention` needs of one module's pass: its bridge's ``hook_pattern``, its
+    family's eager function and whether that is Llama's (:func:`_is_generic`), and the pass's
+    verdicts of :func:`_causal` by mask (every layer gets the same mask tensor: checked once,
+    not per layer, which at 4096 tokens read 64 MB each time)."""
 
     hook: Callable[[Tensor], Tensor]
+    eager: Callable[..., tuple[Tensor, Tensor]]
+    generic: bool
     verdicts: dict[int, bool]
 
     def causal(self, mask: Tensor) -> bool:
@@ -204,7 +205,11 @@ def capturing(bridge: Any) -> Iterator[bool]:
         for c in components:
             # Past the bridge's __setattr__, which hands unknown names to the HF module.
             c.__dict__["forward"] = _bridged(c)
-            _CAPTURES[c.original_component] = _Capture(c.hook_pattern, verdicts)
+            eager = _eager(c.original_component)
+            assert eager is not None  # _attention_components kept only modules with one
+            _CAPTURES[c.original_component] = _Capture(
+                c.hook_pattern, eager, _is_generic(eager), verdicts
+            )
         yield True
     finally:
         for c in components:
